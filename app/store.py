@@ -1,0 +1,188 @@
+"""Models on disk: one folder per model and variant, written atomically.
+
+    $LLAMADESK_HOME (default: platformdirs' user data folder)/
+      models/<name>/<variant>/llamadesk.json   what the folder holds (args, source, variant)
+                               model*.safetensors, tokenizer files
+      models/.staging-<pid>-<name>-<variant>/   a write in progress; renamed when complete
+
+A reference is written like an Ollama tag: `name` or `name:variant`. The imported full-precision
+weights are the variant `source`; the quantizer adds `int8`, `int4`, `nf4`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import platformdirs
+
+from .errors import UserError
+
+MANIFEST = "llamadesk.json"
+FORMAT_VERSION = 1
+SOURCE = "source"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def home() -> Path:
+    return Path(os.environ.get("LLAMADESK_HOME") or platformdirs.user_data_path("llamadesk"))
+
+
+def models_root() -> Path:
+    return home() / "models"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    variant: str
+    path: Path
+    manifest: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.variant}"
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    name, _, variant = ref.strip().partition(":")
+    name = name.lower()
+    if not _NAME.match(name) or (variant and not _NAME.match(variant)):
+        raise UserError(f"{ref!r} is not a model name (letters, digits, '.', '-', '_', optionally ':variant')")
+    return name, variant or None
+
+
+def name_from_path(path: Path) -> str:
+    """A store name from a file or folder name: 'Llama-3.2-1B.Q4_0.gguf' -> 'llama-3.2-1b.q4_0'."""
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    return (name or "model")[:64]
+
+
+def list_entries() -> list[ModelEntry]:
+    entries = []
+    root = models_root()
+    if not root.is_dir():
+        return entries
+    for model_dir in sorted(root.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        for variant_dir in sorted(model_dir.iterdir()):
+            manifest = _read_manifest(variant_dir)
+            if manifest is not None:
+                entries.append(ModelEntry(model_dir.name, variant_dir.name, variant_dir, manifest))
+    return entries
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def find(ref: str) -> ModelEntry:
+    """The installed entry for `name[:variant]`; without a variant, the source."""
+    name, variant = parse_ref(ref)
+    variants = [e for e in list_entries() if e.name == name]
+    if not variants:
+        installed = ", ".join(sorted({e.name for e in list_entries()})) or "none"
+        raise UserError(f"model {name!r} is not installed (installed: {installed}); "
+                        f"see `llamadesk pull` and `llamadesk import`")
+    if variant is None:
+        by_variant = {e.variant: e for e in variants}
+        return by_variant.get(SOURCE) or variants[0]
+    for e in variants:
+        if e.variant == variant:
+            return e
+    have = ", ".join(e.ref for e in variants)
+    raise UserError(f"{name}:{variant} is not installed (have: {have}); see `llamadesk quantize`")
+
+
+def remove(ref: str) -> list[ModelEntry]:
+    """Remove one variant, or with a bare name every variant of the model."""
+    name, variant = parse_ref(ref)
+    doomed = [e for e in list_entries() if e.name == name and (variant is None or e.variant == variant)]
+    if not doomed:
+        find(ref)  # raises the helpful "not installed" message
+    for e in doomed:
+        _remove_tree(e.path)
+    model_dir = models_root() / name
+    if model_dir.is_dir() and not any(model_dir.iterdir()):
+        model_dir.rmdir()
+    return doomed
+
+
+@contextmanager
+def staging(name: str, variant: str, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder that becomes models/<name>/<variant> only if the block completes.
+
+    Anything that goes wrong inside, Ctrl-C included, removes the temporary folder and leaves the
+    store as it was.
+    """
+    parse_ref(f"{name}:{variant}")
+    root = models_root()
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_staging(root)
+    final = root / name / variant
+    if final.exists() and not replace:
+        raise UserError(f"{name}:{variant} is already installed at {final}; remove it first (`llamadesk rm {name}:{variant}`)")
+    tmp = root / f".staging-{os.getpid()}-{name}-{variant}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        (root / name).mkdir(exist_ok=True)
+        if final.exists():
+            old = root / f".old-{os.getpid()}-{name}-{variant}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            _remove_tree(old)
+        else:
+            os.rename(tmp, final)
+    except OSError as e:
+        _remove_tree(tmp)
+        if getattr(e, "errno", None) == 28:
+            raise UserError(f"the disk is full while writing {name}:{variant} under {root}; nothing was installed") from None
+        raise
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+
+
+def _clean_stale_staging(root: Path) -> None:
+    """Remove temporary folders left by a process that died mid-write."""
+    for p in root.glob(".*-*"):
+        parts = p.name.split("-")
+        if p.name.startswith((".staging-", ".old-")) and len(parts) > 1 and parts[1].isdigit():
+            if not _pid_alive(int(parts[1])):
+                _remove_tree(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

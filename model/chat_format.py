@@ -1,0 +1,162 @@
+"""Chat messages -> the prompt a model was trained on. No torch.
+
+The model's own jinja chat template (GGUF `tokenizer.chat_template`, tokenizer_config.json
+`chat_template`) is the truth; it runs in the environment transformers uses, so it renders the
+same text here as on the Hub. A model without one gets Llama 3's or ChatML's format, chosen by
+which special tokens its vocab has.
+
+Templates come from downloaded files, so they are untrusted code: they run in jinja2's immutable
+sandbox, and anything they try that the sandbox forbids is refused with a ChatTemplateError.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .tokenizer import Tokenizer
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not compile, fails while rendering, or tries something unsafe."""
+
+
+# Meta-Llama-3-Instruct's template: a header per message, content trimmed, <|eot_id|> after each.
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Tokens that end an assistant turn, on top of the tokenizer's own EOS.
+_END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
+
+
+class ChatFormat:
+    def __init__(self, template: str, bos_token: str = "", eos_token: str = ""):
+        self.template = template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        try:
+            self._compiled = _environment().from_string(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ChatTemplateError(f"the chat template does not compile (line {e.lineno}: "
+                                    f"{e.message})") from e
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, template: str | None) -> ChatFormat:
+        """The model's template, or the built-in format its special tokens call for."""
+        if template is None:
+            specials = tokenizer.special_tokens
+            if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
+                template = LLAMA3_TEMPLATE
+            elif "<|im_start|>" in specials and "<|im_end|>" in specials:
+                template = CHATML_TEMPLATE
+            else:
+                raise ChatTemplateError("this model has no chat template, and its vocab has "
+                                        "neither Llama 3 nor ChatML special tokens")
+
+        def piece(token_id: int | None) -> str:
+            return "" if token_id is None else tokenizer.id_to_piece(token_id)
+
+        return cls(template, bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        for message in messages:
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise ChatTemplateError(f"a message needs a 'role' and a 'content' string, "
+                                        f"got {message!r:.120}")
+        try:
+            return self._compiled.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except jinja2.exceptions.SecurityError as e:
+            raise ChatTemplateError(f"the chat template was refused: it tried something unsafe "
+                                    f"({e})") from e
+        except Exception as e:  # the template is foreign code: any failure is its failure
+            raise ChatTemplateError(f"the chat template failed to render: "
+                                    f"{type(e).__name__}: {e}") from e
+
+    def encode(self, tokenizer: Tokenizer, messages: list[dict],
+               add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids. Special-token text in the rendered prompt becomes special tokens (as with
+        transformers' apply_chat_template), so message text can contain them too."""
+        ids = tokenizer.encode(self.render(messages, add_generation_prompt), allowed_special="all")
+        # A model that wants BOS gets exactly one: many templates write bos_token themselves.
+        if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+            ids = [tokenizer.bos_id] + ids
+        return ids
+
+    def stop_ids(self, tokenizer: Tokenizer) -> set[int]:
+        """Ids that end the assistant's turn."""
+        ends = {tokenizer.special_tokens[t] for t in _END_OF_TURN if t in tokenizer.special_tokens}
+        return set(tokenizer.eos_ids) | ends
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The jinja environment transformers renders chat templates in (utils/chat_template_utils)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    # transformers also swaps jinja's `dict` and `namespace` for versions that cannot reach
+    # Python internals through type objects or underscore-named attributes.
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja's own tojson escapes HTML characters, which would change the prompt.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+class _TemplateDict:
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"a template namespace cannot hold underscore-named attributes ({name!r})")

@@ -1,0 +1,112 @@
+"""Generation as small free functions: prefill, decode_one_token, sample, generate.
+
+`generate` is an iterator of token ids; the caller (CLI, chat app, tests) decides what to do with
+each one and stops it through a `threading.Event`. Nothing here knows about text.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, tokens: list[int], start_pos: int = 0, chunk: int = 512) -> torch.Tensor:
+    """Run the prompt through the model in chunks; return the last position's logits (V,)."""
+    ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(0)  # (1, T)
+    logits = None
+    for s in range(0, len(tokens), chunk):
+        part = ids[:, s : s + chunk]
+        logits = model(part, start_pos + s, last_only=True)
+    return logits[0, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model: Transformer, token: int, pos: int) -> torch.Tensor:
+    ids = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
+    return model(ids, pos)[0, -1]
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] = (),
+           generator: torch.Generator | None = None) -> int:
+    """Pick the next token from logits (V,) with repetition penalty, temperature, top-k and top-p."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+        if len(seen):
+            logits = logits.clone()
+            picked = logits[seen]
+            # as in CTRL and Hugging Face: shrink positive logits, push negative ones further down
+            logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                       picked * params.repetition_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token once the mass before it already reaches top_p; the first always stays
+        drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= params.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
+             params: SamplingParams | None = None, cancel: threading.Event | None = None,
+             start_pos: int = 0) -> Iterator[int]:
+    """Yield new token ids until a stop id (not yielded), max_new_tokens, the cache end or cancel.
+
+    `prompt` holds the tokens from `start_pos` on; positions before it must already be in the
+    KV cache (a chat reuses the conversation it has already seen).
+    """
+    params = params or SamplingParams()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    end = start_pos + len(prompt)
+    if end > model.max_cache_len:
+        raise ValueError(f"the prompt needs {end} tokens of context, only {model.max_cache_len} are set up")
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    history = list(prompt)
+    logits = prefill(model, prompt, start_pos)
+    pos = end
+    for _ in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            return
+        token = sample(logits, params, history, generator)
+        if token in stop_ids:
+            return
+        yield token
+        history.append(token)
+        if pos >= model.max_cache_len:
+            return
+        logits = decode_one_token(model, token, pos)
+        pos += 1

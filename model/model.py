@@ -1,0 +1,176 @@
+"""The LLaMA: Transformer -> TransformerBlock -> Attention -> FeedForward -> RMSNorm -> rope.
+
+Meta's module names and Meta's interleaved RoPE (pairs (x0, x1), (x2, x3), ...): GGUF and Meta
+checkpoints load as they are; Hugging Face weights are un-permuted by the importer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .args import ModelArgs
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values; attention reads only the filled prefix."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)  # (B, nkv, S, hd)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_cache_len = 0
+        # a plain attribute, not a buffer: it stays fp32 whatever dtype the weights are cast to
+        self.rope: torch.Tensor | None = None
+
+    def setup_caches(self, max_len: int, batch: int = 1, dtype=None, device=None):
+        """Allocate the KV cache and RoPE table for contexts up to `max_len` tokens."""
+        a = self.args
+        ref = self.tok_embeddings.weight
+        dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        device = device or (ref.device if ref.device.type != "meta" else "cpu")
+        self.max_cache_len = max_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, device)
+        self.rope = rope_table(a.head_dim, max_len, a.rope_theta, a.rope_scaling).to(device)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos.. -> logits (B, T, V), or (B, 1, V) if last_only."""
+        T = tokens.shape[1]
+        if start_pos + T > self.max_cache_len:
+            raise ValueError(f"{start_pos + T} tokens exceed the cache of {self.max_cache_len}")
+        rope = self.rope[start_pos : start_pos + T]
+        mask = None
+        if T > 1:
+            # query i sits at start_pos + i and may see keys 0..start_pos + i
+            q_pos = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]
+            k_pos = torch.arange(start_pos + T, device=tokens.device)[None, :]
+            mask = k_pos <= q_pos  # (T, start_pos + T)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, start_pos, rope, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, start_pos, rope, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, start_pos, rope, mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = apply_rope(q, rope).transpose(1, 2)  # (B, nh, T, hd)
+        k = apply_rope(k, rope).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.transpose(1, 2)
+        k, v = self.kv_cache.update(start_pos, k, v)  # (B, nkv, start_pos + T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hd)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 whatever the activation dtype, as Meta and HF do
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+# ---------------------------------------------------------------- rope
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling:
+        freqs = _llama31_scale(freqs, **scaling)
+    return freqs
+
+
+def _llama31_scale(freqs, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between."""
+    old_len = original_max_position_embeddings
+    low_wavelen = old_len / low_freq_factor
+    high_wavelen = old_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / factor, freqs)
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_table(head_dim: int, max_len: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """(max_len, head_dim / 2, 2): cos and sin of each position's angle for each pair."""
+    freqs = rope_frequencies(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)  # (S, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, H, hd) by rope (T, hd/2, 2)."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
+    rope = rope.view(1, xp.shape[1], 1, xp.shape[3], 2)
+    cos, sin = rope[..., 0], rope[..., 1]
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(3).type_as(x)  # (B, T, H, hd)

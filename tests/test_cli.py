@@ -1,0 +1,75 @@
+"""`llamadesk` as a user runs it: real processes, the real default model, real error messages."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def llamadesk(*args, home, stdin=None, timeout=300):
+    env = dict(os.environ, LLAMADESK_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def _store_listing(home):
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+
+
+def test_ask_answers_the_capital_of_france(default_home):
+    r = llamadesk("ask", "What is the capital of France?", "--temperature", "0", "--max-tokens", "40", home=default_home)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_ask_reads_a_piped_prompt_and_a_system_prompt(default_home):
+    r = llamadesk("ask", "--temperature", "0", "--max-tokens", "30", "--system", "Answer with one word.",
+                  home=default_home, stdin="What is the capital of Italy?\n")
+    assert r.returncode == 0, r.stderr
+    assert "Rome" in r.stdout
+
+
+def test_the_same_seed_gives_the_same_text(default_home):
+    args = ("ask", "Write a two-line poem about tea.", "--seed", "11", "--temperature", "0.9", "--max-tokens", "24")
+    first, second = llamadesk(*args, home=default_home), llamadesk(*args, home=default_home)
+    assert first.returncode == 0 and first.stdout == second.stdout and first.stdout.strip()
+
+
+def test_a_prompt_longer_than_the_context_is_refused(default_home):
+    r = llamadesk("ask", "word " * 400, "--ctx", "128", home=default_home)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("llamadesk: error: the prompt is ")
+    assert "Traceback" not in r.stderr
+
+
+def test_list_shows_the_default_model(default_home):
+    r = llamadesk("list", home=default_home)
+    assert r.returncode == 0 and "smollm2-135m-instruct:source" in r.stdout
+
+
+def test_unknown_model_and_missing_path_are_one_line_errors(tmp_path, default_home):
+    r = llamadesk("ask", "hi", "--model", "nope", home=default_home)
+    assert (r.returncode, "Traceback" in r.stderr) == (1, False)
+    assert "model 'nope' is not installed" in r.stderr
+    empty = tmp_path / "home"
+    r = llamadesk("import", str(tmp_path / "missing.gguf"), home=empty)
+    assert r.returncode == 1 and "missing.gguf: no such file or folder" in r.stderr
+    assert not (empty / "models").exists() or _store_listing(empty) == ["models"]
+
+
+def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_gguf):
+    home = tmp_path / "home"
+    bad = tmp_path / "broken.gguf"
+    with open(default_gguf, "rb") as f:
+        bad.write_bytes(f.read(3_000_000))  # header and part of the tensor data only
+    r = llamadesk("import", str(bad), home=home)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "broken.gguf" in r.stderr.strip().splitlines()[-1]
+    assert _store_listing(home) in ([], ["models"])
+
+
+def test_ask_without_a_prompt_on_a_terminal_explains_itself(default_home):
+    r = llamadesk("ask", "--temperature", "0", home=default_home, stdin="")
+    assert r.returncode == 1 and "prompt on stdin is empty" in r.stderr

@@ -1,0 +1,105 @@
+"""Generation and sampling on a tiny random model: the functions the CLI and the chat app share."""
+import threading
+
+import pytest
+import torch
+
+from model.args import ModelArgs
+from model.generate import SamplingParams, decode_one_token, generate, prefill, sample
+from model.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=128)).eval()
+    model.setup_caches(128)
+    return model
+
+
+def test_greedy_picks_the_argmax():
+    logits = torch.tensor([0.1, 3.0, -2.0, 2.9])
+    assert sample(logits, SamplingParams(temperature=0)) == 1
+
+
+def test_repetition_penalty_demotes_seen_tokens():
+    logits = torch.tensor([0.0, 3.0, 2.5, -1.0])
+    params = SamplingParams(temperature=0, repetition_penalty=1.5)
+    assert sample(logits, params, history=[1]) == 2  # 3.0 / 1.5 = 2.0 < 2.5
+    assert sample(logits, params, history=[]) == 1
+
+
+def test_top_k_one_is_greedy_whatever_the_temperature():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(temperature=5.0, top_k=1), generator=g) for _ in range(20)}
+    assert picks == {int(logits.argmax())}
+
+
+def test_top_p_keeps_only_the_nucleus():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two tokens only
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(temperature=1.0, top_p=0.7), generator=g) for _ in range(200)}
+    assert picks == {0, 1}
+
+
+def test_sampling_params_refuse_nonsense():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tiny):
+    prompt = [5, 17, 42, 8]
+    run = lambda seed: list(generate(tiny, prompt, 24, params=SamplingParams(temperature=1.5, seed=seed)))
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_prefill_then_decode_matches_one_forward(tiny):
+    tokens = list(range(3, 40))
+    with torch.inference_mode():
+        full = tiny(torch.tensor([tokens]))[0]
+    last = prefill(tiny, tokens[:30], chunk=7)  # chunked prefill crosses chunk borders
+    torch.testing.assert_close(last, full[29], rtol=1e-4, atol=1e-5)
+    for i in range(30, 37):
+        step = decode_one_token(tiny, tokens[i], i)
+        torch.testing.assert_close(step, full[i], rtol=1e-4, atol=1e-5)
+
+
+def test_stop_token_ends_generation_without_being_yielded(tiny):
+    prompt = [1, 2, 3]
+    greedy = SamplingParams(temperature=0)
+    free = list(generate(tiny, prompt, 10, params=greedy))
+    stopped = list(generate(tiny, prompt, 10, stop_ids={free[3]}, params=greedy))
+    assert stopped == free[: free.index(free[3])]
+
+
+def test_max_tokens_and_cancel(tiny):
+    greedy = SamplingParams(temperature=0)
+    assert len(list(generate(tiny, [4, 5], 6, params=greedy))) == 6
+    cancel = threading.Event()
+    out = []
+    for tok in generate(tiny, [4, 5], 50, params=greedy, cancel=cancel):
+        out.append(tok)
+        if len(out) == 3:
+            cancel.set()
+    assert len(out) == 3
+
+
+def test_generation_stops_at_the_end_of_the_cache(tiny):
+    out = list(generate(tiny, [i % 97 for i in range(120)], 50, params=SamplingParams(temperature=0)))
+    assert len(out) == 128 - 120 + 1  # the last token is sampled from the final cached position
+    with pytest.raises(ValueError, match="context"):
+        list(generate(tiny, [1] * 130, 5))
+
+
+def test_continuing_from_a_cached_prefix_equals_starting_over(tiny):
+    greedy = SamplingParams(temperature=0)
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2]
+    fresh = list(generate(tiny, prompt, 12, params=greedy))
+    list(generate(tiny, prompt[:5] + [60, 61], 3, params=greedy))  # fills the cache with another turn
+    list(generate(tiny, prompt[:5], 1, params=greedy))
+    resumed = list(generate(tiny, prompt[5:], 12, params=greedy, start_pos=5))
+    assert resumed == fresh

