@@ -65,15 +65,15 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
         return import_with_progress(gguf_path, name, replace=replace)
 
 
-def ensure_model(ref: str | None) -> str:
-    """The model to use: the one named, or the default one (pulled on first use)."""
-    if ref:
+def ensure_model(ref: str | None) -> str | None:
+    """The model asked for; None lets the plan choose among what is installed. With nothing
+    installed, the default model is pulled first."""
+    if ref or store.list_entries():
         return ref
     default, _ = pull.load_catalog()
-    if not any(e.name == default for e in store.list_entries()):
-        say(f"No model installed yet: fetching the default model {default} (one time, ~100 MB).")
-        pull_model(default)
-    return default
+    say(f"No model installed yet: fetching the default model {default} (one time, ~100 MB).")
+    pull_model(default)
+    return None
 
 
 def list_models() -> None:
@@ -90,13 +90,47 @@ def list_models() -> None:
         print(f"{e.ref:40} {e.size_bytes / 1e6:7.0f}MB  {n / 1e6:6.0f}M  {src}")
 
 
+# ---------------------------------------------------------------- plan
+def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: str | None, ram: str | None,
+              as_json: bool) -> int:
+    import json
+
+    from rich.table import Table
+
+    from .devices import format_bytes, parse_bytes, probe
+    from .plan import plan_installed
+
+    device = probe(device_kind, vram and parse_bytes(vram), ram and parse_bytes(ram))
+    result = plan_installed(ref, ctx, device=device)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0 if result.chosen else 1
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    out.print(f"Device: {device.kind} ({device.name}), {format_bytes(device.free_bytes)} free of "
+              f"{format_bytes(device.total_bytes)}", markup=False)
+    table = Table("model", "variant", "weights", "KV / token", "max context", "verdict")
+    for r in result.candidates:
+        table.add_row(r.model, r.variant, format_bytes(r.weight_bytes), format_bytes(r.kv_bytes_per_token),
+                      str(r.max_ctx_fits or "-"), r.verdict)
+    out.print(table)
+    c = result.chosen
+    if c is None:
+        out.print(f"Nothing chosen: {result.why}", markup=False)
+        return 1
+    parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in c.bytes.items())
+    out.print(f"Chosen: {c.ref} on {c.device}, context {c.ctx} tokens, KV cache {c.kv_dtype}", markup=False)
+    out.print(f"  {parts}; total {format_bytes(c.total_bytes)} of {format_bytes(device.free_bytes)}", markup=False)
+    out.print(f"  Why: {c.why}", markup=False)
+    return 0
+
+
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
         ctx: int | None, verbose: bool = False) -> int:
     from .engine import Engine
 
     ref = ensure_model(model)
-    engine = Engine.load(ref, ctx=ctx)
+    engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -113,6 +147,7 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
         s = engine.last
         say(f"{engine.entry.ref} on {engine.device}, ctx {engine.ctx}: prompt {s.prompt_tokens} tokens, "
             f"first token after {s.ttft_s:.2f}s, {s.new_tokens} tokens at {s.tokens_per_s:.1f} tok/s")
+        say(engine.memory_report())
     return 0
 
 
@@ -181,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="store name (default: from the path)")
     p.add_argument("--force", action="store_true", help="replace an installed model of that name")
 
+    p = sub.add_parser("plan", help="which model, variant and context fit this machine, and why")
+    p.add_argument("ref", nargs="?", help="limit to NAME or NAME:VARIANT")
+    p.add_argument("--ctx", type=int, help="plan for this context length")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device")
+    p.add_argument("--vram", help="plan for a GPU with this much free memory, e.g. 8GiB")
+    p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref")
@@ -221,6 +264,8 @@ def run(argv: list[str]) -> int:
             raise UserError(f"{args.path}: no such file or folder")
         import_with_progress(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force)
         return 0
+    if command == "plan":
+        return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json)
     if command == "list":
         list_models()
         return 0

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import psutil
 import torch
 from safetensors import safe_open
 
@@ -20,9 +21,9 @@ from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 from . import store
+from .devices import format_bytes, probe
 from .errors import UserError
-
-DEFAULT_CTX = 4096
+from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
 
 
 @dataclass
@@ -71,20 +72,67 @@ class Engine:
         self.ctx, self.device = ctx, device
         self.stop_ids = chat_format.stop_ids(tokenizer)
         self.last = ReplyStats()
+        self.plan: Plan | None = None
+        self.measured_bytes: int | None = None
         # the tokens whose keys and values sit in the KV cache, so a chat turn re-reads only what is new
         self._cached: list[int] = []
 
     @classmethod
-    def load(cls, ref: str, ctx: int | None = None, device: str = "cpu") -> "Engine":
-        entry = store.find(ref)
-        max_ctx = int(entry.manifest["args"]["max_seq_len"])
-        ctx = ctx or min(DEFAULT_CTX, max_ctx)
-        if ctx < 16:
-            raise UserError(f"a context of {ctx} tokens is too small")
+    def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
+             verify: bool = False, say=None) -> "Engine":
+        """Load what the memory plan chooses for `ref` (any installed model if None).
+
+        An out-of-memory error during load or warm-up steps down once: a quarter less context,
+        then the next plan the smaller context allows, and says so.
+        """
+        say = say or (lambda msg: None)
+        target = probe(device) if device else probe()
+        result = plan_installed(ref, ctx, device=target)
+        if result.chosen is None:
+            raise UserError(result.why)
+        plan = result.chosen
+        say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device}. {plan.why}")
+        try:
+            return cls._load_planned(plan, verify)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            smaller = max(min(MIN_CTX, plan.ctx), plan.ctx * 3 // 4 // 256 * 256)
+            if ctx is not None or smaller >= plan.ctx:
+                raise UserError(f"out of memory loading {plan.ref} with {plan.ctx} tokens of context ({e})") from None
+            say(f"Out of memory at {plan.ctx} tokens; stepping down to {smaller}.")
+            fallback = plan_installed(ref, smaller, device=target).chosen
+            if fallback is None:
+                raise UserError(f"out of memory loading {plan.ref}; nothing smaller fits") from None
+            return cls._load_planned(fallback, verify)
+
+    @classmethod
+    def _load_planned(cls, plan: Plan, verify: bool) -> "Engine":
+        entry = store.find(plan.ref)
+        rss0 = _rss()
         tokenizer = load_tokenizer(entry.path)
         chat_format = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
-        model = load_model(entry, ctx, device)
-        return cls(entry, model, tokenizer, chat_format, ctx, device)
+        model = load_model(entry, plan.ctx, plan.device)
+        engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
+        engine.plan = plan
+        if verify:
+            engine.warm_up()
+            engine.measured_bytes = _rss() - rss0
+        return engine
+
+    def warm_up(self) -> None:
+        """One prefill chunk at the far end of the context: the most memory the plan allows for."""
+        chunk = min(PREFILL_CHUNK, self.ctx)
+        with torch.inference_mode():
+            self.model(torch.zeros((1, chunk), dtype=torch.long), self.ctx - chunk, last_only=True)
+        self._cached = []
+
+    def memory_report(self) -> str:
+        if self.plan is None or self.measured_bytes is None:
+            return ""
+        b = self.plan.bytes
+        estimate = b["weights"] + b["kv_cache"] + b["workspace"]
+        return (f"memory: planned {format_bytes(estimate)} (weights {format_bytes(b['weights'])}, KV cache "
+                f"{format_bytes(b['kv_cache'])}, workspace {format_bytes(b['workspace'])}); measured RSS growth "
+                f"{format_bytes(self.measured_bytes)} ({(self.measured_bytes / estimate - 1) * 100:+.1f}%)")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.chat_format.encode(self.tokenizer, messages)
@@ -126,6 +174,10 @@ class Engine:
 
     def context_used(self) -> int:
         return len(self._cached)
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,0 +1,116 @@
+"""What the machine has: GPUs with their free memory, or free RAM and the CPU's features.
+
+The one place that probes devices. A "what if" override (`--vram 8GiB`, `--ram 16GiB`,
+`--device cpu`) replaces the probe so plans can be made for machines we are not on.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+from .errors import UserError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '6 GB', '512M', '1.5g' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"{text!r} is not a size (examples: 8GiB, 6GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@dataclass
+class Device:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    total_bytes: int
+    free_bytes: int
+    capability: tuple[int, int] | None = None  # CUDA compute capability
+    features: list[str] = field(default_factory=list)  # CPU flags that matter to the kernels
+    threads: int = 1
+
+    @property
+    def bf16_ok(self) -> bool:
+        return self.kind == "cpu" or (self.capability or (0, 0)) >= (8, 0)
+
+    @property
+    def int4_ok(self) -> bool:
+        # tinygemm int4 needs Ampere or newer on CUDA; the CPU kernel runs anywhere
+        return self.kind == "cpu" or (self.capability or (0, 0)) >= (8, 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_features() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return [w for w in wanted if w in flags]
+
+
+def probe_cpu(ram: int | None = None) -> Device:
+    mem = psutil.virtual_memory()
+    free = ram if ram is not None else mem.available
+    total = max(ram or 0, mem.total) if ram is None else ram
+    return Device("cpu", _cpu_name(), total, free, None, cpu_features(), threads=len(os.sched_getaffinity(0)))
+
+
+def probe_cuda(vram: int | None = None) -> list[Device]:
+    import torch
+
+    devices = []
+    if not torch.cuda.is_available():
+        return devices
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        if vram is not None:
+            free, total = vram, vram
+        devices.append(Device("cuda", props.name, total, free, (props.major, props.minor), threads=1))
+    return devices
+
+
+def probe(device: str | None = None, vram: int | None = None, ram: int | None = None) -> Device:
+    """The device to plan for: the first GPU if there is one (or `--vram` says so), else the CPU."""
+    if device not in (None, "cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, not {device!r}")
+    if device == "cpu":
+        return probe_cpu(ram)
+    gpus = probe_cuda(vram)
+    if gpus:
+        return gpus[0]
+    if device == "cuda" or vram is not None:
+        if vram is None:
+            raise UserError("no CUDA GPU found; use --device cpu, or --vram SIZE to plan for a GPU you do not have")
+        # planning for a GPU this machine does not have: assume a current one (bf16 and int4 run)
+        return Device("cuda", "hypothetical GPU", vram, vram, (8, 0))
+    return probe_cpu(ram)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"

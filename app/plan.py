@@ -1,0 +1,339 @@
+"""The memory plan: which model, which variant and how long a context fit this device, and why.
+
+Cost model (bytes resident once loaded and warmed up):
+    weights    packed tensor bytes as read from the variant's files, converted to what the device
+               really keeps (full-precision weights run in the activation dtype). On a GPU the
+               token-embedding table stays in CPU RAM, as llama.cpp keeps it: a lookup needs one
+               row per token, not the GPU's bandwidth
+    kv_cache   2 (k and v) x layers x kv_heads x head_dim x bytes per element, per token
+    workspace  activations of one prefill chunk: hidden states, q/k/v, the (heads x chunk x ctx)
+               attention scores, the SwiGLU intermediates, one row of logits
+    overhead   the runtime before any weight is loaded: the CUDA context and allocator slack on a
+               GPU, the Python + PyTorch process on the CPU
+    margin     a GPU: max(1 GiB, 10% of free), like llama.cpp's --fit and transformers' 0.9 factor.
+               The CPU: max(512 MiB, 10% of available RAM), since other programs share the RAM
+               and the OS pages files in and out of it.
+
+Policy: the largest installed model first; for it the most bits that still allow the target
+context (min of its trained context and 8192); then the longest context that fits, a multiple of
+256, never below 2048 (or the model's own maximum if smaller). What the user fixed is kept; if it
+cannot fit, nothing is chosen and `why` says what would fit instead.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from model.args import ModelArgs
+
+from .devices import Device, format_bytes
+
+TARGET_CTX = 8192
+MIN_CTX = 2048
+CTX_STEP = 256
+PREFILL_CHUNK = 512
+# cuBLAS workspaces and allocator rounding. The CUDA context itself is not counted: the probe has
+# already created it when it reads the free memory, and per-process caps exclude it too.
+# An estimate still to be checked on a GPU (tests/bench/gpu_plan.py).
+CUDA_OVERHEAD = 256 << 20
+CPU_OVERHEAD = 420 << 20  # RSS of `import torch` + tokenizer + app before any weight
+BITS = {"source": 16, "int8": 8, "nf4": 4, "int4": 4}
+
+
+def activation_bytes(device: Device) -> int:
+    """Bytes per activation element: fp32 on the CPU, bf16 (or fp16) on a GPU."""
+    return 4 if device.kind == "cpu" else 2
+
+
+def kv_bytes_per_token(args: ModelArgs, kv_dtype: str = "auto", device: Device | None = None) -> int:
+    elem = {"auto": activation_bytes(device) if device else 2, "bf16": 2, "fp16": 2, "fp32": 4}.get(kv_dtype)
+    if elem is None:
+        raise ValueError(f"unknown KV cache dtype {kv_dtype!r}")
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem
+
+
+def workspace_bytes(args: ModelArgs, ctx: int, device: Device) -> int:
+    a = activation_bytes(device)
+    c = min(PREFILL_CHUNK, ctx)
+    hidden = c * args.dim * 4  # residual, normed input, attention output, block output
+    qkv = c * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    scores = args.n_heads * c * ctx  # the attention matrix of one chunk against the whole context
+    ffn = c * args.ffn_dim * 3  # gate, up and their product
+    logits = args.vocab_size * 4
+    return (hidden + qkv + scores + ffn) * a + logits
+
+
+def overhead_bytes(device: Device) -> int:
+    return CUDA_OVERHEAD if device.kind == "cuda" else CPU_OVERHEAD
+
+
+def margin_bytes(device: Device) -> int:
+    if device.kind == "cuda":
+        return max(1 << 30, device.free_bytes // 10)
+    return max(512 << 20, device.free_bytes // 10)
+
+
+@dataclass
+class Candidate:
+    model: str
+    variant: str
+    args: ModelArgs
+    weight_bytes: int  # resident on the device after load
+    bits: float
+
+    @property
+    def max_ctx(self) -> int:
+        return self.args.max_seq_len
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    max_ctx_fits: int  # 0: does not fit at all
+    verdict: str
+
+
+@dataclass
+class Plan:
+    model: str
+    variant: str
+    device: str
+    ctx: int
+    kv_dtype: str
+    bytes: dict = field(default_factory=dict)  # weights, kv_cache, workspace, overhead, margin
+    why: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}:{self.variant}"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+@dataclass
+class PlanResult:
+    device: Device
+    chosen: Plan | None
+    candidates: list[Row]
+    why: str
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device.to_dict(),
+            "chosen": asdict(self.chosen) if self.chosen else None,
+            "candidates": [asdict(r) for r in self.candidates],
+            "why": self.why,
+        }
+
+
+def breakdown(c: Candidate, ctx: int, device: Device, kv_dtype: str = "auto") -> dict:
+    return {
+        "weights": c.weight_bytes,
+        "kv_cache": kv_bytes_per_token(c.args, kv_dtype, device) * ctx,
+        "workspace": workspace_bytes(c.args, ctx, device),
+        "overhead": overhead_bytes(device),
+        "margin": margin_bytes(device),
+    }
+
+
+def fits(c: Candidate, ctx: int, device: Device, kv_dtype: str = "auto") -> bool:
+    return sum(breakdown(c, ctx, device, kv_dtype).values()) <= device.free_bytes
+
+
+def longest_context(c: Candidate, device: Device, kv_dtype: str = "auto") -> int:
+    """The longest context (a multiple of 256, up to the model's maximum) that fits; 0 if none."""
+    best, ctx = 0, CTX_STEP
+    top = c.max_ctx
+    while ctx <= top and fits(c, ctx, device, kv_dtype):
+        best, ctx = ctx, ctx + CTX_STEP
+    if best and best < top and top % CTX_STEP and fits(c, top, device, kv_dtype):
+        best = top
+    if not best and top < CTX_STEP and fits(c, top, device, kv_dtype):
+        best = top
+    return best
+
+
+def variant_usable(c: Candidate, device: Device) -> bool:
+    if c.variant == "int4":
+        return device.int4_ok
+    if c.variant == "nf4":
+        return device.kind == "cuda"  # bitsandbytes NF4 on the CPU is ~8x slower than int4
+    return True
+
+
+def plan_memory(candidates: list[Candidate], device: Device, model: str | None = None,
+                variant: str | None = None, ctx: int | None = None, kv_dtype: str = "auto") -> PlanResult:
+    if kv_dtype == "auto":
+        kv_dtype = "fp32" if activation_bytes(device) == 4 else "bf16"
+    rows, pool = [], []
+    for c in sorted(candidates, key=lambda c: (-c.args.n_params, -c.bits, c.variant)):
+        usable = variant_usable(c, device)
+        longest = longest_context(c, device, kv_dtype) if usable else 0
+        floor = min(MIN_CTX, c.max_ctx)
+        if not usable:
+            verdict = f"{c.variant} does not run well on {device.kind}"
+        elif longest >= floor:
+            verdict = f"fits up to {longest} tokens"
+        elif longest:
+            verdict = f"only {longest} tokens fit (below {floor})"
+        else:
+            verdict = "does not fit"
+        rows.append(Row(c.model, c.variant, c.weight_bytes, kv_bytes_per_token(c.args, kv_dtype, device), longest, verdict))
+        if (model is None or c.model == model) and (variant is None or c.variant == variant) and usable:
+            pool.append((c, longest))
+    if not pool:
+        what = " ".join(x for x in (model and f"model {model}", variant and f"variant {variant}") if x)
+        return PlanResult(device, None, rows, f"no installed {what or 'model'} can run on {device.kind}")
+    chosen = _choose(pool, device, ctx, kv_dtype)
+    if isinstance(chosen, str):
+        return PlanResult(device, None, rows, chosen + _alternative(rows, ctx))
+    return PlanResult(device, chosen, rows, chosen.why)
+
+
+def _choose(pool, device: Device, ctx: int | None, kv_dtype: str) -> Plan | str:
+    biggest = max(c.args.n_params for c, _ in pool)
+    free = format_bytes(device.free_bytes)
+    # models from the largest down; for each, variants from the most bits down
+    for n_params in sorted({c.args.n_params for c, _ in pool}, reverse=True):
+        same_model = [(c, longest) for c, longest in pool if c.args.n_params == n_params]
+        for c, longest in same_model:
+            target = ctx or min(c.max_ctx, TARGET_CTX)
+            if ctx is not None:
+                if ctx > c.max_ctx:
+                    return f"{c.model} was trained for at most {c.max_ctx} tokens, not {ctx}"
+                if longest >= ctx:
+                    return _plan(c, ctx, device, kv_dtype, f"{c.model}:{c.variant} is the largest, most precise variant "
+                                 f"that fits the asked {ctx}-token context in {free} of {device.kind} memory")
+                continue
+            if longest >= target:
+                ctx_fit = longest
+                return _plan(c, ctx_fit, device, kv_dtype,
+                             _why(c, ctx_fit, same_model, n_params < biggest, free, device))
+        # no variant of this model reaches its target: take the most precise that reaches the floor
+        for c, longest in same_model:
+            if ctx is None and longest >= min(MIN_CTX, c.max_ctx):
+                return _plan(c, longest, device, kv_dtype,
+                             f"{c.model}:{c.variant} fits only {longest} tokens of context in {free}; "
+                             f"no variant of {c.model} fits {min(c.max_ctx, TARGET_CTX)}")
+    if ctx is not None:
+        return f"nothing installed fits a {ctx}-token context in {free} of {device.kind} memory"
+    return f"nothing installed fits in {free} of {device.kind} memory with at least {MIN_CTX} tokens of context"
+
+
+def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device) -> str:
+    more_bits = [x for x, _ in same_model if x.bits > c.bits]
+    parts = [f"{c.model}:{c.variant}"]
+    if smaller:
+        parts.append("is the largest model that fits")
+    else:
+        parts.append("is the largest installed model")
+    if more_bits:
+        parts.append(f"and {c.variant} the most bits that still allow {min(c.max_ctx, TARGET_CTX)} tokens "
+                     f"({', '.join(x.variant for x in more_bits)} would not)")
+    parts.append(f"in {free} of {device.kind} memory; the context is the longest that fits, {ctx} tokens")
+    return " ".join(parts)
+
+
+def _plan(c: Candidate, ctx: int, device: Device, kv_dtype: str, why: str) -> Plan:
+    return Plan(c.model, c.variant, device.kind, ctx, kv_dtype, breakdown(c, ctx, device, kv_dtype), why)
+
+
+def _alternative(rows: list[Row], ctx: int | None) -> str:
+    fitting = [r for r in rows if r.max_ctx_fits >= min(ctx or MIN_CTX, MIN_CTX)]
+    if not fitting:
+        return ""
+    r = fitting[0]
+    return f"; {r.model}:{r.variant} would fit with up to {r.max_ctx_fits} tokens"
+
+
+# ---------------------------------------------------------------- candidates
+def estimated_weight_bytes(args: ModelArgs, variant: str, device: Device, group_size: int = 32) -> int:
+    """Resident weight bytes of a variant that is not on disk (catalog entries, what-if plans).
+
+    Norms stay in full precision; the embedding and the output head are int8 in packed variants,
+    as the quantizer writes them.
+    """
+    emb = args.vocab_size * args.dim
+    heads = 1 if args.tie_embeddings else 2
+    body = args.n_params - heads * emb - (2 * args.n_layers + 1) * args.dim
+    norms = (2 * args.n_layers + 1) * args.dim * 4
+    on_gpu = device.kind == "cuda"
+    if variant == "source":
+        resident = args.n_params - (2 * args.n_layers + 1) * args.dim
+        if on_gpu and not args.tie_embeddings:
+            resident -= emb
+        return resident * activation_bytes(device) + norms
+    int8_rows = args.vocab_size * 4  # one fp32 scale per row
+    # int8 output head, plus the int8 embedding unless it stays in CPU RAM
+    head_bytes = (1 if on_gpu else 2) * (emb + int8_rows)
+    if variant == "int8":
+        rows = args.n_layers * (args.n_heads * args.head_dim * 2 + args.n_kv_heads * args.head_dim * 2 + 3 * args.ffn_dim)
+        return body + rows * 4 + head_bytes + norms
+    if variant == "int4":
+        return body // 2 + body // group_size * 4 + head_bytes + norms
+    if variant == "nf4":
+        # 4-bit codes plus one fp32 absmax per 64 (double quantization would make it ~0.5 byte / 256)
+        return body // 2 + body // 64 * 4 + head_bytes + norms
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def catalog_candidate(model: str, args: ModelArgs, variant: str, device: Device, group_size: int = 32) -> Candidate:
+    return Candidate(model, variant, args, estimated_weight_bytes(args, variant, device, group_size), BITS[variant])
+
+
+def stored_weight_bytes(entry, device: Device) -> int:
+    """Resident bytes of an installed variant, from its safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    args = ModelArgs.from_dict(entry.manifest["args"])
+    act = activation_bytes(device)
+    total = 0
+    for fname in entry.manifest["weights"]:
+        with safe_open(str(entry.path / fname), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                dtype = sl.get_dtype()
+                if device.kind == "cuda" and key.startswith("tok_embeddings.") and not args.tie_embeddings:
+                    continue  # stays in CPU RAM
+                floating = dtype in ("F32", "F16", "BF16")
+                is_norm = key.endswith("norm.weight")
+                if floating and not is_norm and key.endswith(".weight"):
+                    total += n * act  # full-precision weights run in the activation dtype
+                else:
+                    total += n * _DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8}
+
+
+def installed_candidates(device: Device) -> list[Candidate]:
+    from . import store
+
+    out = []
+    for e in store.list_entries():
+        args = ModelArgs.from_dict(e.manifest["args"])
+        scheme = (e.manifest.get("quant") or {}).get("scheme", "source")
+        out.append(Candidate(e.name, e.variant, args, stored_weight_bytes(e, device), BITS.get(scheme, 16)))
+    return out
+
+
+def plan_installed(ref: str | None = None, ctx: int | None = None, kv_dtype: str = "auto",
+                   device: Device | None = None) -> PlanResult:
+    """The plan over what is installed, for `ref` (NAME or NAME:VARIANT) if given."""
+    from . import store
+    from .devices import probe
+
+    device = device or probe()
+    model = variant = None
+    if ref:
+        model, variant = store.parse_ref(ref)
+        store.find(ref)  # a clear "not installed" message before any planning
+    return plan_memory(installed_candidates(device), device, model, variant, ctx, kv_dtype)
