@@ -90,6 +90,53 @@ def list_models() -> None:
         print(f"{e.ref:40} {e.size_bytes / 1e6:7.0f}MB  {n / 1e6:6.0f}M  {src}")
 
 
+# ---------------------------------------------------------------- quantize / eval
+def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str, embeddings: str,
+             replace: bool) -> int:
+    from quant.quantize import QuantOptions
+
+    from .variants import quantize_variant
+
+    try:
+        opts = QuantOptions(scheme, group_size=group_size, head=head, embeddings=embeddings)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("Packing", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"Packing {what[:40]}")
+            if done == total:
+                bar.update(task, description="Measuring quality (perplexity, KL, top-1)")
+
+        entry = quantize_variant(ref, opts, out, replace=replace, progress=progress)
+    report = entry.manifest["quant"]["report"]
+    rows = report["tensors"]
+    worst = min(rows, key=lambda r: r["sqnr_db"])
+    say(f"Packed {len(rows)} weights: SQNR {min(r['sqnr_db'] for r in rows):.1f} to "
+        f"{max(r['sqnr_db'] for r in rows if r['sqnr_db'] != float('inf')) if any(r['sqnr_db'] != float('inf') for r in rows) else float('inf'):.1f} dB "
+        f"(worst: {worst['name']}, relative error {worst['rel_err']:.4f})")
+    for r in rows:
+        if r["note"]:
+            say(f"  {r['name']}: {r['note']}")
+    q = report.get("quality")
+    if q:
+        say(f"Quality on {q['tokens']} tokens of Python's reference text: perplexity {q['ppl_reference']:.3f} -> "
+            f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), KL {q['kl_mean']:.5f} nats, "
+            f"top-1 agreement {q['top1_agreement'] * 100:.2f}%")
+    say(f"Installed {entry.ref} in {entry.path} ({entry.size_bytes / 1e6:.0f} MB)")
+    return 0
+
+
+def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
+    from .variants import eval_model
+
+    entry, n, ppl = eval_model(ref, text, tokens, window)
+    print(f"{entry.ref}: perplexity {ppl:.4f} over {n} tokens ({window}-token windows)")
+    return 0
+
+
 # ---------------------------------------------------------------- plan
 def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: str | None, ram: str | None,
               as_json: bool) -> int:
@@ -126,11 +173,11 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
-        ctx: int | None, verbose: bool = False) -> int:
+        ctx: int | None, verbose: bool = False, precise: bool = False) -> int:
     from .engine import Engine
 
     ref = ensure_model(model)
-    engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None)
+    engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -191,6 +238,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="the same seed gives the same text")
     p.add_argument("--ctx", type=int, help="context length in tokens")
+    p.add_argument("--precise", action="store_true",
+                   help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--name", help="store name (default: from the path)")
     p.add_argument("--force", action="store_true", help="replace an installed model of that name")
+
+    p = sub.add_parser("quantize", help="pack an installed model to int8, int4 or nf4 (a new variant)")
+    p.add_argument("ref", help="the model to pack (its source variant)")
+    p.add_argument("--scheme", required=True, help="int8, int4 or nf4")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
+    p.add_argument("--out", help="variant name (default: the scheme)")
+    p.add_argument("--head", default="auto", help="output head precision: auto (default: fp16 for a GGUF Q8_0 "
+                   "table, else int8), int8, int4, fp16 or fp32")
+    p.add_argument("--embeddings", default="int8", help="embedding table precision: int8 (default) or fp32")
+    p.add_argument("--force", action="store_true", help="replace an existing variant of that name")
+
+    p = sub.add_parser("eval", help="perplexity of an installed model on a text")
+    p.add_argument("ref")
+    p.add_argument("--text", type=Path, help="a UTF-8 text file (default: Python's own English reference text)")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
 
     p = sub.add_parser("plan", help="which model, variant and context fit this machine, and why")
     p.add_argument("ref", nargs="?", help="limit to NAME or NAME:VARIANT")
@@ -253,9 +318,14 @@ def run(argv: list[str]) -> int:
     if command == "ask":
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
-        return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx, args.verbose)
+        return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
+                   args.verbose, args.precise)
     if command == "chat":
-        return chat_plain(args.model, args.system, params, args.ctx)
+        if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
+            return chat_plain(args.model, args.system, params, args.ctx)
+        from .tui import run_chat
+
+        return run_chat(args.model, args.system, params, args.ctx, device=None)
     if command == "pull":
         pull_model(args.name, replace=args.force)
         return 0
@@ -264,6 +334,12 @@ def run(argv: list[str]) -> int:
             raise UserError(f"{args.path}: no such file or folder")
         import_with_progress(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force)
         return 0
+    if command == "quantize":
+        return quantize(args.ref, args.scheme, args.group_size, args.out, args.head, args.embeddings, args.force)
+    if command == "eval":
+        if args.tokens < 2 or args.window < 2:
+            raise UserError("--tokens and --window must be at least 2")
+        return evaluate(args.ref, args.text, args.tokens, args.window)
     if command == "plan":
         return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json)
     if command == "list":

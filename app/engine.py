@@ -12,13 +12,15 @@ from typing import Iterator
 
 import psutil
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
 from model.chat_format import ChatFormat
 from model.generate import SamplingParams, generate
 from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from quant.formats import FORMAT_VERSION
+from quant.linear import repack_for_device, swap_linears
 
 from . import store
 from .devices import format_bytes, probe
@@ -40,11 +42,21 @@ class ReplyStats:
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
 
 
-def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=torch.float32) -> Transformer:
-    """Build the model on the meta device and assign the stored tensors (no second copy)."""
+def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=torch.float32,
+               precise: bool = False) -> Transformer:
+    """Build the model on the meta device, swap in packed layers, assign the stored tensors.
+
+    `precise` runs packed layers at fp32-level accuracy for ~3x their matmul time."""
     args = ModelArgs.from_dict(entry.manifest["args"])
+    quant = entry.manifest.get("quant")
     with torch.device("meta"):
         model = Transformer(args)
+    if quant:
+        check_format_version(entry)
+        layout = quant["layout"]
+        swap_linears(model, {m: w["scheme"] for m, w in layout.items()},
+                     group_size={m: w["group_size"] for m, w in layout.items() if "group_size" in w},
+                     embedding_dtype=dtype)
     state = {}
     for fname in entry.manifest["weights"]:
         path = entry.path / fname
@@ -52,17 +64,30 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
             with safe_open(str(path), framework="pt") as f:
                 for k in f.keys():
                     state[k] = f.get_tensor(k)
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise UserError(f"{path}: cannot read the weights ({e}); remove and re-import the model") from None
-    if args.tie_embeddings and "output.weight" not in state:
+    if args.tie_embeddings and "output.weight" not in state and not quant:
         state["output.weight"] = state.get("tok_embeddings.weight")
     try:
         model.load_state_dict(state, assign=True, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{entry.path}: the stored weights do not match the model's shape: {e}") from None
-    model = model.to(device=device, dtype=dtype).eval()
-    model.setup_caches(ctx)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{entry.path}: the stored weights do not match the model ({' '.join(first[:3])[:300]}); "
+                        f"the files were changed or are damaged: remove and re-create {entry.ref}") from None
+    if quant:
+        repack_for_device(model, device, precise)
+        model = model.eval()
+    else:
+        model = model.to(device=device, dtype=dtype).eval()
+    model.setup_caches(ctx, dtype=dtype, device=device)
     return model
+
+
+def check_format_version(entry: store.ModelEntry) -> None:
+    version = int(entry.manifest.get("quant", {}).get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise UserError(f"{entry.ref} was made by a newer llamadesk (packed format {version}, this one reads "
+                        f"up to {FORMAT_VERSION}); upgrade llamadesk or re-quantize")
 
 
 class Engine:
@@ -79,7 +104,7 @@ class Engine:
 
     @classmethod
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
-             verify: bool = False, say=None) -> "Engine":
+             verify: bool = False, say=None, precise: bool = False) -> "Engine":
         """Load what the memory plan chooses for `ref` (any installed model if None).
 
         An out-of-memory error during load or warm-up steps down once: a quarter less context,
@@ -93,7 +118,7 @@ class Engine:
         plan = result.chosen
         say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device}. {plan.why}")
         try:
-            return cls._load_planned(plan, verify)
+            return cls._load_planned(plan, verify, precise)
         except (torch.OutOfMemoryError, MemoryError) as e:
             smaller = max(min(MIN_CTX, plan.ctx), plan.ctx * 3 // 4 // 256 * 256)
             if ctx is not None or smaller >= plan.ctx:
@@ -102,15 +127,15 @@ class Engine:
             fallback = plan_installed(ref, smaller, device=target).chosen
             if fallback is None:
                 raise UserError(f"out of memory loading {plan.ref}; nothing smaller fits") from None
-            return cls._load_planned(fallback, verify)
+            return cls._load_planned(fallback, verify, precise)
 
     @classmethod
-    def _load_planned(cls, plan: Plan, verify: bool) -> "Engine":
+    def _load_planned(cls, plan: Plan, verify: bool, precise: bool = False) -> "Engine":
         entry = store.find(plan.ref)
         rss0 = _rss()
         tokenizer = load_tokenizer(entry.path)
         chat_format = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
-        model = load_model(entry, plan.ctx, plan.device)
+        model = load_model(entry, plan.ctx, plan.device, precise=precise)
         engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
         engine.plan = plan
         if verify:

@@ -172,7 +172,7 @@ def plan_memory(candidates: list[Candidate], device: Device, model: str | None =
     rows, pool = [], []
     for c in sorted(candidates, key=lambda c: (-c.args.n_params, -c.bits, c.variant)):
         usable = variant_usable(c, device)
-        longest = longest_context(c, device, kv_dtype) if usable else 0
+        longest = longest_context(c, device, kv_dtype) if usable or c.variant == variant else 0
         floor = min(MIN_CTX, c.max_ctx)
         if not usable:
             verdict = f"{c.variant} does not run well on {device.kind}"
@@ -183,7 +183,8 @@ def plan_memory(candidates: list[Candidate], device: Device, model: str | None =
         else:
             verdict = "does not fit"
         rows.append(Row(c.model, c.variant, c.weight_bytes, kv_bytes_per_token(c.args, kv_dtype, device), longest, verdict))
-        if (model is None or c.model == model) and (variant is None or c.variant == variant) and usable:
+        # a variant the user names is loaded even where it is slow (NF4 on the CPU)
+        if (model is None or c.model == model) and (variant is None or c.variant == variant) and (usable or variant):
             pool.append((c, longest))
     if not pool:
         what = " ".join(x for x in (model and f"model {model}", variant and f"variant {variant}") if x)
@@ -291,6 +292,7 @@ def stored_weight_bytes(entry, device: Device) -> int:
 
     args = ModelArgs.from_dict(entry.manifest["args"])
     act = activation_bytes(device)
+    packed = bool(entry.manifest.get("quant"))  # a packed variant's float tensors run as stored
     total = 0
     for fname in entry.manifest["weights"]:
         with safe_open(str(entry.path / fname), framework="pt") as f:
@@ -304,7 +306,7 @@ def stored_weight_bytes(entry, device: Device) -> int:
                     continue  # stays in CPU RAM
                 floating = dtype in ("F32", "F16", "BF16")
                 is_norm = key.endswith("norm.weight")
-                if floating and not is_norm and key.endswith(".weight"):
+                if floating and not is_norm and key.endswith(".weight") and not packed:
                     total += n * act  # full-precision weights run in the activation dtype
                 else:
                     total += n * _DTYPE_BYTES.get(dtype, 4)

@@ -45,8 +45,9 @@ class Transformer(nn.Module):
     def setup_caches(self, max_len: int, batch: int = 1, dtype=None, device=None):
         """Allocate the KV cache and RoPE table for contexts up to `max_len` tokens."""
         a = self.args
-        ref = self.tok_embeddings.weight
-        dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        # the final norm is never packed: its weight tells the activations' dtype and device
+        ref = self.norm.weight
+        dtype = dtype or ref.dtype
         device = device or (ref.device if ref.device.type != "meta" else "cpu")
         self.max_cache_len = max_len
         for layer in self.layers:

@@ -1,0 +1,408 @@
+"""Packed layers, swapped into a model by one function, then repacked for a device at load time.
+
+Loading a packed checkpoint, as in gpt-fast:
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    swap_linears(model, {"layers.0.attention.wq": "int4", "tok_embeddings": "int8", ...})
+    model.load_state_dict(state_dict, assign=True)  # the portable tensors of quant.formats
+    repack_for_device(model, "cpu")                  # portable layout -> this device's kernels
+
+`prepare(device)` is one way: it replaces the portable tensors with the kernel's own layout, which
+only that device's kernel reads. So checkpoints are written from `quant.formats.Packed`, never
+from a prepared model's state_dict, and a prepared model is not moved with `.to()`: prepare it for
+the device it will run on.
+
+Kernels, measured on a 2-core CPU (torch 2.13): the CPU int8 and int4 kernels are 10-20x faster with
+bf16 activations than fp32, so the layers cast activations to bf16 for the kernel and back to
+the input's dtype. The CPU int8 kernel gives wrong results or crashes for K % 16 != 0 when more
+than one row comes in, so such weights (and grouped int8 from GGUF Q8_0, which the kernel cannot
+express) run as a dense fp32 weight on CPU: exact, but 4x the memory of int8. The CPU int4
+kernel needs N % 16 == 0 (CUDA: N % 8 == 0); other N are padded with zero rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .formats import INT4_GROUP_SIZES, Packed, choose_int4_group, nf4_quant_state, unpack_int8, unpack_nibbles
+
+FLOAT_SCHEMES = ("fp32", "bf16")  # names a precision map may use for "leave it as it is"
+_NOT_PREPARED = "{} is not prepared: call repack_for_device(model, device) after loading"
+
+
+def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t ~ hi + lo with both in bf16: 16 bits of mantissa instead of 8.
+
+    The fast CPU kernels take bf16 activations and bf16 scales. `precise` layers run them on both
+    halves (hi*hi + hi*lo + lo*hi), three calls instead of one, which brings a packed layer to
+    within fp32 rounding of its unpacked weight: the greedy tokens then match the fp32 source.
+    """
+    hi = t.to(torch.bfloat16)
+    return hi, (t.float() - hi.float()).to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------- int8
+class Int8Linear(nn.Module):
+    """y = x W^T with W = qweight * scales, int8 per output row (or per group of K)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size or in_features
+        if in_features % self.group_size:
+            raise ValueError(f"int8 group_size={self.group_size} does not divide in_features={in_features}")
+        n_groups = in_features // self.group_size
+        N, K = out_features, in_features
+        self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(N, n_groups, dtype=torch.float32, device=device))
+        self.kernel = ""  # set by prepare: "int8pack" | "dense" | "dequant"
+
+    def prepare(self, device, precise: bool = False) -> None:
+        if self.kernel:
+            raise RuntimeError(f"Int8Linear is already prepared ({self.kernel}); prepare is one way")
+        self.precise = precise
+        device = torch.device(device)
+        qweight, scales = self.qweight.to(device), self.scales.to(device)
+        self.qweight = self.scales = None
+        if device.type == "cpu" and scales.shape[1] == 1 and self.in_features % 16 == 0:
+            self.kernel = "int8pack"
+            # the kernel segfaults on a weight that is not 64-byte aligned (safetensors' mmap
+            # places tensors at any offset) once more than a few rows come in: own an aligned copy
+            self.qweight = qweight if qweight.data_ptr() % 64 == 0 else qweight.clone()
+            hi, lo = split_bf16(scales[:, 0].contiguous())  # (N,)
+            self.register_buffer("kernel_scales", hi, persistent=False)
+            self.register_buffer("kernel_scales_lo", lo, persistent=False)
+        elif device.type == "cpu":
+            self.kernel = "dense"
+            shape = (self.out_features, self.in_features)
+            packed = Packed("int8", shape, self.group_size, {"qweight": qweight, "scales": scales})
+            self.register_buffer("dense_weight", unpack_int8(packed), persistent=False)
+        elif device.type == "cuda":
+            self.kernel = "dequant"
+            self.qweight, self.scales = qweight, scales
+        else:
+            raise ValueError(f"Int8Linear has no kernel for {device.type}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+        if self.kernel == "int8pack":
+            mm = lambda a, s: torch.ops.aten._weight_int8pack_mm(a.contiguous(), self.qweight, s)
+            if self.precise:
+                xh, xl = split_bf16(x2)
+                y = (mm(xh, self.kernel_scales).float() + mm(xh, self.kernel_scales_lo).float()
+                     + mm(xl, self.kernel_scales).float())
+            else:
+                y = mm(x2.to(torch.bfloat16), self.kernel_scales)
+        elif self.kernel == "dense":
+            y = F.linear(x2.to(self.dense_weight.dtype), self.dense_weight)
+        elif self.kernel == "dequant":
+            y = int8_dequant_linear(x2, self.qweight, self.scales)
+        else:
+            raise RuntimeError(_NOT_PREPARED.format("Int8Linear"))
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
+
+
+def int8_dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (qweight * scales)^T in x's dtype: the CUDA int8 path, plain torch ops."""
+    N, K = qweight.shape
+    G = scales.shape[1]
+    if G == 1:
+        return F.linear(x, qweight.to(x.dtype)) * scales[:, 0].to(x.dtype)
+    w = qweight.to(x.dtype).view(N, G, K // G) * scales.to(x.dtype)[..., None]  # (N, G, g)
+    return F.linear(x, w.view(N, K))
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings stored as int8 rows (one scale per row, or per group along the row)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int | None = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.group_size = group_size or embedding_dim
+        if embedding_dim % self.group_size:
+            raise ValueError(f"int8 group_size={self.group_size} does not divide dim={embedding_dim}")
+        self.dtype = dtype  # the activations' dtype downstream starts here
+        n_groups = embedding_dim // self.group_size
+        V, D = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.empty(V, D, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(V, n_groups, dtype=torch.float32, device=device))
+
+    def prepare(self, device, precise: bool = False) -> None:
+        self.qweight, self.scales = self.qweight.to(device), self.scales.to(device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        G = self.scales.shape[1]
+        rows = F.embedding(tokens, self.qweight).view(*tokens.shape, G, self.group_size)  # (B, T, G, g)
+        scales = F.embedding(tokens, self.scales).float()[..., None]  # (B, T, G, 1)
+        return (rows.float() * scales).view(*tokens.shape, self.embedding_dim).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, {self.dtype}"
+
+
+# ---------------------------------------------------------------- int4
+class Int4Linear(nn.Module):
+    """y = x W^T with W = q * scale + min, 4-bit q in groups of `group_size` along K."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, device=None):
+        super().__init__()
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        if in_features % group_size:
+            raise ValueError(f"int4 group_size={group_size} does not divide in_features={in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        N, K = out_features, in_features
+        self.register_buffer("qweight", torch.empty(N, K // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(N, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("mins", torch.empty(N, n_groups, dtype=torch.float16, device=device))
+        self.kernel = ""  # set by prepare: "cpu" | "cuda"
+
+    def prepare(self, device, precise: bool = False) -> None:
+        if self.kernel:
+            raise RuntimeError(f"Int4Linear is already prepared ({self.kernel}); prepare is one way")
+        self.precise = precise
+        device = torch.device(device)
+        qweight, scales, mins = (t.to(device) for t in (self.qweight, self.scales, self.mins))
+        self.qweight = self.scales = self.mins = None
+        if precise:
+            sz = _int4_scales_and_zeros(scales, mins, 0, exact=True)  # (G, N, 2) fp32
+            n_pad = (-self.out_features) % 16 if device.type == "cpu" else (-self.out_features) % 8
+            hi, lo = split_bf16(F.pad(sz, (0, 0, 0, n_pad)))
+            self.register_buffer("scales_and_zeros_lo", lo.contiguous(), persistent=False)
+        if device.type == "cpu":
+            q, scales_and_zeros = int4_cpu_layout(qweight, scales, mins)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # inner_k_tiles: unused on CPU
+        elif device.type == "cuda":
+            q, scales_and_zeros, inner_k_tiles = int4_cuda_layout(qweight, scales, mins)
+            packed = torch.ops.aten._convert_weight_to_int4pack(q, inner_k_tiles)
+        else:
+            raise ValueError(f"Int4Linear has no kernel for {device.type}")
+        self.kernel = device.type
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", hi.contiguous() if precise else scales_and_zeros, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.kernel:
+            raise RuntimeError(_NOT_PREPARED.format("Int4Linear"))
+        x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+        op = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.kernel == "cpu"
+              else torch.ops.aten._weight_int4pack_mm)
+        mm = lambda a, sz: op(a.contiguous(), self.packed, self.group_size, sz)
+        if self.precise:
+            xh, xl = split_bf16(x2)
+            hi, lo = self.scales_and_zeros, self.scales_and_zeros_lo
+            y = mm(xh, hi).float() + mm(xh, lo).float() + mm(xl, hi).float()
+        else:
+            y = mm(x2.to(torch.bfloat16), self.scales_and_zeros)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]  # drop the rows padded in for the kernel
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
+
+
+def _int4_scales_and_zeros(scales: torch.Tensor, mins: torch.Tensor, n_pad: int, exact: bool = False) -> torch.Tensor:
+    """(N, G) scale and min -> (G, N + n_pad, 2) bf16 [scale, zero] for the int4 kernels.
+
+    The kernels compute (q - 8) * scale + zero, so zero = min + 8 * scale; it is taken from the
+    bf16-rounded scale so that only the zero's own rounding separates the kernel from unpack_int4.
+    """
+    s = scales.float() if exact else scales.to(torch.bfloat16).float()
+    sz = torch.stack([s, mins.float() + 8 * s], dim=-1)  # (N, G, 2)
+    if exact:  # fp32, for split_bf16
+        return F.pad(sz, (0, 0, 0, 0, 0, n_pad)).transpose(0, 1).contiguous()
+    sz = F.pad(sz, (0, 0, 0, 0, 0, n_pad))  # (N_pad, G, 2), zero scale and zero for padded rows
+    return sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N_pad, 2)
+
+
+def int4_cpu_layout(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
+    """Portable int4 -> what `_convert_weight_to_int4pack_for_cpu` and its matmul take.
+
+    Returns (q int32 (N_pad, K) with values 0..15, scales_and_zeros (G, N_pad, 2) bf16), N padded
+    to a multiple of 16 (the CPU converter refuses anything else).
+    """
+    q = unpack_nibbles(qweight).to(torch.int32)  # (N, K)
+    n_pad = -q.shape[0] % 16
+    return F.pad(q, (0, 0, 0, n_pad)), _int4_scales_and_zeros(scales, mins, n_pad)
+
+
+def int4_cuda_layout(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
+    """Portable int4 -> what `_convert_weight_to_int4pack` (CUDA) and its matmul take.
+
+    Returns (uint8 (N_pad, K / 2) with even k in the HIGH nibble, the reverse of the on-disk
+    order; scales_and_zeros (G, N_pad, 2) bf16; inner_k_tiles), N padded to a multiple of 8.
+    """
+    N, half_k = qweight.shape
+    K = 2 * half_k
+    inner_k_tiles = next((t for t in (8, 4, 2) if K % (t * 16) == 0), None)
+    if inner_k_tiles is None:
+        raise ValueError(f"the CUDA int4 kernel needs K divisible by 32, got K={K}")
+    n_pad = -N % 8
+    swapped = ((qweight & 0x0F) << 4) | (qweight >> 4)
+    swapped = F.pad(swapped, (0, 0, 0, n_pad)).contiguous()  # (N_pad, K/2)
+    return swapped, _int4_scales_and_zeros(scales, mins, n_pad), inner_k_tiles
+
+
+# ---------------------------------------------------------------- nf4
+class NF4Linear(nn.Module):
+    """bitsandbytes NF4 weight; reads its QuantState from the state dict without dequantizing."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        n_bytes = (in_features * out_features + 1) // 2
+        self.register_buffer("qweight", torch.empty(n_bytes, 1, dtype=torch.uint8, device=device))
+        self.quant_state = None
+        self.kernel = ""  # set by prepare: "bnb"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the QuantState's tensors vary with blocksize and double quantization, so they are read
+        # here rather than declared as buffers; tensors are taken as they are (assign semantics)
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if "qweight" not in mine:
+            missing_keys.append(prefix + "qweight")
+            return
+        try:
+            state = nf4_quant_state(mine)
+        except (ValueError, KeyError, AssertionError) as e:
+            error_msgs.append(f"{prefix}: cannot read the NF4 QuantState: {e}")
+            return
+        expected = (self.out_features, self.in_features)
+        if tuple(state.shape) != expected:
+            error_msgs.append(f"{prefix}: NF4 weight has shape {tuple(state.shape)}, expected {expected}")
+            return
+        self.qweight, self.quant_state = mine["qweight"], state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.quant_state is not None:
+            destination[prefix + "qweight"] = self.qweight
+            for k, v in self.quant_state.as_dict(packed=True).items():
+                destination[prefix + k] = v
+
+    def prepare(self, device, precise: bool = False) -> None:
+        device = torch.device(device)
+        if self.quant_state is None:
+            raise RuntimeError("NF4Linear has no weight: load a state dict first")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"NF4Linear has no kernel for {device.type}")
+        self.qweight = self.qweight.to(device)
+        self.quant_state.to(device)
+        self.kernel = "bnb"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb  # imported on first use: it takes ~1.5 s and logs on import
+
+        if self.kernel != "bnb":
+            raise RuntimeError(_NOT_PREPARED.format("NF4Linear"))
+        x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+        y = bnb.matmul_4bit(x2, self.qweight.t(), quant_state=self.quant_state)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}"
+
+
+# ---------------------------------------------------------------- fp16
+class Fp16Linear(nn.Module):
+    """A half-precision weight (the output head of a GGUF Q8_0 source: d * q needs ~18 bits, fp16
+    keeps them to 2^-11, int8 per row loses 1%). On this CPU fp16 matmul is ~5x faster than fp32."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float16, device=device),
+                                   requires_grad=False)
+
+    def prepare(self, device, precise: bool = False) -> None:
+        self.precise = precise
+        self.weight = nn.Parameter(self.weight.to(device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precise:
+            hi = x.to(torch.float16)
+            lo = (x.float() - hi.float()).to(torch.float16)
+            return (F.linear(hi, self.weight).float() + F.linear(lo, self.weight).float()).to(x.dtype)
+        return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+
+
+# ---------------------------------------------------------------- swapping
+PACKED_MODULES = (Int8Linear, Int4Linear, NF4Linear, Int8Embedding, Fp16Linear)
+
+
+def swap_linears(
+    model: nn.Module,
+    precision_map: Mapping[str, str],
+    group_size: int | Mapping[str, int] = 32,
+    embedding_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Replace each module named in `precision_map` with an empty packed module on `meta`.
+
+    `precision_map` maps module names ("layers.0.attention.wq", "output", "tok_embeddings") to
+    "int8", "int4", "nf4", or a float name in FLOAT_SCHEMES (left alone). nn.Linear (no bias)
+    takes any packed scheme; nn.Embedding only "int8". A tied output head is a separate module,
+    so it is swapped (and stored) on its own whether or not the embedding is.
+
+    `group_size` as an int: int4 layers use choose_int4_group(K, group_size) and int8 layers one
+    scale per row. As a mapping: the layers it names use exactly that group (int8 and int4; for
+    int8 a group of K means per row), the others are treated as for the int 32.
+    `embedding_dtype` is what an Int8Embedding hands the first layer (activations start there).
+    Returns the model, changed in place; fill it with load_state_dict(sd, assign=True).
+    """
+    for name, scheme in precision_map.items():
+        if scheme in FLOAT_SCHEMES:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, attr)
+        except AttributeError:
+            raise ValueError(f"the model has no module {name!r}") from None
+        setattr(parent, attr, _packed_module(name, scheme, old, group_size, embedding_dtype))
+    return model
+
+
+def _packed_module(name, scheme, old, group_size, embedding_dtype) -> nn.Module:
+    exact = group_size.get(name) if isinstance(group_size, Mapping) else None
+    wanted = group_size if isinstance(group_size, int) else 32
+    if isinstance(old, nn.Embedding):
+        if scheme != "int8":
+            raise ValueError(f"{name}: embeddings pack only as int8, not {scheme!r}")
+        return Int8Embedding(old.num_embeddings, old.embedding_dim, exact, embedding_dtype, device="meta")
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"{name} is a {type(old).__name__}, not an nn.Linear or nn.Embedding")
+    if old.bias is not None:
+        raise ValueError(f"{name}: packed layers have no bias")
+    K, N = old.in_features, old.out_features
+    if scheme == "int8":
+        return Int8Linear(K, N, exact, device="meta")
+    if scheme == "int4":
+        g = exact or choose_int4_group(K, wanted)
+        if g is None:
+            raise ValueError(f"{name}: no int4 group <= {wanted} divides K={K}; map it to int8")
+        return Int4Linear(K, N, g, device="meta")
+    if scheme == "nf4":
+        return NF4Linear(K, N, device="meta")
+    if scheme == "fp16":
+        return Fp16Linear(K, N, device="meta")
+    raise ValueError(f"{name}: unknown scheme {scheme!r}; expected int8, int4, nf4 or one of {FLOAT_SCHEMES}")
+
+
+def repack_for_device(model: nn.Module, device, precise: bool = False) -> nn.Module:
+    """Turn every packed module's portable tensors into `device`'s kernel layout (after loading).
+
+    `precise` trades ~3x the matmul time for fp32-level arithmetic (see split_bf16)."""
+    for module in model.modules():
+        if isinstance(module, PACKED_MODULES):
+            module.prepare(device, precise)
+    return model
