@@ -1,0 +1,4 @@
+"""The Textual chat app that `llamadesk` opens with no arguments."""
+from .app import ChatApp, run_chat
+
+__all__ = ["ChatApp", "run_chat"]

@@ -1,0 +1,207 @@
+"""The chat app: key bindings, command palette, help screen, and the screen stack.
+
+One table, `COMMANDS`, makes the key bindings, the palette entries and the help screen, so the
+three cannot disagree. Each action asks a modal for what it needs and hands the answer to the
+chat screen, which does the work.
+"""
+from __future__ import annotations
+
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable
+
+from textual import on
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from .. import store
+from ..errors import UserError
+from ..history import ChatSettings, History
+from .backend import Loader, engine_loader, memory_in_use
+from .screens.chat import ChatScreen
+from .screens.dialogs import AskText, ConfirmDialog
+from .screens.help import HelpScreen
+from .screens.models import ModelPicker
+from .screens.pull import PullModal
+from .screens.settings import SettingsModal
+
+# (keys, action, title, what it does, shown in the footer)
+COMMANDS: list[tuple[str, str, str, str, bool]] = [
+    ("ctrl+n", "new_chat", "New chat", "Start a new conversation", True),
+    ("escape", "stop", "Stop", "Stop the reply; what it wrote so far stays", True),
+    ("ctrl+r", "regenerate", "Regenerate", "Write the last reply again", True),
+    ("f4", "copy", "Copy reply", "Copy the focused message or the last reply", False),
+    ("ctrl+s", "settings", "Settings", "System prompt and sampling for this chat", True),
+    ("ctrl+o", "switch_model", "Model", "Chat with another installed model or variant", True),
+    ("f2", "rename", "Rename chat", "Give this chat another title", False),
+    ("f3", "export", "Export chat", "Save this chat as a Markdown file", False),
+    ("f8", "delete", "Delete chat", "Delete this chat (asks first)", False),
+    ("ctrl+b", "toggle_sidebar", "Sidebar", "Show or hide the list of chats", False),
+    ("f1", "help", "Help", "Every key and command", True),
+]
+
+# keys handled by widgets or by Textual itself, listed in the help screen only
+OTHER_KEYS: list[tuple[str, str, str]] = [
+    ("Enter", "Send", "Send the prompt"),
+    ("Shift+Enter, Ctrl+J", "New line", "A new line in the prompt"),
+    ("Tab, Shift+Tab", "Focus", "Move between chats, messages and the prompt"),
+    ("Ctrl+P", "Commands", "Search every command"),
+    ("Ctrl+Q", "Quit", "Leave llamadesk (a reply in progress stops)"),
+]
+
+
+def _key_label(keys: str) -> str:
+    """'ctrl+n,f5' -> 'Ctrl+N, F5', as the help screen shows keys."""
+    names = {"escape": "Esc"}
+    return ", ".join("+".join(names.get(p, p.capitalize() if len(p) > 1 else p.upper()) for p in k.split("+"))
+                     for k in keys.split(","))
+
+
+class ChatApp(App):
+    TITLE = "llamadesk"
+    # the stylesheet ships in the `assets` package, so it is found wherever llamadesk is installed
+    CSS_PATH = str(resources.files("assets").joinpath("app.tcss"))
+    BINDINGS = [Binding(keys, action, title, show=shown) for keys, action, title, _, shown in COMMANDS]
+
+    def __init__(self, model: str | None = None, settings: ChatSettings | None = None, *,
+                 history: History | None = None, loader: Loader | None = None, ctx: int | None = None,
+                 device: str | None = None, memory: Callable[[], int] | None = memory_in_use,
+                 pull: Callable[[str], object] | None = None) -> None:
+        """`model` is a ref to load at start (default: the installed default model). `loader`,
+        `memory` and `pull` replace the real engine, the RSS probe and the download in tests."""
+        super().__init__()
+        # opened here, before the terminal switches to the app, so a history written by a newer
+        # llamadesk fails as one line from the CLI
+        self.history = history or History()
+        self.chat = ChatScreen(self.history, loader or engine_loader(ctx, device), model,
+                               settings or ChatSettings(), memory)
+        self.pull = pull or _pull_default
+
+    def get_default_screen(self) -> Screen:
+        return self.chat
+
+    def on_unmount(self) -> None:
+        self.history.close()
+
+    # ------------------------------------------------------------ palette, help
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if screen is self.chat:
+            for _, action, title, why, _ in COMMANDS:
+                yield SystemCommand(title, why, partial(self.run_action, action))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # chat commands act on the chat screen; behind a modal they would act on something unseen
+        if action in _ACTIONS and self.screen is not self.chat:
+            return False
+        return True
+
+    def action_help(self) -> None:
+        rows = [(_key_label(keys), title, why) for keys, _, title, why, _ in COMMANDS] + OTHER_KEYS
+        self.push_screen(HelpScreen(rows))
+
+    # ------------------------------------------------------------ chats
+    async def action_new_chat(self) -> None:
+        await self.chat.new_chat()
+
+    def action_stop(self) -> None:
+        self.chat.stop()
+
+    async def action_regenerate(self) -> None:
+        await self.chat.regenerate()
+
+    def action_copy(self) -> None:
+        text = self.chat.copy_text()
+        if text is None:
+            self.notify("There is no reply to copy yet.", severity="warning")
+            return
+        # OSC 52: the terminal puts it on the clipboard, over SSH too
+        self.copy_to_clipboard(text)
+        self.notify(f"Copied {len(text)} characters.")
+
+    def action_rename(self) -> None:
+        if self.chat.conversation is None:
+            self.notify("This chat is saved at its first prompt; rename it then.", severity="warning")
+            return
+        self.push_screen(AskText("Rename this chat", self.chat.chat_title, "Rename"),
+                         lambda title: title and self.chat.rename(title))
+
+    def action_delete(self) -> None:
+        conversation = self.chat.conversation
+        if conversation is None:
+            return
+
+        async def answered(yes: bool) -> None:
+            if yes:
+                await self.chat.delete_current()
+
+        self.push_screen(ConfirmDialog(f"Delete “{conversation.title}” and all its messages? "
+                                       f"This cannot be undone.", "Delete"), answered)
+
+    def action_export(self) -> None:
+        if self.chat.conversation is None:
+            self.notify("This chat is empty; there is nothing to export.", severity="warning")
+            return
+
+        def answered(path: str | None) -> None:
+            if not path:
+                return
+            try:
+                written = self.chat.export(Path(path).expanduser())
+            except (UserError, OSError) as e:
+                self.notify(f"Could not export: {e}", severity="error")
+                return
+            self.notify(f"Exported to {written}")
+
+        self.push_screen(AskText("Export this chat to a Markdown file", str(self.chat.default_export_path()),
+                                 "Export"), answered)
+
+    def action_settings(self) -> None:
+        self.push_screen(SettingsModal(self.chat.settings, self.chat.chat_title),
+                         lambda settings: settings and self.chat.apply_settings(settings))
+
+    def action_switch_model(self) -> None:
+        self.push_screen(ModelPicker(store.list_entries(), self.chat.model_ref),
+                         lambda ref: ref and self.chat.load_model(ref))
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.chat.query_one("#sidebar")
+        sidebar.display = not sidebar.display
+
+    # ------------------------------------------------------------ first start
+    @on(ChatScreen.NeedsModel)
+    def _offer_download(self) -> None:
+        from ..pull import load_catalog
+
+        default, _ = load_catalog()
+
+        def answered(ref: str | None) -> None:
+            if ref:
+                self.chat.load_model(ref)
+            else:
+                self.chat.query_one("#status").activity = "no model installed: `llamadesk pull` fetches one"
+
+        self.push_screen(PullModal(default, self.pull), answered)
+
+
+_ACTIONS = {action for _, action, _, _, _ in COMMANDS}
+
+
+def _pull_default(name: str):
+    from ..cli import pull_model
+
+    return pull_model(name)
+
+
+def run_chat(model: str | None = None, system: str | None = None, params=None, ctx: int | None = None,
+             device: str | None = None) -> int:
+    """The full-screen chat; `params` (model.generate.SamplingParams) seeds new chats' settings."""
+    settings = ChatSettings(system=system or "")
+    if params is not None:
+        settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
+                                top_k=params.top_k, repeat_penalty=params.repetition_penalty, seed=params.seed)
+    app = ChatApp(model, settings, ctx=ctx, device=device)
+    app.run()
+    return app.return_code or 0

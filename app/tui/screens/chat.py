@@ -1,0 +1,457 @@
+"""The chat screen: conversations on the left, the open one on the right, the prompt below it.
+
+The screen owns the history, the loaded model and the reply in flight. Loading and generating run
+in thread workers. The reply worker puts text pieces on a queue that a timer drains about 30 times
+a second into the reply's Markdown stream, so a fast model costs the UI one update per frame, not
+one per token. Esc sets the reply's cancel event; the engine checks it before every token.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import Footer
+from textual.worker import get_current_worker
+
+from ... import store
+from ...errors import UserError
+from ...history import DEFAULT_TITLE, ChatSettings, Conversation, History, title_for, to_markdown, write_atomic
+from ...history import Message as SavedMessage
+from ..backend import ChatModel, Loader, PromptFitted, PromptTooLong, ReplyEnded, fit_to_context, reply_room
+from ..widgets.conversation_list import ConversationList
+from ..widgets.prompt import PromptInput
+from ..widgets.status import StatusLine
+from ..widgets.transcript import MessageView, Notice, Transcript
+
+DRAIN_INTERVAL_S = 1 / 30
+
+
+@dataclass
+class _Reply:
+    """The reply being written: where its pieces arrive and where they go."""
+
+    conversation_id: int
+    view: MessageView
+    cancel: threading.Event = field(default_factory=threading.Event)
+    pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    timer: Timer | None = None
+
+
+class ChatScreen(Screen):
+    class NeedsModel(Message):
+        """Nothing is installed: the app offers to download the default model."""
+
+    def __init__(self, history: History, loader: Loader, model_ref: str | None, settings: ChatSettings,
+                 memory: Callable[[], int] | None) -> None:
+        super().__init__()
+        self.history = history
+        self.loader = loader
+        self.model_ref = model_ref
+        self.model: ChatModel | None = None
+        self.loading_since: float | None = None
+        self.loading_timer: Timer | None = None
+        self.new_chat_settings = settings
+        self.conversation: Conversation | None = None  # None: a new chat, saved at its first prompt
+        self.draft_settings = settings
+        self.reply: _Reply | None = None
+        self.waiting_for_model = False  # a prompt was sent while the model loads
+        self.memory = memory
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            yield ConversationList(id="sidebar")
+            with Vertical(id="main"):
+                yield Transcript(id="transcript")
+                yield PromptInput(id="prompt")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self.query_one("#sidebar").border_title = "Chats"
+        self._refresh_sidebar()
+        await self.query_one(Transcript).show([])
+        self.query_one(PromptInput).focus()
+        if self.history.recovered_from is not None:
+            text = (f"The chat history could not be read, so a fresh one was started. "
+                    f"The old file is kept as {self.history.recovered_from}.")
+            await self._notice(text, "error")
+            self.notify(text, severity="error", timeout=15)
+        if self.memory is not None:
+            self._show_memory()
+            self.set_interval(2, self._show_memory)
+        ref = self.model_ref or self._installed_model()
+        if ref is None:
+            self.post_message(self.NeedsModel())
+        else:
+            self.load_model(ref)
+
+    def on_unmount(self) -> None:
+        # The app cannot exit while a worker thread runs: a reply stops at its next token, and
+        # what it wrote so far is saved like any stopped reply.
+        reply, self.reply = self.reply, None
+        if reply is None:
+            return
+        reply.cancel.set()
+        text = reply.view.content
+        while True:
+            try:
+                item = reply.pieces.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, str):
+                text += item
+        if text:
+            self.history.add_message(reply.conversation_id, "assistant", text, stopped=True, model=reply.view.who)
+
+    # ------------------------------------------------------------ the model
+    @staticmethod
+    def _installed_model() -> str | None:
+        """The default model when installed, else the first installed one, else None."""
+        from ...pull import load_catalog
+
+        entries = store.list_entries()
+        default, _ = load_catalog()
+        for e in entries:
+            if e.name == default:
+                return e.name
+        return entries[0].ref if entries else None
+
+    def load_model(self, ref: str) -> None:
+        if self.reply is not None:
+            self.notify("Stop the reply first (Esc), then switch models.", severity="warning")
+            return
+        # the old model goes first, so two never sit in memory together
+        self.model = None
+        status = self.query_one(StatusLine)
+        status.model, status.variant, status.device, status.tokens_per_s = ref, "", "", None
+        status.ctx_used = status.ctx_total = 0
+        self.loading_since = time.monotonic()
+        self._show_loading()
+        if self.loading_timer is None:
+            self.loading_timer = self.set_interval(0.5, self._show_loading)
+        self._load(ref)
+
+    def _show_loading(self) -> None:
+        self.query_one(StatusLine).activity = f"loading… {time.monotonic() - self.loading_since:.0f}s"
+
+    def _done_loading(self) -> None:
+        self.loading_since = None
+        if self.loading_timer is not None:
+            self.loading_timer.stop()
+            self.loading_timer = None
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def _load(self, ref: str) -> None:
+        try:
+            model = self.loader(ref)
+        except Exception as e:  # a missing or broken model is shown, not fatal
+            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            outcome = partial(self._load_failed, ref, message)
+        else:
+            outcome = partial(self._loaded, model)
+        # a thread cannot be cancelled: a load overtaken by a newer one finishes, then keeps quiet
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(outcome)
+
+    async def _loaded(self, model: ChatModel) -> None:
+        self._done_loading()
+        self.model = model
+        self.model_ref = model.entry.ref
+        status = self.query_one(StatusLine)
+        status.model, status.variant = model.entry.name, model.entry.variant
+        status.device, status.ctx_total, status.activity = model.device, model.ctx, ""
+        self._measure_context()
+        if self.waiting_for_model:
+            self.waiting_for_model = False
+            await self._start_reply()
+
+    async def _load_failed(self, ref: str, message: str) -> None:
+        self._done_loading()
+        self.waiting_for_model = False
+        self.query_one(StatusLine).activity = "no model loaded (Ctrl+O picks one)"
+        await self._notice(f"Could not load {ref}: {message}", "error")
+
+    def _show_memory(self) -> None:
+        self.query_one(StatusLine).memory_bytes = self.memory()
+
+    def _measure_context(self) -> None:
+        if self.model is not None and self.reply is None:
+            self._count_tokens(self.model, self._messages_for_model())
+
+    @work(thread=True, exclusive=True, group="measure", exit_on_error=False)
+    def _count_tokens(self, model: ChatModel, messages: list[dict]) -> None:
+        n = len(model.prompt_ids(messages)) if messages else 0
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self._show_ctx_used, n)
+
+    def _show_ctx_used(self, n: int) -> None:
+        self.query_one(StatusLine).ctx_used = n
+
+    # ------------------------------------------------------------ conversations
+    @property
+    def settings(self) -> ChatSettings:
+        return self.conversation.settings if self.conversation else self.draft_settings
+
+    @property
+    def chat_title(self) -> str:
+        return self.conversation.title if self.conversation else DEFAULT_TITLE
+
+    def _refresh_sidebar(self) -> None:
+        current = self.conversation.id if self.conversation else None
+        self.query_one(ConversationList).show(self.history.conversations(), current)
+
+    def _busy(self) -> bool:
+        if self.reply is not None:
+            self.notify("A reply is being written; Esc stops it.", severity="warning")
+            return True
+        return False
+
+    async def new_chat(self) -> None:
+        if self._busy():
+            return
+        self.conversation = None
+        self.draft_settings = self.new_chat_settings
+        await self.query_one(Transcript).show([])
+        self._refresh_sidebar()
+        self._measure_context()
+        self.query_one(PromptInput).focus()
+
+    @on(ConversationList.Opened)
+    async def _opened(self, event: ConversationList.Opened) -> None:
+        await self.open_conversation(event.conversation_id)
+
+    async def open_conversation(self, conversation_id: int) -> None:
+        if self._busy():
+            return
+        try:
+            self.conversation = self.history.get(conversation_id)
+        except KeyError:  # deleted in another window
+            self._refresh_sidebar()
+            return
+        views = [self._view_of(m) for m in self.history.messages(conversation_id)]
+        await self.query_one(Transcript).show(views)
+        self._refresh_sidebar()
+        self._measure_context()
+        self.query_one(PromptInput).focus()
+
+    def _view_of(self, m: SavedMessage) -> MessageView:
+        who = "You" if m.role == "user" else (m.model or "Assistant")
+        return MessageView(m.role, m.content, who, message_id=m.id, stopped=m.stopped)
+
+    def rename(self, title: str) -> None:
+        if self.conversation is None:
+            self.notify("Send a first prompt; a new chat is saved then.", severity="warning")
+            return
+        self.history.rename(self.conversation.id, title)
+        self.conversation = self.history.get(self.conversation.id)
+        self._refresh_sidebar()
+
+    async def delete_current(self) -> None:
+        if self.conversation is None or self._busy():
+            return
+        self.history.delete(self.conversation.id)
+        self.notify(f"Deleted “{self.conversation.title}”.")
+        await self.new_chat()
+
+    def apply_settings(self, settings: ChatSettings) -> None:
+        if self.conversation is None:
+            self.draft_settings = settings
+        else:
+            self.history.set_settings(self.conversation.id, settings)
+            self.conversation = replace(self.conversation, settings=settings)
+        self._measure_context()
+
+    def export(self, path: Path) -> Path:
+        """Write the open conversation as Markdown; a folder gets a file named after the title."""
+        if self.conversation is None:
+            raise UserError("this chat is empty; there is nothing to export")
+        if path.is_dir():
+            path = path / _file_name(self.conversation.title)
+        write_atomic(path, to_markdown(self.conversation, self.history.messages(self.conversation.id)))
+        return path
+
+    def default_export_path(self) -> Path:
+        return Path.cwd() / _file_name(self.chat_title)
+
+    def copy_text(self) -> str | None:
+        """The focused message, else the last reply: the text to put on the clipboard."""
+        focused = self.focused
+        view = focused if isinstance(focused, MessageView) else self.query_one(Transcript).last_reply()
+        return view.content if view is not None else None
+
+    # ------------------------------------------------------------ prompts and replies
+    @on(PromptInput.Submitted)
+    async def _submitted(self, event: PromptInput.Submitted) -> None:
+        if self._busy():
+            return
+        text = event.text.strip()
+        if self.conversation is not None and not self.history.exists(self.conversation.id):
+            # deleted in another window: this prompt starts a new chat with the same settings
+            self.draft_settings, self.conversation = self.conversation.settings, None
+            await self.query_one(Transcript).show([])
+            await self._notice("This chat was deleted in another window; this prompt starts a new one.")
+        if self.conversation is None:
+            self.conversation = self.history.create(title_for(text), self.draft_settings)
+        message = self.history.add_message(self.conversation.id, "user", text)
+        event.prompt.clear()
+        await self.query_one(Transcript).add(self._view_of(message))
+        self._refresh_sidebar()
+        await self._start_reply()
+
+    async def regenerate(self) -> None:
+        if self.conversation is None or self._busy():
+            return
+        messages = self.history.messages(self.conversation.id)
+        if not messages:
+            return
+        if messages[-1].role == "assistant":
+            self.history.delete_message(messages[-1].id)
+            last = self.query_one(Transcript).last_reply()
+            if last is not None:
+                await last.remove()
+        await self._start_reply()
+
+    def stop(self) -> None:
+        if self.reply is not None:
+            self.reply.cancel.set()
+            self.query_one(StatusLine).activity = "stopping…"
+        elif self.waiting_for_model:
+            self.waiting_for_model = False
+            self.notify("The prompt stays unanswered; Ctrl+R sends it once the model is loaded.")
+
+    def _messages_for_model(self) -> list[dict]:
+        system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
+        if self.conversation is None:
+            return system
+        return system + [{"role": m.role, "content": m.content} for m in self.history.messages(self.conversation.id)]
+
+    async def _start_reply(self) -> None:
+        if self.model is None:
+            if self.loading_since is not None:
+                self.waiting_for_model = True
+                self.query_one(StatusLine).activity = "loading… the reply starts when the model is ready"
+            else:
+                await self._notice("No model is loaded; Ctrl+O picks one.", "error")
+            return
+        view = MessageView("assistant", "", self.model.entry.ref)
+        await self.query_one(Transcript).add(view)
+        view.start_stream()
+        self.reply = _Reply(self.conversation.id, view)
+        self.reply.timer = self.set_interval(DRAIN_INTERVAL_S, self._drain)
+        self.query_one(StatusLine).activity = "replying… (Esc stops)"
+        self._write_reply(self.model, self._messages_for_model(), self.settings, self.reply.cancel, self.reply.pieces)
+
+    @work(thread=True, group="reply", exit_on_error=False)
+    def _write_reply(self, model: ChatModel, messages: list[dict], settings: ChatSettings,
+                     cancel: threading.Event, pieces: queue.SimpleQueue) -> None:
+        """Runs in a thread: every outcome, failure included, ends with one ReplyEnded on the queue."""
+        try:
+            params = settings.sampling_params()
+            room = reply_room(settings.max_tokens, model.ctx)
+            fitted = fit_to_context(messages, lambda m: len(model.prompt_ids(m)), model.ctx, room)
+            pieces.put(PromptFitted(fitted.prompt_tokens, fitted.dropped, model.ctx))
+            for piece in model.stream(fitted.messages, params, settings.max_tokens, cancel):
+                pieces.put(piece)
+            stats = model.last
+            pieces.put(ReplyEnded(stopped=cancel.is_set() or stats.stopped, new_tokens=stats.new_tokens,
+                                  tokens_per_s=stats.tokens_per_s, context_used=model.context_used()))
+        except PromptTooLong as e:
+            pieces.put(ReplyEnded(refused=str(e)))
+        except (UserError, ValueError) as e:
+            pieces.put(ReplyEnded(error=str(e), stopped=True))
+        except Exception as e:  # a bug or out of memory: keep the app and the partial reply
+            pieces.put(ReplyEnded(error=f"{type(e).__name__}: {e}", stopped=True))
+
+    async def _drain(self) -> None:
+        reply = self.reply
+        if reply is None:
+            return
+        text: list[str] = []
+        end: ReplyEnded | None = None
+        while end is None:
+            try:
+                item = reply.pieces.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, str):
+                text.append(item)
+            elif isinstance(item, PromptFitted):
+                self.query_one(StatusLine).ctx_used = item.prompt_tokens
+                if item.dropped:
+                    kept = " (the system prompt stays)" if self.settings.system else ""
+                    await self._notice(f"The conversation no longer fits the {item.ctx}-token context: the oldest "
+                                       f"{item.dropped} messages are left out of this reply{kept}.", "warning",
+                                       before=reply.view)
+            else:
+                end = item
+        if text:
+            await reply.view.write("".join(text))
+        if end is not None:
+            await self._finish(reply, end)
+
+    async def _finish(self, reply: _Reply, end: ReplyEnded) -> None:
+        # This runs inside the drain timer's task, and stopping a timer cancels its task: the timer
+        # stops last, when nothing is left to await.
+        try:
+            await self._settle(reply, end)
+        finally:
+            reply.timer.stop()
+
+    async def _settle(self, reply: _Reply, end: ReplyEnded) -> None:
+        await reply.view.end_stream()
+        self.reply = None
+        status = self.query_one(StatusLine)
+        status.activity = ""
+        if end.refused:
+            await self._refuse(reply, end.refused)
+            return
+        if not reply.view.content:
+            await reply.view.remove()
+            await self._notice(end.error or "Stopped before the first word.", "error" if end.error else "info")
+        elif not self.history.exists(reply.conversation_id):
+            await self._notice("This chat was deleted in another window, so the reply is not saved.", "error")
+        else:
+            saved = self.history.add_message(reply.conversation_id, "assistant", reply.view.content,
+                                             stopped=end.stopped, model=reply.view.who)
+            reply.view.message_id = saved.id
+            if end.stopped:
+                reply.view.mark_stopped()
+            if end.error:
+                await self._notice(f"The reply broke off: {end.error}", "error")
+            status.tokens_per_s = end.tokens_per_s
+            status.ctx_used = end.context_used
+            status.activity = "stopped" if end.stopped else ""
+        self._refresh_sidebar()
+
+    async def _refuse(self, reply: _Reply, why: str) -> None:
+        """The prompt does not fit at all: take it back out of the chat and give it back to edit."""
+        await reply.view.remove()
+        messages = self.history.messages(reply.conversation_id)
+        if messages and messages[-1].role == "user":
+            self.history.delete_message(messages[-1].id)
+            views = [v for v in self.query(MessageView) if v.message_id == messages[-1].id]
+            for v in views:
+                await v.remove()
+            prompt = self.query_one(PromptInput)
+            if not prompt.text.strip():
+                prompt.text = messages[-1].content
+        await self._notice(f"Not sent: {why}.", "error")
+
+    async def _notice(self, text: str, kind: str = "info", before=None) -> None:
+        await self.query_one(Transcript).add(Notice(text, kind), before=before)
+
+
+def _file_name(title: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_ " else " " for c in title).split()
+    return ("-".join(safe)[:60] or "chat") + ".md"

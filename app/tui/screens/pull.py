@@ -1,0 +1,86 @@
+"""First start with no model: offer to download the default one, and show the download's log."""
+from __future__ import annotations
+
+from typing import Callable
+
+from rich.text import Text
+from textual import events, on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label, LoadingIndicator, Log
+from textual.worker import Worker, WorkerState
+
+from ...errors import UserError
+
+
+class PullModal(ModalScreen["str | None"]):
+    """Dismissed with the installed model's ref, or None when the user declines."""
+
+    BINDINGS = [("escape", "decline", "Not now")]
+
+    def __init__(self, name: str, pull: Callable[[str], object]) -> None:
+        super().__init__()
+        self.model_name = name
+        self.pull = pull
+        self._partial = ""  # printed text not yet ended by a newline
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="pull"):
+            yield Label("No model is installed yet.", classes="question")
+            yield Label(f"Download the default model, {self.model_name} (about 100 MB, once)? "
+                        f"Everything runs on this machine afterwards.", markup=False)
+            with Horizontal(classes="buttons"):
+                yield Button("Download", variant="primary", id="download")
+                yield Button("Not now", id="decline")
+            yield LoadingIndicator()
+            yield Label("", id="pull-line", markup=False)
+            yield Log(id="pull-log")
+
+    @on(Button.Pressed, "#decline")
+    def action_decline(self) -> None:
+        if not self.has_class("-pulling"):
+            self.dismiss(None)
+
+    @on(Button.Pressed, "#download")
+    def _download(self) -> None:
+        self.add_class("-pulling")
+        self.query_one("#pull-line", Label).update("")
+        # pull_model reports on stderr through rich; capturing it here turns that into the log
+        self.app.begin_capture_print(self, stdout=False, stderr=True)
+        self._pull()
+
+    @work(thread=True, exit_on_error=False)
+    def _pull(self) -> str:
+        return self.pull(self.model_name).ref
+
+    def on_print(self, event: events.Print) -> None:
+        # Writes come in pieces (print sends the text, then the newline) and rich redraws its
+        # progress bar with carriage returns and escape codes: finished lines go to the log, the
+        # line being redrawn shows on its own.
+        *done, self._partial = (self._partial + event.text).split("\n")
+        log = self.query_one("#pull-log", Log)
+        for line in done:
+            plain = _visible(line)
+            if plain:
+                log.write_line(plain)
+        current = _visible(self._partial)
+        if current:
+            self.query_one("#pull-line", Label).update(current)
+
+    @on(Worker.StateChanged)
+    def _pulled(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.SUCCESS:
+            self.app.end_capture_print(self)
+            self.dismiss(event.worker.result)
+        elif event.state == WorkerState.ERROR:
+            self.app.end_capture_print(self)
+            self.remove_class("-pulling")
+            error = event.worker.error
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            self.query_one("#pull-line", Label).update(f"The download failed: {message}")
+
+
+def _visible(line: str) -> str:
+    """What a terminal would show of a line: the text after the last carriage return, unstyled."""
+    return Text.from_ansi(line.rsplit("\r", 1)[-1]).plain.strip()

@@ -1,0 +1,30 @@
+"""The sidebar: conversations, newest first; choosing one posts `ConversationList.Opened`."""
+from __future__ import annotations
+
+from textual import on
+from textual.message import Message
+from textual.widgets import OptionList
+from textual.widgets.option_list import Option
+
+from ...history import Conversation
+
+
+class ConversationList(OptionList):
+    class Opened(Message):
+        def __init__(self, conversation_id: int) -> None:
+            super().__init__()
+            self.conversation_id = conversation_id
+
+    def show(self, conversations: list[Conversation], current: int | None) -> None:
+        self.clear_options()
+        self.add_options(Option(c.title, id=str(c.id)) for c in conversations)
+        if current is not None:
+            ids = [c.id for c in conversations]
+            self.highlighted = ids.index(current) if current in ids else None
+        else:
+            self.highlighted = None
+
+    @on(OptionList.OptionSelected)
+    def _opened(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.post_message(self.Opened(int(event.option.id)))

@@ -1,0 +1,72 @@
+"""The conversation: one `MessageView` per message, replies rendered as Markdown while they stream."""
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+WELCOME = "Ask anything.  Enter sends · Ctrl+J new line · Esc stops a reply · Ctrl+P commands · F1 help"
+
+
+class MessageView(Vertical):
+    """One message. Focusable, so a reply can be picked with Tab and copied."""
+
+    can_focus = True
+
+    def __init__(self, role: str, content: str, who: str, message_id: int | None = None,
+                 stopped: bool = False) -> None:
+        super().__init__(classes=f"-{role}" + (" -stopped" if stopped else ""))
+        self.role = role
+        self.content = content
+        self.who = who
+        self.message_id = message_id
+        self._stream: MarkdownStream | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.who, classes="who")
+        yield Markdown(self.content)
+        yield Label("stopped", classes="stopped-mark")
+
+    def start_stream(self) -> None:
+        # MarkdownStream appends to the document and folds fragments that arrive faster than
+        # the widget renders, instead of re-parsing the whole reply for every piece
+        self._stream = Markdown.get_stream(self.query_one(Markdown))
+
+    async def write(self, text: str) -> None:
+        self.content += text
+        await self._stream.write(text)
+
+    async def end_stream(self) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+
+    def mark_stopped(self) -> None:
+        self.add_class("-stopped")
+
+
+class Notice(Static):
+    """A line in the transcript that is not a message: context trimmed, a refusal, an error."""
+
+    def __init__(self, text: str, kind: str = "info") -> None:
+        super().__init__(text, classes=f"-{kind}", markup=False)
+
+
+class Transcript(VerticalScroll):
+    async def show(self, widgets: list[Widget]) -> None:
+        await self.remove_children()
+        await self.mount_all(widgets or [Static(WELCOME, id="welcome", markup=False)])
+        self.scroll_end(animate=False, immediate=True)
+
+    async def add(self, widget: Widget, before: Widget | None = None) -> None:
+        welcome = self.query("#welcome")
+        if welcome:
+            await welcome.remove()
+        await self.mount(widget, before=before)
+        self.anchor()
+
+    def last_reply(self) -> MessageView | None:
+        replies = [v for v in self.query(MessageView) if v.role == "assistant"]
+        return replies[-1] if replies else None
