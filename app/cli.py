@@ -137,6 +137,52 @@ def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threads: int | None, as_json: bool,
+          vs_llamacpp: str | None, precise: bool) -> int:
+    import json
+
+    from rich.table import Table
+
+    from . import bench as b
+
+    if threads:
+        torch_threads(threads)
+    if ref and ":" in ref:
+        results = [b.bench_variant(store.find(ref), prompt_tokens, gen_tokens, runs, precise=precise)]
+    else:
+        name = store.parse_ref(ref)[0] if ref else None
+        refs = [e.ref for e in store.list_entries() if name is None or e.name == name]
+        if not refs:
+            raise UserError("no model installed to benchmark; run `llamadesk pull`")
+        # nf4 runs through bitsandbytes on the CPU, ~8x slower than int4: only when named
+        refs = [r for r in refs if not r.endswith(":nf4")] or refs
+        results = b.bench_all(refs, prompt_tokens, gen_tokens, runs, precise)
+    if vs_llamacpp:
+        results.append(b.bench_llamacpp(vs_llamacpp, prompt_tokens, gen_tokens, runs))
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    table = Table("model", "variant", "device", "threads", "TTFT", "prefill tok/s", "decode tok/s", "peak RSS", "GB/s")
+    for r in results:
+        table.add_row(r.model, r.variant, r.device, str(r.threads), f"{r.ttft_s * 1000:.0f} ms",
+                      f"{r.prefill_tok_s:.1f}", f"{r.decode_tok_s:.1f}", f"{r.peak_mem_bytes / 2**20:.0f} MiB",
+                      f"{r.gb_s:.2f}")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if vs_llamacpp and len(results) > 1:
+        ref_r = results[-1]
+        for r in results[:-1]:
+            say(f"{r.model}:{r.variant} vs llama.cpp: decode x{r.decode_tok_s / ref_r.decode_tok_s:.2f}, "
+                f"prefill x{r.prefill_tok_s / ref_r.prefill_tok_s:.2f}")
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------- plan
 def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: str | None, ram: str | None,
               as_json: bool) -> int:
@@ -173,11 +219,12 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
-        ctx: int | None, verbose: bool = False, precise: bool = False) -> int:
+        ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None) -> int:
     from .engine import Engine
 
     ref = ensure_model(model)
-    engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise)
+    engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
+                         threads=threads)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -240,6 +287,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, help="context length in tokens")
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=512)
 
+    p = sub.add_parser("bench", help="time to first token, prefill and decode speed of installed variants")
+    p.add_argument("ref", nargs="?", help="NAME or NAME:VARIANT (default: every installed variant)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--vs-llamacpp", metavar="GGUF", help="also run llama-cpp-python on this GGUF, side by side")
+    p.add_argument("--precise", action="store_true", help="packed layers at fp32-level accuracy")
+
     p = sub.add_parser("plan", help="which model, variant and context fit this machine, and why")
     p.add_argument("ref", nargs="?", help="limit to NAME or NAME:VARIANT")
     p.add_argument("--ctx", type=int, help="plan for this context length")
@@ -319,7 +377,7 @@ def run(argv: list[str]) -> int:
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
-                   args.verbose, args.precise)
+                   args.verbose, args.precise, args.threads)
     if command == "chat":
         if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
             return chat_plain(args.model, args.system, params, args.ctx)
@@ -340,6 +398,11 @@ def run(argv: list[str]) -> int:
         if args.tokens < 2 or args.window < 2:
             raise UserError("--tokens and --window must be at least 2")
         return evaluate(args.ref, args.text, args.tokens, args.window)
+    if command == "bench":
+        if min(args.prompt_tokens, args.gen_tokens, args.runs) < 1:
+            raise UserError("--prompt-tokens, --gen-tokens and --runs must be at least 1")
+        return bench(args.ref, args.prompt_tokens, args.gen_tokens, args.runs, args.threads, args.json,
+                     args.vs_llamacpp, args.precise)
     if command == "plan":
         return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json)
     if command == "list":

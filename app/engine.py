@@ -20,10 +20,10 @@ from model.generate import SamplingParams, generate
 from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from quant.formats import FORMAT_VERSION
-from quant.linear import repack_for_device, swap_linears
+from quant.linear import fuse_projections, repack_for_device, swap_linears
 
 from . import store
-from .devices import format_bytes, probe
+from .devices import default_threads, format_bytes, probe
 from .errors import UserError
 from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
 
@@ -43,7 +43,7 @@ class ReplyStats:
 
 
 def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=torch.float32,
-               precise: bool = False) -> Transformer:
+               precise: bool = False, fuse: bool = True) -> Transformer:
     """Build the model on the meta device, swap in packed layers, assign the stored tensors.
 
     `precise` runs packed layers at fp32-level accuracy for ~3x their matmul time."""
@@ -74,6 +74,8 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
         first = str(e).strip().splitlines()
         raise UserError(f"{entry.path}: the stored weights do not match the model ({' '.join(first[:3])[:300]}); "
                         f"the files were changed or are damaged: remove and re-create {entry.ref}") from None
+    if fuse:
+        fuse_projections(model)
     if quant:
         repack_for_device(model, device, precise)
         model = model.eval()
@@ -104,7 +106,7 @@ class Engine:
 
     @classmethod
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
-             verify: bool = False, say=None, precise: bool = False) -> "Engine":
+             verify: bool = False, say=None, precise: bool = False, threads: int | None = None) -> "Engine":
         """Load what the memory plan chooses for `ref` (any installed model if None).
 
         An out-of-memory error during load or warm-up steps down once: a quarter less context,
@@ -112,11 +114,15 @@ class Engine:
         """
         say = say or (lambda msg: None)
         target = probe(device) if device else probe()
+        if target.kind == "cpu" and threads is None:
+            threads = default_threads()
+        if threads:
+            torch.set_num_threads(threads)
         result = plan_installed(ref, ctx, device=target)
         if result.chosen is None:
             raise UserError(result.why)
         plan = result.chosen
-        say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device}. {plan.why}")
+        say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device} ({torch.get_num_threads()} threads). {plan.why}")
         try:
             return cls._load_planned(plan, verify, precise)
         except (torch.OutOfMemoryError, MemoryError) as e:

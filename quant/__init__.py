@@ -24,6 +24,7 @@ from .linear import (
     Int8Embedding,
     Int8Linear,
     NF4Linear,
+    fuse_projections,
     repack_for_device,
     swap_linears,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Int8Embedding",
     "Int8Linear",
     "NF4Linear",
+    "fuse_projections",
     "repack_for_device",
     "swap_linears",
 ]

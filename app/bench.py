@@ -1,0 +1,123 @@
+"""`llamadesk bench`: time to first token, prefill and decode speed, memory and achieved bandwidth.
+
+Each figure is the median of several runs after a warm-up run, measured on the same prompt ids.
+`--vs-llamacpp GGUF` runs llama-cpp-python (an optional extra) in the same process on the same
+prompt and thread count, so the two are compared side by side on a machine in the same state.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model.generate import decode_one_token, prefill
+
+from . import store
+from .engine import load_model
+from .errors import UserError
+from .plan import installed_candidates
+from .devices import probe
+
+
+@dataclass
+class BenchResult:
+    model: str
+    variant: str
+    device: str
+    threads: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_mem_bytes: int
+    gb_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    """A fixed, ordinary-looking prompt: the same ids for every variant and engine."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, min(vocab, 30000), (n,), generator=g).tolist()
+
+
+def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, runs: int,
+                  device: str = "cpu", precise: bool = False) -> BenchResult:
+    ctx = prompt_tokens + gen_tokens + 1
+    model = load_model(entry, ctx, device, precise=precise)
+    ids = prompt_ids(prompt_tokens, model.args.vocab_size)
+    ttfts, decodes = [], []
+    for run in range(runs + 1):  # the first run warms up caches and kernels, and is dropped
+        t0 = time.perf_counter()
+        logits = prefill(model, ids)
+        token = int(logits.argmax())
+        t1 = time.perf_counter()
+        for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
+            token = int(decode_one_token(model, token, pos).argmax())
+        t2 = time.perf_counter()
+        if run:
+            ttfts.append(t1 - t0)
+            decodes.append(gen_tokens / (t2 - t1))
+    ttft = statistics.median(ttfts)
+    decode = statistics.median(decodes)
+    dev = probe(device)
+    weights = next(c.weight_bytes for c in installed_candidates(dev) if (c.model, c.variant) == (entry.name, entry.variant))
+    return BenchResult(entry.name, entry.variant, device, torch.get_num_threads(), ttft, prompt_tokens / ttft,
+                       decode, peak_rss(), weights * decode / 1e9)
+
+
+def bench_llamacpp(gguf: str, prompt_tokens: int, gen_tokens: int, runs: int) -> BenchResult:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UserError("llama-cpp-python is not installed (pip install llama-cpp-python; it compiles for "
+                        "several minutes)") from None
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=gguf, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
+    ids = prompt_ids(prompt_tokens, llm.n_vocab())
+    ttfts, decodes = [], []
+    for run in range(runs + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        token = ids[-1]  # a decode step costs the same whatever the token
+        for _ in range(gen_tokens):
+            llm.eval([token])
+        t2 = time.perf_counter()
+        if run:
+            ttfts.append(t1 - t0)
+            decodes.append(gen_tokens / (t2 - t1))
+    ttft = statistics.median(ttfts)
+    size = os.path.getsize(gguf)
+    decode = statistics.median(decodes)
+    return BenchResult(os.path.basename(gguf), "llama.cpp", "cpu", threads, ttft, prompt_tokens / ttft, decode,
+                       peak_rss(), size * decode / 1e9)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, precise: bool = False) -> list[BenchResult]:
+    """Each variant in a child process of its own, so peak memory is that variant's alone."""
+    import json
+    import subprocess
+    import sys
+
+    results = []
+    for ref in refs:
+        cmd = [sys.executable, "-m", "app.cli", "bench", ref, "--json", "--prompt-tokens", str(prompt_tokens),
+               "--gen-tokens", str(gen_tokens), "--runs", str(runs), "--threads", str(torch.get_num_threads())]
+        if precise:
+            cmd.append("--precise")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise UserError(f"bench of {ref} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        results.extend(BenchResult(**d) for d in json.loads(proc.stdout))
+    return results
