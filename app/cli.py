@@ -92,10 +92,10 @@ def list_models() -> None:
 
 # ---------------------------------------------------------------- quantize / eval
 def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str, embeddings: str,
-             replace: bool) -> int:
+             replace: bool, report: bool = True) -> int:
     from quant.quantize import QuantOptions
 
-    from .variants import quantize_variant
+    from .variants import REPORT_TOKENS, quantize_variant
 
     try:
         opts = QuantOptions(scheme, group_size=group_size, head=head, embeddings=embeddings)
@@ -110,7 +110,8 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
             if done == total:
                 bar.update(task, description="Measuring quality (perplexity, KL, top-1)")
 
-        entry = quantize_variant(ref, opts, out, replace=replace, progress=progress)
+        entry = quantize_variant(ref, opts, out, replace=replace, progress=progress,
+                                 report_tokens=REPORT_TOKENS if report else 0)
     report = entry.manifest["quant"]["report"]
     rows = report["tensors"]
     worst = min(rows, key=lambda r: r["sqnr_db"])
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "table, else int8), int8, int4, fp16 or fp32")
     p.add_argument("--embeddings", default="int8", help="embedding table precision: int8 (default) or fp32")
     p.add_argument("--force", action="store_true", help="replace an existing variant of that name")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the perplexity/KL/top-1 report (it loads source and variant together)")
 
     p = sub.add_parser("eval", help="perplexity of an installed model on a text")
     p.add_argument("ref")
@@ -393,7 +396,8 @@ def run(argv: list[str]) -> int:
         import_with_progress(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force)
         return 0
     if command == "quantize":
-        return quantize(args.ref, args.scheme, args.group_size, args.out, args.head, args.embeddings, args.force)
+        return quantize(args.ref, args.scheme, args.group_size, args.out, args.head, args.embeddings, args.force,
+                        not args.no_report)
     if command == "eval":
         if args.tokens < 2 or args.window < 2:
             raise UserError("--tokens and --window must be at least 2")

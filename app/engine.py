@@ -23,7 +23,7 @@ from quant.formats import FORMAT_VERSION
 from quant.linear import fuse_projections, repack_for_device, swap_linears
 
 from . import store
-from .devices import default_threads, format_bytes, probe
+from .devices import default_threads, format_bytes, probe, release_freed_memory
 from .errors import UserError
 from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
 
@@ -49,6 +49,7 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
     `precise` runs packed layers at fp32-level accuracy for ~3x their matmul time."""
     args = ModelArgs.from_dict(entry.manifest["args"])
     quant = entry.manifest.get("quant")
+    release_freed_memory()
     with torch.device("meta"):
         model = Transformer(args)
     if quant:
@@ -81,8 +82,29 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
         model = model.eval()
     else:
         model = model.to(device=device, dtype=dtype).eval()
+    _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
+    del state
     model.setup_caches(ctx, dtype=dtype, device=device)
     return model
+
+
+def _own_mapped_tensors(model: torch.nn.Module, mapped: set[int]) -> None:
+    # `mapped` holds data pointers: load_state_dict(assign=True) wraps tensors in new Parameters
+    """Copy the tensors still on the files' mappings (those neither fused nor repacked).
+
+    One live tensor keeps its whole file mapped, and every page read stays resident: the weights
+    already copied by fusing and repacking would then count twice. Copying the rest, and only
+    the rest, leaves each weight in RAM once and nothing freed behind in the heap.
+    """
+    copies: dict[int, torch.Tensor] = {}  # a tied table stays one tensor
+    for module in model.modules():
+        for name, t in list(module._parameters.items()):
+            if t is not None and t.data_ptr() in mapped:
+                own = copies.setdefault(t.data_ptr(), t.detach().clone())
+                module._parameters[name] = torch.nn.Parameter(own, requires_grad=False)
+        for name, t in list(module._buffers.items()):
+            if t is not None and t.data_ptr() in mapped:
+                module._buffers[name] = copies.setdefault(t.data_ptr(), t.clone())
 
 
 def check_format_version(entry: store.ModelEntry) -> None:
@@ -138,9 +160,12 @@ class Engine:
     @classmethod
     def _load_planned(cls, plan: Plan, verify: bool, precise: bool = False) -> "Engine":
         entry = store.find(plan.ref)
-        rss0 = _rss()
         tokenizer = load_tokenizer(entry.path)
         chat_format = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
+        with torch.device("meta"):
+            # the first model built on meta imports ~800 modules (75 MiB): runtime, not the model
+            Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=8))
+        rss0 = _rss()
         model = load_model(entry, plan.ctx, plan.device, precise=precise)
         engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
         engine.plan = plan

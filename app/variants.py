@@ -17,6 +17,7 @@ from quant.quality import Comparison, compare, default_text, perplexity
 from quant.quantize import QuantOptions, quantize_stream, write_packed
 
 from . import store
+from .devices import release_freed_memory
 from .errors import UserError
 
 REPORT_TOKENS = 2048  # the quality report's text: enough for a stable KL and top-1, quick to run
@@ -24,11 +25,21 @@ Progress = Callable[[int, int, str], None]
 
 
 def source_tensors(entry: store.ModelEntry):
-    """The source variant's tensors one at a time, memory-mapped."""
+    """The source variant's tensors one at a time, memory-mapped.
+
+    A handle (or any tensor from it) keeps the whole file mapped, and every page read stays in
+    RSS while it is: a handle per tensor lets the pages of packed tensors go (measured on a 1B
+    model: 2.0 GiB of a shard stayed resident with one handle per file).
+    """
     for fname in entry.manifest["weights"]:
-        with safe_open(str(entry.path / fname), framework="pt") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k)
+        path = str(entry.path / fname)
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+        for k in keys:
+            with safe_open(path, framework="pt") as f:
+                tensor = f.get_tensor(k)
+            yield k, tensor
+            del tensor
 
 
 def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, replace: bool = False,
@@ -41,6 +52,7 @@ def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, repla
     if tag == store.SOURCE:
         raise UserError("'source' is the name of the full-precision variant; choose another --out")
     args = ModelArgs.from_dict(source.manifest["args"])
+    release_freed_memory()
     header = {"scheme": opts.scheme, "options": dataclasses.asdict(opts), "format_version": FORMAT_VERSION,
               "source_fingerprint": source.manifest["source"]["fingerprint"], "source_variant": source.ref}
     with store.staging(name, tag, replace=replace) as tmp:

@@ -21,8 +21,8 @@ from model.args import ModelArgs
 from .formats import (FORMAT_VERSION, INT4_GROUP_SIZES, SCHEMES, Packed, choose_int4_group, pack_error, pack_int4,
                       pack_int8, pack_nf4, unpack)
 
-SHARD_BYTES = 512 << 20
-ROW_BLOCK_ELEMS = 16 << 20  # pack at most this many weights at once: bounded temporaries
+SHARD_BYTES = 128 << 20  # an output shard is held in memory until written
+ROW_BLOCK_ELEMS = 4 << 20  # pack at most this many weights at once: bounded fp32 temporaries
 Progress = Callable[[int, int, str], None]
 
 
@@ -127,16 +127,19 @@ def _pack_in_row_blocks(w: torch.Tensor, pack) -> tuple[Packed, float, float]:
     """int8 and int4 pack rows independently: a block of rows at a time bounds the fp32 copies."""
     N, K = w.shape
     rows = max(1, ROW_BLOCK_ELEMS // K)
-    parts, signal, noise = [], 0.0, 0.0
+    tensors, first, signal, noise = {}, None, 0.0, 0.0
     for s in range(0, N, rows):
         block = w[s : s + rows].float()
         p, err = pack(block)
         s2 = block.pow(2).sum(dtype=torch.float64).item()
         signal += s2
         noise += s2 * err.rel_err**2 if math.isfinite(err.rel_err) else 0.0
-        parts.append(p)
-    first = parts[0]
-    tensors = {k: torch.cat([p.tensors[k] for p in parts]) for k in first.tensors}
+        if first is None:  # the output is filled in place: no list of parts to concatenate
+            first = p
+            tensors = {k: torch.empty((N, *t.shape[1:]), dtype=t.dtype) for k, t in p.tensors.items()}
+        for k, t in p.tensors.items():
+            tensors[k][s : s + t.shape[0]] = t
+        del block, p
     packed = Packed(first.scheme, (N, K), first.group_size, tensors)
     sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
     rel = math.sqrt(noise / signal) if signal else 0.0
@@ -190,12 +193,12 @@ def write_packed(folder: Path, stream, header: dict) -> tuple[list[str], dict, Q
         layout.update(meta)
         if row is not None:
             report.tensors.append(row)
-        size = sum(t.numel() * t.element_size() for t in entries.values())
-        if shard and shard_bytes + size > SHARD_BYTES:
+        shard.update(entries)
+        shard_bytes += sum(t.numel() * t.element_size() for t in entries.values())
+        # written as soon as it is full, before the next tensor is packed beside it
+        if shard_bytes >= SHARD_BYTES:
             flush()
             _save(folder, pending, header, layout)
-        shard.update(entries)
-        shard_bytes += size
     flush()
     _save(folder, pending, header, layout)
     return files, layout, report
