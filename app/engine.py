@@ -82,6 +82,9 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
         model = model.eval()
     else:
         model = model.to(device=device, dtype=dtype).eval()
+    if str(device).startswith("cuda") and not (args.tie_embeddings and not quant):
+        # as llama.cpp does, and as the plan counts: a lookup needs one row per token, not VRAM
+        model.tok_embeddings.to("cpu")
     _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
     del state
     model.setup_caches(ctx, dtype=dtype, device=device)

@@ -66,7 +66,10 @@ class Transformer(nn.Module):
             q_pos = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]
             k_pos = torch.arange(start_pos + T, device=tokens.device)[None, :]
             mask = k_pos <= q_pos  # (T, start_pos + T)
-        h = self.tok_embeddings(tokens)
+        # the table may stay in CPU RAM while the blocks run on a GPU: look up there, then move
+        table_device = next(iter(self.tok_embeddings.buffers()), None)
+        table_device = (table_device if table_device is not None else self.tok_embeddings.weight).device
+        h = self.tok_embeddings(tokens.to(table_device)).to(self.norm.weight.device)
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask)
         if last_only:
