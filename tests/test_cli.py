@@ -73,3 +73,26 @@ def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_g
 def test_ask_without_a_prompt_on_a_terminal_explains_itself(default_home):
     r = llamadesk("ask", "--temperature", "0", home=default_home, stdin="")
     assert r.returncode == 1 and "prompt on stdin is empty" in r.stderr
+
+
+def test_out_of_memory_while_loading_steps_the_context_down(default_home, monkeypatch):
+    """An OOM during load or warm-up is answered once with a smaller plan, and said."""
+    import torch
+
+    from app import engine as engine_module
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    real = engine_module.load_model
+    asked = []
+
+    def flaky(entry, ctx, *args, **kwargs):
+        asked.append(ctx)
+        if len(asked) == 1:
+            raise torch.OutOfMemoryError("simulated: CPU out of memory")
+        return real(entry, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_model", flaky)
+    said = []
+    eng = engine_module.Engine.load("smollm2-135m-instruct:source", say=said.append)
+    assert asked[0] == 8192 and eng.ctx == asked[1] < asked[0]
+    assert any(f"Out of memory at 8192 tokens; stepping down to {eng.ctx}" in s for s in said)
