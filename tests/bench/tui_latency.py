@@ -20,8 +20,9 @@ Definitions
   the first frame that shows the character in the prompt box; "handled" is when PromptInput's
   key handler gets it.
 - event-loop lag: a task on the app's loop that sleeps 5 ms and records how late it wakes.
-- engine TTFT and tok/s: `engine.last` (`ReplyStats`) of the same reply; "engine alone" replays the
-  same prompts through `Engine.stream` after the app has exited, in the same process and model.
+- engine TTFT and tok/s: `engine.last` (`ReplyStats`) of the same reply; "engine alone" makes the same
+  `Engine.stream` call again right after each reply, from the event loop's thread (so the UI is idle),
+  with the engine's KV cache set back to where the app's reply started.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ WARM_PROMPTS = [
     "Why is the sky blue?",
     "Suggest a name for a cat.",
 ]
+# the model answers this with a 40-item numbered list (267 tokens): one top-level Markdown block that grows
+LIST_PROMPT = "Write a bulleted list of 40 different fruits, one per line."
+KEYS = "abcdefghijklmnopqrstuvwxyz"  # the keypress probes' letters, in turn
 WHAT_IF_FREEZE = " What if: `gc.freeze()` right after the model loaded (a patch in the script; the app does not do this)."
 LONG_PROMPT = ("Write a long, detailed story about a dragon who learns to bake bread. Use several paragraphs, "
                "a list of ingredients, and end with a short poem.")
@@ -116,6 +120,12 @@ class ReplyRecord:
     engine_ttft_s: float = 0.0
     engine_tok_s: float = 0.0
     chars: int = 0
+    load: str = ""  # the load average at Enter
+    call: tuple | None = None  # (messages, params, max_tokens) the app passed to Engine.stream
+    cached_before: list | None = None  # the engine's KV-cache token list when the app's reply began
+    alone: dict | None = None  # the same call again right after, with the UI idle
+    text: str = ""  # the reply as the app saved it
+    cpu_at_end: float = 0.0  # the main thread's CPU time when the reply ended
 
 
 class Bench:
@@ -125,7 +135,7 @@ class Bench:
         self.render, self.gc_freeze = render, gc_freeze
         self.app = None
         self.reply: ReplyRecord | None = None
-        self.frames: list[tuple[float, float, float]] = []  # (t, render_s, check_s)
+        self.frames: list[tuple[float, float, float, float]] = []  # (t, render_s, check_s, main thread CPU s)
         self.timer_updates: list[tuple[float, float]] = []  # (t, duration) of Screen._on_timer_update
         self.appends: list[tuple[float, float, int]] = []  # (t_done, duration, chars)
         self.drains: list[tuple[float, float]] = []  # (t, duration) of ChatScreen._drain
@@ -151,7 +161,7 @@ class Bench:
             prompt = self.app.chat.query_one(PromptInput)
             if probe["want"] in prompt.text and probe["want"] in _visible_text(self.app.chat, prompt):
                 probe["t_visible"] = t
-        self.frames.append((t, render_s, now() - c0))
+        self.frames.append((t, render_s, now() - c0, time.thread_time()))
 
     def _reply_markdown(self):
         from textual.widgets import Markdown
@@ -314,6 +324,9 @@ def instrument(bench: Bench) -> None:
         r = bench.reply
         if r is not None:
             r.t_stream = now()
+            r.call = (args[0], args[1] if len(args) > 1 else kwargs.get("params"),
+                      args[2] if len(args) > 2 else kwargs.get("max_tokens", 512))
+            r.cached_before = list(getattr(self, "_cached", []))
         if bench.worker_threads is None:
             import torch
 
@@ -393,7 +406,7 @@ async def one_reply(bench: Bench, pilot, label: str, prompt_text: str, timeout: 
     prompt.focus()
     prompt.text = prompt_text
     await asyncio.sleep(0.1)
-    r = ReplyRecord(label, prompt_text)
+    r = ReplyRecord(label, prompt_text, load=load_avg())
     bench.reply = r
     r.t_enter = now()
     press = asyncio.create_task(pilot.press("enter"))  # Pilot waits for idle; the clock is already running
@@ -402,10 +415,10 @@ async def one_reply(bench: Bench, pilot, label: str, prompt_text: str, timeout: 
         await until(lambda: r.t_visible is not None or app.chat.reply is None, timeout)
         r_keys = []
         while app.chat.reply is not None:
-            got = await key_latency(bench, app, "x", 2.0)
+            got = await key_latency(bench, app, KEYS[len(r_keys) % len(KEYS)], 2.0)
             if app.chat.reply is not None and r.t_last_piece is not None:
                 r_keys.append(got)
-            await asyncio.sleep(0.35)
+            await asyncio.sleep(0.3)
         bench.keys_during = [k for k in r_keys if k["t_handled"] is not None]
         prompt.text = ""
     await until(lambda: app.chat.reply is None, timeout)
@@ -417,8 +430,11 @@ async def one_reply(bench: Bench, pilot, label: str, prompt_text: str, timeout: 
     r.engine_ttft_s, r.engine_tok_s = stats.ttft_s, stats.tokens_per_s
     r.chars = sum(c for _, c in r.pieces)
     bench.reply = None
+    r.text = app.query_one(Transcript).last_reply().content
+    r.cpu_at_end = time.thread_time()
     await asyncio.sleep(0.2)
-    assert app.query_one(Transcript).last_reply() is not None
+    r.alone = engine_alone(model, r)
+    await asyncio.sleep(0.2)
     return r
 
 
@@ -428,7 +444,9 @@ async def key_latency(bench: Bench, app, char: str, timeout: float) -> dict:
     from app.tui.widgets.prompt import PromptInput
 
     prompt = app.chat.query_one(PromptInput)
-    want = prompt.text + char
+    prompt.text = ""  # each probe types one letter into an empty box, a different letter than the last
+    await asyncio.sleep(0.05)
+    want = char
     probe = {"char": char, "want": want, "t_sent": now(), "t_handled": None, "t_visible": None}
     bench.key_probe = probe
     app._driver.send_message(events.Key(char, char))
@@ -470,8 +488,8 @@ async def drive(args, bench: Bench, settings_long, settings_short) -> dict:
         await asyncio.sleep(0.5)
         idle = []
         app.chat.query_one(PromptInput).focus()
-        for _ in range(5):
-            idle.append(await key_latency(bench, app, "x", 2.0))
+        for i in range(5):
+            idle.append(await key_latency(bench, app, KEYS[i], 2.0))
             await asyncio.sleep(0.3)
         app.chat.query_one(PromptInput).text = ""
         out["keys_idle"] = idle
@@ -480,40 +498,45 @@ async def drive(args, bench: Bench, settings_long, settings_short) -> dict:
         app.chat.new_chat_settings = settings_long
         long_runs = []
         out["load_at_long"] = load_avg()
-        for i in range(args.long_runs):
+        runs = [(f"long {i + 1}", LONG_PROMPT) for i in range(args.long_runs)] + \
+               [("long list" if args.list_runs == 1 else f"long list {i + 1}", LIST_PROMPT)
+                for i in range(args.list_runs)]
+        for label, text in runs:
             f0, a0, d0, u0, l0 = len(bench.frames), len(bench.appends), len(bench.drains), \
                 len(bench.timer_updates), len(bench.lag)
             cpu0 = time.thread_time()
-            r = await one_reply(bench, pilot, f"long {i + 1}", LONG_PROMPT, args.timeout, keys_during=True)
+            r = await one_reply(bench, pilot, label, text, args.timeout, keys_during=True)
             long_runs.append({"record": r, "frames": bench.frames[f0:], "appends": bench.appends[a0:],
                               "drains": bench.drains[d0:], "timer_updates": bench.timer_updates[u0:],
                               "lag": bench.lag[l0:], "keys": bench.keys_during,
-                              "main_cpu_s": time.thread_time() - cpu0})
+                              "main_cpu_s": r.cpu_at_end - cpu0})
         stop.set()
         await lagger
     out["records"] = records
     out["long"] = long_runs
-    out["engine"] = model  # for the engine-alone replay, after the app has gone
     return out
 
 
-def engine_alone(model, prompts: list[tuple[str, str, int]], settings_cls) -> list[dict]:
-    """Replay the prompts straight through Engine.stream, in the app's order, with no UI running."""
-    rows = []
-    for label, text, max_tokens in prompts:
-        s = settings_cls(temperature=0.0, max_tokens=max_tokens)
-        t0 = now()
-        n = 0
-        for _ in model.stream([{"role": "user", "content": text}], s.sampling_params(), max_tokens,
-                              threading.Event()):
-            n += 1
-        st = model.last
-        rows.append({"label": label, "ttft_s": st.ttft_s, "tok_s": st.tokens_per_s, "new_tokens": st.new_tokens,
-                     "reused": st.reused_tokens, "prompt_tokens": st.prompt_tokens, "wall_s": now() - t0})
-    return rows
+def engine_alone(model, r: ReplyRecord) -> dict:
+    """The app's Engine.stream call once more, right after the app's reply, called from the event
+    loop's own thread so that the UI does nothing meanwhile. The engine's KV-cache list is set back
+    to what it was when the app's reply began, so the same prompt tokens are reused; greedy
+    sampling writes the same tokens, so the engine ends in the state the app's reply left."""
+    messages, params, max_tokens = r.call
+    model._cached = list(r.cached_before)
+    t0 = now()
+    for _ in model.stream(messages, params, max_tokens, threading.Event()):
+        pass
+    st = model.last
+    return {"ttft_s": st.ttft_s, "tok_s": st.tokens_per_s, "new_tokens": st.new_tokens, "reused": st.reused_tokens,
+            "prompt_tokens": st.prompt_tokens, "wall_s": now() - t0, "same_tokens": st.new_tokens == r.new_tokens}
 
 
 # ---------------------------------------------------------------- numbers
+def pct_or_dash(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.0f}%"
+
+
 def ms(x: float | None) -> str:
     return "–" if x is None else f"{x * 1000:.0f}"
 
@@ -545,11 +568,29 @@ def stalls(bench: Bench, r: ReplyRecord, over: float = 0.05) -> list[dict]:
     return out
 
 
+def per_s(x: float | None, r: ReplyRecord) -> str:
+    """Milliseconds per second of the decode (first to last piece)."""
+    if x is None or r.t_first_piece is None or r.t_last_piece is None or r.t_last_piece - r.t_first_piece < 0.2:
+        return "–"
+    return f"{x * 1000 / (r.t_last_piece - r.t_first_piece):.0f}"
+
+
 def busy_between(bench: Bench, t0: float | None, t1: float | None) -> float | None:
     """Seconds the main thread spent in screen updates (layout, compositor, frame) between t0 and t1."""
     if t0 is None or t1 is None:
         return None
     return sum(max(0.0, min(t + dur, t1) - max(t, t0)) for t, dur in bench.timer_updates)
+
+
+def ui_cpu_share(bench: Bench, r: ReplyRecord) -> float | None:
+    """The main (UI) thread's CPU time over wall time, from the first to the last frame while the
+    worker wrote pieces (thread_time is read at each frame)."""
+    if r.t_first_piece is None or r.t_last_piece is None:
+        return None
+    inside = [f for f in bench.frames if r.t_first_piece <= f[0] <= r.t_last_piece]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] < 0.2:
+        return None
+    return (inside[-1][3] - inside[0][3]) / (inside[-1][0] - inside[0][0])
 
 
 def long_summary(run: dict) -> dict:
@@ -604,7 +645,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=5, help="warm prompts (default 5)")
     ap.add_argument("--short-tokens", type=int, default=64, help="max tokens of the TTFT prompts")
     ap.add_argument("--long-tokens", type=int, default=400, help="max tokens of the long reply")
-    ap.add_argument("--long-runs", type=int, default=2)
+    ap.add_argument("--long-runs", type=int, default=2, help="long replies of prose (a story)")
+    ap.add_argument("--list-runs", type=int, default=1, help="long replies that are one long Markdown list")
     ap.add_argument("--size", default="120x40", help="terminal size, COLSxROWS (default 120x40)")
     ap.add_argument("--no-render", action="store_true", help="do not build the terminal output of each frame")
     ap.add_argument("--max-load", type=float, default=0.5, help="wait while the 1-min load is above this")
@@ -659,25 +701,22 @@ def main() -> int:
         long = ChatSettings(temperature=0.0, max_tokens=args.long_tokens)
         out = asyncio.run(drive(args, bench, long, short))
         load_end = load_avg()
-        replay = [(r.label, r.prompt, args.short_tokens) for r in out["records"]] + \
-                 [(x["record"].label, LONG_PROMPT, args.long_tokens) for x in out["long"]]
-        alone = engine_alone(out.pop("engine"), replay, ChatSettings)
-        load_after = load_avg()
 
     records: list[ReplyRecord] = out["records"]
     longs = [long_summary(x) for x in out["long"]]
+    alone = [r.alone for r in records + [x["record"] for x in out["long"]]]
     import textual
     import torch
 
     # ---------------- the console table
     print(f"\ncode {code}")
     print(f"model {out['model']}, ctx {out['ctx']}, torch threads {out['threads']}, load: first {load_first}, "
-          f"start {load_start}, prompts {out['load_at_prompts']}, long {out['load_at_long']}, end {load_end}, "
-          f"after replay {load_after}; model load {out['load_s']:.1f} s\n")
+          f"start {load_start}, prompts {out['load_at_prompts']}, long {out['load_at_long']}, end {load_end}; "
+          f"model load {out['load_s']:.1f} s\n")
     hdr = ("reply", "prompt tok", "reused", "Enter→key", "Enter→submit", "submit→started", "started→stream",
            "stream→1st piece", "engine TTFT", "1st piece→write", "write→append", "append→visible",
            "1st piece→visible", "Enter→visible", "tok/s app", "engine alone TTFT", "tok/s alone",
-           "UI updates in prefill")
+           "UI updates in prefill", "UI CPU% decoding", "updates ms/s", "appends ms/s", "load at Enter")
     rows = []
     for r, a in zip(records + [x["record"] for x in out["long"]], alone):
         rows.append((r.label, str(r.prompt_tokens), str(r.reused_tokens), ms(d(r.t_enter, r.t_key)),
@@ -686,12 +725,18 @@ def main() -> int:
                      ms(d(r.t_first_piece, r.t_first_write)), ms(d(r.t_first_write, r.t_first_append)),
                      ms(d(r.t_first_append, r.t_visible)), ms(d(r.t_first_piece, r.t_visible)),
                      ms(d(r.t_enter, r.t_visible)), f"{r.engine_tok_s:.1f}", ms(a["ttft_s"]), f"{a['tok_s']:.1f}",
-                     ms(busy_between(bench, r.t_stream, r.t_first_piece))))
+                     ms(busy_between(bench, r.t_stream, r.t_first_piece)),
+                     "–" if ui_cpu_share(bench, r) is None else f"{ui_cpu_share(bench, r) * 100:.0f}",
+                     per_s(busy_between(bench, r.t_first_piece, r.t_last_piece), r),
+                     per_s(sum(dur for t, dur, _ in bench.appends if r.t_first_piece <= t <= r.t_last_piece), r),
+                     r.load.split()[0]))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(hdr)]
     print("  ".join(h.rjust(w) for h, w in zip(hdr, widths)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
+    for r in records + [x["record"] for x in out["long"]]:
+        print(f"  {r.label}: {r.new_tokens} tokens: {r.text[:100]!r}")
     warm = records[1:]
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     warm_visible = med([r.t_visible - r.t_enter for r in warm if r.t_visible])
@@ -758,27 +803,30 @@ def main() -> int:
         f"{out['threads']} torch threads, " + (f"forced with --threads" if args.threads else
         "as `default_threads()` chose from the load when the model loaded") + f"), greedy. Each prompt "
         f"goes into a new chat (Ctrl+N), is put in the prompt box, and Enter is pressed with `pilot.press`. "
-        f"Short replies stop at {args.short_tokens} tokens, the long one at {args.long_tokens}. "
+        f"Short replies stop at {args.short_tokens} tokens, the long ones at {args.long_tokens}: \"long\" asks "
+        f"for a story in paragraphs, \"long list\" for a list of 40 fruits (one numbered list, one top-level "
+        f"Markdown block that grows with every piece). "
         f"The points are wrappers the script puts on app and Textual methods; the app is not changed. "
         f"\"Visible\" is the first frame (`App._display` of the chat screen) whose cells inside the reply's "
         f"Markdown widget hold a non-blank character. Each frame is also turned into escape codes "
         f"(`render_segments`, which headless Textual skips), so frames cost what a terminal's would"
         f"{' (off in this run)' if args.no_render else ''}."
         f"{WHAT_IF_FREEZE if args.gc_freeze else ''} Engine TTFT and tok/s are `engine.last`; "
-        f"\"alone\" replays the same prompts through `Engine.stream` after the app has exited (same process, "
-        f"same model, no UI).",
+        f"\"alone\" is the same `Engine.stream` call (same messages, same reused KV-cache prefix) made again right "
+        f"after the app's reply, from the event loop's thread, so the UI does nothing meanwhile.",
         "",
         "| reply | prompt tokens (reused) | Enter → `Engine.stream` (ms) | engine TTFT (ms) | first piece → visible (ms) "
-        "| **Enter → visible (ms)** | tok/s in app | engine alone: TTFT (ms), tok/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| **Enter → visible (ms)** | tok/s in app | engine alone: TTFT (ms), tok/s | UI thread CPU while decoding |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r, a in zip(records + lr, alone):
         snippet.append(f"| {r.label} | {r.prompt_tokens} ({r.reused_tokens}) | {ms(d(r.t_enter, r.t_stream))} | "
                        f"{ms(r.engine_ttft_s)} | {ms(d(r.t_first_piece, r.t_visible))} | "
-                       f"**{ms(d(r.t_enter, r.t_visible))}** | {r.engine_tok_s:.1f} | {ms(a['ttft_s'])}, {a['tok_s']:.1f} |")
+                       f"**{ms(d(r.t_enter, r.t_visible))}** | {r.engine_tok_s:.1f} | {ms(a['ttft_s'])}, {a['tok_s']:.1f} | "
+                       f"{pct_or_dash(ui_cpu_share(bench, r))} |")
     snippet += [
         f"| **warm median** | | {ms(warm_pre)} | {ms(warm_ttft)} | {ms(warm_ui)} | **{ms(warm_visible)}** | "
-        f"{warm_toks:.1f} | {ms(alone_ttft)}, {alone_toks:.1f} |",
+        f"{warm_toks:.1f} | {ms(alone_ttft)}, {alone_toks:.1f} | |",
         "",
         "While a long reply streams (from the first visible text to the last piece): a frame is one `App._display` "
         "of the chat screen; a content update is one finished `Markdown.append` on the reply; event-loop lag is how "
@@ -796,7 +844,8 @@ def main() -> int:
             f"{s['frame_gap_p95_ms']:.0f} / {s['frame_gap_max_ms']:.0f} | {s['content_ups']:.1f} | "
             f"{s['content_gap_p95_ms']:.0f} / {s['content_gap_max_ms']:.0f} | {s['update_p50_ms']:.1f} / "
             f"{s['update_max_ms']:.0f} | {s['lag_p95_ms']:.0f} / {s['lag_max_ms']:.0f} | "
-            f"{s['key_visible_p50_ms']:.0f} / {s['key_visible_max_ms']:.0f} ({s['keys']} keys) |")
+            f"{s['key_visible_p50_ms']:.0f} / {s['key_visible_max_ms']:.0f} ({s['keys']} keys"
+            + (f", {s['keys_not_seen']} not shown within 2 s" if s['keys_not_seen'] else "") + ") |")
     snippet.append(f"| model idle | | | | | | | | | {ms(idle_visible)} / "
                    f"{ms(max((k['t_visible'] - k['t_sent'] for k in idle_keys if k['t_visible']), default=None))} "
                    f"({len(idle_keys)} keys) |")
@@ -824,6 +873,9 @@ def main() -> int:
                          "appends": x["appends"], "lag": x["lag"], "keys": x["keys"]}
                         for x, s in zip(out["long"], longs)],
                "engine_alone": alone}
+        for rec in raw["records"] + [x["record"] for x in raw["long"]]:
+            rec.pop("call", None)
+            rec.pop("cached_before", None)
         args.json.write_text(json.dumps(raw, default=str))
     return 0
 
