@@ -1,12 +1,20 @@
 """The chat app on the real default model: Enter to first visible reply text, frame rate while a
 reply streams, and how fast a keypress shows up while the model writes.
 
-    python tests/bench/tui_latency.py
-    python tests/bench/tui_latency.py --prompts 5 --long-tokens 400 --size 120x40 --json out.json
+    python tests/bench/tui_latency.py --threads 2
+    python tests/bench/tui_latency.py --threads 2 --gc-freeze      # what if the app froze the GC after loading
+    python tests/bench/tui_latency.py --prompts 2 --long-runs 0 --diagnose   # what a stall was doing
+
+One cold prompt (the first after the model loaded), `--prompts` warm ones, each in a new chat,
+then `--long-runs` long prose replies and `--list-runs` long Markdown-list replies, during which
+a letter is typed into the prompt box every ~0.35 s. Before it starts, the script waits (up to
+`--wait-load` s) for the 1-min load to fall under `--max-load`, and it prints the load throughout.
 
 The app runs headless under `App.run_test()` (as tests/test_tui.py drives it), in a temporary
 LLAMADESK_HOME holding a copy of the per-machine test home's `models` folder (never written to).
-No app code is changed: the measuring points are wrappers put on methods from outside.
+No app code is changed: the measuring points are wrappers put on methods from outside, some of
+them Textual internals (`App._display`, `Screen._on_timer_update`, the `@on` handler table), as
+of textual 8.2.8; a Textual upgrade may need them adjusted.
 
 Definitions
 - frame: one call of `App._display` for the chat screen with a compositor update, outside a batch:
@@ -693,10 +701,8 @@ def main() -> int:
             import app.engine
 
             app.engine.default_threads = lambda: args.threads
-        sampler = None
         if args.diagnose:
-            sampler = threading.Thread(target=sample_main, args=(bench,), daemon=True)
-            sampler.start()
+            threading.Thread(target=sample_main, args=(bench,), daemon=True).start()
         short = ChatSettings(temperature=0.0, max_tokens=args.short_tokens)
         long = ChatSettings(temperature=0.0, max_tokens=args.long_tokens)
         out = asyncio.run(drive(args, bench, long, short))
@@ -776,15 +782,24 @@ def main() -> int:
               f"{s['keys_not_seen']}")
     for x in [{"record": r} for r in records] + out["long"]:
         r = x["record"]
-        for st in stalls(bench, r):
-            print(f"  stall in {r.label}: +{st['at_s']:.2f} s after Enter, loop lag {st['lag_ms']:.0f} ms; gc (gen, ms) "
-                  f"{st['gc'] or 'none'}; longest worker piece gap over it {st['piece_gap_ms']:.0f} ms")
+        found = stalls(bench, r)
+        if not found:
+            continue
+        gen2 = sum(1 for st in found if any(g == 2 for g, _ in st["gc"]))
+        print(f"  {r.label}: {len(found)} loop stalls over 50 ms, longest {max(st['lag_ms'] for st in found):.0f} ms, "
+              f"{gen2} during a full collection; the longest five:")
+        for st in sorted(found, key=lambda st: -st["lag_ms"])[:5]:
+            gcs = [(g, ms_) for g, ms_ in st["gc"] if g or ms_]
+            print(f"    +{st['at_s']:.2f} s after Enter: loop lag {st['lag_ms']:.0f} ms; gc (gen, ms) {gcs or 'none'}; "
+                  f"longest worker piece gap over it {st['piece_gap_ms']:.0f} ms")
             for late, where in st["samples"][:4]:
                 print(f"      sample (late {late} ms): {where}")
-    big_gc = [(g, round(dur * 1e3), f"{'before' if t < records[0].t_enter else 'after'} the 1st Enter")
-              for t, dur, g in bench.gcs if dur > 0.02]
-    print(f"\ngarbage collections: {len(bench.gcs)}, over 20 ms (gen, ms): {big_gc}; "
-          f"torch threads seen by the reply worker: {bench.worker_threads}")
+    before = [round(dur * 1e3) for t, dur, g in bench.gcs if g == 2 and t < records[0].t_enter]
+    after = [dur * 1e3 for t, dur, g in bench.gcs if g == 2 and t >= records[0].t_enter]
+    print(f"\ngarbage collections: {len(bench.gcs)}; full ones before the 1st Enter (ms): {before}; after: "
+          f"{len(after)}, " + (f"{min(after):.0f} to {max(after):.0f} ms, median {statistics.median(after):.0f} ms"
+                               if after else "none")
+          + f"; torch threads seen by the reply worker: {bench.worker_threads}")
 
     # ---------------- the Markdown snippet
     L = longs
