@@ -11,9 +11,11 @@ import torch
 from safetensors import safe_open
 
 from model.args import ModelArgs
+from model.model import Transformer
 from model.tokenizer import load_tokenizer
 from quant.formats import FORMAT_VERSION
-from quant.quality import Comparison, compare, default_text, perplexity
+from quant.linear import swap_linears
+from quant.quality import compare_all, default_text, perplexity, run_unpacked
 from quant.quantize import QuantOptions, quantize_stream, write_packed
 
 from . import store
@@ -25,7 +27,7 @@ Progress = Callable[[int, int, str], None]
 
 
 def source_tensors(entry: store.ModelEntry):
-    """The source variant's tensors one at a time, memory-mapped.
+    """An entry's tensors one at a time, memory-mapped (the quantizer reads its source so).
 
     A handle (or any tensor from it) keeps the whole file mapped, and every page read stays in
     RSS while it is: a handle per tensor lets the pages of packed tensors go (measured on a 1B
@@ -69,7 +71,7 @@ def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, repla
         store.write_json(tmp / store.MANIFEST, manifest)
         if report_tokens:
             packed = store.ModelEntry(name, tag, tmp, manifest)
-            report.quality = compare_variants(source, packed, report_tokens).to_dict()
+            report.quality = quality_report(source, packed, report_tokens)
         manifest["quant"]["report"] = report.to_dict()
         store.write_json(tmp / store.MANIFEST, manifest)
     return store.find(f"{name}:{tag}")
@@ -91,14 +93,36 @@ def text_ids(entry: store.ModelEntry, text: str | None, tokens: int) -> list[int
     return ids[:tokens]
 
 
-def compare_variants(reference: store.ModelEntry, candidate: store.ModelEntry, tokens: int,
-                     window: int = 512, text: str | None = None) -> Comparison:
+def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: int, window: int = 512) -> dict:
+    """The variant as it runs (bf16 kernels) against its source, and under it, as `weights_only`,
+    the variant's own weights run with the source's fp32 arithmetic: what quantizing them costs.
+
+    Measured on SmolLM2-135M (Q4_1 source): int4's exact weights agree with the source on 99.85%
+    of top-1 tokens (100% but for the fp16 head), and its bf16 kernels bring that to ~98.5%; int8's
+    per-row weights alone give ~97%, its kernels add nothing measurable.
+    """
     from .engine import load_model
 
-    ids = text_ids(reference, text, tokens)
-    ref_model = load_model(reference, window)
-    cand_model = load_model(candidate, window)
-    return compare(ref_model, cand_model, ids, window)
+    ids = text_ids(source, None, tokens)
+    ref_model = load_model(source, window)
+    runtime = load_model(packed, window)
+    weights = load_unpacked(packed, window)
+    as_run, weights_only = compare_all(ref_model, [runtime, weights], ids, window)
+    return dict(as_run.to_dict(), weights_only=weights_only.to_dict())
+
+
+def load_unpacked(entry: store.ModelEntry, ctx: int) -> Transformer:
+    """A packed variant whose layers run their unpacked fp32 weights (see quant.quality.run_unpacked)."""
+    args = ModelArgs.from_dict(entry.manifest["args"])
+    layout = entry.manifest["quant"]["layout"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    swap_linears(model, {m: w["scheme"] for m, w in layout.items()},
+                 group_size={m: w["group_size"] for m, w in layout.items() if "group_size" in w})
+    model.load_state_dict(dict(source_tensors(entry)), assign=True, strict=True)
+    run_unpacked(model).eval()
+    model.setup_caches(ctx)
+    return model
 
 
 def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512) -> tuple[store.ModelEntry, int, float]:

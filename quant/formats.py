@@ -26,7 +26,9 @@ The group size and shape follow from the tensors' shapes (int8, int4) or from th
 GGUF tensors are repacked exactly: the int4 / int8 tensors made by `int4_from_gguf` and
 `int8_from_gguf` unpack to exactly the fp32 values of `gguf.quants.dequantize`
 (Q4_1 d*q + m -> scale d, min m; Q4_0 d*(q - 8) -> scale d, min -8d, exact in fp32 because
-d is an fp16; Q8_0 d*q -> int8 with one fp16 scale per group of 32).
+d is an fp16; Q8_0 d*q -> int8 with one fp16 scale per group of 32). Packing the dequantized
+fp32 values lands on the same grids: `pack_int4` on Q4_1's, `pack_int4(symmetric=True)` on
+Q4_0's and `pack_int8` with group 32 on Q8_0's (the quantizer picks these by the source's types).
 """
 from __future__ import annotations
 
@@ -171,8 +173,14 @@ def choose_int4_group(K: int, wanted: int = 32) -> int | None:
     return None
 
 
-def pack_int4(w: torch.Tensor, group_size: int = 32) -> tuple[Packed, PackError]:
-    """Asymmetric 4-bit, groups of `group_size` along K: w ~ q * scale + min, q in 0..15."""
+def pack_int4(w: torch.Tensor, group_size: int = 32, symmetric: bool = False) -> tuple[Packed, PackError]:
+    """4-bit, groups of `group_size` along K: w ~ q * scale + min, q in 0..15.
+
+    Asymmetric by default: min and scale span the group's range, GGUF Q4_1's grid. `symmetric`
+    fixes the zero point at 8 as GGUF Q4_0 does: scale d = -(the group's largest-magnitude value)/8,
+    min = -8d, so that value is q = 0 and a Q4_0 tensor's values come back exactly (d may be
+    negative, as in Q4_0; min is kept in fp32 in the rare case -8d overflows fp16).
+    """
     w = _check_weight(w)
     N, K = w.shape
     if group_size not in INT4_GROUP_SIZES:
@@ -184,14 +192,21 @@ def pack_int4(w: torch.Tensor, group_size: int = 32) -> tuple[Packed, PackError]
         )
     g = group_size
     wf = w.float().reshape(N, K // g, g)  # (N, G, g)
-    lo, hi = wf.amin(-1), wf.amax(-1)
     # round scale and min to their stored dtype first, so q is chosen against what is stored
-    scales = ((hi - lo) / 15).to(torch.float16)
-    mins = lo.to(torch.float16)
+    if symmetric:
+        peak = wf.gather(-1, wf.abs().argmax(-1, keepdim=True))[..., 0]  # (N, G), sign kept
+        scales = (-peak / 8).to(torch.float16)
+        mins = -8 * scales.float()
+        if torch.equal(mins.half().float(), mins):
+            mins = mins.half()
+    else:
+        lo, hi = wf.amin(-1), wf.amax(-1)
+        scales = ((hi - lo) / 15).to(torch.float16)
+        mins = lo.to(torch.float16)
     if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
         raise ValueError("weight range overflows the fp16 int4 scales")
     s = scales.float()[..., None]
-    safe = torch.where(s > 0, s, 1.0)
+    safe = torch.where(s != 0, s, 1.0)
     q = torch.round((wf - mins.float()[..., None]) / safe).clamp(0, 15).to(torch.uint8)
     p = Packed("int4", (N, K), g, {"qweight": _pack_nibbles(q.reshape(N, K)), "scales": scales, "mins": mins})
     return p, pack_error(w, unpack_int4(p))

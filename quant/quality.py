@@ -3,6 +3,10 @@
 All measures run over the same non-overlapping windows of one token sequence, so two models are
 compared on exactly the same predictions. The default text is the English reference in
 `pydoc_data.topics`, which ships with every Python: the report can be made offline anywhere.
+
+A packed model loses twice: its weights are rounded, and its kernels compute in bf16 (activations,
+scales and outputs). `run_unpacked` runs a packed model's own weights with the source's fp32
+arithmetic, so a report can give both: what the weights alone cost, and what a user gets.
 """
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from .formats import Packed, unpack
+from .linear import Fp16Linear, Int4Linear, Int8Embedding, Int8Linear, NF4Linear
 
 
 def default_text() -> str:
@@ -62,16 +70,67 @@ def perplexity(model, ids: list[int], window: int = 512) -> float:
 
 def compare(reference, candidate, ids: list[int], window: int = 512) -> Comparison:
     """Score both models window by window; only one window's logits of each are in memory."""
-    nll_ref = nll_cand = kl = 0.0
-    agree = n = 0
+    return compare_all(reference, [candidate], ids, window)[0]
+
+
+def compare_all(reference, candidates: list, ids: list[int], window: int = 512) -> list[Comparison]:
+    """`compare` for several candidates against one reference, which runs once per window."""
+    nll_ref, n = 0.0, 0
+    nll, kl, agree = [0.0] * len(candidates), [0.0] * len(candidates), [0] * len(candidates)
     for chunk in windows(ids, window):
         targets = chunk[0, 1:]
         ref = window_logits(reference, chunk)[:-1]  # (T-1, V)
-        cand = window_logits(candidate, chunk)[:-1]
         nll_ref += F.cross_entropy(ref, targets, reduction="sum").item()
-        nll_cand += F.cross_entropy(cand, targets, reduction="sum").item()
-        ref_logp, cand_logp = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
-        kl += F.kl_div(cand_logp, ref_logp, log_target=True, reduction="sum").item()
-        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        ref_logp, ref_top = F.log_softmax(ref, -1), ref.argmax(-1)
+        del ref
+        for i, candidate in enumerate(candidates):
+            cand = window_logits(candidate, chunk)[:-1]
+            nll[i] += F.cross_entropy(cand, targets, reduction="sum").item()
+            kl[i] += F.kl_div(F.log_softmax(cand, -1), ref_logp, log_target=True, reduction="sum").item()
+            agree[i] += int((ref_top == cand.argmax(-1)).sum())
         n += len(targets)
-    return Comparison(n, math.exp(nll_ref / n), math.exp(nll_cand / n), kl / n, agree / n)
+    return [Comparison(n, math.exp(nll_ref / n), math.exp(nll[i] / n), kl[i] / n, agree[i] / n)
+            for i in range(len(candidates))]
+
+
+# ---------------------------------------------------------------- the weights alone
+class UnpackedLinear(nn.Module):
+    """A packed layer run as F.linear on its unpacked fp32 weight, as the source runs.
+
+    The weight is unpacked at each call, so only one layer's fp32 copy is ever in memory."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer  # loaded, not prepared: it still holds the portable tensors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), unpacked_weight(self.layer)).to(x.dtype)
+
+
+def unpacked_weight(layer: nn.Module) -> torch.Tensor:
+    """The fp32 (N, K) weight of a loaded, unprepared packed layer."""
+    shape = (layer.out_features, layer.in_features)
+    if isinstance(layer, Fp16Linear):
+        return layer.weight.float()
+    if isinstance(layer, Int8Linear):
+        return unpack(Packed("int8", shape, layer.group_size, {"qweight": layer.qweight, "scales": layer.scales}))
+    if isinstance(layer, Int4Linear):
+        tensors = {"qweight": layer.qweight, "scales": layer.scales, "mins": layer.mins}
+        return unpack(Packed("int4", shape, layer.group_size, tensors))
+    if isinstance(layer, NF4Linear):
+        tensors = {"qweight": layer.qweight, **layer.quant_state.as_dict(packed=True)}
+        return unpack(Packed("nf4", shape, layer.quant_state.blocksize, tensors))
+    raise TypeError(f"{type(layer).__name__} is not a packed layer")
+
+
+def run_unpacked(model: nn.Module) -> nn.Module:
+    """Swap each packed layer of a loaded (not prepared) model for its UnpackedLinear, in place.
+
+    The model then computes in fp32 like its source, with the packed model's weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (Int8Linear, Int4Linear, NF4Linear, Fp16Linear)):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, UnpackedLinear(module))
+        elif isinstance(module, Int8Embedding):
+            module.prepare("cpu")  # its lookup already computes q * scale in fp32
+    return model

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from model.args import ModelArgs
 
-from .formats import (FORMAT_VERSION, INT4_GROUP_SIZES, SCHEMES, Packed, choose_int4_group, pack_error, pack_int4,
-                      pack_int8, pack_nf4, unpack)
+from .formats import (FORMAT_VERSION, GGUF_BLOCK, INT4_GROUP_SIZES, SCHEMES, Packed, choose_int4_group, pack_error,
+                      pack_int4, pack_int8, pack_nf4, unpack)
 
 SHARD_BYTES = 128 << 20  # an output shard is held in memory until written
 ROW_BLOCK_ELEMS = 4 << 20  # pack at most this many weights at once: bounded fp32 temporaries
@@ -94,8 +94,14 @@ def _in_features(args: ModelArgs, module: str) -> int:
 
 
 def pack_tensor(name: str, w: torch.Tensor, scheme: str, opts: QuantOptions, args: ModelArgs,
-                exact_rows: bool = False) -> tuple[str, Packed | torch.Tensor, TensorReport]:
-    """Pack one weight; returns the scheme used (after fallbacks), the result and its report row."""
+                exact_rows: bool = False,
+                source_type: str | None = None) -> tuple[str, Packed | torch.Tensor, TensorReport]:
+    """Pack one weight; returns the scheme used (after fallbacks), the result and its report row.
+
+    `source_type` is how the source stored it ("Q4_0", "Q4_1", "F32", ...): int4 group 32 of a
+    GGUF Q4_0 tensor takes Q4_0's zero point of 8, so the source's values come back exactly (the
+    default, asymmetric grid already reproduces Q4_1 exactly).
+    """
     module = name[: -len(".weight")]
     note = ""
     if scheme in ("fp32", "fp16"):
@@ -111,7 +117,8 @@ def pack_tensor(name: str, w: torch.Tensor, scheme: str, opts: QuantOptions, arg
         elif group != opts.group_size:
             note = f"group {opts.group_size} does not divide {K}: group {group} instead"
     if scheme == "int4":
-        packed, sq, rel = _pack_in_row_blocks(w, lambda b: pack_int4(b, group))
+        symmetric = source_type == "Q4_0" and group == GGUF_BLOCK
+        packed, sq, rel = _pack_in_row_blocks(w, lambda b: pack_int4(b, group, symmetric))
     elif scheme == "int8":
         # the embedding table is only looked up, so a per-32 scale costs nothing there and keeps
         # a GGUF Q8_0 table exact; linear layers need one scale per row for the int8 kernel
@@ -138,6 +145,8 @@ def _pack_in_row_blocks(w: torch.Tensor, pack) -> tuple[Packed, float, float]:
             first = p
             tensors = {k: torch.empty((N, *t.shape[1:]), dtype=t.dtype) for k, t in p.tensors.items()}
         for k, t in p.tensors.items():
+            if t.dtype != tensors[k].dtype:  # Q4_0 mins turn fp32 where -8d overflows fp16
+                tensors[k] = tensors[k].to(torch.promote_types(t.dtype, tensors[k].dtype))
             tensors[k][s : s + t.shape[0]] = t
         del block, p
     packed = Packed(first.scheme, (N, K), first.group_size, tensors)
@@ -153,6 +162,7 @@ def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], args: ModelArgs
     A tied model's table is packed twice: once as the embedding, once as the output head.
     """
     pmap = precision_map(args, opts, source_types)
+    types = source_types or {}
     done = 0
     for name, w in tensors:
         progress(done, total, name)
@@ -165,7 +175,8 @@ def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], args: ModelArgs
                 targets.append("output")
             for target in targets:
                 scheme, packed, row = pack_tensor(f"{target}.weight", w, pmap[target], opts, args,
-                                                  exact_rows=target == "tok_embeddings")
+                                                  exact_rows=target == "tok_embeddings",
+                                                  source_type=types.get(name))
                 row.name = target
                 if isinstance(packed, torch.Tensor):
                     yield {f"{target}.weight": packed}, {target: {"scheme": scheme}}, row

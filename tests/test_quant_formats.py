@@ -170,6 +170,22 @@ def test_gguf_q4_repack_keeps_fp16_scales_and_the_portable_nibble_order():
     assert torch.equal(again.tensors["qweight"], p.tensors["qweight"])
 
 
+def test_symmetric_int4_lands_on_the_q4_0_grid_of_gguf_values():
+    w = weight(16, 64)
+    w[3] = 0.0  # an all-zero block: d = 0
+    raw = gguf.quants.quantize(w.numpy(), T.Q4_0)
+    values = torch.from_numpy(gguf.quants.dequantize(raw, T.Q4_0))  # d * (q - 8), d of either sign
+    gguf_grid = int4_from_gguf(raw, T.Q4_0, (16, 64))
+    # Q4_0 rarely uses its top code q = 15, so the asymmetric grid (min to max) misses it
+    assert pack_int4(values, 32)[1].sqnr_db < 30
+    p, err = pack_int4(values, 32, symmetric=True)
+    assert err.sqnr_db == math.inf and torch.equal(unpack(p), values)
+    assert torch.equal(p.tensors["scales"], gguf_grid.tensors["scales"])  # the same fp16 d, sign included
+    assert torch.equal(p.tensors["mins"], gguf_grid.tensors["mins"])  # -8d
+    nonzero = [i for i in range(16) if i != 3]  # a zero block's code is free: GGUF says 8, we say 0
+    assert torch.equal(p.tensors["qweight"][nonzero], gguf_grid.tensors["qweight"][nonzero])
+
+
 # ---------------------------------------------------------------- through safetensors
 @pytest.mark.parametrize("compress_statistics", [True, False])
 def test_nf4_round_trips_exactly_through_a_safetensors_file(tmp_path, compress_statistics):

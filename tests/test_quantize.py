@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from app import store
 from app.engine import load_model
@@ -12,7 +13,7 @@ from app.errors import UserError
 from app.importer import import_checkpoint
 from app.variants import quantize_variant
 from quant.formats import FORMAT_VERSION
-from quant.quantize import QuantOptions
+from quant.quantize import QuantOptions, dequantized
 from tiny_checkpoints import tiny_checkpoint
 
 
@@ -46,6 +47,8 @@ def test_each_scheme_packs_loads_and_stays_close(home, scheme, max_rel):
     report = entry.manifest["quant"]["report"]
     assert {r["name"] for r in report["tensors"]} >= {"layers.0.attention.wq", "output", "tok_embeddings"}
     assert report["quality"]["tokens"] > 0 and 0 <= report["quality"]["top1_agreement"] <= 1
+    weights = report["quality"]["weights_only"]  # the same weights at the source's fp32 arithmetic
+    assert weights["tokens"] == report["quality"]["tokens"] and 0 <= weights["top1_agreement"] <= 1
 
 
 def test_the_file_says_what_it_holds(home):
@@ -143,6 +146,30 @@ def test_tampered_files_and_newer_formats_are_refused(home):
     (entry.path / fname).write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cannot read the weights"):
         load_model(store.find("tiny:int4"), 32)
+
+
+def test_int4_of_a_q4_0_source_reproduces_its_values_exactly(tmp_path, monkeypatch):
+    """A GGUF Q4_0 source (d * (q - 8)) gets int4 group 32 with the zero point at 8 by default."""
+    monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path / "home"))
+    path, _ = tiny_checkpoint(tmp_path, "gguf-q4_0", tied=False)
+    source = import_checkpoint(path, name="q40")
+    assert source.manifest["source"]["types"]["layers.0.attention.wq.weight"] == "Q4_0"
+    # the table and head kept in fp32 too: the whole variant then holds the source's values
+    entry = quantize_variant("q40", QuantOptions("int4", embeddings="fp32", head="fp32"), report_tokens=64)
+    report = entry.manifest["quant"]["report"]
+    rows = {r["name"]: r for r in report["tensors"]}
+    blocks = [f"layers.{i}.{m}" for i in range(2) for m in ("attention.wq", "attention.wk", "attention.wv",
+                                                            "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                                                            "feed_forward.w3")]
+    assert all(rows[b]["scheme"] == "int4" and rows[b]["group_size"] == 32 for b in blocks)
+    assert all(rows[b]["sqnr_db"] == math.inf for b in blocks)
+    src = load_file(str(source.path / source.manifest["weights"][0]))
+    packed = load_file(str(entry.path / entry.manifest["weights"][0]))
+    for b in blocks:
+        assert torch.equal(dequantized(packed, b, "int4"), src[f"{b}.weight"]), b
+    # so with the source's arithmetic it predicts what the source predicts
+    weights = report["quality"]["weights_only"]
+    assert weights["top1_agreement"] == 1.0 and weights["kl_mean"] < 1e-9
 
 
 def test_a_tied_model_gets_its_own_packed_head(tmp_path, monkeypatch):
