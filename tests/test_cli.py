@@ -96,3 +96,63 @@ def test_out_of_memory_while_loading_steps_the_context_down(default_home, monkey
     eng = engine_module.Engine.load("smollm2-135m-instruct:source", say=said.append)
     assert asked[0] == 8192 and eng.ctx == asked[1] < asked[0]
     assert any(f"Out of memory at 8192 tokens; stepping down to {eng.ctx}" in s for s in said)
+
+
+# ---------------------------------------------------------------- the KV cache dtype
+def test_plan_keeps_an_asked_int8_kv_cache(default_home):
+    import json
+
+    r = llamadesk("plan", "smollm2-135m-instruct:source", "--kv-dtype", "int8", "--json", home=default_home)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["chosen"]["kv_dtype"] == "int8"
+    assert plan["candidates"][0]["kv_bytes_per_token"] == 2 * 30 * 3 * (64 + 4)  # int8 codes and an fp32 scale
+    assert plan["why"].endswith("; the KV cache is int8, as asked")
+
+
+def test_plan_takes_an_int8_kv_cache_where_fp32_leaves_too_little_context(default_home):
+    """1.5 GiB of RAM: the fp32 source holds 1536 tokens with an fp32 cache, below the 2048 floor."""
+    import json
+
+    r = llamadesk("plan", "smollm2-135m-instruct:source", "--ram", "1.5GiB", "--json", home=default_home)
+    assert r.returncode == 0, r.stderr
+    chosen = json.loads(r.stdout)["chosen"]
+    assert chosen["kv_dtype"] == "int8" and chosen["ctx"] >= 2048
+    assert "it fits only with an int8 KV cache (fp32 would allow 1536 tokens)" in chosen["why"]
+
+    r = llamadesk("plan", "smollm2-135m-instruct:source", "--ram", "1.5GiB", "--kv-dtype", "fp32", home=default_home)
+    assert r.returncode == 1
+    assert "with --kv-dtype int8, smollm2-135m-instruct:source would fit with up to" in r.stdout
+
+
+def test_the_loader_refuses_a_kv_dtype_that_cannot_fit_and_says_what_would(default_home, monkeypatch):
+    from app import engine as engine_module
+    from app.devices import Device
+    from app.errors import UserError
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    monkeypatch.setattr(engine_module, "probe", lambda *a: Device("cpu", "test CPU", 3 << 29, 3 << 29))
+    with pytest.raises(UserError) as e:
+        engine_module.Engine.load("smollm2-135m-instruct:source", ctx=4096, kv_dtype="fp32")
+    assert str(e.value).startswith("nothing installed fits a 4096-token context with the KV cache in fp32")
+    assert "with --kv-dtype int8, smollm2-135m-instruct:source would fit with up to" in str(e.value)
+
+
+def test_ask_with_an_int8_kv_cache_answers_the_capital_of_france(default_home):
+    r = llamadesk("ask", "What is the capital of France?", "--model", "smollm2-135m-instruct:source",
+                  "--kv-dtype", "int8", "--temperature", "0", "--max-tokens", "40", "-v", home=default_home)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "KV cache int8" in r.stderr
+
+
+def test_the_engine_holds_the_cache_the_plan_names(default_home, monkeypatch):
+    import torch
+
+    from app.engine import Engine
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    engine = Engine.load("smollm2-135m-instruct:source", ctx=256, kv_dtype="int8")
+    cache = engine.model.layers[0].attention.kv_cache
+    assert engine.plan.kv_dtype == "int8"
+    assert (cache.k.dtype, cache.k_scale.dtype, cache.k.shape) == (torch.int8, torch.float32, (1, 3, 256, 64))

@@ -1,10 +1,13 @@
 """The memory planner over injected device budgets: real Llama shapes as metadata-only entries."""
 import pytest
+import torch
 
 from app.devices import Device, parse_bytes
 from app.plan import (catalog_candidate, estimated_weight_bytes, fits, kv_bytes_per_token, longest_context,
-                      margin_bytes, plan_memory)
+                      margin_bytes, plan_memory, workspace_bytes)
+from app.engine import KV_TORCH_DTYPES
 from model.args import ModelArgs
+from model.model import Transformer
 
 GiB = 1 << 30
 SMOLLM2_135M = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536,
@@ -66,17 +69,19 @@ def test_sizes_parse_like_people_write_them():
 
 @pytest.mark.parametrize("device, spec, fixed, expected", [
     # 1-5: no GPU, the machine's RAM decides; short of the target context, the most bits that
-    # reach the target win (source fp32 on 1.5 GiB would hold only ~1000 tokens, int8 all 8192)
+    # reach the target win (source fp32 on 1.5 GiB would hold only ~1000 tokens, int8 all 8192).
+    # Scenarios 5, 9 and 21 fix a float KV cache: left to choose, the plan takes int8 there
+    # (test_an_int8_kv_cache_is_used_where_float_falls_short)
     (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192)),
     (cpu(1.5), {"smollm2-135m": ("source", "int8", "int4")}, {}, ("smollm2-135m:int8", 8192)),
     (cpu(24), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int8", 8192)),
     (cpu(64), {"llama3-8b": ALL}, {}, ("llama3-8b:source", 8192)),
-    (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int4", 6400)),
+    (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 6400)),
     # 6-9: small GPUs
     (gpu(4), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192)),
     (gpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int4", 8192)),
     (gpu(12), {"llama3-8b": ALL}, {}, ("llama3-8b:int8", 8192)),
-    (gpu(6), {"llama2-7b": ALL}, {}, ("llama2-7b:nf4", 2048)),
+    (gpu(6), {"llama2-7b": ALL}, {"kv_dtype": "bf16"}, ("llama2-7b:nf4", 2048)),
     # 10-13: large GPUs prefer the larger model, then the most bits
     (gpu(24), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-8b:source", 8192)),
     (gpu(48), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192)),
@@ -92,7 +97,7 @@ def test_sizes_parse_like_people_write_them():
     (gpu(24), {"llama3-8b": ALL}, {"ctx": 4096}, ("llama3-8b:source", 4096)),
     (cpu(24), {"smollm2-135m": ALL}, {"ctx": 2048}, ("smollm2-135m:source", 2048)),
     # 21-22: the CPU skips NF4, which bitsandbytes runs ~8x slower than int4 there
-    (cpu(7), {"llama3-8b": ("int4", "nf4")}, {}, ("llama3-8b:int4", 2816)),
+    (cpu(7), {"llama3-8b": ("int4", "nf4")}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 2816)),
     (cpu(24), {"llama3-8b": ("nf4",)}, {}, (None, "no installed model can run on cpu")),
 ])
 def test_the_plan_picks(device, spec, fixed, expected):
@@ -111,7 +116,7 @@ def test_every_chosen_plan_fits_and_one_step_more_context_would_not():
         assert c.total_bytes <= dev.free_bytes
         cand = next(x for x in installed(dev, {c.model: (c.variant,)}))
         if c.ctx < cand.max_ctx:
-            assert not fits(cand, c.ctx + 256, dev)
+            assert not fits(cand, c.ctx + 256, dev, c.kv_dtype)
 
 
 def test_nothing_fits_is_explained():
@@ -141,3 +146,95 @@ def test_longest_context_is_a_multiple_of_256_and_the_json_shape():
     assert set(d) == {"device", "chosen", "candidates", "why"}
     assert set(d["chosen"]) == {"model", "variant", "device", "ctx", "kv_dtype", "bytes", "why"}
     assert set(d["chosen"]["bytes"]) == {"weights", "kv_cache", "workspace", "overhead", "margin"}
+
+
+# ---------------------------------------------------------------- the int8 KV cache
+def test_an_int8_kv_cache_costs_a_byte_per_element_and_a_scale_per_vector():
+    assert kv_bytes_per_token(LLAMA3_8B, "int8") == 2 * 32 * 8 * (128 + 4)  # 66 KiB instead of bf16's 128
+    assert kv_bytes_per_token(LLAMA2_7B, "int8") == 2 * 32 * 32 * (128 + 4)
+    assert kv_bytes_per_token(SMOLLM2_135M, "int8") == 2 * 30 * 3 * (64 + 4)
+    with pytest.raises(ValueError, match="unknown KV cache dtype 'int4'"):
+        kv_bytes_per_token(LLAMA3_8B, "int4")
+
+
+def planned(device, spec, **fixed):
+    r = plan_memory(installed(device, spec), device, **fixed)
+    return (r.chosen.ref, r.chosen.ctx, r.chosen.kv_dtype) if r.chosen else None
+
+
+@pytest.mark.parametrize("device, spec, fixed, expected", [
+    # a longer context: the float cache stops int4 at 6400 (fp32) and 2816 tokens, int8 reaches 8192
+    (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int4", 8192, "int8")),
+    (cpu(7), {"llama3-8b": ("int4", "nf4")}, {}, ("llama3-8b:int4", 8192, "int8")),
+    (gpu(6), {"llama2-7b": ALL}, {}, ("llama2-7b:nf4", 3840, "int8")),  # bf16: 2048
+    (gpu(44), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192, "int8")),  # bf16: 6400
+    # a larger model: with bf16 keys and values the 7B and 70B stay below 2048 tokens
+    (gpu(5.5), {"llama2-7b": ALL, "smollm2-135m": ALL}, {}, ("llama2-7b:nf4", 2048, "int8")),
+    (gpu(42), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 2560, "int8")),
+    # an asked context that only an int8 cache holds
+    (gpu(6.5), {"llama2-7b": ALL}, {"ctx": 4096}, ("llama2-7b:int4", 4096, "int8")),
+    # not needed: the largest model reaches its target with the activations' dtype
+    (gpu(48), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192, "bf16")),
+    (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192, "fp32")),
+    # what the user fixed is kept, either way
+    (cpu(24), {"smollm2-135m": ALL}, {"kv_dtype": "int8"}, ("smollm2-135m:source", 8192, "int8")),
+    (gpu(24), {"llama3-8b": ALL}, {"kv_dtype": "int8", "ctx": 4096}, ("llama3-8b:source", 4096, "int8")),
+    (gpu(5.5), {"llama2-7b": ALL, "smollm2-135m": ALL}, {"kv_dtype": "bf16"}, ("smollm2-135m:source", 8192, "bf16")),
+    (cpu(24), {"smollm2-135m": ALL}, {"kv_dtype": "fp16"}, ("smollm2-135m:source", 8192, "fp16")),
+])
+def test_an_int8_kv_cache_is_used_where_float_falls_short(device, spec, fixed, expected):
+    assert planned(device, spec, **fixed) == expected
+
+
+def test_why_and_the_table_say_when_the_kv_cache_is_int8():
+    dev = cpu(8)
+    r = plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev)
+    assert r.chosen.kv_dtype == "int8"
+    assert r.why.endswith("; an int8 KV cache lets it reach 8192 tokens, where fp32 would allow only 6400")
+    assert r.candidates[0].kv_dtype == "int8"
+    assert r.candidates[0].kv_bytes_per_token == kv_bytes_per_token(LLAMA3_8B, "int8")
+    assert r.candidates[0].verdict == "fits up to 8192 tokens with an int8 KV cache (6400 with fp32)"
+    assert r.chosen.bytes["kv_cache"] == 8192 * kv_bytes_per_token(LLAMA3_8B, "int8")
+    assert r.to_dict()["chosen"]["kv_dtype"] == "int8"
+
+    r = plan_memory(installed(gpu(5.5), {"llama2-7b": ("nf4",)}), gpu(5.5))
+    assert r.why.endswith("; it fits only with an int8 KV cache (bf16 would allow 1280 tokens)")
+
+    r = plan_memory(installed(cpu(24), {"smollm2-135m": ("source",)}), cpu(24), kv_dtype="int8")
+    assert r.why.endswith("; the KV cache is int8, as asked")
+
+
+def test_a_fixed_float_kv_cache_that_cannot_fit_says_int8_would():
+    dev = cpu(8)
+    r = plan_memory(installed(dev, {"llama3-8b": ALL}), dev, variant="int4", ctx=8192, kv_dtype="fp32")
+    assert r.chosen is None
+    assert r.why == ("nothing installed fits a 8192-token context with the KV cache in fp32 in 8.00 GiB of cpu "
+                     "memory; llama3-8b:int4 would fit with up to 6400 tokens; with --kv-dtype int8, "
+                     "llama3-8b:int4 would fit with up to 8192 tokens")
+
+
+def test_a_fixed_int8_kv_cache_that_cannot_fit_says_what_would():
+    dev = cpu(8)
+    r = plan_memory(installed(dev, {"llama3-8b": ALL}), dev, variant="int8", kv_dtype="int8")
+    assert r.chosen is None
+    assert "with the KV cache in int8" in r.why
+    assert r.why.endswith("; llama3-8b:int4 would fit with up to 8192 tokens")
+
+
+def test_a_cache_read_back_converted_counts_one_layer_of_workspace():
+    dev = cpu(8)
+    fp32, int8 = (workspace_bytes(LLAMA3_8B, 8192, dev, kv) for kv in ("fp32", "int8"))
+    assert int8 - fp32 == 2 * 8192 * 8 * 128 * 4  # one layer's keys and values dequantized to fp32
+    assert workspace_bytes(LLAMA3_8B, 8192, dev, "auto") == fp32
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8"])
+@pytest.mark.parametrize("name", ["smollm2-135m", "llama3-8b"])
+def test_the_plan_counts_the_bytes_a_real_cache_holds(name, kv_dtype):
+    """Caches allocated for 64 tokens on a model with no weights (built on the meta device)."""
+    args = MODELS[name]
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.setup_caches(64, dtype=torch.float32, device="cpu", kv_dtype=KV_TORCH_DTYPES[kv_dtype])
+    held = sum(b.nbytes for layer in model.layers for b in layer.attention.kv_cache.buffers())
+    assert held == 64 * kv_bytes_per_token(args, kv_dtype)

@@ -68,14 +68,14 @@ class ChatApp(App):
     def __init__(self, model: str | None = None, settings: ChatSettings | None = None, *,
                  history: History | None = None, loader: Loader | None = None, ctx: int | None = None,
                  device: str | None = None, memory: Callable[[], int] | None = memory_in_use,
-                 pull: Callable[[str], object] | None = None) -> None:
+                 pull: Callable[[str], object] | None = None, kv_dtype: str = "auto") -> None:
         """`model` is a ref to load at start (default: the installed default model). `loader`,
         `memory` and `pull` replace the real engine, the RSS probe and the download in tests."""
         super().__init__()
         # opened here, before the terminal switches to the app, so a history written by a newer
         # llamadesk fails as one line from the CLI
         self.history = history or History()
-        self.chat = ChatScreen(self.history, loader or engine_loader(ctx, device), model,
+        self.chat = ChatScreen(self.history, loader or engine_loader(ctx, device, kv_dtype), model,
                                settings or ChatSettings(), memory)
         self.pull = pull or _pull_default
 
@@ -196,12 +196,12 @@ def _pull_default(name: str):
 
 
 def run_chat(model: str | None = None, system: str | None = None, params=None, ctx: int | None = None,
-             device: str | None = None) -> int:
+             device: str | None = None, kv_dtype: str = "auto") -> int:
     """The full-screen chat; `params` (model.generate.SamplingParams) seeds new chats' settings."""
     settings = ChatSettings(system=system or "")
     if params is not None:
         settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
                                 top_k=params.top_k, repeat_penalty=params.repetition_penalty, seed=params.seed)
-    app = ChatApp(model, settings, ctx=ctx, device=device)
+    app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype)
     app.run()
     return app.return_code or 0

@@ -48,11 +48,12 @@ class ChatModel(Protocol):
 Loader = Callable[[str], ChatModel]
 
 
-def engine_loader(ctx: int | None = None, device: str | None = None) -> Loader:
+def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: str = "auto") -> Loader:
     def load(ref: str) -> ChatModel:
         from ..engine import Engine
 
-        return Engine.load(ref, ctx=ctx, device=device)
+        # compiling the decode kernel (once per machine) must not hold up the first reply
+        return Engine.load(ref, ctx=ctx, device=device, kv_dtype=kv_dtype, compile_kernel="background")
 
     return load
 

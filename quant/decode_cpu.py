@@ -1,0 +1,165 @@
+"""The fused CPU decode step: every block of one token in C++ (csrc/decode_cpu.cpp).
+
+On a small model a decode step in Python spends more time dispatching ~45 small ops per block
+than in its matmuls. The C++ step does the same arithmetic as the eager blocks (fp32 residual,
+norms, RoPE, cache and attention; the same int4/int8/fp16/fp32 kernels for the linear layers)
+with four kernel calls per block. It is compiled once per machine into the cache folder;
+without a C++ compiler the model keeps its Python decode path.
+
+    decoder = build_decoder(model, cache)   # None when the model or this machine cannot use it
+    model.fused_decode = decoder     # Transformer.forward calls it for single tokens
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .linear import Fp16Linear, Int4Linear, Int8Linear
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
+DENSE, INT4, INT8, FP16 = 0, 1, 2, 3  # the kinds decode_cpu.cpp knows
+_lock = threading.Lock()
+_extension = None
+_failed: str | None = None
+
+
+def _extension_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return f"llamadesk_decode_{digest}"
+
+
+def is_built(cache: Path) -> bool:
+    """Whether this source has been compiled for this torch under `cache`/kernels."""
+    name = _extension_name()
+    return any((cache / "kernels" / name).glob(f"{name}*.so"))
+
+
+def load_extension(cache: Path, build: bool = True):
+    """The compiled module (kept under `cache`/kernels), building it first if `build` (~30 s once
+    per machine on 2 cores); None without a C++ compiler or if the build failed (logged once)."""
+    global _extension, _failed
+    with _lock:
+        if _extension is not None or _failed is not None:
+            return _extension
+        if not build and not is_built(cache):
+            return None
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            _failed = "no C++ compiler (c++ or g++) on PATH"
+            log.info("fused decode step unavailable: %s", _failed)
+            return None
+        from torch.utils import cpp_extension
+
+        name = _extension_name()
+        build_dir = cache / "kernels" / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # torch looks for ninja on PATH; the one pip installed sits beside this interpreter
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        try:
+            with _build_lock(build_dir):
+                _extension = cpp_extension.load(
+                    name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+        except (RuntimeError, OSError, ImportError, SystemExit) as e:
+            _failed = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            log.warning("fused decode step unavailable (build failed: %s); using the Python path", _failed)
+        return _extension
+
+
+@contextmanager
+def _build_lock(build_dir: Path):
+    """One builder per machine at a time, and no stale lock left by a killed one.
+
+    torch's own lock is a file that waits forever once its process was killed mid-build; an
+    flock dies with its process, so whoever holds it knows torch's file is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on torch's own lock
+        yield
+        return
+    with open(build_dir.parent / f"{build_dir.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_decoder(model: nn.Module, cache: Path, build: bool = True):
+    """A C++ decoder bound to `model`'s weights and KV cache, or None if it cannot run this model
+    (not on the CPU, NF4 or precise layers, an unfused block, a cache that is not fp32)."""
+    reason = unsupported(model)
+    if reason:
+        log.info("fused decode step not used: %s", reason)
+        return None
+    ext = load_extension(cache, build)
+    if ext is None:
+        return None
+    a = model.args
+    rope = torch.view_as_real(model.rope).contiguous()  # (S, hd/2, 2) cos, sin
+    decoder = ext.Decoder(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, rope)
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        decoder.add_block(layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach(),
+                          attn.kv_cache.k, attn.kv_cache.v,
+                          _spec(attn.wqkv), _spec(attn.wo), _spec(ffn.w13), _spec(ffn.w2))
+    return decoder
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the fused step cannot run this model, or None if it can."""
+    if model.rope is None or not model.layers:
+        return "the caches are not set up"
+    if model.norm.weight.device.type != "cpu" or model.norm.weight.dtype != torch.float32:
+        return "it runs fp32 activations on the CPU only"
+    for i, layer in enumerate(model.layers):
+        attn, ffn = layer.attention, layer.feed_forward
+        cache = attn.kv_cache
+        if cache is None or getattr(cache, "k", None) is None or cache.k.dtype != torch.float32:
+            return f"layer {i}: the KV cache is not fp32"
+        if attn.wqkv is None or ffn.w13 is None:
+            return f"layer {i}: projections are not fused"
+        for name, mod in (("wqkv", attn.wqkv), ("wo", attn.wo), ("w13", ffn.w13), ("w2", ffn.w2)):
+            why = _why_not(mod)
+            if why:
+                return f"layer {i} {name}: {why}"
+    return None
+
+
+def _why_not(mod: nn.Module) -> str | None:
+    if getattr(mod, "precise", False):
+        return "precise layers run in Python"
+    if isinstance(mod, Int4Linear):
+        return None if mod.kernel == "cpu" else f"int4 prepared for {mod.kernel or 'nothing'}"
+    if isinstance(mod, Int8Linear):
+        return None if mod.kernel in ("int8pack", "dense") else f"int8 kernel {mod.kernel or 'unprepared'}"
+    if isinstance(mod, Fp16Linear):
+        return None
+    if type(mod) is nn.Linear:
+        return None if mod.weight.dtype == torch.float32 else f"dense weight in {mod.weight.dtype}"
+    return f"{type(mod).__name__} has no fused kernel"
+
+
+def _spec(mod: nn.Module) -> tuple:
+    """(kind, tensor a, tensor b, group, n_out, k_in) as decode_cpu.cpp's Linear takes them."""
+    empty = torch.empty(0)
+    K, N = mod.in_features, mod.out_features
+    if isinstance(mod, Int4Linear):
+        return (INT4, mod.packed, mod.scales_and_zeros, mod.group_size, N, K)
+    if isinstance(mod, Int8Linear) and mod.kernel == "int8pack":
+        return (INT8, mod.qweight, mod.kernel_scales, 0, N, K)
+    if isinstance(mod, Int8Linear):
+        return (DENSE, mod.dense_weight.float().contiguous(), empty, 0, N, K)
+    if isinstance(mod, Fp16Linear):
+        return (FP16, mod.weight.detach().contiguous(), empty, 0, N, K)
+    return (DENSE, mod.weight.detach().contiguous(), empty, 0, N, K)

@@ -1,0 +1,133 @@
+"""The compiled CPU decode step (quant/decode_cpu.py) against the Python blocks it replaces.
+
+Tiny random models with every kind of layer it runs: fp32, int4 (with rows padded for the
+kernel), int8 through the int8 kernel and as a dense weight (K % 16 != 0), an fp16 head.
+The real default model's greedy tokens are checked in test_fast_path.py.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from app import pull
+from app.engine import attach_fused_decode
+from model.args import ModelArgs
+from model.generate import SamplingParams, generate
+from model.model import Transformer
+from quant import decode_cpu
+from quant.formats import pack_int4, pack_int8
+from quant.linear import fuse_projections, repack_for_device, swap_linears
+
+# ffn_dim 100: w1/w3 fuse to 200 rows (the int4 kernel pads to 208); w2's K = 100 is no multiple
+# of 16, so int8 runs it as a dense weight
+ARGS = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_dim=100)
+LAYER_SCHEMES = [
+    {"wq": "int4", "wk": "int4", "wv": "int4", "wo": "int4", "w1": "int4", "w3": "int4", "w2": "int8"},
+    {"wq": "int8", "wk": "int8", "wv": "int8", "wo": "int8", "w1": "int8", "w3": "int8", "w2": "int8"},
+    {},  # fp32
+]
+PACK = {"int4": lambda w: pack_int4(w, 32)[0], "int8": lambda w: pack_int8(w)[0]}
+
+
+def _module_name(layer: int, short: str) -> str:
+    part = "attention" if short in ("wq", "wk", "wv", "wo") else "feed_forward"
+    return f"layers.{layer}.{part}.{short}"
+
+
+def tiny_packed_model(ctx: int = 64) -> Transformer:
+    torch.manual_seed(0)
+    reference = Transformer(ModelArgs(**ARGS))
+    for name, p in reference.named_parameters():
+        nn.init.normal_(p, std=0.08) if p.dim() == 2 else nn.init.uniform_(p, 0.5, 1.5)
+    sd = dict(reference.state_dict())
+    precision = {}
+    for i, schemes in enumerate(LAYER_SCHEMES):
+        for short, scheme in schemes.items():
+            name = _module_name(i, short)
+            precision[name] = scheme
+            sd.update(PACK[scheme](sd.pop(f"{name}.weight")).state_dict(name))
+    precision["output"] = "fp16"
+    sd["output.weight"] = sd["output.weight"].half()
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**ARGS))
+    swap_linears(model, precision)
+    model.load_state_dict(sd, assign=True)
+    fuse_projections(model)
+    repack_for_device(model, "cpu")
+    model.setup_caches(ctx)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cache():
+    if not decode_cpu.load_extension(pull.cache_dir()):
+        pytest.fail("the decode kernel did not compile on this machine (a C++ compiler is needed for tests)")
+    return pull.cache_dir()
+
+
+@torch.inference_mode()
+def test_one_step_equals_the_python_blocks(cache):
+    model = tiny_packed_model()
+    decoder = decode_cpu.build_decoder(model, cache)
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    model(tokens[:, :8], 0)  # a prefill fills positions 0..7
+    h = model.tok_embeddings(tokens[:, 8:])  # (1, 1, D)
+    expected = h
+    for layer in model.layers:
+        expected = layer(expected, 8, model.rope[8:9], None)
+    k_python = [layer.attention.kv_cache.k[:, :, 8].clone() for layer in model.layers]
+    got = decoder.step(h, 8)  # writes position 8 of the same caches again
+    assert got.shape == expected.shape == (1, 1, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for layer, k in zip(model.layers, k_python):
+        torch.testing.assert_close(layer.attention.kv_cache.k[:, :, 8], k, rtol=1e-6, atol=1e-6)
+
+
+@torch.inference_mode()
+def test_greedy_tokens_equal_with_and_without_the_fused_step(cache):
+    model = tiny_packed_model()
+    prompt = [5, 17, 99, 3, 250]
+    python = list(generate(model, prompt, 40, params=SamplingParams(temperature=0)))
+    attach_fused_decode(model, "now")
+    assert model.fused_decode is not None
+    fused = list(generate(model, prompt, 40, params=SamplingParams(temperature=0)))
+    assert fused == python and len(set(fused)) > 3
+
+
+def test_what_the_fused_step_does_not_run_keeps_the_python_path(cache):
+    model = tiny_packed_model()
+    assert decode_cpu.unsupported(model) is None
+    model.setup_caches(64, kv_dtype=torch.int8)
+    assert "KV cache" in decode_cpu.unsupported(model)
+    model.setup_caches(64)
+    model.layers[1].attention.wo.precise = True
+    assert "precise" in decode_cpu.unsupported(model)
+    attach_fused_decode(model, "now")
+    assert model.fused_decode is None
+    assert len(list(generate(model, [1, 2, 3], 5, params=SamplingParams(temperature=0)))) == 5
+
+
+def test_new_caches_drop_the_step_bound_to_the_old_ones(cache):
+    model = tiny_packed_model()
+    attach_fused_decode(model, "now")
+    assert model.fused_decode is not None
+    model.setup_caches(32)
+    assert model.fused_decode is None
+
+
+def test_no_compiler_means_the_python_path(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(decode_cpu, "_extension", None)
+    monkeypatch.setattr(decode_cpu, "_failed", None)
+    monkeypatch.setattr(decode_cpu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pull, "cache_dir", lambda: tmp_path)  # nothing compiled there
+    model = tiny_packed_model()
+    attach_fused_decode(model, "now")
+    assert model.fused_decode is None
+    assert len(list(generate(model, [1, 2, 3], 5, params=SamplingParams(temperature=0)))) == 5
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
+    build_dir = tmp_path / "kernels" / "x"
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").write_text("")  # torch's lock file, whose owner died mid-build
+    with decode_cpu._build_lock(build_dir):
+        assert not (build_dir / "lock").exists()
