@@ -143,3 +143,30 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
     except (OSError, AttributeError):
         pass
+
+
+def reuse_freed_memory() -> None:
+    """After loading: let glibc keep freed blocks up to 16 MiB in the heap for the next use.
+
+    With the 1 MiB threshold of loading, every prefill temporary over 1 MiB was a fresh mapping
+    whose pages the kernel zeroes on first touch: prefill ran ~30% slower (measured, 512 tokens).
+    The heap keeps that workspace between chunks; trim_heap() hands it back after a prompt.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD: no trimming between two prefill chunks
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the OS (after a prompt's prefill: its temporaries)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -24,7 +24,7 @@ from quant.formats import FORMAT_VERSION
 from quant.linear import fuse_projections, repack_for_device, swap_linears
 
 from . import pull, store
-from .devices import default_threads, format_bytes, probe, release_freed_memory
+from .devices import default_threads, format_bytes, probe, release_freed_memory, reuse_freed_memory, trim_heap
 from .errors import UserError
 from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
 
@@ -98,6 +98,7 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
     model.setup_caches(ctx, dtype=dtype, device=device, kv_dtype=KV_TORCH_DTYPES[kv_dtype] if kv_dtype else None)
     if fuse:
         attach_fused_decode(model, compile_kernel, say)
+    reuse_freed_memory()
     return model
 
 
@@ -230,6 +231,7 @@ class Engine:
         chunk = min(PREFILL_CHUNK, self.ctx)
         with torch.inference_mode():
             self.model(torch.zeros((1, chunk), dtype=torch.long), self.ctx - chunk, last_only=True)
+        trim_heap()
         self._cached = []
 
     def memory_report(self) -> str:
@@ -264,6 +266,7 @@ class Engine:
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t0
+                    trim_heap()  # the prompt's temporaries: a chat's RSS stays what the plan says
                 out.append(token)
                 stats.new_tokens = len(out)
                 stats.decode_s = time.perf_counter() - t_first

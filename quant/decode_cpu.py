@@ -2,7 +2,7 @@
 
 On a small model a decode step in Python spends more time dispatching ~45 small ops per block
 than in its matmuls. The C++ step does the same arithmetic as the eager blocks (fp32 residual,
-norms, RoPE, cache and attention; the same int4/int8/fp16/fp32 kernels for the linear layers)
+norms, RoPE, cache and attention; the same int4/int8/fp16/fp32 kernels for the linear layers; an fp32, bf16 or int8 KV cache)
 with four kernel calls per block. It is compiled once per machine into the cache folder;
 without a C++ compiler the model keeps its Python decode path.
 
@@ -28,6 +28,7 @@ from .linear import Fp16Linear, Int4Linear, Int8Linear
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
 DENSE, INT4, INT8, FP16 = 0, 1, 2, 3  # the kinds decode_cpu.cpp knows
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 _lock = threading.Lock()
 _extension = None
 _failed: str | None = None
@@ -40,8 +41,25 @@ def _extension_name() -> str:
 
 def is_built(cache: Path) -> bool:
     """Whether this source has been compiled for this torch under `cache`/kernels."""
+    return _built_library(cache) is not None
+
+
+def _built_library(cache: Path) -> Path | None:
     name = _extension_name()
-    return any((cache / "kernels" / name).glob(f"{name}*.so"))
+    found = sorted((cache / "kernels" / name).glob(f"{name}*.so"))
+    return found[-1] if found else None
+
+
+def _import_library(path: Path):
+    import importlib.machinery
+    import importlib.util
+
+    module_name = path.name.split(".")[0]  # torch may have built it as NAME_v1
+    loader = importlib.machinery.ExtensionFileLoader(module_name, str(path))
+    spec = importlib.util.spec_from_file_location(module_name, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def load_extension(cache: Path, build: bool = True):
@@ -53,6 +71,15 @@ def load_extension(cache: Path, build: bool = True):
             return _extension
         if not build and not is_built(cache):
             return None
+        built = _built_library(cache)
+        if built is not None:
+            # import the library directly: torch.utils.cpp_extension pulls in setuptools and
+            # ~30 MiB of modules that only building needs
+            try:
+                _extension = _import_library(built)
+                return _extension
+            except ImportError as e:
+                log.info("rebuilding the fused decode step (%s)", e)
         if shutil.which("c++") is None and shutil.which("g++") is None:
             _failed = "no C++ compiler (c++ or g++) on PATH"
             log.info("fused decode step unavailable: %s", _failed)
@@ -97,7 +124,7 @@ def _build_lock(build_dir: Path):
 
 def build_decoder(model: nn.Module, cache: Path, build: bool = True):
     """A C++ decoder bound to `model`'s weights and KV cache, or None if it cannot run this model
-    (not on the CPU, NF4 or precise layers, an unfused block, a cache that is not fp32)."""
+    (not on the CPU, NF4 or precise layers, an unfused block, an fp16 KV cache)."""
     reason = unsupported(model)
     if reason:
         log.info("fused decode step not used: %s", reason)
@@ -110,8 +137,9 @@ def build_decoder(model: nn.Module, cache: Path, build: bool = True):
     decoder = ext.Decoder(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, rope)
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
+        cache = attn.kv_cache
         decoder.add_block(layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach(),
-                          attn.kv_cache.k, attn.kv_cache.v,
+                          cache.k, cache.v, getattr(cache, "k_scale", None), getattr(cache, "v_scale", None),
                           _spec(attn.wqkv), _spec(attn.wo), _spec(ffn.w13), _spec(ffn.w2))
     return decoder
 
@@ -125,8 +153,8 @@ def unsupported(model: nn.Module) -> str | None:
     for i, layer in enumerate(model.layers):
         attn, ffn = layer.attention, layer.feed_forward
         cache = attn.kv_cache
-        if cache is None or getattr(cache, "k", None) is None or cache.k.dtype != torch.float32:
-            return f"layer {i}: the KV cache is not fp32"
+        if cache is None or getattr(cache, "k", None) is None or cache.k.dtype not in CACHE_DTYPES:
+            return f"layer {i}: a KV cache in {getattr(cache, 'k', torch.empty(0)).dtype} has no fused kernel"
         if attn.wqkv is None or ffn.w13 is None:
             return f"layer {i}: projections are not fused"
         for name, mod in (("wqkv", attn.wqkv), ("wo", attn.wo), ("w13", ffn.w13), ("w2", ffn.w2)):

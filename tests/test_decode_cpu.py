@@ -33,7 +33,7 @@ def _module_name(layer: int, short: str) -> str:
     return f"layers.{layer}.{part}.{short}"
 
 
-def tiny_packed_model(ctx: int = 64) -> Transformer:
+def tiny_packed_model(ctx: int = 64, kv_dtype=None) -> Transformer:
     torch.manual_seed(0)
     reference = Transformer(ModelArgs(**ARGS))
     for name, p in reference.named_parameters():
@@ -53,7 +53,7 @@ def tiny_packed_model(ctx: int = 64) -> Transformer:
     model.load_state_dict(sd, assign=True)
     fuse_projections(model)
     repack_for_device(model, "cpu")
-    model.setup_caches(ctx)
+    model.setup_caches(ctx, kv_dtype=kv_dtype)
     return model.eval()
 
 
@@ -64,27 +64,36 @@ def cache():
     return pull.cache_dir()
 
 
+KV_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("past", [8, 300])  # short contexts and long ones (KV heads on threads)
 @torch.inference_mode()
-def test_one_step_equals_the_python_blocks(cache):
-    model = tiny_packed_model()
+def test_one_step_equals_the_python_blocks(cache, kv_dtype, past):
+    model = tiny_packed_model(ctx=512, kv_dtype=kv_dtype)
     decoder = decode_cpu.build_decoder(model, cache)
-    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
-    model(tokens[:, :8], 0)  # a prefill fills positions 0..7
-    h = model.tok_embeddings(tokens[:, 8:])  # (1, 1, D)
+    tokens = torch.randint(0, 256, (1, past + 1), generator=torch.Generator().manual_seed(3))
+    model(tokens[:, :past], 0)  # a prefill fills positions 0..past-1
+    h = model.tok_embeddings(tokens[:, past:])  # (1, 1, D)
     expected = h
     for layer in model.layers:
-        expected = layer(expected, 8, model.rope[8:9], None)
-    k_python = [layer.attention.kv_cache.k[:, :, 8].clone() for layer in model.layers]
-    got = decoder.step(h, 8)  # writes position 8 of the same caches again
+        expected = layer(expected, past, model.rope[past : past + 1], None)
+    written = [dict(layer.attention.kv_cache.named_buffers()) for layer in model.layers]
+    written = [{k: t[:, :, past].clone() for k, t in bufs.items()} for bufs in written]
+    got = decoder.step(h, past)  # writes position `past` of the same caches again
     assert got.shape == expected.shape == (1, 1, 64)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for layer, k in zip(model.layers, k_python):
-        torch.testing.assert_close(layer.attention.kv_cache.k[:, :, 8], k, rtol=1e-6, atol=1e-6)
+    for layer, bufs in zip(model.layers, written):  # the cache holds what the Python blocks stored
+        assert set(bufs) == ({"k", "v", "k_scale", "v_scale"} if kv_dtype == torch.int8 else {"k", "v"})
+        for name, t in bufs.items():
+            torch.testing.assert_close(getattr(layer.attention.kv_cache, name)[:, :, past], t, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @torch.inference_mode()
-def test_greedy_tokens_equal_with_and_without_the_fused_step(cache):
-    model = tiny_packed_model()
+def test_greedy_tokens_equal_with_and_without_the_fused_step(cache, kv_dtype):
+    model = tiny_packed_model(kv_dtype=kv_dtype)
     prompt = [5, 17, 99, 3, 250]
     python = list(generate(model, prompt, 40, params=SamplingParams(temperature=0)))
     attach_fused_decode(model, "now")
@@ -96,7 +105,7 @@ def test_greedy_tokens_equal_with_and_without_the_fused_step(cache):
 def test_what_the_fused_step_does_not_run_keeps_the_python_path(cache):
     model = tiny_packed_model()
     assert decode_cpu.unsupported(model) is None
-    model.setup_caches(64, kv_dtype=torch.int8)
+    model.setup_caches(64, kv_dtype=torch.float16)
     assert "KV cache" in decode_cpu.unsupported(model)
     model.setup_caches(64)
     model.layers[1].attention.wo.precise = True

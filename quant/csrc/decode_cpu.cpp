@@ -9,7 +9,10 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -67,9 +70,41 @@ Linear make_linear(const LinearSpec& s) {
 
 struct Block {
   at::Tensor attention_norm, ffn_norm;  // (D,) fp32
-  at::Tensor k_cache, v_cache;          // (1, n_kv, S, hd) fp32
+  at::Tensor k_cache, v_cache;          // (1, n_kv, S, hd) fp32, bf16 or int8
+  at::Tensor k_scale, v_scale;          // (1, n_kv, S, 1) fp32 for an int8 cache, else undefined
   Linear wqkv, wo, w13, w2;
 };
+
+// exp for softmax and SiLU in a form the compiler vectorizes (std::exp is one call per value):
+// 2^(x log2 e) as an exponent-bits power of two times Cephes' exp2f polynomial on [-0.5, 0.5],
+// ~2e-7 relative error.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = std::floor(t + 0.5f);
+  const float f = t - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  return p * pow2n;
+}
+
+// Cache elements as fp32: bf16 is the top half of an fp32; int8 codes get their vector's scale later.
+inline float as_float(float x) { return x; }
+inline float as_float(int8_t x) { return static_cast<float>(x); }
+inline float as_float(at::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 void rms_norm(const float* x, const float* w, float* out, int64_t n, double eps) {
   float ss = 0.f;
@@ -107,10 +142,14 @@ class Decoder {
   }
 
   void add_block(at::Tensor attention_norm, at::Tensor ffn_norm, at::Tensor k_cache, at::Tensor v_cache,
+                 c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
                  LinearSpec wqkv, LinearSpec wo, LinearSpec w13, LinearSpec w2) {
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "the fused decode step needs an fp32 KV cache");
+    const auto t = k_cache.scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kChar, "KV cache dtype ", t, " is not supported");
+    TORCH_CHECK(t != at::kChar || (k_scale && v_scale), "an int8 KV cache needs its scales");
     blocks_.push_back(Block{attention_norm.contiguous(), ffn_norm.contiguous(), k_cache, v_cache,
+                            t == at::kChar ? *k_scale : at::Tensor(), t == at::kChar ? *v_scale : at::Tensor(),
                             make_linear(wqkv), make_linear(wo), make_linear(w13), make_linear(w2)});
   }
 
@@ -129,17 +168,10 @@ class Decoder {
       float* k = q + nh_ * hd_;
       float* v = k + nkv_ * hd_;
       rope(q, cs, nh_ + nkv_, hd_);  // q and k sit next to each other
-      const int64_t S = b.k_cache.size(2);
-      float* kc = b.k_cache.data_ptr<float>();
-      float* vc = b.v_cache.data_ptr<float>();
-      for (int64_t g = 0; g < nkv_; ++g) {
-        std::copy(k + g * hd_, k + (g + 1) * hd_, kc + (g * S + pos) * hd_);
-        std::copy(v + g * hd_, v + (g + 1) * hd_, vc + (g * S + pos) * hd_);
-      }
-      if (pos + 1 <= kLoopAttention) {
-        attend(q, kc, vc, S, pos + 1);
-      } else {
-        attend_matmul(q, b.k_cache, b.v_cache, pos + 1);
+      switch (b.k_cache.scalar_type()) {
+        case at::kFloat: attend_block<float>(b, q, k, v, pos); break;
+        case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, pos); break;
+        default: attend_block<int8_t>(b, q, k, v, pos); break;
       }
       b.wo.apply(att_.data(), o_.data());
       for (int64_t i = 0; i < dim_; ++i) hp[i] += o_[i];
@@ -148,7 +180,8 @@ class Decoder {
       b.w13.apply(xn_.data(), h13_.data());
       const float* gate = h13_.data();
       const float* up = gate + hidden_;
-      for (int64_t i = 0; i < hidden_; ++i) act_[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+#pragma omp simd
+      for (int64_t i = 0; i < hidden_; ++i) act_[i] = gate[i] / (1.f + fast_exp(-gate[i])) * up[i];
       b.w2.apply(act_.data(), o_.data());
       for (int64_t i = 0; i < dim_; ++i) hp[i] += o_[i];
     }
@@ -156,56 +189,119 @@ class Decoder {
   }
 
  private:
-  // Up to this many keys, loops beat the matmul kernels' call overhead; past it, their
-  // vectorized exp and GEMV win (measured on a 2-core Zen 4: 2000 keys, 9 ms a token in loops).
-  static constexpr int64_t kLoopAttention = 192;
-
-  // One query per head against keys 0..L-1 of its KV head, in loops; writes att_ (nh * hd).
-  void attend(const float* q, const float* kc, const float* vc, int64_t S, int64_t L) {
-    const int64_t rep = nh_ / nkv_;
-    const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
-    std::vector<float>& p = scores_;
-    p.resize(L);
-    for (int64_t h = 0; h < nh_; ++h) {
-      const float* qh = q + h * hd_;
-      const float* keys = kc + (h / rep) * S * hd_;
-      const float* vals = vc + (h / rep) * S * hd_;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < L; ++t) {
-        const float* kt = keys + t * hd_;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < hd_; ++d) s += qh[d] * kt[d];
-        p[t] = s * scale;
-        mx = std::max(mx, p[t]);
-      }
-      float sum = 0.f;
-      for (int64_t t = 0; t < L; ++t) {
-        p[t] = std::exp(p[t] - mx);
-        sum += p[t];
-      }
-      float* y = att_.data() + h * hd_;
-      std::fill(y, y + hd_, 0.f);
-      const float inv = 1.f / sum;
-      for (int64_t t = 0; t < L; ++t) {
-        const float w = p[t] * inv;
-        const float* vt = vals + t * hd_;
-#pragma omp simd
-        for (int64_t d = 0; d < hd_; ++d) y[d] += w * vt[d];
-      }
+  // Store this token's k, v (nkv * hd each) at `pos` as the cache holds them (as the Python
+  // KVCache.update does), then attend; writes att_ (nh * hd).
+  template <typename T>
+  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos) {
+    const int64_t S = b.k_cache.size(2);
+    T* kc = b.k_cache.data_ptr<T>();
+    T* vc = b.v_cache.data_ptr<T>();
+    float* ks = b.k_scale.defined() ? b.k_scale.data_ptr<float>() : nullptr;
+    float* vs = b.v_scale.defined() ? b.v_scale.data_ptr<float>() : nullptr;
+    for (int64_t g = 0; g < nkv_; ++g) {
+      const int64_t at_pos = g * S + pos;
+      store(k + g * hd_, kc + at_pos * hd_, ks ? ks + at_pos : nullptr);
+      store(v + g * hd_, vc + at_pos * hd_, vs ? vs + at_pos : nullptr);
+    }
+    if (std::is_same<T, float>::value && pos + 1 > kLoopKeys) {
+      attend_matmul(q, b.k_cache, b.v_cache, pos + 1);
+    } else {
+      attend(q, kc, vc, ks, vs, S, pos + 1);
     }
   }
 
-  // The same with the matmul and softmax kernels, as model/model.py's _decode_attention does it.
-  void attend_matmul(float* q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t L) {
+  // Up to this many keys of an fp32 cache, loops beat the matmul kernels' call overhead; past it,
+  // the GEMV kernels win (2-core Zen 4, SmolLM2: at 576 keys 4.7 ms a step against 6.1 in loops,
+  // whose cost is the per-key dot-product reductions). bf16 and int8 caches, chosen to save
+  // memory, always run the loops, which read them without a converted copy.
+  static constexpr int64_t kLoopKeys = 192;
+
+  // Attention through the matmul and softmax kernels, as model/model.py's _decode_attention does it.
+  void attend_matmul(const float* q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t L) {
     const int64_t rep = nh_ / nkv_;
-    auto qg = at::from_blob(q, {1, nkv_, rep, hd_}, at::kFloat);  // (B, nkv, n_rep, hd)
-    auto k = k_cache.narrow(2, 0, L);                             // (B, nkv, L, hd)
+    auto qg = at::from_blob(const_cast<float*>(q), {1, nkv_, rep, hd_}, at::kFloat);  // (B, nkv, n_rep, hd)
+    auto k = k_cache.narrow(2, 0, L);                                                // (B, nkv, L, hd)
     auto v = v_cache.narrow(2, 0, L);
     auto scores = at::matmul(qg, k.transpose(-1, -2)).mul_(1.0 / std::sqrt(static_cast<double>(hd_)));
     auto y = at::matmul(at::softmax(scores, -1), v);  // (B, nkv, n_rep, hd)
     std::copy(y.data_ptr<float>(), y.data_ptr<float>() + nh_ * hd_, att_.data());
   }
+
+  void store(const float* x, float* out, float*) { std::copy(x, x + hd_, out); }
+  void store(const float* x, at::BFloat16* out, float*) {
+    for (int64_t d = 0; d < hd_; ++d) out[d] = at::BFloat16(x[d]);  // round to nearest even, as .to() does
+  }
+  void store(const float* x, int8_t* out, float* scale) {  // model.quantize_kv: absmax / 127 per vector
+    float amax = 0.f;
+    for (int64_t d = 0; d < hd_; ++d) amax = std::max(amax, std::abs(x[d]));
+    const float s = amax / 127.f;
+    const float div = std::max(s, std::numeric_limits<float>::min());
+    for (int64_t d = 0; d < hd_; ++d) {
+      out[d] = static_cast<int8_t>(std::min(std::max(std::nearbyint(x[d] / div), -127.f), 127.f));
+    }
+    *scale = s;
+  }
+
+  // One query per head against keys 0..L-1 of its KV head; the n_rep query heads that share a
+  // KV head read each key and value once. KV heads go to threads once the context is long.
+  template <typename T>
+  void attend(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L) {
+    const int64_t rep = nh_ / nkv_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
+    if (static_cast<int64_t>(scores_.size()) < nh_ * L) scores_.resize(nh_ * L);
+    auto heads = [&](int64_t g0, int64_t g1) {
+      std::vector<float> row(hd_);
+      for (int64_t g = g0; g < g1; ++g) {
+        const T* keys = kc + g * S * hd_;
+        const T* vals = vc + g * S * hd_;
+        float* p = scores_.data() + g * rep * L;  // (rep, L)
+        for (int64_t t = 0; t < L; ++t) {
+          const T* kt = keys + t * hd_;
+          for (int64_t d = 0; d < hd_; ++d) row[d] = as_float(kt[d]);
+          const float kscale = ks ? ks[g * S + t] * scale : scale;
+          for (int64_t r = 0; r < rep; ++r) {
+            const float* qh = q + (g * rep + r) * hd_;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < hd_; ++d) s += qh[d] * row[d];
+            p[r * L + t] = s * kscale;
+          }
+        }
+        for (int64_t r = 0; r < rep; ++r) {
+          float* pr = p + r * L;
+          float mx = -INFINITY;
+          for (int64_t t = 0; t < L; ++t) mx = std::max(mx, pr[t]);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = 0; t < L; ++t) {
+            pr[t] = fast_exp(pr[t] - mx);
+            sum += pr[t];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t t = 0; t < L; ++t) pr[t] *= inv * (vs ? vs[g * S + t] : 1.f);
+          std::fill(att_.data() + (g * rep + r) * hd_, att_.data() + (g * rep + r + 1) * hd_, 0.f);
+        }
+        for (int64_t t = 0; t < L; ++t) {
+          const T* vt = vals + t * hd_;
+          for (int64_t d = 0; d < hd_; ++d) row[d] = as_float(vt[d]);
+          for (int64_t r = 0; r < rep; ++r) {
+            const float w = p[r * L + t];
+            float* y = att_.data() + (g * rep + r) * hd_;
+#pragma omp simd
+            for (int64_t d = 0; d < hd_; ++d) y[d] += w * row[d];
+          }
+        }
+      }
+    };
+    if (L >= kParallelKeys && nkv_ > 1) {
+      at::parallel_for(0, nkv_, 1, heads);
+    } else {
+      heads(0, nkv_);
+    }
+  }
+
+  // Past this many keys, splitting KV heads over threads pays for waking them.
+  static constexpr int64_t kParallelKeys = 256;
 
   int64_t dim_, nh_, nkv_, hd_, hidden_;
   double eps_;
