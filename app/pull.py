@@ -39,13 +39,15 @@ class CatalogEntry:
     wheel_file: str
     sha256: str
     member: str
+    variants: tuple[str, ...] = ()  # packed variants made at pull time, beside the source
 
 
 def load_catalog() -> tuple[str, dict[str, CatalogEntry]]:
     """(default model name, {name: entry}) from assets/catalog.toml."""
     text = resources.files("assets").joinpath("catalog.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    entries = {name: CatalogEntry(name=name, **fields) for name, fields in data["models"].items()}
+    entries = {name: CatalogEntry(name=name, **dict(fields, variants=tuple(fields.get("variants", ()))))
+               for name, fields in data["models"].items()}
     return data["default"], entries
 
 

