@@ -122,6 +122,11 @@ def _build_lock(build_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def loaded_extension():
+    """The compiled module if this process has loaded it, else None (never builds)."""
+    return _extension
+
+
 def build_decoder(model: nn.Module, cache: Path, build: bool = True):
     """A C++ decoder bound to `model`'s weights and KV cache, or None if it cannot run this model
     (not on the CPU, NF4 or precise layers, an unfused block, an fp16 KV cache)."""

@@ -59,7 +59,7 @@ class Int8Linear(nn.Module):
         N, K = out_features, in_features
         self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(N, n_groups, dtype=torch.float32, device=device))
-        self.kernel = ""  # set by prepare: "int8pack" | "dense" | "dequant"
+        self.kernel = ""  # set by prepare: "int8pack" | "int8group" | "dense" | "dequant"
 
     def prepare(self, device, precise: bool = False) -> None:
         if self.kernel:
@@ -76,6 +76,11 @@ class Int8Linear(nn.Module):
             hi, lo = split_bf16(scales[:, 0].contiguous())  # (N,)
             self.register_buffer("kernel_scales", hi, persistent=False)
             self.register_buffer("kernel_scales_lo", lo, persistent=False)
+        elif device.type == "cpu" and self.group_size == 32:
+            # a GGUF Q8_0 grid (the head of a tied Q8_0 table): kept packed, run by the compiled
+            # kernel (quant/csrc) once loaded, else dequantized a block of rows at a time
+            self.kernel = "int8group"
+            self.qweight, self.scales = qweight.contiguous(), scales.float().contiguous()
         elif device.type == "cpu":
             self.kernel = "dense"
             shape = (self.out_features, self.in_features)
@@ -97,6 +102,8 @@ class Int8Linear(nn.Module):
                      + mm(xl, self.kernel_scales).float())
             else:
                 y = mm(x2.to(torch.bfloat16), self.kernel_scales)
+        elif self.kernel == "int8group":
+            y = self._grouped(x2.float())
         elif self.kernel == "dense":
             y = F.linear(x2.to(self.dense_weight.dtype), self.dense_weight)
         elif self.kernel == "dequant":
@@ -104,6 +111,17 @@ class Int8Linear(nn.Module):
         else:
             raise RuntimeError(_NOT_PREPARED.format("Int8Linear"))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        from . import decode_cpu
+
+        ext = decode_cpu.loaded_extension()
+        if ext is not None and x.shape[0] <= 8:  # decode and last-token prefill: one weight read
+            return ext.int8_group_linear(x, self.qweight, self.scales)
+        # many rows (perplexity over a window): fp32 GEMM on 8 MiB of dequantized rows at a time
+        rows = max(1, (8 << 20) // (4 * self.in_features))
+        return torch.cat([int8_dequant_linear(x, self.qweight[i : i + rows], self.scales[i : i + rows])
+                          for i in range(0, self.out_features, rows)], dim=1)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"

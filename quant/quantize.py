@@ -31,8 +31,9 @@ class QuantOptions:
     scheme: str  # int8 | int4 | nf4: the transformer blocks' linear layers
     group_size: int = 32  # int4 only
     embeddings: str = "int8"  # int8 | fp32: the token embedding table
-    # the output projection: int8 | int4 | fp16 | fp32, or "auto": fp16 when the source's table was
-    # a GGUF Q8_0 (int8 per row would lose 1% of it, +0.3% perplexity on SmolLM2), else int8
+    # the output projection: int8 | int4 | fp16 | fp32, or "auto": int8, in groups of 32 when the
+    # source's table was a GGUF Q8_0 (its own grid, exact; one scale per row would lose 1% of it,
+    # +0.3% perplexity on SmolLM2)
     head: str = "auto"
     double_quant: bool = True  # nf4 only: quantize the absmax statistics too
 
@@ -70,18 +71,15 @@ class QuantReport:
         return [t for t in self.tensors if t.note]
 
 
-def precision_map(args: ModelArgs, opts: QuantOptions, source_types: dict[str, str] | None = None) -> dict[str, str]:
-    """Module name -> scheme; norms are absent (they stay fp32)."""
+def precision_map(args: ModelArgs, opts: QuantOptions) -> dict[str, str]:
+    """Module name -> scheme; norms are absent (they stay fp32). (The source's types decide groups,
+    in quantize_stream: a Q8_0 table keeps its grid as the embedding and as an "auto" head.)"""
     linear = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
     out = {f"layers.{i}.{m}": opts.scheme for i in range(args.n_layers) for m in linear}
     out["tok_embeddings"] = opts.embeddings
     head = opts.head
-    if head == "auto":
-        types = source_types or {}
-        table = types.get("output.weight") or types.get("tok_embeddings.weight" if args.tie_embeddings else "")
-        head = "fp16" if table == "Q8_0" else "int8"
-    out["output"] = head
+    out["output"] = "int8" if head == "auto" else head
     return out
 
 
@@ -120,8 +118,9 @@ def pack_tensor(name: str, w: torch.Tensor, scheme: str, opts: QuantOptions, arg
         symmetric = source_type == "Q4_0" and group == GGUF_BLOCK
         packed, sq, rel = _pack_in_row_blocks(w, lambda b: pack_int4(b, group, symmetric))
     elif scheme == "int8":
-        # the embedding table is only looked up, so a per-32 scale costs nothing there and keeps
-        # a GGUF Q8_0 table exact; linear layers need one scale per row for the int8 kernel
+        # a per-32 scale keeps a GGUF Q8_0 table exact: the embedding is only looked up, and the
+        # head runs a grouped kernel of its own; other linear layers take the int8 kernel's one
+        # scale per row
         g = 32 if exact_rows and w.shape[1] % 32 == 0 else None
         packed, sq, rel = _pack_in_row_blocks(w, lambda b: pack_int8(b, g))
     else:
@@ -161,8 +160,10 @@ def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], args: ModelArgs
 
     A tied model's table is packed twice: once as the embedding, once as the output head.
     """
-    pmap = precision_map(args, opts, source_types)
+    pmap = precision_map(args, opts)
     types = source_types or {}
+    table = types.get("output.weight") or types.get("tok_embeddings.weight" if args.tie_embeddings else "")
+    exact = {"tok_embeddings"} | ({"output"} if opts.head == "auto" and table == "Q8_0" else set())
     done = 0
     for name, w in tensors:
         progress(done, total, name)
@@ -175,7 +176,7 @@ def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], args: ModelArgs
                 targets.append("output")
             for target in targets:
                 scheme, packed, row = pack_tensor(f"{target}.weight", w, pmap[target], opts, args,
-                                                  exact_rows=target == "tok_embeddings",
+                                                  exact_rows=target in exact,
                                                   source_type=types.get(name))
                 row.name = target
                 if isinstance(packed, torch.Tensor):

@@ -140,3 +140,22 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
     (build_dir / "lock").write_text("")  # torch's lock file, whose owner died mid-build
     with decode_cpu._build_lock(build_dir):
         assert not (build_dir / "lock").exists()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])  # decode, a few rows, a window (dequantized in blocks)
+@torch.inference_mode()
+def test_a_q8_0_grid_head_runs_packed_and_exact(cache, rows):
+    from quant.formats import unpack
+    from quant.linear import Int8Linear
+
+    w = torch.randn(1000, 96, generator=torch.Generator().manual_seed(5)) * 0.05
+    packed = pack_int8(w, group_size=32)[0]  # one scale per 32 along a row: GGUF Q8_0's layout
+    layer = Int8Linear(96, 1000, 32, device="meta")
+    layer.load_state_dict({k.lstrip("."): v for k, v in packed.state_dict("").items()}, assign=True)
+    layer.prepare("cpu")
+    assert layer.kernel == "int8group" and layer.qweight.dtype == torch.int8  # no dense copy
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(6))
+    expected = x.double() @ unpack(packed).double().T
+    got = layer(x)
+    assert got.shape == (rows, 1000)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

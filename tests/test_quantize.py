@@ -178,7 +178,10 @@ def test_a_tied_model_gets_its_own_packed_head(tmp_path, monkeypatch):
     import_checkpoint(path, name="tied")
     entry = quantize_variant("tied", QuantOptions("int4"), report_tokens=0)
     layout = entry.manifest["quant"]["layout"]
-    assert layout["output"]["scheme"] == "fp16"  # a Q8_0 table keeps its precision as the head
+    # a Q8_0 table keeps its own grid, exactly, as the embedding and as the head
     assert layout["tok_embeddings"] == {"scheme": "int8", "group_size": 32, "shape": [320, 64]}
+    assert layout["output"] == {"scheme": "int8", "group_size": 32, "shape": [320, 64]}
+    rows = {r["name"]: r for r in entry.manifest["quant"]["report"]["tensors"]}
+    assert rows["output"]["sqnr_db"] == rows["tok_embeddings"]["sqnr_db"] == math.inf
     ref, got = _logits("tied:source"), _logits("tied:int4")
     assert ((got - ref).norm() / ref.norm()).item() < 0.25

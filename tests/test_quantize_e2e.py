@@ -18,13 +18,16 @@ PROMPT = ("<|im_start|>user\nWrite a short, cheerful story about a small robot w
 @pytest.fixture(scope="module")
 def variants(default_home):
     """int4, int8 and nf4 variants in the per-machine test home, made once per machine (again
-    when a cached one predates the report's `weights_only` measure)."""
+    when a cached one predates what the tests below read)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAMADESK_HOME", str(default_home))
         have = {e.variant: e for e in store.list_entries()}
         for scheme in ("int4", "int8", "nf4"):
-            quality = have[scheme].manifest["quant"]["report"]["quality"] if scheme in have else {}
-            if "weights_only" not in (quality or {}):
+            quant = have[scheme].manifest["quant"] if scheme in have else {}
+            quality = (quant.get("report") or {}).get("quality") or {}
+            head = quant.get("layout", {}).get("output", {})
+            # made before the report's `weights_only`, or before the Q8_0 table's own grid as head
+            if "weights_only" not in quality or head.get("scheme") == "fp16":
                 quantize_variant("smollm2-135m-instruct", QuantOptions(scheme), replace=True)
         yield {e.variant: e for e in store.list_entries()}
 
@@ -37,15 +40,26 @@ def test_int4_repacks_the_q4_1_grid_exactly(variants):
     report = variants["int4"].manifest["quant"]["report"]
     blocks = [r for r in report["tensors"] if r["name"].startswith("layers.")]
     assert len(blocks) == 30 * 7 and all(r["sqnr_db"] == float("inf") for r in blocks)
-    assert report["quality"]["ppl_change"] < 0.001  # the acceptance bound: +0.1%
+    head = next(r for r in report["tensors"] if r["name"] == "output")
+    assert head["scheme"] == "int8" and head["group_size"] == 32 and head["sqnr_db"] == float("inf")
 
 
-def test_int4_weights_alone_lose_only_the_fp16_head(variants):
-    """At the source's arithmetic only the head's fp16 rounding is left (3 top-1 flips of 2044,
-    near-ties); the rest of the runtime's ~1.5% comes from the bf16 kernels."""
+def test_int4_weights_alone_are_the_source(variants):
+    """Blocks on the Q4_1 grid and the head on the Q8_0 grid: at the source's arithmetic the
+    variant predicts exactly what the source does; the runtime's ~1.5% of top-1 flips (near-ties)
+    come from the bf16 kernels."""
     weights = _quality(variants, "int4")["weights_only"]
-    assert weights["top1_agreement"] >= 0.998 and abs(weights["ppl_change"]) < 0.0005
-    assert weights["kl_mean"] < 1e-5
+    assert weights["top1_agreement"] == 1.0 and weights["ppl_change"] == 0.0 and weights["kl_mean"] == 0.0
+
+
+def test_int4_perplexity_on_the_default_text_is_within_a_tenth_of_a_percent(variants, monkeypatch):
+    """The issue's acceptance, as `llamadesk eval` measures it: 8192 tokens, 512-token windows."""
+    from app.variants import eval_model
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(variants["source"].path.parents[2]))
+    (_, n, source), (_, _, int4) = (eval_model(f"smollm2-135m-instruct:{v}", None, 8192) for v in ("source", "int4"))
+    assert n == 8192
+    assert 0 <= int4 / source - 1 < 0.001  # measured +0.040%
 
 
 def test_int8_costs_under_half_a_percent_of_perplexity(variants):
