@@ -124,10 +124,28 @@ def default_threads() -> int:
     """
     cores = len(os.sched_getaffinity(0))
     try:
-        busy = os.getloadavg()[0]
+        busy = max(0.0, os.getloadavg()[0] - _own_recent_load())
     except OSError:
         busy = 0.0
+    # the load average trails by a minute: a program that has just stopped still counts there, so
+    # take what the cores do now (over 0.1 s, this process idle) when that is less
+    busy = min(busy, psutil.cpu_percent(interval=0.1) / 100 * psutil.cpu_count())
     return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _own_recent_load() -> float:
+    """This process's own part of the 1-minute load average, when it is young enough to tell.
+
+    A first `ask` downloads, converts, packs and compiles before it loads (~40 s of CPU here): the
+    load average it leaves behind is its own, not other programs', and must not cost it a thread.
+    """
+    import time
+
+    age = time.time() - psutil.Process().create_time()
+    if age > 120:
+        return 0.0  # what it did long ago has decayed; what it did lately is not known
+    t = os.times()
+    return (t.user + t.system + t.children_user + t.children_system) / 60
 
 
 def release_freed_memory() -> None:

@@ -216,6 +216,7 @@ class Engine:
         with torch.device("meta"):
             # the first model built on meta imports ~800 modules (75 MiB): runtime, not the model
             Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=8))
+        trim_heap()  # what earlier work in this process freed (a pull, a quantize) is not a baseline
         rss0 = _rss()
         model = load_model(entry, plan.ctx, plan.device, precise=precise, kv_dtype=plan.kv_dtype,
                            compile_kernel=compile_kernel, say=say)

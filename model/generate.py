@@ -65,17 +65,32 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] 
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
+    ids = None  # candidates' token ids, most likely first; None: the whole vocabulary in order
     if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = torch.topk(logits, min(params.top_k, logits.numel()))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        if ids is None:
+            probs, ids = _most_likely(probs, params.top_p)
         # drop a token once the mass before it already reaches top_p; the first always stays
-        drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= params.top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = probs.masked_fill((torch.cumsum(probs, 0) - probs) >= params.top_p, 0)
+    # inverse CDF: one cumsum and one search, where torch.multinomial draws an exponential per
+    # token of the vocabulary (0.7 ms a token for 49152, measured)
+    cdf = torch.cumsum(probs, 0)
+    u = torch.rand((), generator=generator) * cdf[-1]
+    pick = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
+    return int(ids[pick]) if ids is not None else pick
+
+
+def _most_likely(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fewest most likely tokens, sorted, that hold at least `mass` (a whole-vocabulary sort
+    costs ~0.5 ms a token; the nucleus is nearly always in the top few hundred)."""
+    k = min(64, probs.numel())
+    while True:
+        top, ids = torch.topk(probs, k)
+        if float(top.sum()) >= mass or k == probs.numel():
+            return top, ids
+        k = min(k * 4, probs.numel())
 
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),

@@ -44,6 +44,28 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0, 1}
 
 
+def test_sampling_draws_tokens_as_often_as_their_probability():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(1)
+    picks = torch.tensor([sample(logits, SamplingParams(temperature=1.0), generator=g) for _ in range(4000)])
+    freq = torch.bincount(picks, minlength=4).float() / len(picks)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.025, rtol=0)
+
+
+def test_top_p_over_a_flat_vocabulary_keeps_the_whole_nucleus():
+    # 1000 equally likely tokens but token 0 (a little likelier): top_p 0.9 needs ~900 of them,
+    # far past the first candidates looked at
+    logits = torch.zeros(1000)
+    logits[0] = 1.0
+    probs = torch.softmax(logits, 0)
+    nucleus = int(((torch.cumsum(probs.sort(descending=True).values, 0) - probs.sort(descending=True).values) < 0.9).sum())
+    g = torch.Generator().manual_seed(2)
+    picks = [sample(logits, SamplingParams(temperature=1.0, top_p=0.9), generator=g) for _ in range(3000)]
+    assert 850 < nucleus < 950
+    assert len(set(picks)) > 800  # the whole nucleus is drawn from, not a first slice of it
+    assert len(set(picks)) <= nucleus
+
+
 def test_sampling_params_refuse_nonsense():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
