@@ -7,6 +7,8 @@ Nothing here imports torch: the engine is imported by the loader, inside the loa
 """
 from __future__ import annotations
 
+import gc
+
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -52,8 +54,18 @@ def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: s
     def load(ref: str) -> ChatModel:
         from ..engine import Engine
 
+        from ..devices import default_threads
+
+        # the UI thread renders the reply on a core of its own: torch threads on every core stall
+        # each other's barriers whenever it runs (measured, 2 cores: 2 threads 94 tok/s, 1 thread 135)
+        threads = max(1, default_threads() - 1)
         # compiling the decode kernel (once per machine) must not hold up the first reply
-        return Engine.load(ref, ctx=ctx, device=device, kv_dtype=kv_dtype, compile_kernel="background")
+        engine = Engine.load(ref, ctx=ctx, device=device, kv_dtype=kv_dtype, compile_kernel="background",
+                             threads=threads)
+        # the model's ~100k objects never die: out of the collector's sight, a full collection
+        # (which holds the GIL, stopping the reply with the UI) no longer walks them
+        gc.freeze()
+        return engine
 
     return load
 
