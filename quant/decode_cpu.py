@@ -97,6 +97,8 @@ def load_extension(cache: Path, build: bool = True):
                     name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
         except (RuntimeError, OSError, ImportError, SystemExit) as e:
+            if "interrupted by user" in str(e):  # Ctrl-C reached ninja first: it is the user's stop
+                raise KeyboardInterrupt from None
             _failed = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             log.warning("fused decode step unavailable (build failed: %s); using the Python path", _failed)
         return _extension

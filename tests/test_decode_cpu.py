@@ -159,3 +159,19 @@ def test_a_q8_0_grid_head_runs_packed_and_exact(cache, rows):
     got = layer(x)
     assert got.shape == (rows, 1000)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ctrl_c_during_the_compile_stops_the_command(monkeypatch, tmp_path):
+    """ninja gets the terminal's Ctrl-C first and torch turns it into a build error; it must stay
+    the user's stop, not a quiet fallback to the Python path."""
+    from torch.utils import cpp_extension
+
+    def interrupted(**kwargs):
+        raise RuntimeError("Error building extension 'x': ninja: build stopped: interrupted by user.")
+
+    monkeypatch.setattr(decode_cpu, "_extension", None)
+    monkeypatch.setattr(decode_cpu, "_failed", None)
+    monkeypatch.setattr(cpp_extension, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decode_cpu.load_extension(tmp_path)
+    assert decode_cpu._failed is None  # a later run compiles again
