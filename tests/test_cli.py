@@ -1,4 +1,5 @@
 """`llamadesk` as a user runs it: real processes, the real default model, real error messages."""
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +157,18 @@ def test_the_engine_holds_the_cache_the_plan_names(default_home, monkeypatch):
     cache = engine.model.layers[0].attention.kv_cache
     assert engine.plan.kv_dtype == "int8"
     assert (cache.k.dtype, cache.k_scale.dtype, cache.k.shape) == (torch.int8, torch.float32, (1, 3, 256, 64))
+
+
+def test_bench_json_reports_every_installed_variant_it_runs(default_home):
+    """`llamadesk bench --json`: one object per variant (each in its own process), the issue's keys."""
+    r = llamadesk("bench", "--json", "--prompt-tokens", "32", "--gen-tokens", "8", "--runs", "1", "--threads", "1",
+                  home=default_home)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    assert {d["variant"] for d in results} >= {"source", "int4"}  # nf4 only when named on the CPU
+    for d in results:
+        assert set(d) == {"model", "variant", "device", "threads", "ttft_s", "prefill_tok_s", "decode_tok_s",
+                          "peak_mem_bytes", "gb_s"}
+        assert d["model"] == "smollm2-135m-instruct" and d["device"] == "cpu" and d["threads"] == 1
+        assert d["ttft_s"] > 0 and d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["gb_s"] > 0
+        assert d["peak_mem_bytes"] > 100 << 20
