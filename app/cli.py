@@ -75,11 +75,16 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
 
         say(f"Packing {name}:{scheme} (once; `llamadesk eval {name}:{scheme}` measures it)")
         quantize_variant(name, QuantOptions(scheme), replace=replace, report_tokens=0)
+    _compile_decode_kernel()  # part of the one-time setup, so that no first reply waits for it
+    return installed
+
+
+def _compile_decode_kernel() -> None:
+    """On a machine that decodes on the CPU: compile the fused decode step now, once, saying so."""
     if not torch.cuda.is_available():
         from .engine import compile_decode_kernel
 
-        compile_decode_kernel(say)  # part of the one-time setup, so that no first reply waits for it
-    return installed
+        compile_decode_kernel(say)
 
 
 def ensure_model(ref: str | None) -> str | None:
@@ -239,11 +244,10 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
         ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None,
         kv_dtype: str = "auto") -> int:
-    from .engine import Engine, compile_decode_kernel
+    from .engine import Engine
 
     ref = ensure_model(model)
-    if not torch.cuda.is_available():
-        compile_decode_kernel(say)
+    _compile_decode_kernel()
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
                          threads=threads, kv_dtype=kv_dtype)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -270,11 +274,10 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
                kv_dtype: str = "auto") -> int:
     """A line-by-line chat for terminals where the full-screen app cannot run."""
-    from .engine import Engine, compile_decode_kernel
+    from .engine import Engine
 
     ref = ensure_model(model)
-    if not torch.cuda.is_available():
-        compile_decode_kernel(say)
+    _compile_decode_kernel()
     engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype)
     messages = [{"role": "system", "content": system}] if system else []
     say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")

@@ -148,6 +148,9 @@ def _own_recent_load() -> float:
     return (t.user + t.system + t.children_user + t.children_system) / 60
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
 def release_freed_memory() -> None:
     """Have glibc hand large freed blocks back to the OS at once (Linux; elsewhere nothing).
 
@@ -155,12 +158,7 @@ def release_freed_memory() -> None:
     raises its mmap threshold after such frees and keeps them in the heap: 0.1-1.2 GiB of RSS
     that the memory plan cannot see.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
-    except (OSError, AttributeError):
-        pass
+    _glibc("mallopt", M_MMAP_THRESHOLD, 1 << 20)  # 1 MiB, fixed
 
 
 def reuse_freed_memory() -> None:
@@ -170,21 +168,20 @@ def reuse_freed_memory() -> None:
     whose pages the kernel zeroes on first touch: prefill ran ~30% slower (measured, 512 tokens).
     The heap keeps that workspace between chunks; trim_heap() hands it back after a prompt.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD: no trimming between two prefill chunks
-    except (OSError, AttributeError):
-        pass
+    _glibc("mallopt", M_MMAP_THRESHOLD, 16 << 20)
+    _glibc("mallopt", M_TRIM_THRESHOLD, 32 << 20)  # no trimming between two prefill chunks
 
 
 def trim_heap() -> None:
     """Return the heap's free pages to the OS (after a prompt's prefill: its temporaries)."""
+    _glibc("malloc_trim", 0)
+
+
+def _glibc(function: str, *args: int) -> None:
+    """Call one of glibc's malloc tunables; elsewhere (no glibc) there is nothing to tune."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
     except (OSError, AttributeError):
         pass

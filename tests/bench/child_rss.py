@@ -18,6 +18,7 @@ kernel can drop them under pressure without swapping.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -67,6 +68,16 @@ def run_step(script: str, step: str, args: dict, env: dict | None = None) -> Ste
     last = next(line for line in reversed(out) if line.startswith(_RESULT))
     data = json.loads(last[len(_RESULT):])
     return StepResult(step, data["vm_hwm"], usage.ru_maxrss * 1024, wall, load_before, data)
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A parent script's parser: its docstring's first paragraph as the description, the rest as
+    the epilog, and the hidden `--child STEP ARGS_JSON` that run_step calls it back with."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(doc.split("\n\n")[1:]))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    return parser
 
 
 # ---------------------------------------------------------------- the child side

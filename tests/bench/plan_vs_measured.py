@@ -20,7 +20,6 @@ The default model is read from a copy of the per-machine test home (never writte
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from child_rss import StepResult, child_main, code_line, machine, machine_line, mib, proc_status, run_step
+from child_rss import bench_parser, StepResult, child_main, code_line, machine, machine_line, mib, proc_status, run_step
 
 DEFAULT = "smollm2-135m-instruct"
 BOUND = 0.15
@@ -142,16 +141,13 @@ PRELOAD = {"load": ("app.engine",), "fixed-costs": ("app.engine",)}
 
 # ---------------------------------------------------------------- the parent
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = bench_parser(__doc__)
     parser.add_argument("--variants", default="source,int8,int4", help="default: source,int8,int4")
     parser.add_argument("--contexts", default="2048,8192", help="default: 2048,8192")
     parser.add_argument("--default-home", type=Path,
                         help="the store holding smollm2-135m-instruct (default: the per-machine test home); "
                              "copied first")
     parser.add_argument("--json", type=Path, help="also write every result here")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_main(STEPS, args.child, preload=PRELOAD[args.child[0]])
