@@ -472,7 +472,7 @@ async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
         log = app.screen.query_one("#pull-log")
         await pilot.click("#download")
         await until(pilot, lambda: app.chat.model is not None)
-        assert loaded == ["smollm2-135m-instruct:source"]
+        assert loaded == ["smollm2-135m-instruct"]  # the plan picks the variant
         assert log.lines == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
 
 

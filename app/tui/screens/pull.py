@@ -52,7 +52,9 @@ class PullModal(ModalScreen["str | None"]):
 
     @work(thread=True, exit_on_error=False)
     def _pull(self) -> str:
-        return self.pull(self.model_name).ref
+        # the model's name, not the variant pulled: pull also packs a variant (the default model's
+        # exact int4), and the memory plan picks among them as at every other start
+        return self.pull(self.model_name).name
 
     def on_print(self, event: events.Print) -> None:
         # Writes come in pieces (print sends the text, then the newline) and rich redraws its
