@@ -17,11 +17,11 @@ from safetensors import SafetensorError, safe_open
 from model.args import ModelArgs
 from model.chat_format import ChatFormat
 from model.generate import SamplingParams, generate
-from model.model import Transformer
+from model.model import RMSNorm, Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from quant import decode_cpu
 from quant.formats import FORMAT_VERSION
-from quant.linear import fuse_projections, repack_for_device, swap_linears
+from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears
 
 from . import pull, store
 from .devices import default_threads, format_bytes, probe, release_freed_memory, reuse_freed_memory, trim_heap
@@ -46,26 +46,22 @@ class ReplyStats:
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
 
 
-def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=torch.float32,
+def activation_dtype(device: str) -> torch.dtype:
+    """fp32 on the CPU (its bf16 matmuls are slower for one token), bf16 on a GPU, as the plan counts."""
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=None,
                precise: bool = False, fuse: bool = True, kv_dtype: str | None = None,
                compile_kernel: str = "now", say=None) -> Transformer:
-    """Build the model on the meta device, swap in packed layers, assign the stored tensors.
-
-    `precise` runs packed layers at fp32-level accuracy for ~3x their matmul time. `kv_dtype` is
-    the plan's name for the KV cache's dtype (None: the activations' `dtype`). `fuse` merges
-    projections and runs single tokens through the compiled decoder, compiled as `compile_kernel`
-    says (see attach_fused_decode); fuse=False is the plain eager model."""
+    """Read an installed variant's tensors and build the model from them (see build_model)."""
     args = ModelArgs.from_dict(entry.manifest["args"])
     quant = entry.manifest.get("quant")
-    release_freed_memory()
-    with torch.device("meta"):
-        model = Transformer(args)
     if quant:
         check_format_version(entry)
-        layout = quant["layout"]
-        swap_linears(model, {m: w["scheme"] for m, w in layout.items()},
-                     group_size={m: w["group_size"] for m, w in layout.items() if "group_size" in w},
-                     embedding_dtype=dtype)
+    release_freed_memory()
     state = {}
     for fname in entry.manifest["weights"]:
         path = entry.path / fname
@@ -75,31 +71,81 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=tor
                     state[k] = f.get_tensor(k)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise UserError(f"{path}: cannot read the weights ({e}); remove and re-import the model") from None
-    if args.tie_embeddings and "output.weight" not in state and not quant:
+    try:
+        return build_model(args, quant["layout"] if quant else None, state, ctx, device, dtype, precise, fuse,
+                           kv_dtype, compile_kernel, say, mapped=True)
+    except _StateMismatch as e:
+        raise UserError(f"{entry.path}: the stored weights do not match the model ({e}); "
+                        f"the files were changed or are damaged: remove and re-create {entry.ref}") from None
+
+
+class _StateMismatch(Exception):
+    pass
+
+
+def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Tensor], ctx: int,
+                device: str = "cpu", dtype=None, precise: bool = False, fuse: bool = True,
+                kv_dtype: str | None = None, compile_kernel: str = "now", say=None,
+                mapped: bool = False) -> Transformer:
+    """Build the model on the meta device, swap in packed layers, assign `state`'s tensors.
+
+    `layout` is a packed variant's per-module {"scheme", "group_size"} (None: full precision).
+    `dtype` is the activations' (None: activation_dtype(device)). `precise` runs packed layers
+    at fp32-level accuracy for ~3x their matmul time. `kv_dtype` is the plan's name for the KV
+    cache's dtype (None: the activations'). `fuse` merges projections and runs single tokens
+    through the fused decode step, compiled as `compile_kernel` says (see attach_fused_decode);
+    fuse=False is the plain eager model. `mapped`: the tensors are views of files, to be copied
+    where still used as they are.
+    """
+    dtype = dtype or activation_dtype(device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    if layout:
+        swap_linears(model, {m: w["scheme"] for m, w in layout.items()},
+                     group_size={m: w["group_size"] for m, w in layout.items() if "group_size" in w},
+                     embedding_dtype=dtype)
+    if args.tie_embeddings and "output.weight" not in state and not layout:
         state["output.weight"] = state.get("tok_embeddings.weight")
     try:
         model.load_state_dict(state, assign=True, strict=True)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()
-        raise UserError(f"{entry.path}: the stored weights do not match the model ({' '.join(first[:3])[:300]}); "
-                        f"the files were changed or are damaged: remove and re-create {entry.ref}") from None
+        raise _StateMismatch(" ".join(first[:3])[:300]) from None
     if fuse:
         fuse_projections(model)
-    if quant:
-        repack_for_device(model, device, precise)
-        model = model.eval()
+    # on a GPU the table stays in CPU RAM, as llama.cpp does and as the plan counts: a lookup
+    # needs one row per token, not VRAM (a table tied to the head is the head's weight)
+    table = "cpu" if str(device).startswith("cuda") and not (args.tie_embeddings and not layout) else device
+    if layout:
+        repack_for_device(model, device, precise, elsewhere={"tok_embeddings": table})
+        _float_to(model, device, dtype)
     else:
-        model = model.to(device=device, dtype=dtype).eval()
-    if str(device).startswith("cuda") and not (args.tie_embeddings and not quant):
-        # as llama.cpp does, and as the plan counts: a lookup needs one row per token, not VRAM
-        model.tok_embeddings.to("cpu")
-    _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
-    del state
+        for name, child in model.named_children():
+            child.to(device=table if name == "tok_embeddings" else device, dtype=dtype)
+    model = model.eval()
+    if mapped:
+        _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
+    state.clear()
     model.setup_caches(ctx, dtype=dtype, device=device, kv_dtype=KV_TORCH_DTYPES[kv_dtype] if kv_dtype else None)
     if fuse:
         attach_fused_decode(model, compile_kernel, say)
     reuse_freed_memory()
     return model
+
+
+def _float_to(model: torch.nn.Module, device, dtype) -> None:
+    """A packed model's tensors that are not packed to `device`; the norms also to `dtype`, the
+    activations' (a norm in fp32 would turn a bf16 residual stream into fp32)."""
+    for module in model.modules():
+        if isinstance(module, PACKED_MODULES):
+            continue
+        for name, t in list(module._parameters.items()):
+            if t is not None:
+                to = dict(device=device, dtype=dtype) if isinstance(module, RMSNorm) else dict(device=device)
+                module._parameters[name] = torch.nn.Parameter(t.to(**to), requires_grad=False)
+        for name, t in list(module._buffers.items()):
+            if t is not None:
+                module._buffers[name] = t.to(device)
 
 
 def compile_decode_kernel(say=None) -> bool:
@@ -115,7 +161,10 @@ def attach_fused_decode(model: Transformer, compile_kernel: str = "now", say=Non
 
     It is compiled once per machine: "now" compiles it here if needed, "background" in a thread
     that attaches it when done (the Python path runs meanwhile, so a first reply never waits),
-    "never" attaches it only if already compiled."""
+    "never" attaches it only if already compiled. On a GPU: see attach_static_decode."""
+    if model.rope is not None and model.rope.device.type == "cuda":
+        attach_static_decode(model, compile_kernel != "never", say)
+        return
     if decode_cpu.unsupported(model) is not None:
         return
     cache = pull.cache_dir()
@@ -131,6 +180,31 @@ def attach_fused_decode(model: Transformer, compile_kernel: str = "now", say=Non
                 model.fused_decode = decoder
 
         threading.Thread(target=build, name="llamadesk-compile", daemon=True).start()
+
+
+def attach_static_decode(model: Transformer, compile: bool = True, say=None) -> None:
+    """On a GPU: the decode step as a CUDA graph (model/static_decode.py), its blocks compiled.
+
+    torch.compile keeps what it compiled on disk, so only a machine's first load waits the
+    whole compile. bitsandbytes' NF4 kernels run uncompiled inside the graph. Where compiling or
+    capturing fails, the step falls back to a graph of the uncompiled blocks, then to no graph.
+    """
+    from model.static_decode import StaticDecode
+    from quant.linear import NF4Linear
+
+    compile = compile and not any(isinstance(m, NF4Linear) for m in model.modules())
+    if compile and say:
+        say("Compiling the decode step for the GPU (kept on disk after the first time)...")
+    for attempt in ((compile, True), (False, True)) if compile else ((False, True),):
+        try:
+            model.fused_decode = StaticDecode(model, *attempt)
+            return
+        except Exception as e:  # a compiler or capture failure costs speed, not the answer
+            if say:
+                say(f"decode step {'compiled' if attempt[0] else 'as a CUDA graph'} failed ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back")
+            torch.cuda.synchronize()
+    model.fused_decode = None
 
 
 def _own_mapped_tensors(model: torch.nn.Module, mapped: set[int]) -> None:

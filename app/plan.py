@@ -41,7 +41,8 @@ CTX_STEP = 256
 PREFILL_CHUNK = 512
 # cuBLAS workspaces and allocator rounding. The CUDA context itself is not counted: the probe has
 # already created it when it reads the free memory, and per-process caps exclude it too.
-# An estimate still to be checked on a GPU (tests/bench/gpu_plan.py).
+# Measured on an H100 with 8B-shaped variants: peaks within -9%..-2% of the estimate with this
+# overhead (tests/bench/gpu_decode.py, docs/BENCHMARKS.md).
 CUDA_OVERHEAD = 256 << 20
 CPU_OVERHEAD = 420 << 20  # RSS of `import torch` + tokenizer + app before any weight
 BITS = {"source": 16, "int8": 8, "nf4": 4, "int4": 4}

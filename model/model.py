@@ -36,8 +36,15 @@ class KVCache(nn.Module):
             buf = torch.zeros(scale, dtype=torch.float32, device=device) if quantized else None
             self.register_buffer(name, buf, persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nkv, T, hd) at positions start..; return the filled prefix in their dtype."""
+    def update(self, start, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nkv, T, hd) at positions start..; return the filled prefix in their dtype.
+
+        `start` as a tensor of T positions is a static step (model/static_decode.py): the same
+        shapes and addresses every token, as a CUDA graph needs. It returns the whole cache, and
+        attention masks the positions past it.
+        """
+        if isinstance(start, torch.Tensor):
+            return self._update_static(start, k, v)
         end = start + k.shape[2]
         if self.k_scale is not None:
             self.k[:, :, start:end], self.k_scale[:, :, start:end] = quantize_kv(k)
@@ -49,6 +56,17 @@ class KVCache(nn.Module):
         if self.k.dtype != k.dtype:
             return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _update_static(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.k_scale is not None:
+            for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+                q, s = quantize_kv(x)
+                codes.index_copy_(2, pos, q)
+                scales.index_copy_(2, pos, s)
+            return dequantize_kv(self.k, self.k_scale, k.dtype), dequantize_kv(self.v, self.v_scale, v.dtype)
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k.to(k.dtype), self.v.to(v.dtype)
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +95,8 @@ class Transformer(nn.Module):
         # a plain attribute, not a buffer: it stays fp32 whatever dtype the weights are cast to
         self.rope: torch.Tensor | None = None
         # set by the app: an object whose step(h, pos) runs every block for one token (h (1, 1, D))
-        # outside Python, over these same weights and caches; None: the blocks below run it
+        # over these same weights and caches, outside Python (the CPU's compiled step) or as one
+        # CUDA graph (model/static_decode.py, which runs the head too); None: the blocks below
         self.fused_decode = None
 
     def setup_caches(self, max_len: int, batch: int = 1, dtype=None, device=None, kv_dtype=None):
@@ -105,8 +124,8 @@ class Transformer(nn.Module):
         mask = None
         if T > 1:
             # query i sits at start_pos + i and may see keys 0..start_pos + i
-            q_pos = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]
-            k_pos = torch.arange(start_pos + T, device=tokens.device)[None, :]
+            q_pos = torch.arange(start_pos, start_pos + T, device=rope.device)[:, None]
+            k_pos = torch.arange(start_pos + T, device=rope.device)[None, :]
             mask = k_pos <= q_pos  # (T, start_pos + T)
         # the table may stay in CPU RAM while the blocks run on a GPU: look up there, then move
         table_device = next(iter(self.tok_embeddings.buffers()), None)
@@ -114,6 +133,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens.to(table_device)).to(self.norm.weight.device)
         if tokens.shape == (1, 1) and self.fused_decode is not None:
             h = self.fused_decode.step(h, start_pos)
+            if getattr(self.fused_decode, "returns_logits", False):
+                return h
         else:
             for layer in self.layers:
                 h = layer(h, start_pos, rope, mask)
@@ -163,22 +184,25 @@ class Attention(nn.Module):
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         k, v = self.kv_cache.update(start_pos, k, v)  # (B, nkv, start_pos + T, hd)
         if T == 1:
-            y = _decode_attention(q, k, v)
+            y = _decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh * hd)
         return self.wo(y)
 
 
-def _decode_attention(q, k, v):
+def _decode_attention(q, k, v, mask=None):
     """One query against the cache: two small matmuls beat the flash kernel (~4x here).
 
-    Query heads are grouped by the KV head they share, as SDPA's enable_gqa does.
+    Query heads are grouped by the KV head they share, as SDPA's enable_gqa does. `mask` (1, L)
+    bool, in a static step, keeps the keys up to the query's position.
     """
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     qg = q.view(B, nkv, nh // nkv, hd)  # (B, nkv, n_rep, hd)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * (hd**-0.5)  # (B, nkv, n_rep, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).type_as(v)
     return torch.matmul(probs, v).view(B, nh, 1, hd)  # (B, nh, 1, hd)
 
@@ -241,7 +265,15 @@ def rope_table(head_dim: int, max_len: int, theta: float, scaling: dict | None) 
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0 + i x1) of x (B, T, H, hd) by rope (T, hd/2), as Meta does."""
+    """Rotate interleaved pairs (x0 + i x1) of x (B, T, H, hd) by rope (T, hd/2), as Meta does.
+
+    `rope` may also be the table's (T, hd/2, 2) cos, sin view: real arithmetic, which
+    torch.compile fuses (its code generators have no complex numbers).
+    """
+    if not rope.is_complex():
+        x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, T, H, hd/2) each
+        cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(3).type_as(x)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, hd/2)
     out = torch.view_as_real(xc * rope[None, :, None, :])  # (B, T, H, hd/2, 2)
     return out.flatten(3).type_as(x)  # (B, T, H, hd)

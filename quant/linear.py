@@ -118,23 +118,33 @@ class Int8Linear(nn.Module):
         ext = decode_cpu.loaded_extension()
         if ext is not None and x.shape[0] <= 8:  # decode and last-token prefill: one weight read
             return ext.int8_group_linear(x, self.qweight, self.scales)
-        # many rows (perplexity over a window): fp32 GEMM on 8 MiB of dequantized rows at a time
-        rows = max(1, (8 << 20) // (4 * self.in_features))
-        return torch.cat([int8_dequant_linear(x, self.qweight[i : i + rows], self.scales[i : i + rows])
-                          for i in range(0, self.out_features, rows)], dim=1)
+        # many rows (perplexity over a window): fp32 GEMM on blocks of dequantized rows
+        return int8_dequant_linear(x, self.qweight, self.scales, block_bytes=8 << 20)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
 
 
-def int8_dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        block_bytes: int = 64 << 20) -> torch.Tensor:
     """x (M, K) @ (qweight * scales)^T in x's dtype: the CUDA int8 path, plain torch ops."""
     N, K = qweight.shape
     G = scales.shape[1]
+    if x.shape[0] == 1 and torch.compiler.is_compiling():
+        # one token, compiled (the GPU's decode step): as a product and a sum, the compiler reads
+        # the int8 weight once and converts it in registers, where a matmul would first write the
+        # whole weight in x's dtype and read it back (5 bytes moved per weight instead of 1)
+        w = qweight.view(N, G, K // G).to(x.dtype) * scales.to(x.dtype)[..., None]  # (N, G, K/G)
+        return (x.view(1, 1, G, K // G) * w).sum((-2, -1))  # (1, N)
+    rows = max(1, block_bytes // (K * x.element_size()))
+    if N > rows:  # a weight in x's dtype, a block of rows at a time (a 128k-row head is 1 GiB)
+        return torch.cat([int8_dequant_linear(x, qweight[i : i + rows], scales[i : i + rows], block_bytes)
+                          for i in range(0, N, rows)], dim=1)
     if G == 1:
         return F.linear(x, qweight.to(x.dtype)) * scales[:, 0].to(x.dtype)
     w = qweight.to(x.dtype).view(N, G, K // G) * scales.to(x.dtype)[..., None]  # (N, G, g)
     return F.linear(x, w.view(N, K))
+
 
 
 class Int8Embedding(nn.Module):
@@ -416,13 +426,16 @@ def _packed_module(name, scheme, old, group_size, embedding_dtype) -> nn.Module:
     raise ValueError(f"{name}: unknown scheme {scheme!r}; expected int8, int4, nf4 or one of {FLOAT_SCHEMES}")
 
 
-def repack_for_device(model: nn.Module, device, precise: bool = False) -> nn.Module:
+def repack_for_device(model: nn.Module, device, precise: bool = False,
+                      elsewhere: Mapping[str, str] | None = None) -> nn.Module:
     """Turn every packed module's portable tensors into `device`'s kernel layout (after loading).
 
-    `precise` trades ~3x the matmul time for fp32-level arithmetic (see split_bf16)."""
-    for module in model.modules():
+    `precise` trades ~3x the matmul time for fp32-level arithmetic (see split_bf16).
+    `elsewhere` names modules prepared for another device ({"tok_embeddings": "cpu"})."""
+    elsewhere = elsewhere or {}
+    for name, module in model.named_modules():
         if isinstance(module, PACKED_MODULES):
-            module.prepare(device, precise)
+            module.prepare(elsewhere.get(name, device), precise)
     return model
 
 

@@ -42,12 +42,14 @@ def shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
 
 
 def random_packed(scheme: str, n: int, k: int, group: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors of one packed weight, made on the generator's device."""
+    d = g.device
     if scheme == "int8":
-        return {"qweight": torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
-                "scales": torch.rand(n, 1, generator=g) * 1e-3 + 1e-4}
-    return {"qweight": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g),
-            "scales": (torch.rand(n, k // group, generator=g) * 1e-3 + 1e-4).half(),
-            "mins": (torch.rand(n, k // group, generator=g) * -8e-3).half()}
+        return {"qweight": torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g, device=d),
+                "scales": torch.rand(n, 1, generator=g, device=d) * 1e-3 + 1e-4}
+    return {"qweight": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g, device=d),
+            "scales": (torch.rand(n, k // group, generator=g, device=d) * 1e-3 + 1e-4).half(),
+            "mins": (torch.rand(n, k // group, generator=g, device=d) * -8e-3).half()}
 
 
 def write_variant(args: ModelArgs, name: str, scheme: str, group: int) -> store.ModelEntry:
