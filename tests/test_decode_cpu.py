@@ -2,6 +2,9 @@
 
 Tiny random models with every kind of layer it runs: fp32, int4 (with rows padded for the
 kernel), int8 through the int8 kernel and as a dense weight (K % 16 != 0), an fp16 head.
+The step runs int4 layers through its own kernel, in fp32 from the unrounded input, where the
+Python blocks call torch's, which rounds the input to bf16: against the step, the Python blocks'
+int4 layers run their dequantized weight in fp32 (`fp32_int4`), what the step computes.
 The real default model's greedy tokens are checked in test_fast_path.py.
 """
 import pytest
@@ -15,7 +18,7 @@ from model.generate import SamplingParams, generate
 from model.model import Transformer
 from quant import decode_cpu
 from quant.formats import pack_int4, pack_int8
-from quant.linear import fuse_projections, repack_for_device, swap_linears
+from quant.linear import Int4Linear, fuse_projections, repack_for_device, swap_linears
 
 # ffn_dim 100: w1/w3 fuse to 200 rows (the int4 kernel pads to 208); w2's K = 100 is no multiple
 # of 16, so int8 runs it as a dense weight
@@ -64,13 +67,37 @@ def cache():
     return pull.cache_dir()
 
 
+def int4_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, n_out: int) -> torch.Tensor:
+    """The (n_out, K) fp32 weight torch's CPU int4 tensors hold: (q - 8) * scale + zero, with q read
+    back through torch's own kernel (unit scales, zero zeros and an identity input give q - 8,
+    exact in bf16), whatever layout this torch packs in."""
+    G, n_pad, _ = scales_and_zeros.shape
+    K = G * group
+    unit = torch.zeros(G, n_pad, 2, dtype=torch.bfloat16)
+    unit[..., 0] = 1
+    q8 = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(K, dtype=torch.bfloat16), packed, group, unit)
+    sz = scales_and_zeros.float().repeat_interleave(group, 0)  # (K, n_pad, 2)
+    return (q8.float() * sz[..., 0] + sz[..., 1]).T[:n_out].contiguous()
+
+
+@pytest.fixture
+def fp32_int4(monkeypatch):
+    """Int4Linear runs x @ W^T in fp32 over its dequantized weight instead of torch's kernel."""
+    def forward(self, x):
+        if not hasattr(self, "_fp32_weight"):
+            self._fp32_weight = int4_weight(self.packed, self.scales_and_zeros, self.group_size, self.out_features)
+        return (x.float() @ self._fp32_weight.T).to(x.dtype)
+
+    monkeypatch.setattr(Int4Linear, "forward", forward)
+
+
 KV_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("past", [8, 300])  # short contexts and long ones (KV heads on threads)
 @torch.inference_mode()
-def test_one_step_equals_the_python_blocks(cache, kv_dtype, past):
+def test_one_step_equals_the_python_blocks(cache, fp32_int4, kv_dtype, past):
     model = tiny_packed_model(ctx=512, kv_dtype=kv_dtype)
     decoder = decode_cpu.build_decoder(model, cache)
     tokens = torch.randint(0, 256, (1, past + 1), generator=torch.Generator().manual_seed(3))
@@ -175,3 +202,99 @@ def test_ctrl_c_during_the_compile_stops_the_command(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         decode_cpu.load_extension(tmp_path)
     assert decode_cpu._failed is None  # a later run compiles again
+
+
+# N not a multiple of 16 (rows padded for the kernel) or of 64 (a short last block), groups of
+# 32, 64 and 128, one block or a few (split over threads, also in halves of blocks)
+INT4_SHAPES = [(64, 64, 32), (200, 64, 32), (9, 128, 32), (77, 256, 64), (40, 128, 128), (1000, 96, 32),
+               (576, 576, 32), (96, 1536, 32), (32, 2560, 32)]
+
+
+@pytest.mark.parametrize("portable", [False, True])  # the AVX-512 kernel, and the plain C++ one
+@pytest.mark.parametrize("n, k, group", INT4_SHAPES)
+@torch.inference_mode()
+def test_int4_kernel_equals_the_fp32_dequantized_matmul(cache, n, k, group, portable):
+    ext = decode_cpu.load_extension(cache)
+    assert ext.int4_packing()[0] in (32, 64)  # the step reads this torch's packing itself
+    gen = torch.Generator().manual_seed(n * k + group)
+    n_pad = n + (-n) % 16
+    q = torch.randint(0, 16, (n_pad, k), dtype=torch.int32, generator=gen)
+    scales_and_zeros = (torch.randn(k // group, n_pad, 2, generator=gen) * 0.05).to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    x = torch.randn(3, k, generator=gen)
+    sz = scales_and_zeros.double().repeat_interleave(group, 0)  # (K, n_pad, 2)
+    w = ((q.double() - 8) * sz[..., 0].T + sz[..., 1].T)[:n]  # (n, K)
+    expected = x.double() @ w.T
+    got = ext.int4_linear(x, packed, scales_and_zeros, group, n, portable)
+    assert got.shape == (3, n) and got.dtype == torch.float32
+    assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+    # the helper the tests' Python blocks use reads the same weight
+    torch.testing.assert_close(int4_weight(packed, scales_and_zeros, group, n).double(), w, rtol=0, atol=0)
+
+
+CHECK_INT4_SCRIPT = """
+import sys, torch
+from app import pull
+from quant import decode_cpu
+sys.path.insert(0, "tests")
+from test_decode_cpu import INT4_SHAPES
+ext = decode_cpu.load_extension(pull.cache_dir())
+print(torch.backends.cpu.get_cpu_capability(), *ext.int4_packing())
+for n, k, group in INT4_SHAPES:
+    gen = torch.Generator().manual_seed(n + k)
+    n_pad = n + (-n) % 16
+    q = torch.randint(0, 16, (n_pad, k), dtype=torch.int32, generator=gen)
+    sz = (torch.randn(k // group, n_pad, 2, generator=gen) * 0.05).to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    x = torch.randn(2, k, generator=gen)
+    s = sz.double().repeat_interleave(group, 0)
+    expected = x.double() @ ((q.double() - 8) * s[..., 0].T + s[..., 1].T)[:n].T
+    for portable in (False, True):
+        got = ext.int4_linear(x, packed, sz, group, n, portable).double()
+        err = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert err < 1e-5, (n, k, group, portable, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_int4_kernel_reads_the_other_packings_torch_makes(cache, capability):
+    """torch packs int4 by the CPU capability it dispatches to (32-row blocks on AVX2, neighbour
+    pairs without vector units); ATEN_CPU_CAPABILITY picks another one in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("ATEN_CPU_CAPABILITY can only lower an x86 capability from AVX2 or AVX-512")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", CHECK_INT4_SCRIPT], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == {"avx2": "AVX2 32 True", "default": "DEFAULT 32 False"}[capability]
+    assert lines[-1] == "ok"
+
+
+@torch.inference_mode()
+def test_the_step_switches_to_torchs_int4_kernel_and_back(cache):
+    """set_int4_kernel("torch") runs torch's bf16 kernel again (to compare the two in one process)."""
+    ext = decode_cpu.load_extension(cache)
+    model = tiny_packed_model()
+    decoder = decode_cpu.build_decoder(model, cache)
+    h = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(1))
+    own = decoder.step(h, 0)
+    assert ext.set_int4_kernel("torch") == "own"
+    try:
+        theirs = decoder.step(h, 0)
+        expected = model.layers[0](h, 0, model.rope[0:1], None)  # the Python blocks: torch's kernel
+        for layer in model.layers[1:]:
+            expected = layer(expected, 0, model.rope[0:1], None)
+    finally:
+        assert ext.set_int4_kernel("own") == "torch"
+    torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(own, theirs)  # bf16 rounding of the input: the kernels differ
+    torch.testing.assert_close(own, theirs, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(decoder.step(h, 0), own, rtol=0, atol=0)
