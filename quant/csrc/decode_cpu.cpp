@@ -490,6 +490,20 @@ void rope(float* x, const float* cs, int64_t n_heads, int64_t hd) {
   }
 }
 
+// p[i] = exp(p[i] - max p) for a softmax: returns their sum, the max in *max_out
+inline float exp_shifted(float* p, int64_t n, float* max_out) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = fast_exp(p[i] - mx);
+    sum += p[i];
+  }
+  *max_out = mx;
+  return sum;
+}
+
 #ifdef __AVX512F__
 // ---- attention for one KV head and the n_rep queries that share it, 16 keys at a time.
 // Scores take one FMA per 16 values of a key and a 16-by-16 transposing sum per 16 keys (a
@@ -549,16 +563,7 @@ void attend_range(const float* q, const T* keys, const T* vals, const float* ks,
       if (ks) sc = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mask, ks + t));
       _mm512_mask_storeu_ps(pr + (t - t0), mask, sc);
     }
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, pr[i]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      pr[i] = fast_exp(pr[i] - mx);
-      sum += pr[i];
-    }
-    m[r] = mx;
-    l[r] = sum;
+    l[r] = exp_shifted(pr, n, m + r);
     if (vs) {
       for (int64_t i = 0; i < n; ++i) pr[i] *= vs[t0 + i];
     }
@@ -798,15 +803,8 @@ class Decoder {
         }
         for (int64_t r = 0; r < rep; ++r) {
           float* pr = p + r * L;
-          float mx = -INFINITY;
-          for (int64_t t = 0; t < L; ++t) mx = std::max(mx, pr[t]);
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < L; ++t) {
-            pr[t] = fast_exp(pr[t] - mx);
-            sum += pr[t];
-          }
-          const float inv = 1.f / sum;
+          float mx;
+          const float inv = 1.f / exp_shifted(pr, L, &mx);
           for (int64_t t = 0; t < L; ++t) pr[t] *= inv * (vs ? vs[g * S + t] : 1.f);
           std::fill(att_.data() + (g * rep + r) * hd_, att_.data() + (g * rep + r + 1) * hd_, 0.f);
         }
