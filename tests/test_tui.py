@@ -7,6 +7,7 @@ reply) or must render the same every run (snapshots).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -108,6 +109,15 @@ async def send(pilot, text: str) -> None:
     await pilot.press("enter")
 
 
+async def one_reply(app, prompt: str) -> str:
+    """Start the app, send `prompt`, wait for the whole reply; its text."""
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        await send(pilot, prompt)
+        await until(pilot, lambda: app.chat.reply is None and replies(app))
+        return replies(app)[0].content
+
+
 def replies(app) -> list[MessageView]:
     return [v for v in app.chat.query(MessageView) if v.role == "assistant"]
 
@@ -194,14 +204,38 @@ async def test_pieces_reach_the_screen_in_batches_not_one_by_one(home, monkeypat
 
     monkeypatch.setattr(MessageView, "write", counted)
     pieces = [f"w{i} " for i in range(400)]
-    app = fake_app(GatedModel(pieces, open_gate=True))
-    async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.chat.model is not None)
-        await send(pilot, "Count")
-        await until(pilot, lambda: app.chat.reply is None and replies(app))
-        assert replies(app)[0].content == "".join(pieces)
-        assert "".join(writes) == "".join(pieces)
-        assert len(writes) < 40, f"{len(writes)} screen updates for 400 pieces"
+    assert await one_reply(fake_app(GatedModel(pieces, open_gate=True)), "Count") == "".join(pieces)
+    assert "".join(writes) == "".join(pieces)
+    assert len(writes) < 40, f"{len(writes)} screen updates for 400 pieces"
+
+
+class SteadyModel(GatedModel):
+    """Writes a piece every 5 ms, like a model decoding at 200 tokens/s."""
+
+    def stream(self, messages, params, max_tokens, cancel):
+        for piece in super().stream(messages, params, max_tokens, cancel):
+            time.sleep(0.005)
+            yield piece
+
+
+@pytest.mark.asyncio
+async def test_slow_rendering_is_paced_so_the_reply_keeps_its_speed(home, monkeypatch):
+    """An append that takes long (a long Markdown list re-parsed whole) waits twice its time
+    before the next: the UI thread holds the GIL a third of the time at most."""
+    writes = []
+    original = MessageView.write
+
+    async def slow(self, text):
+        writes.append((time.monotonic(), text))
+        await original(self, text)
+        self.append_s = 0.2  # as if the widget took 200 ms to render it
+
+    monkeypatch.setattr(MessageView, "write", slow)
+    pieces = [f"{i}. item\n" for i in range(200)]  # ~1 s of pieces
+    assert await one_reply(fake_app(SteadyModel(pieces, open_gate=True)), "List") == "".join(pieces)
+    assert "".join(text for _, text in writes) == "".join(pieces)
+    gaps = [b - a for (a, _), (b, _) in zip(writes, writes[1:-1])]  # the last one comes with the end
+    assert len(writes) <= 5 and all(g >= 0.39 for g in gaps), (len(writes), gaps)
 
 
 @pytest.mark.asyncio

@@ -8,6 +8,7 @@ Nothing here imports torch: the engine is imported by the loader, inside the loa
 from __future__ import annotations
 
 import gc
+import sys
 
 import threading
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: s
         # the model's ~100k objects never die: out of the collector's sight, a full collection
         # (which holds the GIL, stopping the reply with the UI) no longer walks them
         gc.freeze()
+        # the reply's thread takes the GIL back after each compiled step; with the UI thread
+        # rendering, the default 5 ms hand-over interval is most of a token's time
+        sys.setswitchinterval(0.0005)
         return engine
 
     return load

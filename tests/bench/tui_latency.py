@@ -23,7 +23,7 @@ Definitions
   anywhere) to charge each frame what a real terminal costs; `--no-render` leaves that out.
 - first reply text visible: the first frame after Enter whose screen cells inside the reply's
   Markdown widget hold a non-blank character (read back from the compositor's strips).
-- content update: one completed `Markdown.append` on the reply (the MarkdownStream's task).
+- content update: one completed `Markdown.append` on the reply.
 - keypress latency: a Key event sent as the terminal driver sends it (`driver.send_message`), to
   the first frame that shows the character in the prompt box; "handled" is when PromptInput's
   key handler gets it.

@@ -1,11 +1,12 @@
 """The conversation: one `MessageView` per message, replies rendered as Markdown while they stream."""
 from __future__ import annotations
 
+import time
+
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Label, Markdown, Static
-from textual.widgets.markdown import MarkdownStream
 
 WELCOME = "Ask anything.  Enter sends · Ctrl+J new line · Esc stops a reply · Ctrl+P commands · F1 help"
 
@@ -22,26 +23,20 @@ class MessageView(Vertical):
         self.content = content
         self.who = who
         self.message_id = message_id
-        self._stream: MarkdownStream | None = None
+        self.append_s = 0.0  # how long the last streamed piece took to render
 
     def compose(self) -> ComposeResult:
         yield Label(self.who, classes="who")
         yield Markdown(self.content)
         yield Label("stopped", classes="stopped-mark")
 
-    def start_stream(self) -> None:
-        # MarkdownStream appends to the document and folds fragments that arrive faster than
-        # the widget renders, instead of re-parsing the whole reply for every piece
-        self._stream = Markdown.get_stream(self.query_one(Markdown))
-
     async def write(self, text: str) -> None:
+        """Append streamed text. Markdown.append re-parses only the document's last block, but
+        that block whole: a long list costs more with every piece (the caller paces the pieces)."""
         self.content += text
-        await self._stream.write(text)
-
-    async def end_stream(self) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        t0 = time.perf_counter()
+        await self.query_one(Markdown).append(text)
+        self.append_s = time.perf_counter() - t0
 
     def mark_stopped(self) -> None:
         self.add_class("-stopped")
