@@ -19,7 +19,7 @@ from model.generate import decode_one_token, prefill
 from . import store
 from .engine import load_model
 from .errors import UserError
-from .plan import installed_candidates
+from .plan import float_kv_dtype, installed_candidates
 from .devices import probe
 
 
@@ -48,7 +48,8 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, runs: int,
                   device: str = "cpu", precise: bool = False) -> BenchResult:
     ctx = prompt_tokens + gen_tokens + 1
-    model = load_model(entry, ctx, device, precise=precise)
+    # the KV cache the plan gives an unconstrained load, so the figures are the app's
+    model = load_model(entry, ctx, device, precise=precise, kv_dtype=float_kv_dtype(probe(device)))
     ids = prompt_ids(prompt_tokens, model.args.vocab_size)
     ttfts, decodes = [], []
     for run in range(runs + 1):  # the first run warms up caches and kernels, and is dropped

@@ -111,17 +111,17 @@ def test_plan_keeps_an_asked_int8_kv_cache(default_home):
     assert plan["why"].endswith("; the KV cache is int8, as asked")
 
 
-def test_plan_takes_an_int8_kv_cache_where_fp32_leaves_too_little_context(default_home):
-    """1.5 GiB of RAM: the fp32 source holds 1536 tokens with an fp32 cache, below the 2048 floor."""
+def test_plan_takes_an_int8_kv_cache_where_bf16_leaves_too_little_context(default_home):
+    """1.47 GiB of RAM: the fp32 source holds 1792 tokens with a bf16 cache, below the 2048 floor."""
     import json
 
-    r = llamadesk("plan", "smollm2-135m-instruct:source", "--ram", "1.5GiB", "--json", home=default_home)
+    r = llamadesk("plan", "smollm2-135m-instruct:source", "--ram", "1.47GiB", "--json", home=default_home)
     assert r.returncode == 0, r.stderr
     chosen = json.loads(r.stdout)["chosen"]
     assert chosen["kv_dtype"] == "int8" and chosen["ctx"] >= 2048
-    assert "it fits only with an int8 KV cache (fp32 would allow 1536 tokens)" in chosen["why"]
+    assert "it fits only with an int8 KV cache (bf16 would allow 1792 tokens)" in chosen["why"]
 
-    r = llamadesk("plan", "smollm2-135m-instruct:source", "--ram", "1.5GiB", "--kv-dtype", "fp32", home=default_home)
+    r = llamadesk("plan", "smollm2-135m-instruct:source", "--ram", "1.47GiB", "--kv-dtype", "fp32", home=default_home)
     assert r.returncode == 1
     assert "with --kv-dtype int8, smollm2-135m-instruct:source would fit with up to" in r.stdout
 

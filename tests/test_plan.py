@@ -43,7 +43,8 @@ def chosen(device, spec, **fixed):
 def test_kv_cache_costs_per_token():
     assert kv_bytes_per_token(LLAMA3_8B, "bf16") == 128 * 1024  # GQA: 8 kv heads
     assert kv_bytes_per_token(LLAMA2_7B, "bf16") == 512 * 1024  # 32 kv heads
-    assert kv_bytes_per_token(SMOLLM2_135M, "auto", cpu(8)) == 2 * 30 * 3 * 64 * 4  # fp32 on the CPU
+    assert kv_bytes_per_token(SMOLLM2_135M, "auto", cpu(8)) == 2 * 30 * 3 * 64 * 2  # bf16 on the CPU too
+    assert kv_bytes_per_token(SMOLLM2_135M, "fp32", cpu(8)) == 2 * 30 * 3 * 64 * 4
     assert kv_bytes_per_token(LLAMA3_70B, "auto", gpu(80)) == 320 * 1024
 
 
@@ -163,9 +164,9 @@ def planned(device, spec, **fixed):
 
 
 @pytest.mark.parametrize("device, spec, fixed, expected", [
-    # a longer context: the float cache stops int4 at 6400 (fp32) and 2816 tokens, int8 reaches 8192
-    (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int4", 8192, "int8")),
+    # a longer context: the bf16 cache stops int4 at 5376 tokens, int8 reaches 8192
     (cpu(7), {"llama3-8b": ("int4", "nf4")}, {}, ("llama3-8b:int4", 8192, "int8")),
+    (cpu(6.5), {"llama3-8b": ("int4",)}, {}, ("llama3-8b:int4", 3840, "int8")),  # bf16: 2048
     (gpu(6), {"llama2-7b": ALL}, {}, ("llama2-7b:nf4", 3840, "int8")),  # bf16: 2048
     (gpu(44), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192, "int8")),  # bf16: 6400
     # a larger model: with bf16 keys and values the 7B and 70B stay below 2048 tokens
@@ -173,9 +174,10 @@ def planned(device, spec, **fixed):
     (gpu(42), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 2560, "int8")),
     # an asked context that only an int8 cache holds
     (gpu(6.5), {"llama2-7b": ALL}, {"ctx": 4096}, ("llama2-7b:int4", 4096, "int8")),
-    # not needed: the largest model reaches its target with the activations' dtype
+    # not needed: the largest model reaches its target with a bf16 cache (fp32 would not: 6400)
+    (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int4", 8192, "bf16")),
     (gpu(48), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192, "bf16")),
-    (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192, "fp32")),
+    (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192, "bf16")),
     # what the user fixed is kept, either way
     (cpu(24), {"smollm2-135m": ALL}, {"kv_dtype": "int8"}, ("smollm2-135m:source", 8192, "int8")),
     (gpu(24), {"llama3-8b": ALL}, {"kv_dtype": "int8", "ctx": 4096}, ("llama3-8b:source", 4096, "int8")),
@@ -187,13 +189,13 @@ def test_an_int8_kv_cache_is_used_where_float_falls_short(device, spec, fixed, e
 
 
 def test_why_and_the_table_say_when_the_kv_cache_is_int8():
-    dev = cpu(8)
+    dev = cpu(7)
     r = plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev)
     assert r.chosen.kv_dtype == "int8"
-    assert r.why.endswith("; an int8 KV cache lets it reach 8192 tokens, where fp32 would allow only 6400")
+    assert r.why.endswith("; an int8 KV cache lets it reach 8192 tokens, where bf16 would allow only 5376")
     assert r.candidates[0].kv_dtype == "int8"
     assert r.candidates[0].kv_bytes_per_token == kv_bytes_per_token(LLAMA3_8B, "int8")
-    assert r.candidates[0].verdict == "fits up to 8192 tokens with an int8 KV cache (6400 with fp32)"
+    assert r.candidates[0].verdict == "fits up to 8192 tokens with an int8 KV cache (5376 with bf16)"
     assert r.chosen.bytes["kv_cache"] == 8192 * kv_bytes_per_token(LLAMA3_8B, "int8")
     assert r.to_dict()["chosen"]["kv_dtype"] == "int8"
 
@@ -223,9 +225,10 @@ def test_a_fixed_int8_kv_cache_that_cannot_fit_says_what_would():
 
 def test_a_cache_read_back_converted_counts_one_layer_of_workspace():
     dev = cpu(8)
-    fp32, int8 = (workspace_bytes(LLAMA3_8B, 8192, dev, kv) for kv in ("fp32", "int8"))
-    assert int8 - fp32 == 2 * 8192 * 8 * 128 * 4  # one layer's keys and values dequantized to fp32
-    assert workspace_bytes(LLAMA3_8B, 8192, dev, "auto") == fp32
+    fp32, bf16, int8 = (workspace_bytes(LLAMA3_8B, 8192, dev, kv) for kv in ("fp32", "bf16", "int8"))
+    assert int8 - fp32 == bf16 - fp32 == 2 * 8192 * 8 * 128 * 4  # one layer's keys and values as fp32
+    assert workspace_bytes(LLAMA3_8B, 8192, dev, "auto") == bf16  # the CPU's cache is bf16
+    assert workspace_bytes(LLAMA3_8B, 8192, gpu(24), "auto") == workspace_bytes(LLAMA3_8B, 8192, gpu(24), "bf16")
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp16", "int8"])
