@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from model.args import ModelArgs
 from model.chat_format import ChatFormat
 from model.generate import SamplingParams, generate
-from model.model import RMSNorm, Transformer
+from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from quant import decode_cpu
 from quant.formats import FORMAT_VERSION
@@ -118,7 +118,7 @@ def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Ten
     table = "cpu" if str(device).startswith("cuda") and not (args.tie_embeddings and not layout) else device
     if layout:
         repack_for_device(model, device, precise, elsewhere={"tok_embeddings": table})
-        _float_to(model, device, dtype)
+        _float_to(model, device, dtype, table)
     else:
         for name, child in model.named_children():
             child.to(device=table if name == "tok_embeddings" else device, dtype=dtype)
@@ -133,19 +133,22 @@ def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Ten
     return model
 
 
-def _float_to(model: torch.nn.Module, device, dtype) -> None:
-    """A packed model's tensors that are not packed to `device`; the norms also to `dtype`, the
-    activations' (a norm in fp32 would turn a bf16 residual stream into fp32)."""
-    for module in model.modules():
+def _float_to(model: torch.nn.Module, device, dtype, table_device) -> None:
+    """A packed model's modules that are not packed (norms; a head or table the quantizer left in
+    float) to `device` and the activations' `dtype`, as they run and as the plan counts them: a
+    norm or head in fp32 would turn a bf16 residual stream into fp32. The token table goes to
+    `table_device`."""
+    for name, module in model.named_modules():
         if isinstance(module, PACKED_MODULES):
             continue
-        for name, t in list(module._parameters.items()):
+        where = table_device if name == "tok_embeddings" else device
+        for key, t in list(module._parameters.items()):
             if t is not None:
-                to = dict(device=device, dtype=dtype) if isinstance(module, RMSNorm) else dict(device=device)
-                module._parameters[name] = torch.nn.Parameter(t.to(**to), requires_grad=False)
-        for name, t in list(module._buffers.items()):
+                module._parameters[key] = torch.nn.Parameter(t.to(where, dtype if t.is_floating_point() else None),
+                                                              requires_grad=False)
+        for key, t in list(module._buffers.items()):
             if t is not None:
-                module._buffers[name] = t.to(device)
+                module._buffers[key] = t.to(where)
 
 
 def compile_decode_kernel(say=None) -> bool:

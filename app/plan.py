@@ -18,8 +18,9 @@ Cost model (bytes resident once loaded and warmed up):
                and the OS pages files in and out of it.
 
 Policy: the largest installed model first; for it the most bits that still allow the target
-context (min of its trained context and 8192); then the longest context that fits, a multiple of
-256, never below 2048 (or the model's own maximum if smaller). The KV cache is kept in bf16
+context (min of its trained context and 8192), and that context (`--ctx` asks for a longer one);
+where no variant reaches it, the longest context that fits, a multiple of 256, never below 2048
+(or the model's own maximum if smaller). The KV cache is kept in bf16
 (float_kv_dtype) when that lets the largest model reach its target; otherwise each variant that
 falls short of its target takes an int8 cache where that gives it a longer context, and the same
 policy runs again (so int8 may let a larger model, more bits or a longer context fit); `why` and
@@ -59,7 +60,9 @@ def activation_bytes(device: Device) -> int:
 
 def activation_kv_dtype(device: Device | None) -> str:
     """The KV cache dtype that is the activations' own: no conversion when attention reads it."""
-    return "fp32" if device is not None and activation_bytes(device) == 4 else "bf16"
+    if device is not None and activation_bytes(device) == 4:
+        return "fp32"
+    return "bf16" if device is None or device.bf16_ok else "fp16"  # a GPU before Ampere runs fp16
 
 
 def float_kv_dtype(device: Device | None) -> str:
@@ -67,8 +70,9 @@ def float_kv_dtype(device: Device | None) -> str:
     activations' fp32, but half the bytes to store and to read every token (at 4000 tokens of
     context fp32 keys and values are 184 MB a token for the default model, more than its
     weights) at no measurable cost: perplexity 14.9426 against 14.9429 with fp32 (default
-    model, int4, 8192 tokens). The compiled CPU step reads it as it is."""
-    return "bf16"
+    model, int4, 8192 tokens). The compiled CPU step reads it as it is. A GPU without bf16 keeps
+    its fp16 activations' own."""
+    return "bf16" if device is None or device.bf16_ok else "fp16"
 
 
 def kv_bytes_per_token(args: ModelArgs, kv_dtype: str = "auto", device: Device | None = None) -> int:
@@ -301,8 +305,11 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
                                  + _kv_why(c, ctx, kv, kv_asked, device))
                 continue
             if longest >= target:
-                return _plan(c, longest, device, kv, _why(c, longest, same_model, n_params < biggest, free, device)
-                             + _kv_why(c, longest, kv, kv_asked, device))
+                # the target, not all that fits: a 128k-token cache would cost memory every load and,
+                # on a GPU, time every token (the CUDA-graph step reads the whole cache); --ctx asks for more
+                return _plan(c, target, device, kv, _why(c, target, same_model, n_params < biggest, free, device,
+                                                         longest)
+                             + _kv_why(c, target, kv, kv_asked, device))
         # no variant of this model reaches its target: take the most precise that reaches the floor,
         # of equally precise ones the longest context
         for c, longest, kv in sorted(same_model, key=lambda e: (-e[0].bits, -e[1])):
@@ -318,7 +325,7 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
             f"context{with_kv}")
 
 
-def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device) -> str:
+def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device, longest: int) -> str:
     more_bits = [x for x, _, _ in same_model if x.bits > c.bits]
     parts = [f"{c.model}:{c.variant}"]
     if smaller:
@@ -328,7 +335,8 @@ def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: D
     if more_bits:
         parts.append(f"and {c.variant} the most bits that still allow {min(c.max_ctx, TARGET_CTX)} tokens "
                      f"({', '.join(x.variant for x in more_bits)} would not)")
-    parts.append(f"in {free} of {device.kind} memory; the context is the longest that fits, {ctx} tokens")
+    more = f" (up to {longest} would fit: --ctx)" if longest > ctx else ""
+    parts.append(f"in {free} of {device.kind} memory; the context is {ctx} tokens{more}")
     tied = [x for x, _, _ in same_model if x.variant == "source" and x.bits == c.bits and x is not c]
     if tied:
         parts[-1] += (f"; it holds the source's own {c.bits:g}-bit values in "
@@ -414,7 +422,7 @@ def stored_weight_bytes(entry, device: Device) -> int:
 
     args = ModelArgs.from_dict(entry.manifest["args"])
     act = activation_bytes(device)
-    packed = bool(entry.manifest.get("quant"))  # a packed variant's float tensors run as stored
+    layout = (entry.manifest.get("quant") or {}).get("layout", {})  # packed modules run as stored
     total = 0
     for fname in entry.manifest["weights"]:
         with safe_open(str(entry.path / fname), framework="pt") as f:
@@ -428,7 +436,7 @@ def stored_weight_bytes(entry, device: Device) -> int:
                     continue  # stays in CPU RAM
                 floating = dtype in ("F32", "F16", "BF16")
                 is_norm = key.endswith("norm.weight")
-                if floating and not is_norm and key.endswith(".weight") and not packed:
+                if floating and not is_norm and key.endswith(".weight") and key[: -len(".weight")] not in layout:
                     total += n * act  # full-precision weights run in the activation dtype
                 else:
                     total += n * _DTYPE_BYTES.get(dtype, 4)

@@ -40,6 +40,19 @@ def chosen(device, spec, **fixed):
     return (r.chosen.ref, r.chosen.ctx) if r.chosen else (None, r.why)
 
 
+def test_a_long_trained_context_is_not_all_taken_unless_asked():
+    """Llama 3.1 (131072 tokens) on an 80 GB GPU: 8192 by default, as much as asked with --ctx."""
+    from dataclasses import replace
+
+    dev = gpu(80)
+    llama31 = [catalog_candidate("llama3.1-8b", replace(LLAMA3_8B, max_seq_len=131072), v, dev) for v in ALL]
+    r = plan_memory(llama31, dev)
+    assert (r.chosen.variant, r.chosen.ctx) == ("source", 8192)
+    assert r.chosen.bytes["kv_cache"] == 8192 * kv_bytes_per_token(LLAMA3_8B, "bf16")
+    assert r.why.endswith("the context is 8192 tokens (up to 131072 would fit: --ctx)")
+    assert plan_memory(llama31, dev, ctx=65536).chosen.ctx == 65536
+
+
 def test_kv_cache_costs_per_token():
     assert kv_bytes_per_token(LLAMA3_8B, "bf16") == 128 * 1024  # GQA: 8 kv heads
     assert kv_bytes_per_token(LLAMA2_7B, "bf16") == 512 * 1024  # 32 kv heads

@@ -93,3 +93,16 @@ def test_compiled_int8_gemv_equals_the_matmul():
     for groups in (1, 4):
         s = torch.rand(48, groups, generator=g) * 0.01
         torch.testing.assert_close(compiled(x, q, s), int8_dequant_linear(x, q, s), rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_model_runs_its_float_head_and_norms_in_the_activations_dtype():
+    """A variant whose head the quantizer left in float (`--head fp32`), run in bf16 as on a GPU."""
+    layout, state = random_variant("int8")
+    del layout["output"]
+    for key in [k for k in state if k.startswith("output.")]:
+        del state[key]
+    state["output.weight"] = torch.randn(ARGS.vocab_size, ARGS.dim) * 0.3
+    model = build_model(ARGS, layout, state, 64, dtype=torch.bfloat16, fuse=False)
+    assert model.output.weight.dtype == model.norm.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert model(torch.tensor([PROMPT]), 0).dtype == torch.bfloat16

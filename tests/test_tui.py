@@ -193,6 +193,39 @@ async def test_quitting_mid_reply_stops_it_and_keeps_what_was_written(home):
     assert [(m.content, m.stopped) for m in saved] == [("Tell me about Paris", False), ("Paris ", True)]
 
 
+class StallingModel(GatedModel):
+    """Writes its pieces, then waits (as a long decode would) until the reply is cancelled."""
+
+    def stream(self, messages, params, max_tokens, cancel):
+        yield from super().stream(messages, params, max_tokens, cancel)
+        cancel.wait(10)
+
+
+@pytest.mark.asyncio
+async def test_quitting_keeps_text_held_back_from_the_screen(home, monkeypatch):
+    original = MessageView.write
+
+    async def slow(self, text):
+        await original(self, text)
+        self.append_s = 5.0  # as if rendering took 5 s: the next pieces wait off screen
+
+    monkeypatch.setattr(MessageView, "write", slow)
+    model = StallingModel(["Paris ", "is ", "lovely."])
+    app = fake_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        await send(pilot, "Tell me about Paris")
+        await until(pilot, lambda: replies(app) and replies(app)[0].content == "Paris ")
+        model.gate.set()
+        await until(pilot, lambda: app.chat.reply is not None and app.chat.reply.unshown == "is lovely.")
+        assert replies(app)[0].content == "Paris "
+        assert app.chat.copy_text() == "Paris is lovely."
+        conversation_id = app.chat.conversation.id
+        await pilot.press("ctrl+q")
+    saved = History(home / "history.sqlite3").messages(conversation_id)
+    assert [(m.content, m.stopped) for m in saved][-1] == ("Paris is lovely.", True)
+
+
 @pytest.mark.asyncio
 async def test_pieces_reach_the_screen_in_batches_not_one_by_one(home, monkeypatch):
     writes = []

@@ -105,7 +105,7 @@ class ChatScreen(Screen):
         if reply is None:
             return
         reply.cancel.set()
-        text = reply.view.content
+        text = reply.view.content + reply.unshown
         while True:
             try:
                 item = reply.pieces.get_nowait()
@@ -290,7 +290,10 @@ class ChatScreen(Screen):
         """The focused message, else the last reply: the text to put on the clipboard."""
         focused = self.focused
         view = focused if isinstance(focused, MessageView) else self.query_one(Transcript).last_reply()
-        return view.content if view is not None else None
+        if view is None:
+            return None
+        # a reply being written may hold text back from the screen (see _drain)
+        return view.content + (self.reply.unshown if self.reply is not None and self.reply.view is view else "")
 
     # ------------------------------------------------------------ prompts and replies
     @on(PromptInput.Submitted)
