@@ -109,6 +109,13 @@ async def send(pilot, text: str) -> None:
     await pilot.press("enter")
 
 
+async def first_piece_on_screen(pilot, app, prompt: str, piece: str) -> None:
+    """Once the model is loaded, send `prompt` and wait until the reply shows `piece`."""
+    await until(pilot, lambda: app.chat.model is not None)
+    await send(pilot, prompt)
+    await until(pilot, lambda: replies(app) and replies(app)[0].content == piece)
+
+
 async def one_reply(app, prompt: str) -> str:
     """Start the app, send `prompt`, wait for the whole reply; its text."""
     async with app.run_test(size=SIZE) as pilot:
@@ -183,9 +190,7 @@ async def test_quitting_mid_reply_stops_it_and_keeps_what_was_written(home):
     model = GatedModel(["Paris ", "is ", "lovely."])
     app = fake_app(model)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.chat.model is not None)
-        await send(pilot, "Tell me about Paris")
-        await until(pilot, lambda: replies(app) and replies(app)[0].content == "Paris ")
+        await first_piece_on_screen(pilot, app, "Tell me about Paris", "Paris ")
         conversation_id = app.chat.conversation.id
         await pilot.press("ctrl+q")
     assert model.finished.wait(2), "the reply went on after the app quit"
@@ -213,9 +218,7 @@ async def test_quitting_keeps_text_held_back_from_the_screen(home, monkeypatch):
     model = StallingModel(["Paris ", "is ", "lovely."])
     app = fake_app(model)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.chat.model is not None)
-        await send(pilot, "Tell me about Paris")
-        await until(pilot, lambda: replies(app) and replies(app)[0].content == "Paris ")
+        await first_piece_on_screen(pilot, app, "Tell me about Paris", "Paris ")
         model.gate.set()
         await until(pilot, lambda: app.chat.reply is not None and app.chat.reply.unshown == "is lovely.")
         assert replies(app)[0].content == "Paris "
