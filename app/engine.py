@@ -198,13 +198,13 @@ def attach_static_decode(model: Transformer, compile: bool = True, say=None) -> 
     compile = compile and not any(isinstance(m, NF4Linear) for m in model.modules())
     if compile and say:
         say("Compiling the decode step for the GPU (kept on disk after the first time)...")
-    for attempt in ((compile, True), (False, True)) if compile else ((False, True),):
+    for compiled in (True, False) if compile else (False,):
         try:
-            model.fused_decode = StaticDecode(model, *attempt)
+            model.fused_decode = StaticDecode(model, compiled)
             return
         except Exception as e:  # a compiler or capture failure costs speed, not the answer
             if say:
-                say(f"decode step {'compiled' if attempt[0] else 'as a CUDA graph'} failed ({type(e).__name__}: "
+                say(f"decode step {'compiled' if compiled else 'as a CUDA graph'} failed ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back")
             torch.cuda.synchronize()
     model.fused_decode = None

@@ -62,7 +62,7 @@ def activation_kv_dtype(device: Device | None) -> str:
     """The KV cache dtype that is the activations' own: no conversion when attention reads it."""
     if device is not None and activation_bytes(device) == 4:
         return "fp32"
-    return "bf16" if device is None or device.bf16_ok else "fp16"  # a GPU before Ampere runs fp16
+    return float_kv_dtype(device)  # a GPU's bf16, or fp16 before Ampere
 
 
 def float_kv_dtype(device: Device | None) -> str:

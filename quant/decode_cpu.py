@@ -54,8 +54,7 @@ def _flag_sets() -> list[tuple[list[str], list[str]]]:
     return sets
 
 
-def _extension_name(flags: list[str] | None = None) -> str:
-    flags = _flag_sets()[0][0] if flags is None else flags
+def _extension_name(flags: list[str]) -> str:
     key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
     return f"llamadesk_decode_{hashlib.sha256(key).hexdigest()[:12]}"
 

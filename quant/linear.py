@@ -146,7 +146,6 @@ def int8_dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return F.linear(x, w.view(N, K))
 
 
-
 class Int8Embedding(nn.Module):
     """Token embeddings stored as int8 rows (one scale per row, or per group along the row)."""
 

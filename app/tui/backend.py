@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import sys
-
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol

@@ -96,8 +96,9 @@ const Int4Layout& int4_layout() {
 
 // Which kernel the decode step runs for int4 layers: ours, or torch's (for comparisons).
 std::atomic<bool> g_int4_torch{false};
-// Past this many keys, each KV head's keys are split over the threads (set_parallel_keys: tests
-// run the split on tiny contexts, benchmarks compare).
+// Past this many keys attention goes to the threads, where waking them pays: each KV head's keys
+// split over them (the vector path) or the KV heads shared out (the plain loops).
+// set_parallel_keys: tests run the split on tiny contexts, benchmarks compare.
 std::atomic<int64_t> g_parallel_keys{256};
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -820,15 +821,12 @@ class Decoder {
         }
       }
     };
-    if (L >= kParallelKeys && nkv_ > 1) {
+    if (L >= g_parallel_keys.load(std::memory_order_relaxed) && nkv_ > 1) {
       at::parallel_for(0, nkv_, 1, heads);
     } else {
       heads(0, nkv_);
     }
   }
-
-  // Past this many keys, splitting KV heads over threads pays for waking them.
-  static constexpr int64_t kParallelKeys = 256;
 
   int64_t dim_, nh_, nkv_, hd_, hidden_;
   double eps_;
