@@ -12,22 +12,36 @@ import tempfile
 import threading
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING
 
-from model.args import ConfigError
-from model.chat_format import ChatTemplateError
-from model.checkpoints import CheckpointError
-from model.generate import SamplingParams
-from model.tokenizer import TokenizerError
+from rich.console import Console
 
 from . import pull, store
 from .errors import UserError
 from .plan import KV_DTYPES
 
+if TYPE_CHECKING:
+    from model.generate import SamplingParams
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-USER_ERRORS = (UserError, CheckpointError, ConfigError, TokenizerError, ChatTemplateError)
+# the errors a user's input or files cause, by module: torch, textual and rich.progress are
+# imported only by the commands that need them (`--help`, `list` and `plan` answer in a blink),
+# and an error class whose module was never imported cannot have been raised
+USER_ERRORS = {"model.args": "ConfigError", "model.chat_format": "ChatTemplateError",
+               "model.checkpoints": "CheckpointError", "model.tokenizer": "TokenizerError"}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = (getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
+    return (UserError, *loaded)
+
+
+def _progress():
+    """A transient progress bar on stderr: description, bar, done/total, elapsed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=err, transient=True)
 
 
 def say(msg: str) -> None:
@@ -38,8 +52,7 @@ def say(msg: str) -> None:
 def import_with_progress(path: Path, name: str | None, replace: bool = False) -> store.ModelEntry:
     from .importer import import_checkpoint
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"Converting {path.name}", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -81,6 +94,8 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
 
 def _compile_decode_kernel() -> None:
     """On a machine that decodes on the CPU: compile the fused decode step now, once, saying so."""
+    import torch
+
     if not torch.cuda.is_available():
         from .engine import compile_decode_kernel
 
@@ -123,8 +138,7 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
         opts = QuantOptions(scheme, group_size=group_size, head=head, embeddings=embeddings)
     except ValueError as e:
         raise UserError(str(e)) from None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with _progress() as bar:
         task = bar.add_task("Packing", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -407,6 +421,8 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "chat"
     if command in ("ask", "chat"):
+        from model.generate import SamplingParams
+
         try:
             params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                     repetition_penalty=args.repeat_penalty, seed=args.seed)
@@ -461,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["chat"]
     try:
         return run(argv)
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         say(f"llamadesk: error: {e}")
         return 1
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -73,10 +74,21 @@ def probe_cpu(ram: int | None = None) -> Device:
     return Device("cpu", _cpu_name(), total, free, None, cpu_features(), threads=len(os.sched_getaffinity(0)))
 
 
+def _no_nvidia_driver() -> bool:
+    """True where Linux shows no NVIDIA driver: then no CUDA device can exist, and plan, list and
+    the chat app's first screen need not wait ~2 s for torch to say so."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
+                or any(name.startswith("nvidia") for name in os.listdir("/dev")))
+
+
 def probe_cuda(vram: int | None = None) -> list[Device]:
+    devices = []
+    if _no_nvidia_driver():
+        return devices
     import torch
 
-    devices = []
     if not torch.cuda.is_available():
         return devices
     for i in range(torch.cuda.device_count()):

@@ -38,7 +38,46 @@ _extension = None
 _failed: str | None = None
 
 
-BASE_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+BASE_FLAGS = ["-O3", "-fopenmp-simd"]
+# The vector paths in csrc/decode_cpu.cpp, best first, with the compiler flags that turn each on.
+# x86-64-v3 is AVX2 + FMA + F16C (Haswell, Zen 1-3); "generic" is the plain C++ every CPU runs
+# (on x86 the SSE2 baseline, on ARM the compiler's NEON auto-vectorization).
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4"],
+    "avx2": ["-march=x86-64-v3"],
+    "generic": [],
+}
+# torch's own CPU dispatch (ATEN_CPU_CAPABILITY) that goes with each path: it also decides how
+# torch packs int4 weights, which the step reads in place
+TORCH_CAPABILITY = {"avx512": "AVX512", "avx2": "AVX2", "generic": "DEFAULT"}
+
+
+def supported_isas() -> list[str]:
+    """The step's paths this CPU runs, best first, as far as torch dispatches (so that
+    ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine leaves avx2 and generic)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["generic"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    order = list(ISA_FLAGS)
+    best = {"AVX512": 0, "AVX2": 1}.get(capability, len(order) - 1)
+    return order[best:]
+
+
+def chosen_isa() -> str:
+    """LLAMADESK_ISA (avx512, avx2 or generic) if set, else the best path this CPU runs.
+
+    Raises ValueError (one line) for an unknown name or a path this CPU cannot run."""
+    supported = supported_isas()
+    wanted = os.environ.get("LLAMADESK_ISA", "").strip().lower()
+    if not wanted:
+        return supported[0]
+    if wanted not in ISA_FLAGS:
+        raise ValueError(f"LLAMADESK_ISA={wanted!r} is not a path (choose from {', '.join(ISA_FLAGS)})")
+    if wanted not in supported:
+        raise ValueError(f"LLAMADESK_ISA={wanted}: this CPU runs only {', '.join(supported)}")
+    return wanted
 
 
 def _flag_sets() -> list[tuple[list[str], list[str]]]:
@@ -47,10 +86,11 @@ def _flag_sets() -> list[tuple[list[str], list[str]]]:
     The extension then shares torch's own OpenMP runtime and threads (torch ships libgomp.so.1,
     the soname the linker records, so the loader reuses the copy torch loaded). A compiler
     without OpenMP support (clang without libomp) falls back to the second, single-threaded."""
+    base = BASE_FLAGS + ISA_FLAGS[chosen_isa()]
     sets = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        sets.append((BASE_FLAGS + ["-fopenmp"], ["-fopenmp"]))
-    sets.append((BASE_FLAGS, []))
+        sets.append((base + ["-fopenmp"], ["-fopenmp"]))
+    sets.append((base, []))
     return sets
 
 

@@ -5,20 +5,19 @@ import torch
 
 from app import store
 from app.engine import load_model
-from model.generate import SamplingParams, generate
+from agreement import assert_agree, forced_logits, greedy_answer
 from model.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.e2e
 PROMPT = "<|im_start|>user\nList three facts about the Moon.<|im_end|>\n<|im_start|>assistant\n"
 
 
-@torch.inference_mode()
-def eager_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = list(ids)
-    for _ in range(n):
-        logits = model(torch.tensor([out]), 0)[0, -1]  # no cache reuse: every step from position 0
-        out.append(int(logits.argmax()))
-    return out[len(ids):]
+# Both runtimes run fp32 arithmetic over the same weights and differ only in summation order:
+# logits agree to ~1e-4 (measured on AVX-512 and AVX2 builds); the bound leaves a margin.
+FP32_TOL = 2e-3
+# The bf16 kernels round their input, so fp32 noise in a norm's sum can move one value to the
+# next bf16 step: 2% of the logits' ~32 span, as before (measured up to 0.3).
+PACKED_TOL = 0.65
 
 
 def _variant(home, variant: str):
@@ -30,42 +29,34 @@ def _variant(home, variant: str):
     return store.find(f"smollm2-135m-instruct:{variant}")
 
 
-def test_fast_path_greedy_equals_eager(default_home, monkeypatch):
-    """fp32 source: the compiled decode step gives the same 64 greedy tokens as the Python blocks
-    and as the eager model (separate projections, every step re-reading the whole sequence)."""
+def test_fast_path_follows_the_eager_model(default_home, monkeypatch):
+    """fp32 source: the compiled decode step and the Python blocks against the eager model
+    (separate projections, the whole sequence in one causal pass), by the
+    rule of tests/agreement.py over 64 greedy tokens."""
     monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
     entry = _variant(default_home, "source")
     ids = load_tokenizer(entry.path).encode(PROMPT)
     model = load_model(entry, 256)
     assert model.fused_decode is not None  # the compiled step
-    fast = list(generate(model, ids, 64, params=SamplingParams(temperature=0)))
+    answer = greedy_answer(model, ids, 64)
+    assert len(answer) >= 16  # a real answer, not an immediate end of turn
+    eager = load_model(entry, 256, fuse=False)
+    with torch.inference_mode():  # one causal pass: row i sees tokens 0..i, as a fresh forward would
+        reference = eager(torch.tensor([ids + answer[:-1]]), 0)[0, len(ids) - 1:].float()  # (N, V)
+    fast = forced_logits(model, ids, answer)
     model.fused_decode = None  # the Python blocks, over the same weights and cache
-    assert fast == list(generate(model, ids, 64, params=SamplingParams(temperature=0)))
-    assert fast == eager_greedy(load_model(entry, 256, fuse=False), ids, len(fast))
-    assert len(fast) >= 16  # a real answer, not an immediate end of turn
-
-
-@torch.inference_mode()
-def _forced_logits(model, ids: list[int], answer: list[int]) -> torch.Tensor:
-    """Logits (N, V) of each answer step, decoding one token at a time on the given answer."""
-    model(torch.tensor([ids]), 0)
-    return torch.stack([model(torch.tensor([[t]]), len(ids) + i)[0, -1] for i, t in enumerate(answer)])
+    assert_agree(reference, fast, FP32_TOL)
+    assert_agree(reference, forced_logits(model, ids, answer), FP32_TOL)
 
 
 @pytest.mark.parametrize("variant", ["int4", "int8"])
-def test_fast_path_logits_equal_the_python_blocks_on_packed_variants(default_home, monkeypatch, variant):
-    """The bf16 kernels round their input, so fp32 noise in a norm's sum can move one value to
-    the next bf16 step: the two paths may part at a near-tie (int4 did at token 17), so this
-    compares each step's logits on the same tokens rather than free-running answers."""
+def test_fast_path_follows_the_python_blocks_on_packed_variants(default_home, monkeypatch, variant):
     monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
     entry = _variant(default_home, variant)
     ids = load_tokenizer(entry.path).encode(PROMPT)
     model = load_model(entry, 256)
-    answer = list(generate(model, ids, 48, params=SamplingParams(temperature=0)))
-    fast = _forced_logits(model, ids, answer)
+    answer = greedy_answer(model, ids, 48)
+    fast = forced_logits(model, ids, answer)
     decoder, model.fused_decode = model.fused_decode, None
-    python = _forced_logits(model, ids, answer)
     assert decoder is not None and len(answer) >= 16
-    spread = python.amax(-1) - python.amin(-1)  # (N,)
-    assert ((fast - python).abs().amax(-1) / spread).max() < 0.02
-    assert (fast.argmax(-1) == python.argmax(-1)).float().mean() >= 0.95
+    assert_agree(forced_logits(model, ids, answer), fast, PACKED_TOL)

@@ -920,6 +920,17 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales_and_ze
 // (block rows, split halves) of torch's int4 CPU packing as detected; block 0 if unknown
 std::tuple<int64_t, bool> int4_packing() { return {int4_layout().block, int4_layout().split}; }
 
+// The vector path this build was compiled for (decode_cpu.py's ISA_FLAGS picks it)
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
 // "own" or "torch": which kernel decode steps run for int4 layers from now on; returns the previous
 std::string set_int4_kernel(const std::string& which) {
   TORCH_CHECK(which == "own" || which == "torch", "int4 kernel must be 'own' or 'torch', not '", which, "'");
@@ -937,6 +948,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales_and_zeros"), py::arg("group"),
         py::arg("n_out"), py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_packing", &int4_packing);
+  m.def("isa", &isa);
   m.def("set_int4_kernel", &set_int4_kernel);
   m.def("set_parallel_keys", [](int64_t keys) { return g_parallel_keys.exchange(keys); });
 }
