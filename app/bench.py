@@ -10,14 +10,14 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from model.generate import decode_one_token, prefill
 
 from . import store
-from .engine import load_model
+from .engine import choose_decoder, load_model
 from .errors import UserError
 from .plan import float_kv_dtype, installed_candidates
 from .devices import probe
@@ -34,6 +34,8 @@ class BenchResult:
     decode_tok_s: float
     peak_mem_bytes: int
     gb_s: float
+    isa: str = ""  # the compiled CPU step's path (avx512, avx2, generic); "" where it did not run
+    cpu_flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +52,7 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
     ctx = prompt_tokens + gen_tokens + 1
     # the KV cache the plan gives an unconstrained load, so the figures are the app's
     model = load_model(entry, ctx, device, precise=precise, kv_dtype=float_kv_dtype(probe(device)))
+    decoder = choose_decoder(model)
     ids = prompt_ids(prompt_tokens, model.args.vocab_size)
     ttfts, decodes = [], []
     for run in range(runs + 1):  # the first run warms up caches and kernels, and is dropped
@@ -58,7 +61,7 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
         token = int(logits.argmax())
         t1 = time.perf_counter()
         for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
-            token = int(decode_one_token(model, token, pos).argmax())
+            token = int(decode_one_token(decoder, token, pos).argmax())
         t2 = time.perf_counter()
         if run:
             ttfts.append(t1 - t0)
@@ -68,7 +71,27 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
     dev = probe(device)
     weights = next(c.weight_bytes for c in installed_candidates(dev) if (c.model, c.variant) == (entry.name, entry.variant))
     return BenchResult(entry.name, entry.variant, device, torch.get_num_threads(), ttft, prompt_tokens / ttft,
-                       decode, peak_rss(), weights * decode / 1e9)
+                       decode, peak_rss(), weights * decode / 1e9, _isa(decoder), dev.features)
+
+
+def _isa(decoder) -> str:
+    from quant.decode_cpu import CpuStepDecoder
+    from quant.extension import loaded_extension
+
+    return loaded_extension().isa() if isinstance(decoder, CpuStepDecoder) else ""
+
+
+def stream_read_gb_s(n_bytes: int = 1 << 30, rounds: int = 5) -> float:
+    """This machine's DRAM read bandwidth as the bench's threads see it (GB/s): the best of
+    `rounds` sums over an fp32 buffer far larger than any cache. Decode reads every weight once
+    a token, so this is the ceiling its GB/s column is measured against."""
+    buf = torch.ones(n_bytes // 4)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best / 1e9
 
 
 def bench_llamacpp(gguf: str, prompt_tokens: int, gen_tokens: int, runs: int) -> BenchResult:
@@ -98,21 +121,24 @@ def bench_llamacpp(gguf: str, prompt_tokens: int, gen_tokens: int, runs: int) ->
     size = os.path.getsize(gguf)
     decode = statistics.median(decodes)
     return BenchResult(os.path.basename(gguf), "llama.cpp", "cpu", threads, ttft, prompt_tokens / ttft, decode,
-                       peak_rss(), size * decode / 1e9)
+                       peak_rss(), size * decode / 1e9, "", probe("cpu").features)
 
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, precise: bool = False) -> list[BenchResult]:
-    """Each variant in a child process of its own, so peak memory is that variant's alone."""
+def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, precise: bool = False,
+              progress=lambda i, n, ref: None) -> list[BenchResult]:
+    """Each variant in a child process of its own, so peak memory is that variant's alone.
+    `progress(i, n, ref)` is told before each."""
     import json
     import subprocess
     import sys
 
     results = []
-    for ref in refs:
+    for i, ref in enumerate(refs):
+        progress(i, len(refs), ref)
         cmd = [sys.executable, "-m", "app.cli", "bench", ref, "--json", "--prompt-tokens", str(prompt_tokens),
                "--gen-tokens", str(gen_tokens), "--runs", str(runs), "--threads", str(torch.get_num_threads())]
         if precise:
@@ -120,5 +146,5 @@ def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, p
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise UserError(f"bench of {ref} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        results.extend(BenchResult(**d) for d in json.loads(proc.stdout))
+        results.extend(BenchResult(**d) for d in json.loads(proc.stdout)["results"])
     return results

@@ -179,12 +179,14 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
           vs_llamacpp: str | None, precise: bool) -> int:
     import json
 
+    import torch
     from rich.table import Table
 
     from . import bench as b
+    from .devices import inference_threads
 
-    if threads:
-        torch_threads(threads)
+    torch.set_num_threads(inference_threads(threads))  # the rule chat, ask and serve use
+    skipped: list[tuple[str, str]] = []
     if ref and ":" in ref:
         results = [b.bench_variant(store.find(ref), prompt_tokens, gen_tokens, runs, precise=precise)]
     else:
@@ -192,32 +194,44 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
         refs = [e.ref for e in store.list_entries() if name is None or e.name == name]
         if not refs:
             raise UserError("no model installed to benchmark; run `llamadesk pull`")
-        # nf4 runs through bitsandbytes on the CPU, ~8x slower than int4: only when named
-        refs = [r for r in refs if not r.endswith(":nf4")] or refs
-        results = b.bench_all(refs, prompt_tokens, gen_tokens, runs, precise)
+        runnable = [r for r in refs if not r.endswith(":nf4")] or refs
+        skipped = [(r, "nf4 runs through bitsandbytes on the CPU, ~8x slower than int4: name it to bench it")
+                   for r in refs if r not in runnable]
+        with _progress() as bar:
+            task = bar.add_task("Benchmarking", total=len(runnable))
+
+            def progress(i: int, n: int, r: str) -> None:
+                bar.update(task, completed=i, description=f"Benchmarking {r}")
+
+            results = b.bench_all(runnable, prompt_tokens, gen_tokens, runs, precise, progress)
     if vs_llamacpp:
+        say(f"Benchmarking llama.cpp on {Path(vs_llamacpp).name}")
         results.append(b.bench_llamacpp(vs_llamacpp, prompt_tokens, gen_tokens, runs))
+    bandwidth = b.stream_read_gb_s() if vs_llamacpp else None
     if as_json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+        out = {"results": [r.to_dict() for r in results], "skipped": [{"ref": r, "why": w} for r, w in skipped]}
+        if bandwidth:
+            out["dram_read_gb_s"] = round(bandwidth, 1)
+        print(json.dumps(out, indent=2))
         return 0
-    table = Table("model", "variant", "device", "threads", "TTFT", "prefill tok/s", "decode tok/s", "peak RSS", "GB/s")
+    table = Table("model:variant", "device", "path", "threads", "TTFT", "prefill tok/s", "decode tok/s", "peak RSS",
+                  "GB/s")
     for r in results:
-        table.add_row(r.model, r.variant, r.device, str(r.threads), f"{r.ttft_s * 1000:.0f} ms",
+        table.add_row(f"{r.model}:{r.variant}", r.device, r.isa or "-", str(r.threads), f"{r.ttft_s * 1000:.0f} ms",
                       f"{r.prefill_tok_s:.1f}", f"{r.decode_tok_s:.1f}", f"{r.peak_mem_bytes / 2**20:.0f} MiB",
                       f"{r.gb_s:.2f}")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    for r, why in skipped:
+        table.add_row(r, "", "", "", "", "", "", "", "", end_section=False)
+        table.add_row(f"  skipped: {why}", "", "", "", "", "", "", "", "")
+    Console(width=None if sys.stdout.isatty() else 160, highlight=False).print(table)
     if vs_llamacpp and len(results) > 1:
         ref_r = results[-1]
+        say(f"DRAM read bandwidth measured here: {bandwidth:.1f} GB/s ({ref_r.threads} threads)")
         for r in results[:-1]:
             say(f"{r.model}:{r.variant} vs llama.cpp: decode x{r.decode_tok_s / ref_r.decode_tok_s:.2f}, "
-                f"prefill x{r.prefill_tok_s / ref_r.prefill_tok_s:.2f}")
+                f"prefill x{r.prefill_tok_s / ref_r.prefill_tok_s:.2f}; decode reads {r.gb_s:.1f} GB/s, "
+                f"{r.gb_s / bandwidth * 100:.0f}% of it")
     return 0
-
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- plan
@@ -386,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=int, help="CPU threads (default and upper bound: the idle cores, as for chat)")
+    p.add_argument("--json", action="store_true", help="machine-readable results, with the CPU path and flags")
     p.add_argument("--vs-llamacpp", metavar="GGUF", help="also run llama-cpp-python on this GGUF, side by side")
     p.add_argument("--precise", action="store_true", help="packed layers at fp32-level accuracy")
 
@@ -471,8 +485,17 @@ def run(argv: list[str]) -> int:
     raise AssertionError(command)
 
 
+def _follow_isa() -> None:
+    """LLAMADESK_ISA=avx512|avx2|generic forces the compiled step's vector path; PyTorch's own
+    kernels follow it (ATEN_CPU_CAPABILITY, read when torch is first imported) unless that is set."""
+    isa = os.environ.get("LLAMADESK_ISA", "").strip().lower()
+    if isa in ("avx512", "avx2", "generic") and "torch" not in sys.modules:
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "default" if isa == "generic" else isa)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _follow_isa()
     if not argv:
         argv = ["chat"]
     try:

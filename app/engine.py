@@ -16,15 +16,15 @@ from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
 from model.chat_format import ChatFormat
-from model.generate import SamplingParams, generate
+from model.generate import Decoder, EagerDecoder, SamplingParams, generate
 from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
-from quant import decode_cpu
+from quant import decode_cpu, extension
 from quant.formats import FORMAT_VERSION
 from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears
 
 from . import pull, store
-from .devices import default_threads, format_bytes, probe, release_freed_memory, reuse_freed_memory, trim_heap
+from .devices import format_bytes, inference_threads, probe, release_freed_memory, reuse_freed_memory, trim_heap
 from .errors import UserError
 from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
 
@@ -54,8 +54,7 @@ def activation_dtype(device: str) -> torch.dtype:
 
 
 def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=None,
-               precise: bool = False, fuse: bool = True, kv_dtype: str | None = None,
-               compile_kernel: str = "now", say=None) -> Transformer:
+               precise: bool = False, fuse: bool = True, kv_dtype: str | None = None) -> Transformer:
     """Read an installed variant's tensors and build the model from them (see build_model)."""
     args = ModelArgs.from_dict(entry.manifest["args"])
     quant = entry.manifest.get("quant")
@@ -73,7 +72,7 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=Non
             raise UserError(f"{path}: cannot read the weights ({e}); remove and re-import the model") from None
     try:
         return build_model(args, quant["layout"] if quant else None, state, ctx, device, dtype, precise, fuse,
-                           kv_dtype, compile_kernel, say, mapped=True)
+                           kv_dtype, mapped=True)
     except _StateMismatch as e:
         raise UserError(f"{entry.path}: the stored weights do not match the model ({e}); "
                         f"the files were changed or are damaged: remove and re-create {entry.ref}") from None
@@ -85,16 +84,15 @@ class _StateMismatch(Exception):
 
 def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Tensor], ctx: int,
                 device: str = "cpu", dtype=None, precise: bool = False, fuse: bool = True,
-                kv_dtype: str | None = None, compile_kernel: str = "now", say=None,
-                mapped: bool = False) -> Transformer:
+                kv_dtype: str | None = None, mapped: bool = False) -> Transformer:
     """Build the model on the meta device, swap in packed layers, assign `state`'s tensors.
 
     `layout` is a packed variant's per-module {"scheme", "group_size"} (None: full precision).
     `dtype` is the activations' (None: activation_dtype(device)). `precise` runs packed layers
     at fp32-level accuracy for ~3x their matmul time. `kv_dtype` is the plan's name for the KV
-    cache's dtype (None: the activations'). `fuse` merges projections and runs single tokens
-    through the fused decode step, compiled as `compile_kernel` says (see attach_fused_decode);
-    fuse=False is the plain eager model. `mapped`: the tensors are views of files, to be copied
+    cache's dtype (None: the activations'). `fuse` merges projections (one matmul for q, k, v
+    and one for w1, w3), which the fast decoders need (see choose_decoder); fuse=False is the
+    plain eager model. `mapped`: the tensors are views of files, to be copied
     where still used as they are.
     """
     dtype = dtype or activation_dtype(device)
@@ -127,8 +125,6 @@ def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Ten
         _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
     state.clear()
     model.setup_caches(ctx, dtype=dtype, device=device, kv_dtype=KV_TORCH_DTYPES[kv_dtype] if kv_dtype else None)
-    if fuse:
-        attach_fused_decode(model, compile_kernel, say)
     reuse_freed_memory()
     return model
 
@@ -153,39 +149,44 @@ def _float_to(model: torch.nn.Module, device, dtype, table_device) -> None:
 
 def compile_decode_kernel(say=None) -> bool:
     """Compile the fused CPU decode step if this machine has not yet; False if it cannot be."""
+    try:
+        extension.chosen_isa()
+    except ValueError as e:  # LLAMADESK_ISA: the user asked for a path this CPU cannot run
+        raise UserError(str(e)) from None
     cache = pull.cache_dir()
-    if not decode_cpu.is_built(cache) and say:
+    if not extension.is_built(cache) and say:
         say("Compiling the fast decode step for this CPU (once per machine, ~30 s)...")
-    return decode_cpu.load_extension(cache) is not None
+    return extension.load_extension(cache) is not None
 
 
-def attach_fused_decode(model: Transformer, compile_kernel: str = "now", say=None) -> None:
-    """Let single-token steps run through the compiled CPU decoder (quant/decode_cpu.py).
+def choose_decoder(model: Transformer, compile_kernel: str = "now", say=None, on_ready=None) -> Decoder:
+    """The fastest decoder (model/generate.py's seam) that runs `model` here, over its weights and
+    current KV cache: the compiled CPU step (quant/decode_cpu.py), a CUDA graph on a GPU (see
+    static_decoder), else the eager blocks.
 
-    It is compiled once per machine: "now" compiles it here if needed, "background" in a thread
-    that attaches it when done (the Python path runs meanwhile, so a first reply never waits),
-    "never" attaches it only if already compiled. On a GPU: see attach_static_decode."""
+    The CPU step is compiled once per machine: "now" compiles it here if needed; "background"
+    compiles it in a thread and hands the new decoder to `on_ready(decoder)` when done (the
+    eager blocks answer meanwhile, so a first reply never waits); "never" uses it only if
+    already compiled."""
     if model.rope is not None and model.rope.device.type == "cuda":
-        attach_static_decode(model, compile_kernel != "never", say)
-        return
+        return static_decoder(model, compile_kernel != "never", say)
     if decode_cpu.unsupported(model) is not None:
-        return
+        return EagerDecoder(model)
     cache = pull.cache_dir()
-    if compile_kernel == "now" or decode_cpu.is_built(cache):
+    if compile_kernel == "now" or extension.is_built(cache):
         compile_decode_kernel(say)
-        model.fused_decode = decode_cpu.build_decoder(model, cache)
-    elif compile_kernel == "background":
-        rope = model.rope
-
+        return decode_cpu.build_decoder(model, cache) or EagerDecoder(model)
+    if compile_kernel == "background" and on_ready is not None:
         def build() -> None:
             decoder = decode_cpu.build_decoder(model, cache)
-            if model.rope is rope:  # the caches it holds are still the model's
-                model.fused_decode = decoder
+            if decoder is not None:
+                on_ready(decoder)
 
         threading.Thread(target=build, name="llamadesk-compile", daemon=True).start()
+    return EagerDecoder(model)
 
 
-def attach_static_decode(model: Transformer, compile: bool = True, say=None) -> None:
+def static_decoder(model: Transformer, compile: bool = True, say=None) -> Decoder:
     """On a GPU: the decode step as a CUDA graph (model/static_decode.py), its blocks compiled.
 
     torch.compile keeps what it compiled on disk, so only a machine's first load waits the
@@ -200,14 +201,13 @@ def attach_static_decode(model: Transformer, compile: bool = True, say=None) -> 
         say("Compiling the decode step for the GPU (kept on disk after the first time)...")
     for compiled in (True, False) if compile else (False,):
         try:
-            model.fused_decode = StaticDecode(model, compiled)
-            return
+            return StaticDecode(model, compiled)
         except Exception as e:  # a compiler or capture failure costs speed, not the answer
             if say:
                 say(f"decode step {'compiled' if compiled else 'as a CUDA graph'} failed ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back")
             torch.cuda.synchronize()
-    model.fused_decode = None
+    return EagerDecoder(model)
 
 
 def _own_mapped_tensors(model: torch.nn.Module, mapped: set[int]) -> None:
@@ -241,6 +241,9 @@ class Engine:
                  chat_format: ChatFormat, ctx: int, device: str):
         self.entry, self.model, self.tokenizer, self.chat_format = entry, model, tokenizer, chat_format
         self.ctx, self.device = ctx, device
+        self.decoder: Decoder = EagerDecoder(model)
+        # a faster decoder compiled in the background waits here until the reply in flight ends
+        self._next_decoder: Decoder | None = None
         self.stop_ids = chat_format.stop_ids(tokenizer)
         self.last = ReplyStats()
         self.plan: Plan | None = None
@@ -262,10 +265,8 @@ class Engine:
         """
         say = say or (lambda msg: None)
         target = probe(device) if device else probe()
-        if target.kind == "cpu" and threads is None:
-            threads = default_threads()
-        if threads:
-            torch.set_num_threads(threads)
+        if target.kind == "cpu":
+            torch.set_num_threads(inference_threads(threads))
         result = plan_installed(ref, ctx, kv_dtype, device=target)
         if result.chosen is None:
             raise UserError(result.why)
@@ -295,9 +296,9 @@ class Engine:
             Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=8))
         trim_heap()  # what earlier work in this process freed (a pull, a quantize) is not a baseline
         rss0 = _rss()
-        model = load_model(entry, plan.ctx, plan.device, precise=precise, kv_dtype=plan.kv_dtype,
-                           compile_kernel=compile_kernel, say=say)
+        model = load_model(entry, plan.ctx, plan.device, precise=precise, kv_dtype=plan.kv_dtype)
         engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
+        engine.decoder = choose_decoder(model, compile_kernel, say, on_ready=engine.hand_over)
         engine.plan = plan
         if verify:
             engine.warm_up()
@@ -321,6 +322,10 @@ class Engine:
                 f"{format_bytes(b['kv_cache'])}, workspace {format_bytes(b['workspace'])}); measured RSS growth "
                 f"{format_bytes(self.measured_bytes)} ({(self.measured_bytes / estimate - 1) * 100:+.1f}%)")
 
+    def hand_over(self, decoder: Decoder) -> None:
+        """Use `decoder` from the next reply on (a background compile's result; any thread)."""
+        self._next_decoder = decoder
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.chat_format.encode(self.tokenizer, messages)
 
@@ -331,6 +336,8 @@ class Engine:
         if len(ids) >= self.ctx:
             raise UserError(f"the prompt is {len(ids)} tokens, more than fits the {self.ctx}-token context; "
                             f"shorten it or raise --ctx")
+        if self._next_decoder is not None:  # between replies: no step is running
+            self.decoder, self._next_decoder = self._next_decoder, None
         reuse = _common_prefix(self._cached, ids)
         reuse = min(reuse, len(ids) - 1)  # the last prompt token must run to give the first logits
         stats = self.last = ReplyStats(prompt_tokens=len(ids), reused_tokens=reuse)
@@ -340,7 +347,8 @@ class Engine:
         t_first = None
         self._cached = ids[:reuse]
         try:
-            for token in generate(self.model, ids[reuse:], max_tokens, self.stop_ids, params, cancel, start_pos=reuse):
+            for token in generate(self.model, ids[reuse:], max_tokens, self.stop_ids, params, cancel, start_pos=reuse,
+                                  decoder=self.decoder):
                 if t_first is None:
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t0

@@ -2,12 +2,17 @@
 
 `generate` is an iterator of token ids; the caller (CLI, chat app, tests) decides what to do with
 each one and stops it through a `threading.Event`. Nothing here knows about text.
+
+Prompts run through the model's own forward (chunked prefill). Each generated token runs through
+a Decoder: the one seam where a faster runtime over the same weights and KV cache replaces the
+eager blocks (the CPU's compiled step in quant/decode_cpu.py, the CUDA graph in
+model/static_decode.py). The app's engine picks it; the model never knows.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import torch
 
@@ -33,21 +38,46 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
+class Decoder(Protocol):
+    """One decode step for B sequences at once, over a model's weights and KV cache.
+
+    decode(tokens (B,) long, positions (B,) long, rows (B,) long) -> logits (B, V): row i feeds
+    tokens[i] at positions[i], writing and reading KV-cache row rows[i] (one per sequence: a
+    server's requests each have their own). A row's logits never depend on the other rows, so
+    a request gives the same text alone or beside others. Bound to the caches of its build:
+    after model.setup_caches, build a new one."""
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+class EagerDecoder:
+    """The model's own blocks, one row at a time (the reference every other decoder matches)."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.model(tokens[i].view(1, 1), int(positions[i]), cache_row=int(rows[i]))[0, -1]
+                            for i in range(tokens.shape[0])])  # (B, V)
+
+
 @torch.inference_mode()
-def prefill(model: Transformer, tokens: list[int], start_pos: int = 0, chunk: int = 512) -> torch.Tensor:
-    """Run the prompt through the model in chunks; return the last position's logits (V,)."""
+def prefill(model: Transformer, tokens: list[int], start_pos: int = 0, chunk: int = 512,
+            cache_row: int = 0) -> torch.Tensor:
+    """Run the prompt through the model in chunks into KV-cache row `cache_row`; return the last
+    position's logits (V,)."""
     ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(0)  # (1, T)
     logits = None
     for s in range(0, len(tokens), chunk):
         part = ids[:, s : s + chunk]
-        logits = model(part, start_pos + s, last_only=True)
+        logits = model(part, start_pos + s, last_only=True, cache_row=cache_row)
     return logits[0, -1]
 
 
-@torch.inference_mode()
-def decode_one_token(model: Transformer, token: int, pos: int) -> torch.Tensor:
-    ids = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
-    return model(ids, pos)[0, -1]
+def decode_one_token(decoder: Decoder, token: int, pos: int, cache_row: int = 0) -> torch.Tensor:
+    """Logits (V,) after `token` at position `pos` of KV-cache row `cache_row`."""
+    return decoder.decode(torch.tensor([token]), torch.tensor([pos]), torch.tensor([cache_row]))[0]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] = (),
@@ -95,12 +125,14 @@ def _most_likely(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
              params: SamplingParams | None = None, cancel: threading.Event | None = None,
-             start_pos: int = 0) -> Iterator[int]:
+             start_pos: int = 0, decoder: Decoder | None = None, cache_row: int = 0) -> Iterator[int]:
     """Yield new token ids until a stop id (not yielded), max_new_tokens, the cache end or cancel.
 
-    `prompt` holds the tokens from `start_pos` on; positions before it must already be in the
-    KV cache (a chat reuses the conversation it has already seen).
+    `prompt` holds the tokens from `start_pos` on; positions before it must already be in
+    KV-cache row `cache_row` (a chat reuses the conversation it has already seen). Tokens after
+    the first run through `decoder` (default: the eager blocks).
     """
+    decoder = decoder or EagerDecoder(model)
     params = params or SamplingParams()
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -111,7 +143,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
     history = list(prompt)
-    logits = prefill(model, prompt, start_pos)
+    logits = prefill(model, prompt, start_pos, cache_row=cache_row)
     pos = end
     for _ in range(max_new_tokens):
         if cancel is not None and cancel.is_set():
@@ -123,5 +155,5 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id
         history.append(token)
         if pos >= model.max_cache_len:
             return
-        logits = decode_one_token(model, token, pos)
+        logits = decode_one_token(decoder, token, pos, cache_row)
         pos += 1

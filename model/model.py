@@ -36,9 +36,11 @@ class KVCache(nn.Module):
             buf = torch.zeros(scale, dtype=torch.float32, device=device) if quantized else None
             self.register_buffer(name, buf, persistent=False)
 
-    def update(self, start, k: torch.Tensor, v: torch.Tensor):
+    def update(self, start, k: torch.Tensor, v: torch.Tensor, row: int | None = None):
         """Write k, v (B, nkv, T, hd) at positions start..; return the filled prefix in their dtype.
 
+        `row` picks one row (slot) of the cache for a single sequence (B == 1): each request a
+        server decodes has its own. None: rows 0..B-1.
         `start` as a tensor of T positions is a static step (model/static_decode.py): the same
         shapes and addresses every token, as a CUDA graph needs. It returns the whole cache, and
         attention masks the positions past it.
@@ -46,16 +48,17 @@ class KVCache(nn.Module):
         if isinstance(start, torch.Tensor):
             return self._update_static(start, k, v)
         end = start + k.shape[2]
+        b = slice(0, k.shape[0]) if row is None else slice(row, row + 1)
         if self.k_scale is not None:
-            self.k[:, :, start:end], self.k_scale[:, :, start:end] = quantize_kv(k)
-            self.v[:, :, start:end], self.v_scale[:, :, start:end] = quantize_kv(v)
-            return (dequantize_kv(self.k[:, :, :end], self.k_scale[:, :, :end], k.dtype),
-                    dequantize_kv(self.v[:, :, :end], self.v_scale[:, :, :end], v.dtype))
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+            self.k[b, :, start:end], self.k_scale[b, :, start:end] = quantize_kv(k)
+            self.v[b, :, start:end], self.v_scale[b, :, start:end] = quantize_kv(v)
+            return (dequantize_kv(self.k[b, :, :end], self.k_scale[b, :, :end], k.dtype),
+                    dequantize_kv(self.v[b, :, :end], self.v_scale[b, :, :end], v.dtype))
+        self.k[b, :, start:end] = k
+        self.v[b, :, start:end] = v
         if self.k.dtype != k.dtype:
-            return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
-        return self.k[:, :, :end], self.v[:, :, :end]
+            return self.k[b, :, :end].to(k.dtype), self.v[b, :, :end].to(v.dtype)
+        return self.k[b, :, :end], self.v[b, :, :end]
 
     def _update_static(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.k_scale is not None:
@@ -94,29 +97,28 @@ class Transformer(nn.Module):
         self.max_cache_len = 0
         # a plain attribute, not a buffer: it stays fp32 whatever dtype the weights are cast to
         self.rope: torch.Tensor | None = None
-        # set by the app: an object whose step(h, pos) runs every block for one token (h (1, 1, D))
-        # over these same weights and caches, outside Python (the CPU's compiled step) or as one
-        # CUDA graph (model/static_decode.py, which runs the head too); None: the blocks below
-        self.fused_decode = None
 
     def setup_caches(self, max_len: int, batch: int = 1, dtype=None, device=None, kv_dtype=None):
-        """Allocate the KV cache and RoPE table for contexts up to `max_len` tokens.
+        """Allocate the KV cache and RoPE table for `batch` rows of up to `max_len` tokens each.
 
         `dtype` is the activations'; `kv_dtype` the cache's storage (torch.int8: the quantized
-        cache), by default the activations' own."""
+        cache), by default the activations' own. Decoders bound to the old caches (see
+        model/generate.py's Decoder) must be built again."""
         a = self.args
         # the final norm is never packed: its weight tells the activations' dtype and device
         ref = self.norm.weight
         dtype = dtype or ref.dtype
         device = device or (ref.device if ref.device.type != "meta" else "cpu")
         self.max_cache_len = max_len
-        self.fused_decode = None  # it holds the caches being replaced
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, device, kv_dtype)
         self.rope = rope_table(a.head_dim, max_len, a.rope_theta, a.rope_scaling).to(device)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos.. -> logits (B, T, V), or (B, 1, V) if last_only."""
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False,
+                cache_row: int | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos.. -> logits (B, T, V), or (B, 1, V) if last_only.
+
+        They read and extend KV-cache rows 0..B-1, or row `cache_row` alone (B == 1)."""
         T = tokens.shape[1]
         if start_pos + T > self.max_cache_len:
             raise ValueError(f"{start_pos + T} tokens exceed the cache of {self.max_cache_len}")
@@ -131,13 +133,8 @@ class Transformer(nn.Module):
         table_device = next(iter(self.tok_embeddings.buffers()), None)
         table_device = (table_device if table_device is not None else self.tok_embeddings.weight).device
         h = self.tok_embeddings(tokens.to(table_device)).to(self.norm.weight.device)
-        if tokens.shape == (1, 1) and self.fused_decode is not None:
-            h = self.fused_decode.step(h, start_pos)
-            if getattr(self.fused_decode, "returns_logits", False):
-                return h
-        else:
-            for layer in self.layers:
-                h = layer(h, start_pos, rope, mask)
+        for layer in self.layers:
+            h = layer(h, start_pos, rope, mask, cache_row)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h))
@@ -151,8 +148,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start_pos, rope, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+    def forward(self, x, start_pos, rope, mask, cache_row=None):
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask, cache_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -170,7 +167,7 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, start_pos, rope, mask):
+    def forward(self, x, start_pos, rope, mask, cache_row=None):
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         if self.wqkv is not None:
@@ -182,7 +179,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk.view(B, T, nh + nkv, hd), rope).transpose(1, 2)  # (B, nh + nkv, T, hd)
         q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        k, v = self.kv_cache.update(start_pos, k, v)  # (B, nkv, start_pos + T, hd)
+        k, v = self.kv_cache.update(start_pos, k, v, cache_row)  # (B, nkv, start_pos + T, hd)
         if T == 1:
             y = _decode_attention(q, k, v, mask)
         else:

@@ -7,8 +7,8 @@ position but data: the position is a tensor, the KV cache is written with index_
 attention reads the whole cache under a mask. One compiled function runs every block (the
 blocks differ only in their tensors), fusing norms, RoPE, SwiGLU and the cache write.
 
-    model.fused_decode = StaticDecode(model, compile=True, graph=True)
-    model(token (1, 1), pos)   # Transformer.forward hands the step to .step, head included
+    decoder = StaticDecode(model, compile=True, graph=True)   # model/generate.py's Decoder
+    generate(model, ids, n, decoder=decoder)
 
 On the CPU the same step runs without a graph (tests check it against the eager blocks).
 """
@@ -28,9 +28,9 @@ def _head(model, h):
 
 
 class StaticDecode:
-    """`step(h, pos)` runs every block and the head for one token h (1, 1, D) at position pos."""
-
-    returns_logits = True  # Transformer.forward: what step returns is the logits (1, 1, V)
+    """`step(h, pos)` runs every block and the head for one token h (1, 1, D) at position pos;
+    `decode` is model/generate.py's Decoder over it, for one sequence in KV-cache row 0 (the graph
+    is captured on fixed addresses: one row)."""
 
     def __init__(self, model: Transformer, compile: bool = True, graph: bool | None = None):
         if model.rope is None:
@@ -81,6 +81,17 @@ class StaticDecode:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = self._run()
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """tokens, positions, rows (1,) -> logits (1, V); the step's graph decodes row 0 alone."""
+        if tokens.shape[0] != 1 or int(rows[0]) != 0:
+            raise ValueError("the static decode step runs one sequence, in KV-cache row 0")
+        table = self.model.tok_embeddings
+        first = next(iter(table.buffers()), None)  # the table may stay in CPU RAM
+        table_device = (first if first is not None else table.weight).device
+        h = table(tokens.view(1, 1).to(table_device)).to(self.device)  # (1, 1, D)
+        return self.step(h, int(positions[0]))[0].clone()  # (1, V): the graph's output is overwritten next step
 
     def step(self, h: torch.Tensor, pos: int) -> torch.Tensor:
         if pos >= self.model.max_cache_len:

@@ -2,207 +2,54 @@
 
 On a small model a decode step in Python spends more time dispatching ~45 small ops per block
 than in its matmuls. The C++ step does the same arithmetic as the eager blocks (fp32 residual,
-norms, RoPE, cache and attention; the same int8/fp16/fp32 kernels for the linear layers; an fp32, bf16 or int8 KV cache)
-with four kernel calls per block. Int4 layers run the extension's own GEMV over the tensors
-torch's kernel takes (no copy): fp32 from the unrounded input where torch's rounds it to bf16,
-so the step is closer to the dequantized weight than the eager blocks are, and ~1.6x faster per
-call; `set_int4_kernel("torch")` goes back to torch's kernel (comparisons).
-It is compiled once per machine into the cache folder; without a C++ compiler the model keeps
-its Python decode path.
+norms, RoPE, cache and attention; the same int8/fp16/fp32 kernels for the linear layers; an fp32,
+bf16 or int8 KV cache) with four kernel calls per block, reading each layer's prepared weights
+(quant.linear.prepared_weights) in place. Int4 layers run the extension's own GEMV over the
+tensors torch's kernel takes (no copy): fp32 from the unrounded input where torch's rounds it to
+bf16, so the step is closer to the dequantized weight than the eager blocks are, and ~1.6x
+faster per call; `set_int4_kernel("torch")` goes back to torch's kernel (comparisons).
 
-    decoder = build_decoder(model, cache)   # None when the model or this machine cannot use it
-    model.fused_decode = decoder     # Transformer.forward calls it for single tokens
+    decoder = build_decoder(model, cache)   # a model/generate.py Decoder, or None
+    generate(model, ids, n, decoder=decoder)
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .linear import Fp16Linear, Int4Linear, Int8Linear
+from .extension import load_extension
+from .linear import prepared_weights
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
-DENSE, INT4, INT8, FP16 = 0, 1, 2, 3  # the kinds decode_cpu.cpp knows
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
-_lock = threading.Lock()
-_extension = None
-_failed: str | None = None
 
 
-BASE_FLAGS = ["-O3", "-fopenmp-simd"]
-# The vector paths in csrc/decode_cpu.cpp, best first, with the compiler flags that turn each on.
-# x86-64-v3 is AVX2 + FMA + F16C (Haswell, Zen 1-3); "generic" is the plain C++ every CPU runs
-# (on x86 the SSE2 baseline, on ARM the compiler's NEON auto-vectorization).
-ISA_FLAGS = {
-    "avx512": ["-march=x86-64-v4"],
-    "avx2": ["-march=x86-64-v3"],
-    "generic": [],
-}
-# torch's own CPU dispatch (ATEN_CPU_CAPABILITY) that goes with each path: it also decides how
-# torch packs int4 weights, which the step reads in place
-TORCH_CAPABILITY = {"avx512": "AVX512", "avx2": "AVX2", "generic": "DEFAULT"}
+class CpuStepDecoder:
+    """model/generate.py's Decoder through the compiled step: the token table and the head stay
+    the model's own modules; every block runs in C++. Rows run one after another through the
+    same code, so a row's logits do not depend on the others."""
+
+    def __init__(self, model: nn.Module, step):
+        self.model = model
+        self.blocks = step  # the extension's Decoder: every block, bound to the model's caches
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        h = self.model.tok_embeddings(tokens.view(-1, 1))  # (B, 1, D)
+        out = []
+        for i in range(h.shape[0]):
+            hi = self.blocks.step(h[i : i + 1].float(), int(positions[i]), int(rows[i]))  # (1, 1, D)
+            out.append(self.model.output(self.model.norm(hi))[0, -1])
+        return torch.stack(out)  # (B, V)
 
 
-def supported_isas() -> list[str]:
-    """The step's paths this CPU runs, best first, as far as torch dispatches (so that
-    ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine leaves avx2 and generic)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ["generic"]
-    capability = torch.backends.cpu.get_cpu_capability()
-    order = list(ISA_FLAGS)
-    best = {"AVX512": 0, "AVX2": 1}.get(capability, len(order) - 1)
-    return order[best:]
-
-
-def chosen_isa() -> str:
-    """LLAMADESK_ISA (avx512, avx2 or generic) if set, else the best path this CPU runs.
-
-    Raises ValueError (one line) for an unknown name or a path this CPU cannot run."""
-    supported = supported_isas()
-    wanted = os.environ.get("LLAMADESK_ISA", "").strip().lower()
-    if not wanted:
-        return supported[0]
-    if wanted not in ISA_FLAGS:
-        raise ValueError(f"LLAMADESK_ISA={wanted!r} is not a path (choose from {', '.join(ISA_FLAGS)})")
-    if wanted not in supported:
-        raise ValueError(f"LLAMADESK_ISA={wanted}: this CPU runs only {', '.join(supported)}")
-    return wanted
-
-
-def _flag_sets() -> list[tuple[list[str], list[str]]]:
-    """(compile flags, link flags) to try in turn. The first adds OpenMP where torch runs on it:
-    without -fopenmp, at::parallel_for in the extension compiles to a plain loop on one thread.
-    The extension then shares torch's own OpenMP runtime and threads (torch ships libgomp.so.1,
-    the soname the linker records, so the loader reuses the copy torch loaded). A compiler
-    without OpenMP support (clang without libomp) falls back to the second, single-threaded."""
-    base = BASE_FLAGS + ISA_FLAGS[chosen_isa()]
-    sets = []
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        sets.append((base + ["-fopenmp"], ["-fopenmp"]))
-    sets.append((base, []))
-    return sets
-
-
-def _extension_name(flags: list[str]) -> str:
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
-    return f"llamadesk_decode_{hashlib.sha256(key).hexdigest()[:12]}"
-
-
-def is_built(cache: Path) -> bool:
-    """Whether this source has been compiled for this torch under `cache`/kernels."""
-    return _built_library(cache) is not None
-
-
-def _built_library(cache: Path) -> Path | None:
-    for flags, _ in _flag_sets():
-        name = _extension_name(flags)
-        found = sorted((cache / "kernels" / name).glob(f"{name}*.so"))
-        if found:
-            return found[-1]
-    return None
-
-
-def _import_library(path: Path):
-    import importlib.machinery
-    import importlib.util
-
-    module_name = path.name.split(".")[0]  # torch may have built it as NAME_v1
-    loader = importlib.machinery.ExtensionFileLoader(module_name, str(path))
-    spec = importlib.util.spec_from_file_location(module_name, str(path), loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-def load_extension(cache: Path, build: bool = True):
-    """The compiled module (kept under `cache`/kernels), building it first if `build` (~30 s once
-    per machine on 2 cores); None without a C++ compiler or if the build failed (logged once)."""
-    global _extension, _failed
-    with _lock:
-        if _extension is not None or _failed is not None:
-            return _extension
-        if not build and not is_built(cache):
-            return None
-        built = _built_library(cache)
-        if built is not None:
-            # import the library directly: torch.utils.cpp_extension pulls in setuptools and
-            # ~30 MiB of modules that only building needs
-            try:
-                _extension = _import_library(built)
-                return _extension
-            except ImportError as e:
-                log.info("rebuilding the fused decode step (%s)", e)
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            _failed = "no C++ compiler (c++ or g++) on PATH"
-            log.info("fused decode step unavailable: %s", _failed)
-            return None
-        from torch.utils import cpp_extension
-
-        # torch looks for ninja on PATH; the one pip installed sits beside this interpreter
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        sets = _flag_sets()
-        for i, (cflags, ldflags) in enumerate(sets):
-            name = _extension_name(cflags)
-            build_dir = cache / "kernels" / name
-            build_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                with _build_lock(build_dir):
-                    _extension = cpp_extension.load(
-                        name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                        extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
-                return _extension
-            except (RuntimeError, OSError, ImportError, SystemExit) as e:
-                if "interrupted by user" in str(e):  # Ctrl-C reached ninja first: it is the user's stop
-                    raise KeyboardInterrupt from None
-                reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                if i + 1 < len(sets):
-                    log.info("building the fused decode step with %s failed (%s); trying without",
-                             " ".join(ldflags), reason)
-                    continue
-                _failed = reason
-                log.warning("fused decode step unavailable (build failed: %s); using the Python path", _failed)
-        return _extension
-
-
-@contextmanager
-def _build_lock(build_dir: Path):
-    """One builder per machine at a time, and no stale lock left by a killed one.
-
-    torch's own lock is a file that waits forever once its process was killed mid-build; an
-    flock dies with its process, so whoever holds it knows torch's file is stale."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: rely on torch's own lock
-        yield
-        return
-    with open(build_dir.parent / f"{build_dir.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        (build_dir / "lock").unlink(missing_ok=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def loaded_extension():
-    """The compiled module if this process has loaded it, else None (never builds)."""
-    return _extension
-
-
-def build_decoder(model: nn.Module, cache: Path, build: bool = True):
-    """A C++ decoder bound to `model`'s weights and KV cache, or None if it cannot run this model
-    (not on the CPU, NF4 or precise layers, an unfused block, an fp16 KV cache)."""
+def build_decoder(model: nn.Module, cache: Path, build: bool = True) -> CpuStepDecoder | None:
+    """The compiled step bound to `model`'s weights and KV cache, or None if it cannot run this
+    model (not on the CPU, NF4 or precise layers, an unfused block, an fp16 KV cache) or this
+    machine has no compiler."""
     reason = unsupported(model)
     if reason:
         log.info("fused decode step not used: %s", reason)
@@ -212,14 +59,14 @@ def build_decoder(model: nn.Module, cache: Path, build: bool = True):
         return None
     a = model.args
     rope = torch.view_as_real(model.rope).contiguous()  # (S, hd/2, 2) cos, sin
-    decoder = ext.Decoder(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, rope)
+    step = ext.Decoder(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, rope)
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         cache = attn.kv_cache
-        decoder.add_block(layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach(),
-                          cache.k, cache.v, getattr(cache, "k_scale", None), getattr(cache, "v_scale", None),
-                          _spec(attn.wqkv), _spec(attn.wo), _spec(ffn.w13), _spec(ffn.w2))
-    return decoder
+        step.add_block(layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach(),
+                       cache.k, cache.v, getattr(cache, "k_scale", None), getattr(cache, "v_scale", None),
+                       *(prepared_weights(m) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)))
+    return CpuStepDecoder(model, step)
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -236,36 +83,8 @@ def unsupported(model: nn.Module) -> str | None:
         if attn.wqkv is None or ffn.w13 is None:
             return f"layer {i}: projections are not fused"
         for name, mod in (("wqkv", attn.wqkv), ("wo", attn.wo), ("w13", ffn.w13), ("w2", ffn.w2)):
-            why = _why_not(mod)
-            if why:
-                return f"layer {i} {name}: {why}"
+            try:
+                prepared_weights(mod)
+            except ValueError as e:
+                return f"layer {i} {name}: {e}"
     return None
-
-
-def _why_not(mod: nn.Module) -> str | None:
-    if getattr(mod, "precise", False):
-        return "precise layers run in Python"
-    if isinstance(mod, Int4Linear):
-        return None if mod.kernel == "cpu" else f"int4 prepared for {mod.kernel or 'nothing'}"
-    if isinstance(mod, Int8Linear):
-        return None if mod.kernel in ("int8pack", "dense") else f"int8 kernel {mod.kernel or 'unprepared'}"
-    if isinstance(mod, Fp16Linear):
-        return None
-    if type(mod) is nn.Linear:
-        return None if mod.weight.dtype == torch.float32 else f"dense weight in {mod.weight.dtype}"
-    return f"{type(mod).__name__} has no fused kernel"
-
-
-def _spec(mod: nn.Module) -> tuple:
-    """(kind, tensor a, tensor b, group, n_out, k_in) as decode_cpu.cpp's Linear takes them."""
-    empty = torch.empty(0)
-    K, N = mod.in_features, mod.out_features
-    if isinstance(mod, Int4Linear):
-        return (INT4, mod.packed, mod.scales_and_zeros, mod.group_size, N, K)
-    if isinstance(mod, Int8Linear) and mod.kernel == "int8pack":
-        return (INT8, mod.qweight, mod.kernel_scales, 0, N, K)
-    if isinstance(mod, Int8Linear):
-        return (DENSE, mod.dense_weight.float().contiguous(), empty, 0, N, K)
-    if isinstance(mod, Fp16Linear):
-        return (FP16, mod.weight.detach().contiguous(), empty, 0, N, K)
-    return (DENSE, mod.weight.detach().contiguous(), empty, 0, N, K)

@@ -23,6 +23,7 @@ kernel needs N % 16 == 0 (CUDA: N % 8 == 0); other N are padded with zero rows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -113,9 +114,9 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        from . import decode_cpu
+        from .extension import loaded_extension
 
-        ext = decode_cpu.loaded_extension()
+        ext = loaded_extension()
         if ext is not None and x.shape[0] <= 8:  # decode and last-token prefill: one weight read
             return ext.int8_group_linear(x, self.qweight, self.scales)
         # many rows (perplexity over a window): fp32 GEMM on blocks of dequantized rows
@@ -361,6 +362,53 @@ class Fp16Linear(nn.Module):
             lo = (x.float() - hi.float()).to(torch.float16)
             return (F.linear(hi, self.weight).float() + F.linear(lo, self.weight).float()).to(x.dtype)
         return F.linear(x.to(torch.float16), self.weight).to(x.dtype)
+
+
+# ---------------------------------------------------------------- what runtimes outside Python read
+@dataclass(frozen=True)
+class PreparedWeights:
+    """A linear layer's weights as its kernel holds them, for the compiled CPU step
+    (csrc/decode_cpu.cpp reads these fields by name). y = W x, x (in_features,).
+
+    kind:
+      "dense"  weight fp32 (N, K)
+      "fp16"   weight fp16 (N, K)
+      "int4"   weight uint8 torch's CPU int4 packing (N_pad, K/2), scales bf16 (K/group_size, N_pad, 2)
+               (scale, zero) pairs, as _weight_int4pack_mm_for_cpu takes them; N_pad >= N
+      "int8"   weight int8 (N, K), scales bf16 (N,) one per row, as _weight_int8pack_mm takes them
+    """
+
+    kind: str
+    weight: torch.Tensor
+    scales: torch.Tensor | None
+    group_size: int
+    out_features: int
+    in_features: int
+
+
+def prepared_weights(mod: nn.Module) -> PreparedWeights:
+    """The record of a prepared linear layer. Raises ValueError (why) for a layer that runs only
+    in Python: precise layers, NF4, a kernel prepared for another device, a non-fp32 dense weight."""
+    N, K = mod.out_features, mod.in_features
+    if getattr(mod, "precise", False):
+        raise ValueError("precise layers run in Python")
+    if isinstance(mod, Int4Linear):
+        if mod.kernel != "cpu":
+            raise ValueError(f"int4 prepared for {mod.kernel or 'nothing'}")
+        return PreparedWeights("int4", mod.packed, mod.scales_and_zeros, mod.group_size, N, K)
+    if isinstance(mod, Int8Linear):
+        if mod.kernel == "int8pack":
+            return PreparedWeights("int8", mod.qweight, mod.kernel_scales, mod.group_size, N, K)
+        if mod.kernel == "dense":
+            return PreparedWeights("dense", mod.dense_weight.float().contiguous(), None, K, N, K)
+        raise ValueError(f"int8 kernel {mod.kernel or 'unprepared'}")
+    if isinstance(mod, Fp16Linear):
+        return PreparedWeights("fp16", mod.weight.detach().contiguous(), None, K, N, K)
+    if type(mod) is nn.Linear:
+        if mod.weight.dtype != torch.float32:
+            raise ValueError(f"dense weight in {mod.weight.dtype}")
+        return PreparedWeights("dense", mod.weight.detach().contiguous(), None, K, N, K)
+    raise ValueError(f"{type(mod).__name__} has no fused kernel")
 
 
 # ---------------------------------------------------------------- swapping

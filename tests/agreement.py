@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import torch
 
-from model.generate import SamplingParams, generate
+from model.generate import EagerDecoder, SamplingParams, decode_one_token, generate, prefill
 
 
 @torch.inference_mode()
-def forced_logits(step, prompt: list[int], answer: list[int]) -> torch.Tensor:
-    """Logits (N, V) before each of the N answer tokens: the prompt as one prefill, then the answer
-    one token at a time. `step(tokens (1, T), start_pos) -> logits (1, T, V)`, a model's forward
-    or a decoder's."""
-    rows = [step(torch.tensor([prompt]), 0)[0, -1]]
+def forced_logits(model, prompt: list[int], answer: list[int], decoder=None, row: int = 0) -> torch.Tensor:
+    """Logits (N, V) before each of the N answer tokens: the prompt as one prefill through the
+    model into KV-cache row `row`, then the answer one token at a time through `decoder` (a
+    model/generate.py Decoder; default the eager blocks)."""
+    decoder = decoder or EagerDecoder(model)
+    rows = [prefill(model, prompt, cache_row=row)]
     for i, t in enumerate(answer[:-1]):
-        rows.append(step(torch.tensor([[t]]), len(prompt) + i)[0, -1])
+        rows.append(decode_one_token(decoder, t, len(prompt) + i, row))
     return torch.stack(rows).float()
 
 
-def greedy_answer(model, prompt: list[int], n: int) -> list[int]:
-    return list(generate(model, prompt, n, params=SamplingParams(temperature=0)))
+def greedy_answer(model, prompt: list[int], n: int, decoder=None) -> list[int]:
+    return list(generate(model, prompt, n, params=SamplingParams(temperature=0), decoder=decoder))
 
 
 def assert_agree(reference: torch.Tensor, candidate: torch.Tensor, tol: float) -> None:

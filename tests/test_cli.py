@@ -160,15 +160,46 @@ def test_the_engine_holds_the_cache_the_plan_names(default_home, monkeypatch):
 
 
 def test_bench_json_reports_every_installed_variant_it_runs(default_home):
-    """`llamadesk bench --json`: one object per variant (each in its own process), the issue's keys."""
+    """`llamadesk bench --json`: one object per variant (each in its own process), the issue's keys,
+    the compiled step's path and the CPU flags; nf4 is listed as skipped, with why."""
+    from quant.extension import chosen_isa
+
     r = llamadesk("bench", "--json", "--prompt-tokens", "32", "--gen-tokens", "8", "--runs", "1", "--threads", "1",
                   home=default_home)
     assert r.returncode == 0, r.stderr
-    results = json.loads(r.stdout)
+    out = json.loads(r.stdout)
+    results = out["results"]
     assert {d["variant"] for d in results} >= {"source", "int4"}  # nf4 only when named on the CPU
+    assert all(s["ref"].endswith(":nf4") and "bitsandbytes" in s["why"] for s in out["skipped"])
     for d in results:
         assert set(d) == {"model", "variant", "device", "threads", "ttft_s", "prefill_tok_s", "decode_tok_s",
-                          "peak_mem_bytes", "gb_s"}
+                          "peak_mem_bytes", "gb_s", "isa", "cpu_flags"}
         assert d["model"] == "smollm2-135m-instruct" and d["device"] == "cpu" and d["threads"] == 1
         assert d["ttft_s"] > 0 and d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["gb_s"] > 0
         assert d["peak_mem_bytes"] > 100 << 20
+        assert d["isa"] == chosen_isa()  # source and int4 both run the compiled step here
+        assert "avx2" in d["cpu_flags"] or d["isa"] == "generic"
+
+
+HEAVY = ("torch", "textual", "rich.progress")
+LIGHT_COMMANDS = [["--help"], ["list"], ["plan"], ["plan", "--json"], ["rm", "--help"]]
+
+
+@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=" ".join)
+def test_commands_that_read_the_store_import_no_torch_or_textual(default_home, argv):
+    """Answering these takes no model: they must not wait ~2 s for torch (or textual, or rich's
+    progress bars) to import."""
+    code = ("import sys\nfrom app.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
+    env = dict(os.environ, LLAMADESK_HOME=str(default_home))
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=60)
+    assert "HEAVY []" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_forced_cpu_path_this_machine_lacks_is_one_line(default_home):
+    env_isa = {"LLAMADESK_ISA": "sse9"}
+    r = subprocess.run([sys.executable, "-m", "app.cli", "ask", "hi", "--max-tokens", "1"], capture_output=True,
+                       text=True, env=dict(os.environ, LLAMADESK_HOME=str(default_home), **env_isa), timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("llamadesk: error: LLAMADESK_ISA='sse9' is not a path "
+                                "(choose from avx512, avx2, generic)")

@@ -6,12 +6,13 @@ against the eager blocks on the same GPU.
 import pytest
 import torch
 
-from app.engine import build_model
+from agreement import assert_agree, forced_logits, greedy_answer
+from app.engine import build_model, choose_decoder
 from model.static_decode import StaticDecode
 from quant.formats import pack_int4, pack_int8, pack_nf4, unpack
 from quant.linear import Int4Linear, Int8Linear, NF4Linear
 
-from test_static_decode import ARGS, PROMPT, greedy, random_variant
+from test_static_decode import ARGS, PROMPT, random_variant
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,12 +37,12 @@ def test_packed_layer_on_cuda_equals_its_unpacked_weight(scheme, rows):
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8", "int4"])
-def test_cuda_graph_step_equals_eager_blocks(variant):
+def test_cuda_graph_step_follows_the_eager_blocks(variant):
     layout, state = random_variant(variant)
-    model = build_model(ARGS, layout, state, 128, device="cuda", dtype=torch.float32, compile_kernel="never")
-    assert isinstance(model.fused_decode, StaticDecode) and model.fused_decode.graph is not None
-    graphed = greedy(model, PROMPT, 64)
-    model.fused_decode = None
-    assert greedy(model, PROMPT, 64) == graphed
-    model.fused_decode = StaticDecode(model, compile=True)
-    assert greedy(model, PROMPT, 64) == graphed
+    model = build_model(ARGS, layout, state, 128, device="cuda", dtype=torch.float32)
+    decoder = choose_decoder(model)
+    assert isinstance(decoder, StaticDecode) and decoder.graph is not None
+    answer = greedy_answer(model, PROMPT, 64, decoder)
+    eager = forced_logits(model, PROMPT, answer)
+    assert_agree(eager, forced_logits(model, PROMPT, answer, decoder), 1e-3)
+    assert_agree(eager, forced_logits(model, PROMPT, answer, StaticDecode(model, compile=True)), 1e-3)

@@ -13,11 +13,11 @@ import torch.nn as nn
 
 from agreement import assert_agree, forced_logits, greedy_answer
 from app import pull
-from app.engine import attach_fused_decode
+from app.engine import choose_decoder
 from model.args import ModelArgs
-from model.generate import SamplingParams, generate
+from model.generate import EagerDecoder, SamplingParams, generate, prefill
 from model.model import Transformer
-from quant import decode_cpu
+from quant import decode_cpu, extension
 from quant.formats import pack_int4, pack_int8
 from quant.linear import Int4Linear, fuse_projections, repack_for_device, swap_linears
 
@@ -72,7 +72,7 @@ def tiny_packed_model(ctx: int = 64, kv_dtype=None, head_dim: int = 16) -> Trans
 
 @pytest.fixture(scope="module")
 def cache():
-    if not decode_cpu.load_extension(pull.cache_dir()):
+    if not extension.load_extension(pull.cache_dir()):
         pytest.fail("the decode kernel did not compile on this machine (a C++ compiler is needed for tests)")
     return pull.cache_dir()
 
@@ -107,7 +107,7 @@ KV_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 @pytest.fixture(params=[None, 4], ids=["keys-split-from-256", "keys-split-from-4"])
 def split_keys(request, cache):
     """Where the step splits each KV head's keys over the threads (and merges their softmaxes)."""
-    ext = decode_cpu.loaded_extension()
+    ext = extension.loaded_extension()
     if request.param is None:
         yield
         return
@@ -132,7 +132,7 @@ def test_one_step_equals_the_python_blocks(cache, fp32_int4, split_keys, kv_dtyp
         expected = layer(expected, past, model.rope[past : past + 1], None)
     written = [dict(layer.attention.kv_cache.named_buffers()) for layer in model.layers]
     written = [{k: t[:, :, past].clone() for k, t in bufs.items()} for bufs in written]
-    got = decoder.step(h, past)  # writes position `past` of the same caches again
+    got = decoder.blocks.step(h, past)  # writes position `past` of the same caches again
     assert got.shape == expected.shape == (1, 1, D)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for layer, bufs in zip(model.layers, written):  # the cache holds what the Python blocks stored
@@ -155,9 +155,9 @@ def test_the_fused_step_follows_the_python_blocks_over_40_tokens(cache, kv_dtype
     prompt = [5, 17, 99, 3, 250]
     answer = greedy_answer(model, prompt, 40)
     python = forced_logits(model, prompt, answer)
-    attach_fused_decode(model, "now")
-    assert model.fused_decode is not None and len(set(answer)) > 3
-    assert_agree(python, forced_logits(model, prompt, answer), 0.1)
+    decoder = choose_decoder(model, "now")
+    assert isinstance(decoder, decode_cpu.CpuStepDecoder) and len(set(answer)) > 3
+    assert_agree(python, forced_logits(model, prompt, answer, decoder), 0.1)
 
 
 def test_what_the_fused_step_does_not_run_keeps_the_python_path(cache):
@@ -168,27 +168,18 @@ def test_what_the_fused_step_does_not_run_keeps_the_python_path(cache):
     model.setup_caches(64)
     model.layers[1].attention.wo.precise = True
     assert "precise" in decode_cpu.unsupported(model)
-    attach_fused_decode(model, "now")
-    assert model.fused_decode is None
-    assert len(list(generate(model, [1, 2, 3], 5, params=SamplingParams(temperature=0)))) == 5
-
-
-def test_new_caches_drop_the_step_bound_to_the_old_ones(cache):
-    model = tiny_packed_model()
-    attach_fused_decode(model, "now")
-    assert model.fused_decode is not None
-    model.setup_caches(32)
-    assert model.fused_decode is None
+    decoder = choose_decoder(model, "now")
+    assert isinstance(decoder, EagerDecoder)
+    assert len(list(generate(model, [1, 2, 3], 5, params=SamplingParams(temperature=0), decoder=decoder))) == 5
 
 
 def test_no_compiler_means_the_python_path(cache, monkeypatch, tmp_path):
-    monkeypatch.setattr(decode_cpu, "_extension", None)
-    monkeypatch.setattr(decode_cpu, "_failed", None)
-    monkeypatch.setattr(decode_cpu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(extension, "_extension", None)
+    monkeypatch.setattr(extension, "_failed", None)
+    monkeypatch.setattr(extension.shutil, "which", lambda name: None)
     monkeypatch.setattr(pull, "cache_dir", lambda: tmp_path)  # nothing compiled there
     model = tiny_packed_model()
-    attach_fused_decode(model, "now")
-    assert model.fused_decode is None
+    assert isinstance(choose_decoder(model, "now"), EagerDecoder)
     assert len(list(generate(model, [1, 2, 3], 5, params=SamplingParams(temperature=0)))) == 5
 
 
@@ -196,7 +187,7 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
     build_dir = tmp_path / "kernels" / "x"
     build_dir.mkdir(parents=True)
     (build_dir / "lock").write_text("")  # torch's lock file, whose owner died mid-build
-    with decode_cpu._build_lock(build_dir):
+    with extension._build_lock(build_dir):
         assert not (build_dir / "lock").exists()
 
 
@@ -227,12 +218,12 @@ def test_ctrl_c_during_the_compile_stops_the_command(monkeypatch, tmp_path):
     def interrupted(**kwargs):
         raise RuntimeError("Error building extension 'x': ninja: build stopped: interrupted by user.")
 
-    monkeypatch.setattr(decode_cpu, "_extension", None)
-    monkeypatch.setattr(decode_cpu, "_failed", None)
+    monkeypatch.setattr(extension, "_extension", None)
+    monkeypatch.setattr(extension, "_failed", None)
     monkeypatch.setattr(cpp_extension, "load", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        decode_cpu.load_extension(tmp_path)
-    assert decode_cpu._failed is None  # a later run compiles again
+        extension.load_extension(tmp_path)
+    assert extension._failed is None  # a later run compiles again
 
 
 # N not a multiple of 16 (rows padded for the kernel) or of 64 (a short last block), groups of
@@ -245,7 +236,7 @@ INT4_SHAPES = [(64, 64, 32), (200, 64, 32), (9, 128, 32), (77, 256, 64), (40, 12
 @pytest.mark.parametrize("n, k, group", INT4_SHAPES)
 @torch.inference_mode()
 def test_int4_kernel_equals_the_fp32_dequantized_matmul(cache, n, k, group, portable):
-    ext = decode_cpu.load_extension(cache)
+    ext = extension.load_extension(cache)
     assert ext.int4_packing()[0] in (32, 64)  # the step reads this torch's packing itself
     gen = torch.Generator().manual_seed(n * k + group)
     n_pad = n + (-n) % 16
@@ -265,12 +256,11 @@ def test_int4_kernel_equals_the_fp32_dequantized_matmul(cache, n, k, group, port
 
 CHECK_INT4_SCRIPT = """
 import sys, torch
-from agreement import assert_agree, forced_logits, greedy_answer
 from app import pull
-from quant import decode_cpu
+from quant import extension
 sys.path.insert(0, "tests")
 from test_decode_cpu import INT4_SHAPES
-ext = decode_cpu.load_extension(pull.cache_dir())
+ext = extension.load_extension(pull.cache_dir())
 print(torch.backends.cpu.get_cpu_capability(), *ext.int4_packing())
 for n, k, group in INT4_SHAPES:
     gen = torch.Generator().manual_seed(n + k)
@@ -313,14 +303,14 @@ def test_int4_kernel_reads_the_other_packings_torch_makes(cache, capability):
 @torch.inference_mode()
 def test_the_step_switches_to_torchs_int4_kernel_and_back(cache):
     """set_int4_kernel("torch") runs torch's bf16 kernel again (to compare the two in one process)."""
-    ext = decode_cpu.load_extension(cache)
+    ext = extension.load_extension(cache)
     model = tiny_packed_model()
     decoder = decode_cpu.build_decoder(model, cache)
     h = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(1))
-    own = decoder.step(h, 0)
+    own = decoder.blocks.step(h, 0)
     assert ext.set_int4_kernel("torch") == "own"
     try:
-        theirs = decoder.step(h, 0)
+        theirs = decoder.blocks.step(h, 0)
         expected = model.layers[0](h, 0, model.rope[0:1], None)  # the Python blocks: torch's kernel
         for layer in model.layers[1:]:
             expected = layer(expected, 0, model.rope[0:1], None)
@@ -329,25 +319,25 @@ def test_the_step_switches_to_torchs_int4_kernel_and_back(cache):
     torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
     assert not torch.equal(own, theirs)  # bf16 rounding of the input: the kernels differ
     torch.testing.assert_close(own, theirs, rtol=0.05, atol=0.05)
-    torch.testing.assert_close(decoder.step(h, 0), own, rtol=0, atol=0)
+    torch.testing.assert_close(decoder.blocks.step(h, 0), own, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- every ISA path this CPU has
 def test_the_extension_runs_the_chosen_path(cache):
-    assert decode_cpu.load_extension(cache).isa() == decode_cpu.chosen_isa()
+    assert extension.load_extension(cache).isa() == extension.chosen_isa()
 
 
 def test_an_unknown_or_unsupported_path_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("LLAMADESK_ISA", "sse9")
     with pytest.raises(ValueError, match="not a path"):
-        decode_cpu.chosen_isa()
-    if "avx512" not in decode_cpu.supported_isas():
+        extension.chosen_isa()
+    if "avx512" not in extension.supported_isas():
         monkeypatch.setenv("LLAMADESK_ISA", "avx512")
         with pytest.raises(ValueError, match="this CPU runs only"):
-            decode_cpu.chosen_isa()
+            extension.chosen_isa()
 
 
-@pytest.mark.parametrize("isa", list(decode_cpu.ISA_FLAGS))
+@pytest.mark.parametrize("isa", list(extension.ISA_FLAGS))
 def test_every_path_this_cpu_runs_passes_the_fast_path_tests(isa):
     """This file and the real model's fast-path tests again in a process forced onto each other
     path (LLAMADESK_ISA, and torch's own dispatch to match: its int4 packing follows it), so an
@@ -357,15 +347,56 @@ def test_every_path_this_cpu_runs_passes_the_fast_path_tests(isa):
     import sys
     from pathlib import Path
 
-    if isa not in decode_cpu.supported_isas():
+    if isa not in extension.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} path")
-    if isa == decode_cpu.chosen_isa() or os.environ.get("LLAMADESK_ISA"):
+    if isa == extension.chosen_isa() or os.environ.get("LLAMADESK_ISA"):
         pytest.skip("this process runs that path: the tests above are its run")
     root = Path(__file__).resolve().parents[1]
-    capability = {"AVX512": "avx512", "AVX2": "avx2", "DEFAULT": "default"}[decode_cpu.TORCH_CAPABILITY[isa]]
+    capability = {"AVX512": "avx512", "AVX2": "avx2", "DEFAULT": "default"}[extension.TORCH_CAPABILITY[isa]]
     env = dict(os.environ, LLAMADESK_ISA=isa, ATEN_CPU_CAPABILITY=capability)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           "tests/test_decode_cpu.py", "tests/test_fast_path.py"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- the decoder seam, B rows
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@torch.inference_mode()
+def test_four_sequences_decode_together_each_as_alone(cache, kv_dtype):
+    """Four prompts of different lengths in KV-cache rows 0-3, decoded 12 steps together (each row
+    at its own position): the compiled step follows the eager blocks by the tolerance rule, and a
+    row's logits are bit-identical to decoding that row alone (no row reads another's data)."""
+    model = tiny_packed_model(ctx=64, kv_dtype=kv_dtype)
+    model.setup_caches(64, batch=4, kv_dtype=kv_dtype)
+    prompts = [[5, 17, 99], [3, 250, 7, 7, 41, 8, 1], [200], [9, 9, 120, 33, 64]]
+    steps = 12
+
+    def run(decoder, rows):
+        for r in rows:
+            prefill(model, prompts[r], cache_row=r)
+        tokens = torch.tensor([prompts[r][-1] for r in rows])
+        positions = torch.tensor([len(prompts[r]) for r in rows])
+        out = []
+        for _ in range(steps):
+            logits = decoder.decode(tokens, positions, torch.tensor(rows))  # (B, V)
+            out.append(logits)
+            tokens, positions = logits.argmax(-1), positions + 1
+        return torch.stack(out, 1)  # (B, steps, V)
+
+    fast = decode_cpu.build_decoder(model, cache)
+    assert fast is not None
+    together = run(fast, [0, 1, 2, 3])
+    eager = run(EagerDecoder(model), [0, 1, 2, 3])
+    for r in range(4):
+        assert_agree(eager[r], together[r], 0.1)
+        assert torch.equal(run(fast, [r])[0], together[r])
+    assert not torch.equal(together[0], together[1])  # the rows did hold different sequences
+
+
+def test_a_row_past_the_cache_is_refused(cache):
+    model = tiny_packed_model()
+    decoder = decode_cpu.build_decoder(model, cache)
+    with pytest.raises(RuntimeError, match="cache row 1 is out of range"):
+        decoder.decode(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]))

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from app import store
-from app.engine import load_model
+from app.engine import choose_decoder, load_model
 from agreement import assert_agree, forced_logits, greedy_answer
 from model.tokenizer import load_tokenizer
+from quant.decode_cpu import CpuStepDecoder
 
 pytestmark = pytest.mark.e2e
 PROMPT = "<|im_start|>user\nList three facts about the Moon.<|im_end|>\n<|im_start|>assistant\n"
@@ -37,16 +38,15 @@ def test_fast_path_follows_the_eager_model(default_home, monkeypatch):
     entry = _variant(default_home, "source")
     ids = load_tokenizer(entry.path).encode(PROMPT)
     model = load_model(entry, 256)
-    assert model.fused_decode is not None  # the compiled step
-    answer = greedy_answer(model, ids, 64)
+    decoder = choose_decoder(model)
+    assert isinstance(decoder, CpuStepDecoder)  # the compiled step
+    answer = greedy_answer(model, ids, 64, decoder)
     assert len(answer) >= 16  # a real answer, not an immediate end of turn
     eager = load_model(entry, 256, fuse=False)
     with torch.inference_mode():  # one causal pass: row i sees tokens 0..i, as a fresh forward would
         reference = eager(torch.tensor([ids + answer[:-1]]), 0)[0, len(ids) - 1:].float()  # (N, V)
-    fast = forced_logits(model, ids, answer)
-    model.fused_decode = None  # the Python blocks, over the same weights and cache
-    assert_agree(reference, fast, FP32_TOL)
-    assert_agree(reference, forced_logits(model, ids, answer), FP32_TOL)
+    assert_agree(reference, forced_logits(model, ids, answer, decoder), FP32_TOL)
+    assert_agree(reference, forced_logits(model, ids, answer), FP32_TOL)  # the Python blocks
 
 
 @pytest.mark.parametrize("variant", ["int4", "int8"])
@@ -55,8 +55,7 @@ def test_fast_path_follows_the_python_blocks_on_packed_variants(default_home, mo
     entry = _variant(default_home, variant)
     ids = load_tokenizer(entry.path).encode(PROMPT)
     model = load_model(entry, 256)
-    answer = greedy_answer(model, ids, 48)
-    fast = forced_logits(model, ids, answer)
-    decoder, model.fused_decode = model.fused_decode, None
-    assert decoder is not None and len(answer) >= 16
-    assert_agree(forced_logits(model, ids, answer), fast, PACKED_TOL)
+    decoder = choose_decoder(model)
+    answer = greedy_answer(model, ids, 48, decoder)
+    assert isinstance(decoder, CpuStepDecoder) and len(answer) >= 16
+    assert_agree(forced_logits(model, ids, answer), forced_logits(model, ids, answer, decoder), PACKED_TOL)

@@ -54,11 +54,11 @@ def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: s
     def load(ref: str) -> ChatModel:
         from ..engine import Engine
 
-        from ..devices import default_threads
+        from ..devices import inference_threads
 
         # the UI thread renders the reply on a core of its own: torch threads on every core stall
         # each other's barriers whenever it runs (measured, 2 cores: 2 threads 94 tok/s, 1 thread 135)
-        threads = max(1, default_threads() - 1)
+        threads = inference_threads(ui=True)
         # compiling the decode kernel (once per machine) must not hold up the first reply
         engine = Engine.load(ref, ctx=ctx, device=device, kv_dtype=kv_dtype, compile_kernel="background",
                              threads=threads)

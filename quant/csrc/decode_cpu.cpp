@@ -375,7 +375,7 @@ bool int4_gemv_fits(const at::Tensor& packed, const at::Tensor& sz, int64_t grou
          sz.size(0) == K / group && sz.size(1) == N_pad && sz.size(2) == 2;
 }
 
-// The kinds quant/decode_cpu.py hands over, one per linear layer.
+// The kernels a linear layer runs here, from the `kind` of its quant.linear.PreparedWeights record.
 enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, FP16 = 3 };
 
 struct Linear {
@@ -423,10 +423,25 @@ struct Linear {
   }
 };
 
-using LinearSpec = std::tuple<int64_t, at::Tensor, at::Tensor, int64_t, int64_t, int64_t>;
-
-Linear make_linear(const LinearSpec& s) {
-  Linear l{std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s), std::get<4>(s), std::get<5>(s), {}};
+// From a quant.linear.PreparedWeights record (its fields by name; see its docstring for layouts).
+Linear make_linear(const py::object& w) {
+  const std::string name = w.attr("kind").cast<std::string>();
+  int64_t kind;
+  if (name == "dense") {
+    kind = DENSE;
+  } else if (name == "int4") {
+    kind = INT4;
+  } else if (name == "int8") {
+    kind = INT8;
+  } else if (name == "fp16") {
+    kind = FP16;
+  } else {
+    TORCH_CHECK(false, "no kernel for prepared weights of kind '", name, "'");
+  }
+  const py::object scales = w.attr("scales");
+  Linear l{kind, w.attr("weight").cast<at::Tensor>(), scales.is_none() ? at::Tensor() : scales.cast<at::Tensor>(),
+           w.attr("group_size").cast<int64_t>(), w.attr("out_features").cast<int64_t>(),
+           w.attr("in_features").cast<int64_t>(), {}};
   auto dtype = l.kind == DENSE ? at::kFloat : l.kind == FP16 ? at::kHalf : at::kBFloat16;
   l.x_in = at::empty({1, l.k_in}, at::TensorOptions().dtype(dtype));
   l.own_int4 = l.kind == INT4 && int4_gemv_fits(l.a, l.b, l.group, l.n_out, l.k_in);
@@ -629,7 +644,7 @@ class Decoder {
 
   void add_block(at::Tensor attention_norm, at::Tensor ffn_norm, at::Tensor k_cache, at::Tensor v_cache,
                  c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
-                 LinearSpec wqkv, LinearSpec wo, LinearSpec w13, LinearSpec w2) {
+                 const py::object& wqkv, const py::object& wo, const py::object& w13, const py::object& w2) {
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
     const auto t = k_cache.scalar_type();
     TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kChar, "KV cache dtype ", t, " is not supported");
@@ -639,10 +654,13 @@ class Decoder {
                             make_linear(wqkv), make_linear(wo), make_linear(w13), make_linear(w2)});
   }
 
-  // x: (1, 1, dim) fp32 hidden state of the token at `pos`; returns it after every block.
-  at::Tensor step(at::Tensor x, int64_t pos) {
+  // x: (1, 1, dim) fp32 hidden state of the token at `pos` of KV-cache row `row` (the caches are
+  // (rows, n_kv, S, hd)); returns it after every block.
+  at::Tensor step(at::Tensor x, int64_t pos, int64_t row) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == dim_, "x must be (1, 1, dim) fp32");
     TORCH_CHECK(pos >= 0 && pos < rope_.size(0), "position ", pos, " is past the cache");
+    TORCH_CHECK(blocks_.empty() || (row >= 0 && row < blocks_[0].k_cache.size(0)), "cache row ", row,
+                " is out of range");
     at::Tensor h = x.contiguous().clone();
     float* hp = h.data_ptr<float>();
     const float* cs = rope_.data_ptr<float>() + pos * hd_;  // (hd/2, 2) cos, sin of this position
@@ -655,9 +673,9 @@ class Decoder {
       float* v = k + nkv_ * hd_;
       rope(q, cs, nh_ + nkv_, hd_);  // q and k sit next to each other
       switch (b.k_cache.scalar_type()) {
-        case at::kFloat: attend_block<float>(b, q, k, v, pos); break;
-        case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, pos); break;
-        default: attend_block<int8_t>(b, q, k, v, pos); break;
+        case at::kFloat: attend_block<float>(b, q, k, v, pos, row); break;
+        case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, pos, row); break;
+        default: attend_block<int8_t>(b, q, k, v, pos, row); break;
       }
       b.wo.apply(att_.data(), o_.data());
       for (int64_t i = 0; i < dim_; ++i) hp[i] += o_[i];
@@ -678,12 +696,13 @@ class Decoder {
   // Store this token's k, v (nkv * hd each) at `pos` as the cache holds them (as the Python
   // KVCache.update does), then attend; writes att_ (nh * hd).
   template <typename T>
-  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos) {
+  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos, int64_t row) {
     const int64_t S = b.k_cache.size(2);
-    T* kc = b.k_cache.data_ptr<T>();
-    T* vc = b.v_cache.data_ptr<T>();
-    float* ks = b.k_scale.defined() ? b.k_scale.data_ptr<float>() : nullptr;
-    float* vs = b.v_scale.defined() ? b.v_scale.data_ptr<float>() : nullptr;
+    const int64_t first = row * nkv_ * S;  // this row's first vector
+    T* kc = b.k_cache.data_ptr<T>() + first * hd_;
+    T* vc = b.v_cache.data_ptr<T>() + first * hd_;
+    float* ks = b.k_scale.defined() ? b.k_scale.data_ptr<float>() + first : nullptr;
+    float* vs = b.v_scale.defined() ? b.v_scale.data_ptr<float>() + first : nullptr;
     for (int64_t g = 0; g < nkv_; ++g) {
       const int64_t at_pos = g * S + pos;
       store(k + g * hd_, kc + at_pos * hd_, ks ? ks + at_pos : nullptr);
@@ -694,7 +713,7 @@ class Decoder {
     if (hd_ == 128) return attend_fast<T, 8>(q, kc, vc, ks, vs, S, pos + 1);
 #endif
     if (std::is_same<T, float>::value && pos + 1 > kLoopKeys) {
-      attend_matmul(q, b.k_cache, b.v_cache, pos + 1);
+      attend_matmul(q, b.k_cache.narrow(0, row, 1), b.v_cache.narrow(0, row, 1), pos + 1);
     } else {
       attend(q, kc, vc, ks, vs, S, pos + 1);
     }
@@ -943,7 +962,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor>())
       .def("add_block", &Decoder::add_block)
-      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
+      .def("step", &Decoder::step, py::arg("x"), py::arg("pos"), py::arg("row") = 0,
+           py::call_guard<py::gil_scoped_release>());
   m.def("int8_group_linear", &int8_group_linear, py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales_and_zeros"), py::arg("group"),
         py::arg("n_out"), py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());

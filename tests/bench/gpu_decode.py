@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.devices import Device, probe_cuda  # noqa: E402
-from app.engine import build_model  # noqa: E402
+from app.engine import build_model, choose_decoder  # noqa: E402
 from app.plan import breakdown, catalog_candidate, longest_context  # noqa: E402
 from model.args import ModelArgs  # noqa: E402
-from model.generate import prefill  # noqa: E402
+from model.generate import EagerDecoder, decode_one_token, prefill  # noqa: E402
 from model.static_decode import StaticDecode  # noqa: E402
 from quant.formats import pack_nf4  # noqa: E402
 from quant.linear import PACKED_MODULES  # noqa: E402
@@ -98,7 +98,7 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def time_decode(model, prompt: list[int], gen: int, runs: int) -> tuple[float, list[int]]:
+def time_decode(model, decoder, prompt: list[int], gen: int, runs: int) -> tuple[float, list[int]]:
     """Median decode tokens/s over `runs` (after one warm-up), and the greedy tokens of the last."""
     speeds = []
     for run in range(runs + 1):
@@ -107,7 +107,7 @@ def time_decode(model, prompt: list[int], gen: int, runs: int) -> tuple[float, l
         t0 = time.perf_counter()
         tokens = []
         for pos in range(len(prompt), len(prompt) + gen):
-            token = int(model(torch.tensor([[token]]), pos)[0, -1].argmax())
+            token = int(decode_one_token(decoder, token, pos).argmax())
             tokens.append(token)
         if run:
             speeds.append(gen / (time.perf_counter() - t0))
@@ -125,15 +125,15 @@ def bench_variant(args, variant, device, group, prompt_len, gen, runs, eager_gen
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    model = build_model(args, layout, state, ctx, device, kv_dtype="bf16" if dev.type == "cuda" else None,
-                        compile_kernel="now", say=lambda m: print("  ", m, flush=True))
+    model = build_model(args, layout, state, ctx, device, kv_dtype="bf16" if dev.type == "cuda" else None)
+    decoder = choose_decoder(model, "now", say=lambda m: print("  ", m, flush=True))
     sync(dev)
     t_build = time.perf_counter() - t0
     prompt = torch.randint(100, args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     row = {"variant": variant, "group": group if variant == "int4" else None, "make_s": round(t_make, 1),
-           "build_and_compile_s": round(t_build, 1), "graph": type(model.fused_decode).__name__,
-           "compiled": getattr(model.fused_decode, "compiled", False)}
-    tok_s, compiled_tokens = time_decode(model, prompt, gen, runs)
+           "build_and_compile_s": round(t_build, 1), "graph": type(decoder).__name__,
+           "compiled": getattr(decoder, "compiled", False)}
+    tok_s, compiled_tokens = time_decode(model, decoder, prompt, gen, runs)
     row["decode_tok_s_compiled_graph"] = round(tok_s, 1)
     weights = device_weight_bytes(model, dev)
     row["weight_bytes_on_device"] = weights
@@ -149,10 +149,9 @@ def bench_variant(args, variant, device, group, prompt_len, gen, runs, eager_gen
         row["measured_peak_allocated"] = peak
         row["peak_vs_estimate_pct"] = round((peak / row["plan_estimate"] - 1) * 100, 1)
     if time.perf_counter() < deadline:
-        model.fused_decode = StaticDecode(model, compile=False) if dev.type == "cuda" else None
-        row["decode_tok_s_graph"] = round(time_decode(model, prompt, gen, runs)[0], 1)
-        model.fused_decode = None
-        tok_s, eager_tokens = time_decode(model, prompt, eager_gen, 1)
+        graph = StaticDecode(model, compile=False) if dev.type == "cuda" else EagerDecoder(model)
+        row["decode_tok_s_graph"] = round(time_decode(model, graph, prompt, gen, runs)[0], 1)
+        tok_s, eager_tokens = time_decode(model, EagerDecoder(model), prompt, eager_gen, 1)
         row["decode_tok_s_eager"] = round(tok_s, 1)
         n = min(len(eager_tokens), len(compiled_tokens))
         row["greedy_equal_eager"] = f"{sum(a == b for a, b in zip(eager_tokens, compiled_tokens[:n]))}/{n}"

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app import store  # noqa: E402
-from app.engine import load_model  # noqa: E402
+from app.engine import choose_decoder, load_model  # noqa: E402
 from model.generate import decode_one_token, prefill  # noqa: E402
 
 
@@ -30,6 +30,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(store.find(a.ref), 1024)
+    decoder = choose_decoder(model)
     ids = list(range(100, 612))
     t = time.perf_counter()
     prefill(model, ids)
@@ -37,16 +38,16 @@ def main() -> None:
     prefill(model, ids[:16])
     t = time.perf_counter()
     for i in range(128):
-        decode_one_token(model, 5, 16 + i)
+        decode_one_token(decoder, 5, 16 + i)
     print(f"decode: {128 / (time.perf_counter() - t):.1f} tok/s")
     if a.breakdown:
-        breakdown(model)
+        breakdown(model, decoder)
     if a.profile:
         from torch.profiler import profile
 
         with profile() as p:
             for i in range(32):
-                decode_one_token(model, 5, 200 + i)
+                decode_one_token(decoder, 5, 200 + i)
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -61,20 +62,20 @@ def best(fn, n: int = 30, rounds: int = 7) -> float:
 
 
 @torch.inference_mode()
-def breakdown(model) -> None:
-    from quant import decode_cpu
+def breakdown(model, decoder) -> None:
+    from quant import extension
     from quant.linear import Int4Linear
 
     prefill(model, list(range(100, 612)))  # 512 keys in the cache
     h = torch.randn(1, 1, model.args.dim)
-    ext = decode_cpu.loaded_extension()
+    ext = extension.loaded_extension()
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     xs = {m: torch.randn(1, m.in_features) for m in int4}
     hn = torch.randn(1, 1, model.args.dim)
     parts = {
-        "whole token (decode_one_token at 512 keys)": lambda: decode_one_token(model, 5, 511),
-        "compiled step, every block, 512 keys": lambda: model.fused_decode.step(h, 511),
-        "compiled step, every block, 16 keys": lambda: model.fused_decode.step(h, 15),
+        "whole token (decode_one_token at 512 keys)": lambda: decode_one_token(decoder, 5, 511),
+        "compiled step, every block, 512 keys": lambda: decoder.blocks.step(h, 511),
+        "compiled step, every block, 16 keys": lambda: decoder.blocks.step(h, 15),
         f"int4 layers alone ({len(int4)} calls)": lambda: [ext.int4_linear(xs[m], m.packed, m.scales_and_zeros,
                                                                           m.group_size, m.out_features) for m in int4],
         "output head (norm + linear)": lambda: model.output(model.norm(hn)),
