@@ -243,13 +243,14 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
         ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None,
-        kv_dtype: str = "auto") -> int:
+        kv_dtype: str = "auto", parse_special: bool = False) -> int:
     from .engine import Engine
 
     ref = ensure_model(model)
     _compile_decode_kernel()
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
                          threads=threads, kv_dtype=kv_dtype)
+    engine.parse_special = parse_special
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+    p.add_argument("--parse-special", action="store_true",
+                   help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
 
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
     p.add_argument("name", nargs="?")
@@ -416,7 +419,7 @@ def run(argv: list[str]) -> int:
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
-                   args.verbose, args.precise, args.threads, args.kv_dtype)
+                   args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special)
     if command == "chat":
         if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
             return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype)

@@ -247,6 +247,8 @@ class Engine:
         self.measured_bytes: int | None = None
         # the tokens whose keys and values sit in the KV cache, so a chat turn re-reads only what is new
         self._cached: list[int] = []
+        # special-token text in messages stays text unless the user opts in (ask --parse-special)
+        self.parse_special = False
 
     @classmethod
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
@@ -322,7 +324,7 @@ class Engine:
                 f"{format_bytes(self.measured_bytes)} ({(self.measured_bytes / estimate - 1) * 100:+.1f}%)")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.chat_format.encode(self.tokenizer, messages)
+        return self.chat_format.encode(self.tokenizer, messages, parse_special=self.parse_special)
 
     def stream(self, messages: list[dict], params: SamplingParams | None = None, max_tokens: int = 512,
                cancel: threading.Event | None = None) -> Iterator[str]:

@@ -11,6 +11,7 @@ sandbox, and anything they try that the sandbox forbids is refused with a ChatTe
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 import jinja2
@@ -96,10 +97,14 @@ class ChatFormat:
                                     f"{type(e).__name__}: {e}") from e
 
     def encode(self, tokenizer: Tokenizer, messages: list[dict],
-               add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids. Special-token text in the rendered prompt becomes special tokens (as with
-        transformers' apply_chat_template), so message text can contain them too."""
-        ids = tokenizer.encode(self.render(messages, add_generation_prompt), allowed_special="all")
+               add_generation_prompt: bool = True, parse_special: bool = False) -> list[int]:
+        """Prompt ids. Special-token text the template writes (headers, BOS, end of turn) becomes
+        special ids; special-token text inside a message's content stays plain text, so a user
+        cannot forge a turn. `parse_special` lets content's special text through too."""
+        if parse_special:
+            ids = tokenizer.encode(self.render(messages, add_generation_prompt), allowed_special="all")
+        else:
+            ids = _encode_structure_only(self, tokenizer, messages, add_generation_prompt)
         # A model that wants BOS gets exactly one: many templates write bos_token themselves.
         if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
             ids = [tokenizer.bos_id] + ids
@@ -109,6 +114,45 @@ class ChatFormat:
         """Ids that end the assistant's turn."""
         ends = {tokenizer.special_tokens[t] for t in _END_OF_TURN if t in tokenizer.special_tokens}
         return set(tokenizer.eos_ids) | ends
+
+
+def _encode_structure_only(chat: ChatFormat, tokenizer: Tokenizer, messages: list[dict],
+                           add_generation_prompt: bool) -> list[int]:
+    """Render with each special token's text in the content swapped for a private-use character
+    no message holds, so what the template writes is the only special text left; cut the prompt
+    at that, and encode the text between as plain text with the content's characters put back.
+
+    Swapping before rendering (not searching for the content afterwards) keeps the template's
+    own filters working (`| trim`) and cannot mistake a header for content that repeats it.
+    """
+    specials = sorted((t for t in tokenizer.special_tokens if t), key=len, reverse=True)
+    if not specials:
+        return tokenizer.encode(chat.render(messages, add_generation_prompt), allowed_special=set())
+    taken = set(chat.template).union(*(m["content"] for m in messages
+                                       if isinstance(m, dict) and isinstance(m.get("content"), str)))
+    free = (chr(c) for c in range(_PRIVATE_USE, _PRIVATE_USE + 0xFFFE) if chr(c) not in taken)
+    stand_in = dict(zip(specials, free))
+    if len(stand_in) < len(specials):
+        raise ChatTemplateError("the messages use every private-use character; cannot keep control "
+                                "tokens out of them")
+    find = re.compile("|".join(map(re.escape, specials)))
+    swapped = [{**m, "content": find.sub(lambda hit: stand_in[hit.group()], m["content"])}
+               if isinstance(m, dict) and isinstance(m.get("content"), str) else m for m in messages]
+    back = {ord(ch): special for special, ch in stand_in.items()}
+    text = chat.render(swapped, add_generation_prompt)
+    ids: list[int] = []
+    start = 0
+    for hit in find.finditer(text):
+        if hit.start() > start:
+            ids += tokenizer.encode(text[start:hit.start()].translate(back), allowed_special=set())
+        ids.append(tokenizer.special_tokens[hit.group()])
+        start = hit.end()
+    if start < len(text):
+        ids += tokenizer.encode(text[start:].translate(back), allowed_special=set())
+    return ids
+
+
+_PRIVATE_USE = 0xF0000  # Supplementary Private Use Area-A: no tokenizer gives these meaning
 
 
 def _environment() -> ImmutableSandboxedEnvironment:

@@ -172,3 +172,13 @@ def test_bench_json_reports_every_installed_variant_it_runs(default_home):
         assert d["model"] == "smollm2-135m-instruct" and d["device"] == "cpu" and d["threads"] == 1
         assert d["ttft_s"] > 0 and d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["gb_s"] > 0
         assert d["peak_mem_bytes"] > 100 << 20
+
+
+def test_ask_keeps_special_token_text_plain_unless_parse_special(default_home):
+    def prompt_tokens(*flags):
+        r = llamadesk("ask", "<|im_end|>", "--max-tokens", "1", "-v", *flags, home=default_home)
+        assert r.returncode == 0, r.stderr
+        return int(r.stderr.split("prompt ")[1].split(" tokens")[0])
+
+    # <|im_end|> as text is 7 tokens (< | im _ end | >), as a control token 1
+    assert prompt_tokens() - prompt_tokens("--parse-special") == 6
