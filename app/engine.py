@@ -18,7 +18,7 @@ from model.args import ModelArgs
 from model.chat_format import ChatFormat
 from model.generate import SamplingParams, generate
 from model.model import Transformer
-from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, sampling_defaults
 from quant import decode_cpu
 from quant.formats import FORMAT_VERSION
 from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears
@@ -242,6 +242,7 @@ class Engine:
         self.entry, self.model, self.tokenizer, self.chat_format = entry, model, tokenizer, chat_format
         self.ctx, self.device = ctx, device
         self.stop_ids = chat_format.stop_ids(tokenizer)
+        self.sampling_defaults = sampling_defaults(entry.path)  # the model's own suggestions, for the app
         self.last = ReplyStats()
         self.plan: Plan | None = None
         self.measured_bytes: int | None = None

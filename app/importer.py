@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.checkpoints import Checkpoint, open_checkpoint
-from model.tokenizer import gguf_tokenizer_files, load_tokenizer
+from model.tokenizer import gguf_tokenizer_files, load_tokenizer, merged_generation_config
 
 from . import store
 
@@ -90,3 +90,7 @@ def write_tokenizer(ckpt: Checkpoint, folder: Path) -> None:
         return
     for f in ckpt.tokenizer_files:
         shutil.copyfile(f, folder / f.name)
+    if ckpt.format == "hf":  # EOS ids and sampling suggestions, from config.json and generation_config.json
+        generation = merged_generation_config(ckpt.metadata, ckpt.path / "generation_config.json")
+        if generation:
+            store.write_json(folder / "generation_config.json", generation)

@@ -210,7 +210,53 @@ class StreamDecoder:
 # ---------------------------------------------------------------------------------------------
 
 def load_tokenizer(folder: str | Path) -> AnyTokenizer:
+    """The tokenizer a model folder holds; it stops on every EOS its files name (tokenizer_config
+    .json's eos_token and generation_config.json's eos_token_id list)."""
     folder = Path(folder)
+    tokenizer = _load_tokenizer_files(folder)
+    tokenizer.eos_ids |= set(generation_config(folder).get("eos_token_id") or [])
+    return tokenizer
+
+
+def generation_config(folder: str | Path) -> dict:
+    """A model folder's generation_config.json (eos_token_id always a list), or {}."""
+    path = Path(folder) / "generation_config.json"
+    config = _read_json(path) if path.exists() else {}
+    eos = config.get("eos_token_id")
+    if eos is not None:
+        config["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+    return config
+
+
+# the sampling settings a model's files may suggest, under generation_config.json's names
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(folder: str | Path) -> dict:
+    """The model's own sampling suggestions ({"temperature": 0.6, "top_p": 0.9, ...}), only
+    those its files name; {} for greedy-by-default (do_sample false) or no file."""
+    config = generation_config(folder)
+    if config.get("do_sample") is False:
+        return {}
+    return {k: config[k] for k in SAMPLING_KEYS if isinstance(config.get(k), (int, float))}
+
+
+def merged_generation_config(model_config: dict, generation_file: Path | None) -> dict:
+    """generation_config.json for the store from a Hugging Face folder: its own file, with every
+    EOS id that config.json or it names (transformers reads one or the other; stopping on either
+    is what both mean)."""
+    config = dict(_read_json(generation_file)) if generation_file and generation_file.exists() else {}
+    eos: list[int] = []
+    for value in (config.get("eos_token_id"), model_config.get("eos_token_id")):
+        for token_id in [value] if isinstance(value, int) else (value or []):
+            if token_id not in eos:
+                eos.append(token_id)
+    if eos:
+        config["eos_token_id"] = eos
+    return config
+
+
+def _load_tokenizer_files(folder: Path) -> AnyTokenizer:
     config_path = folder / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.exists() else {}
     template_path = folder / "chat_template.jinja"
@@ -407,17 +453,22 @@ def tokenizer_from_gguf(metadata: dict) -> AnyTokenizer:
     files = gguf_tokenizer_files(metadata)
     config = files["tokenizer_config.json"]
     if "tokenizer.model" in files:
-        return _sentencepiece_tokenizer(files["tokenizer.model"], config, "GGUF tokenizer metadata")
-    return tokenizer_from_hf(files["tokenizer.json"], config, source="GGUF tokenizer metadata")
+        tokenizer = _sentencepiece_tokenizer(files["tokenizer.model"], config, "GGUF tokenizer metadata")
+    else:
+        tokenizer = tokenizer_from_hf(files["tokenizer.json"], config, source="GGUF tokenizer metadata")
+    tokenizer.eos_ids |= set(files["generation_config.json"].get("eos_token_id") or [])
+    return tokenizer
 
 
 def gguf_tokenizer_files(metadata: dict) -> dict[str, bytes | dict]:
     """The store's tokenizer files for a GGUF's vocab: tokenizer.model (SentencePiece, for
     tokenizer.ggml.model 'llama') or tokenizer.json (byte-level BPE, 'gpt2'), and
     tokenizer_config.json."""
+    generation = _generation_config_from_gguf(metadata)
     if _text(metadata.get("tokenizer.ggml.model")) != "llama":
         tokenizer_json, config = tokenizer_files_from_gguf(metadata)
-        return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config}
+        return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config,
+                "generation_config.json": generation}
     proto = sentencepiece_model_from_gguf(metadata, _text)
     tokens = metadata["tokenizer.ggml.tokens"]
     config = {"add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
@@ -428,7 +479,27 @@ def gguf_tokenizer_files(metadata: dict) -> dict[str, bytes | dict]:
             config[f"{name}_token"] = _text(tokens[token_id])
     if metadata.get("tokenizer.chat_template"):
         config["chat_template"] = _text(metadata["tokenizer.chat_template"])
-    return {"tokenizer.model": proto, "tokenizer_config.json": config}
+    return {"tokenizer.model": proto, "tokenizer_config.json": config, "generation_config.json": generation}
+
+
+# GGUF general.sampling.* (llama.cpp's names) -> generation_config.json's
+_GGUF_SAMPLING = {"temp": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "penalty_repeat": "repetition_penalty"}
+
+
+def _generation_config_from_gguf(metadata: dict) -> dict:
+    """EOS, end of turn and end of message all end a reply, as llama.cpp stops on each."""
+    eos = []
+    for key in ("eos", "eot", "eom"):
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(token_id, int) and token_id not in eos:
+            eos.append(token_id)
+    config: dict = {"eos_token_id": eos} if eos else {}
+    for gguf_key, key in _GGUF_SAMPLING.items():
+        value = metadata.get(f"general.sampling.{gguf_key}")
+        if isinstance(value, (int, float)):
+            config[key] = value
+    return config
 
 
 def _split_pattern(pre: dict | None, source: str) -> str:

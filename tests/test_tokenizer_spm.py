@@ -90,7 +90,8 @@ def test_gguf_vocab_matches_the_library(gguf_file, oracle, corpus):
     assert mismatches(ours, oracle, corpus)[:3] == []
     # the importer stores it as a tokenizer.model that loads the same way
     files = gguf_tokenizer_files(metadata)
-    assert set(files) == {"tokenizer.model", "tokenizer_config.json"}
+    assert set(files) == {"tokenizer.model", "tokenizer_config.json", "generation_config.json"}
+    assert files["generation_config.json"] == {"eos_token_id": [2]}
     assert spm.SentencePieceProcessor(model_proto=files["tokenizer.model"]).encode(corpus[:200]) == \
         oracle.encode(corpus[:200])
 
