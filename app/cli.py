@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model.args import ConfigError
-from model.chat_format import ChatTemplateError
+from model.chat_format import BUILT_IN, ChatTemplateError
 from model.checkpoints import CheckpointError
 from model.generate import SamplingParams
 from model.tokenizer import TokenizerError
@@ -243,14 +243,15 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
         ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None,
-        kv_dtype: str = "auto", parse_special: bool = False) -> int:
+        kv_dtype: str = "auto", parse_special: bool = False, chat_format: str | None = None) -> int:
     from .engine import Engine
 
     ref = ensure_model(model)
     _compile_decode_kernel()
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
-                         threads=threads, kv_dtype=kv_dtype)
+                         threads=threads, kv_dtype=kv_dtype, chat_format=chat_format)
     engine.parse_special = parse_special
+    _say_guessed_format(engine)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -273,13 +274,14 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 
 
 def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
-               kv_dtype: str = "auto") -> int:
+               kv_dtype: str = "auto", chat_format: str | None = None) -> int:
     """A line-by-line chat for terminals where the full-screen app cannot run."""
     from .engine import Engine
 
     ref = ensure_model(model)
     _compile_decode_kernel()
-    engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype)
+    engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype, chat_format=chat_format)
+    _say_guessed_format(engine)
     messages = [{"role": "system", "content": system}] if system else []
     say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")
     while True:
@@ -305,6 +307,23 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _say_guessed_format(engine) -> None:
+    """A chat format the model's files did not name is said once, with how to choose another."""
+    where = engine.chat_format_source
+    if "guessed" in where or where.startswith("none"):
+        say(f"Chat format: {where}; `llamadesk set {engine.entry.name} chat-format NAME` picks one "
+            f"({', '.join(BUILT_IN)})")
+
+
+def set_model_setting(name: str, key: str, value: str) -> int:
+    """`llamadesk set NAME chat-format X`: kept for every variant of NAME; "auto" clears it."""
+    if key == "chat-format" and value not in (*BUILT_IN, "auto"):
+        raise UserError(f"unknown chat format {value!r}; built in are {', '.join(BUILT_IN)} (or auto)")
+    store.save_setting(name, key, None if value == "auto" else value)
+    say(f"{store.parse_ref(name)[0]}: {key} {value}")
+    return 0
+
+
 # ---------------------------------------------------------------- argument parsing
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
@@ -319,6 +338,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+    p.add_argument("--chat-format", choices=BUILT_IN,
+                   help="write the conversation in this format for this run instead of the model's own")
 
 
 def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:
@@ -342,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     p.add_argument("--parse-special", action="store_true",
                    help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
+    p.add_argument("--raw", action="store_true", help="send the prompt as it is, with no chat format")
 
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
     p.add_argument("name", nargs="?")
@@ -389,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("set", help="keep a setting for a model: chat-format llama2|llama3|chatml|alpaca|vicuna|raw|auto")
+    p.add_argument("name")
+    p.add_argument("key", choices=store.SETTING_NAMES)
+    p.add_argument("value")
+
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref")
@@ -419,10 +446,11 @@ def run(argv: list[str]) -> int:
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
-                   args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special)
+                   args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special,
+                   "raw" if args.raw else args.chat_format)
     if command == "chat":
         if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
-            return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype)
+            return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype, args.chat_format)
         from .tui import run_chat
 
         return run_chat(args.model, args.system, params, args.ctx, device=None, kv_dtype=args.kv_dtype)
@@ -448,6 +476,8 @@ def run(argv: list[str]) -> int:
                      args.vs_llamacpp, args.precise)
     if command == "plan":
         return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype)
+    if command == "set":
+        return set_model_setting(args.name, args.key, args.value)
     if command == "list":
         list_models()
         return 0

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
-from model.chat_format import ChatFormat
+from model.chat_format import ChatFormat, choose_chat_format
 from model.generate import SamplingParams, generate
 from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, sampling_defaults
@@ -250,12 +250,16 @@ class Engine:
         self._cached: list[int] = []
         # special-token text in messages stays text unless the user opts in (ask --parse-special)
         self.parse_special = False
+        self.chat_format_source = "the model's own template"
 
     @classmethod
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
              verify: bool = False, say=None, precise: bool = False, threads: int | None = None,
-             kv_dtype: str = "auto", compile_kernel: str = "now") -> "Engine":
+             kv_dtype: str = "auto", compile_kernel: str = "now", chat_format: str | None = None) -> "Engine":
         """Load what the memory plan chooses for `ref` (any installed model if None).
+
+        `chat_format` (a built-in name) overrides the model's own for this run (see
+        model.chat_format.choose_chat_format); `engine.chat_format_source` says where it came from.
 
         `kv_dtype` ("auto", or one the user fixed: fp32, bf16, fp16, int8) goes to the plan; the
         plan's choice is what the cache holds.
@@ -276,7 +280,7 @@ class Engine:
         say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device} ({torch.get_num_threads()} threads), "
             f"KV cache {plan.kv_dtype}. {plan.why}")
         try:
-            return cls._load_planned(plan, verify, precise, compile_kernel, say)
+            return cls._load_planned(plan, verify, precise, compile_kernel, say, chat_format)
         except (torch.OutOfMemoryError, MemoryError) as e:
             smaller = max(min(MIN_CTX, plan.ctx), plan.ctx * 3 // 4 // 256 * 256)
             if ctx is not None or smaller >= plan.ctx:
@@ -285,14 +289,15 @@ class Engine:
             fallback = plan_installed(ref, smaller, kv_dtype, device=target).chosen
             if fallback is None:
                 raise UserError(f"out of memory loading {plan.ref}; nothing smaller fits") from None
-            return cls._load_planned(fallback, verify, precise, compile_kernel, say)
+            return cls._load_planned(fallback, verify, precise, compile_kernel, say, chat_format)
 
     @classmethod
     def _load_planned(cls, plan: Plan, verify: bool, precise: bool = False, compile_kernel: str = "now",
-                      say=None) -> "Engine":
+                      say=None, chat_format_flag: str | None = None) -> "Engine":
         entry = store.find(plan.ref)
         tokenizer = load_tokenizer(entry.path)
-        chat_format = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
+        chat_format, chat_source = choose_chat_format(tokenizer, entry.name, chat_format_flag,
+                                                      store.settings(entry.name).get("chat-format"))
         with torch.device("meta"):
             # the first model built on meta imports ~800 modules (75 MiB): runtime, not the model
             Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=8))
@@ -302,6 +307,7 @@ class Engine:
                            compile_kernel=compile_kernel, say=say)
         engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
         engine.plan = plan
+        engine.chat_format_source = chat_source
         if verify:
             engine.warm_up()
             engine.measured_bytes = _rss() - rss0

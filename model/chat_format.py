@@ -43,6 +43,53 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Llama 2 chat, as Meta's chat_completion builds it: each user turn "<s>[INST] ... [/INST]", the
+# system prompt folded into the first one inside <<SYS>>, each answer " ... </s>".
+LLAMA2_TEMPLATE = (
+    "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% if message['role'] == 'user' %}"
+    "{% set text = message['content'] if system is none or not loop.first"
+    " else '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{{ bos_token + '[INST] ' + text | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# Stanford Alpaca's prompt (its preamble unless a system message replaces it), turn after turn.
+ALPACA_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}{{ bos_token + messages[0]['content'] | trim + '\n\n' }}"
+    "{% else %}{{ bos_token + 'Below is an instruction that describes a task. Write a response that "
+    "appropriately completes the request.\n\n' }}{% endif %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] | trim + '\n\n' }}"
+    "{% else %}{{ '### Response:\n' + message['content'] | trim + eos_token + '\n\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+
+# Vicuna v1.1 (FastChat's vicuna_v1.1): "SYSTEM USER: ... ASSISTANT: ...</s>USER: ... ASSISTANT:".
+VICUNA_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}{{ bos_token + messages[0]['content'] + ' ' }}"
+    "{% else %}{{ bos_token + 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions. ' }}{% endif %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# No chat format at all (a base model): the text continues, messages one after another.
+RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endfor %}"
+
+BUILT_IN = {"llama2": LLAMA2_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE,
+            "alpaca": ALPACA_TEMPLATE, "vicuna": VICUNA_TEMPLATE, "raw": RAW_TEMPLATE}
+
+# A model without a template whose name says what it was tuned on.
+_NAME_GUESSES = (("llama-2", "chat", "llama2"), ("llama2", "chat", "llama2"), ("vicuna", "", "vicuna"),
+                 ("alpaca", "", "alpaca"))
+
 # Tokens that end an assistant turn, on top of the tokenizer's own EOS.
 _END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
 
@@ -60,16 +107,10 @@ class ChatFormat:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer, template: str | None) -> ChatFormat:
-        """The model's template, or the built-in format its special tokens call for."""
+        """The model's template, or else the built-in format its special tokens call for, or
+        plain continuation (see choose_chat_format)."""
         if template is None:
-            specials = tokenizer.special_tokens
-            if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
-                template = LLAMA3_TEMPLATE
-            elif "<|im_start|>" in specials and "<|im_end|>" in specials:
-                template = CHATML_TEMPLATE
-            else:
-                raise ChatTemplateError("this model has no chat template, and its vocab has "
-                                        "neither Llama 3 nor ChatML special tokens")
+            return _guess_format(tokenizer, "")[0]
 
         def piece(token_id: int | None) -> str:
             return "" if token_id is None else tokenizer.id_to_piece(token_id)
@@ -114,6 +155,42 @@ class ChatFormat:
         """Ids that end the assistant's turn."""
         ends = {tokenizer.special_tokens[t] for t in _END_OF_TURN if t in tokenizer.special_tokens}
         return set(tokenizer.eos_ids) | ends
+
+
+def choose_chat_format(tokenizer: Tokenizer, name: str = "", flag: str | None = None,
+                       stored: str | None = None) -> tuple[ChatFormat, str]:
+    """The format a conversation with this model is written in, and where it came from.
+
+    In order: `flag` (one run's --chat-format), `stored` (`llamadesk set NAME chat-format X`),
+    the model's own template, a guess from the model's `name` or from its vocab's special tokens
+    (said so: "guessed ..."), and last plain continuation ("none"). Errors: ChatTemplateError
+    for a built-in name that does not exist.
+    """
+    for chosen, where in ((flag, "--chat-format"), (stored, "set by llamadesk set")):
+        if chosen:
+            return ChatFormat.for_tokenizer(tokenizer, _built_in(chosen)), f"{chosen} ({where})"
+    if tokenizer.chat_template:
+        return ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template), "the model's own template"
+    return _guess_format(tokenizer, name)
+
+
+def _guess_format(tokenizer: Tokenizer, name: str) -> tuple[ChatFormat, str]:
+    lowered = name.lower()
+    for part, also, guess in _NAME_GUESSES:
+        if part in lowered and also in lowered:
+            return ChatFormat.for_tokenizer(tokenizer, BUILT_IN[guess]), f"{guess} (guessed from the name)"
+    specials = tokenizer.special_tokens
+    if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
+        return ChatFormat.for_tokenizer(tokenizer, LLAMA3_TEMPLATE), "llama3 (guessed from its special tokens)"
+    if "<|im_start|>" in specials and "<|im_end|>" in specials:
+        return ChatFormat.for_tokenizer(tokenizer, CHATML_TEMPLATE), "chatml (guessed from its special tokens)"
+    return ChatFormat.for_tokenizer(tokenizer, RAW_TEMPLATE), "none: plain text continuation"
+
+
+def _built_in(name: str) -> str:
+    if name not in BUILT_IN:
+        raise ChatTemplateError(f"unknown chat format {name!r}; built in are {', '.join(BUILT_IN)}")
+    return BUILT_IN[name]
 
 
 def _encode_structure_only(chat: ChatFormat, tokenizer: Tokenizer, messages: list[dict],

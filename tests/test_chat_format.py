@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tokenizer_files import gguf_metadata, write_llama3_sized_model
 
-from model.chat_format import ChatFormat, ChatTemplateError
+from model.chat_format import ChatFormat, ChatTemplateError, choose_chat_format
 from model.tokenizer import Tokenizer, load_tiktoken_model, tokenizer_from_gguf, tokenizer_from_hf
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -125,11 +125,12 @@ def test_add_bos_prepends_when_the_template_does_not(llama3: Tokenizer):
     ]
 
 
-def test_no_template_and_no_known_tokens_is_an_error():
+def test_no_template_and_no_known_tokens_is_plain_continuation():
     bare = tokenizer_from_hf({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
                               "pre_tokenizer": {"type": "ByteLevel"}})
-    with pytest.raises(ChatTemplateError, match="neither Llama 3 nor ChatML"):
-        ChatFormat.for_tokenizer(bare, None)
+    chat, where = choose_chat_format(bare, name="llama-7b")
+    assert where == "none: plain text continuation"
+    assert chat.render([{"role": "system", "content": "Once"}, {"role": "user", "content": "upon"}]) == "Once\n\nupon"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from tiny_checkpoints import llama2_tokenizer_model, tiny_checkpoint
 
 from app.cli import main
 from app.importer import import_checkpoint
-from model.chat_format import ChatFormat
+from model.chat_format import choose_chat_format
 from model.tokenizer import load_tokenizer
 from model.tokenizer_spm import SentencePieceTokenizer
 
@@ -35,17 +35,18 @@ def transformers_reply(oracle, prompt: list[int], n: int) -> str:
     return sp.decode([t for t in out if t != 2])
 
 
-@pytest.mark.parametrize("layout", ["hf", "gguf", "gguf-q8_0"])
+@pytest.mark.parametrize("layout", ["hf", "meta", "gguf", "gguf-q8_0"])
 def test_llama2_layout_imports_and_answers(layout, tmp_path, home, capsys):
     path, oracle = tiny_checkpoint(tmp_path, layout, sentencepiece=True)
-    entry = import_checkpoint(path, name="tiny")
+    # a Meta folder has no template: its name says Llama 2 chat (the app says it guessed)
+    entry = import_checkpoint(path, name="llama-2-tiny-chat")
     tokenizer = load_tokenizer(entry.path)
     assert isinstance(tokenizer, SentencePieceTokenizer)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size) == (1, 2, 512)
-    chat = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
+    chat = choose_chat_format(tokenizer, entry.name)[0]
     assert chat.encode(tokenizer, [{"role": "user", "content": "Hi there"}]) == meta_llama2_prompt("Hi there")
 
-    assert main(["ask", "--model", "tiny", "--temperature", "0", "--max-tokens", "12", "Hi there"]) == 0
+    assert main(["ask", "--model", "llama-2-tiny-chat", "--temperature", "0", "--max-tokens", "12", "Hi there"]) == 0
     answer = capsys.readouterr().out
     want = transformers_reply(oracle, meta_llama2_prompt("Hi there"), 12)
     assert want.strip() and answer == want + "\n"
