@@ -54,8 +54,9 @@ def tiny_checkpoint(tmp_path: Path, layout: str = "hf", **options) -> tuple[Path
 
 
 def tiny_hf_model(*, gqa: bool = True, tied: bool = False, llama31: bool = False, seed: int = 0,
-                  sentencepiece: bool = False, **extra) -> LlamaForCausalLM:
-    """A random 2-layer LLaMA in float32: 4 heads, 2 KV heads with gqa, Llama 3.1 RoPE scaling with llama31.
+                  sentencepiece: bool = False, rope: dict | None = None, **extra) -> LlamaForCausalLM:
+    """A random 2-layer LLaMA in float32: 4 heads, 2 KV heads with gqa, Llama 3.1 RoPE scaling with llama31
+    (or the transformers rope_parameters given as `rope`).
 
     Further keywords go to LlamaConfig (e.g. attention_bias=True for a model we must refuse).
     """
@@ -65,7 +66,7 @@ def tiny_hf_model(*, gqa: bool = True, tied: bool = False, llama31: bool = False
         vocab_size=SPM_VOCAB if sentencepiece else VOCAB,
         rms_norm_eps=1e-5, tie_word_embeddings=tied,
         max_position_embeddings=131072 if llama31 else 2048,
-        rope_parameters=dict(LLAMA31_ROPE) if llama31 else {"rope_type": "default", "rope_theta": 100000.0},
+        rope_parameters=dict(rope or (LLAMA31_ROPE if llama31 else {"rope_type": "default", "rope_theta": 100000.0})),
         # Weights this large make logits spread out, so greedy picks never hinge on a near tie.
         initializer_range=0.1,
         bos_token_id=1 if sentencepiece else TOKENS.index("<|begin_of_text|>"),
@@ -287,8 +288,16 @@ def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32", spm: boo
             w.add_tensor(gguf_name, gguf.quants.quantize(data, ggml_type), raw_dtype=ggml_type)
         else:
             w.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
-    if c.rope_parameters["rope_type"] == "llama3":
+    rope = c.rope_parameters
+    if rope["rope_type"] == "llama3":
         w.add_tensor("rope_freqs.weight", llama31_rope_factors(c))
+        if rope["original_max_position_embeddings"] != 8192:
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif rope["rope_type"] in ("linear", "yarn"):  # as convert_hf_to_gguf.py writes them
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
+        w.add_rope_scaling_factor(rope["factor"])
+        if rope["rope_type"] == "yarn":
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
