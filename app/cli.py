@@ -307,6 +307,45 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+# ---------------------------------------------------------------- tokenize / show
+def tokenize_text(ref: str, text: str, as_json: bool = False, parse_special: bool = False) -> int:
+    """The ids of `text` alone (no BOS, no template, nothing trimmed); special-token text stays
+    text unless `parse_special`."""
+    import json
+
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(store.find(ref).path)
+    ids = tokenizer.encode(text, allowed_special="all" if parse_special else set())
+    if as_json:
+        print(json.dumps({"ids": ids, "pieces": [tokenizer.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+def show_model(ref: str, as_json: bool = False) -> int:
+    import json
+
+    from .model_info import format_model_info, model_info
+
+    info = model_info(ref)
+    print(json.dumps(info, indent=2, ensure_ascii=False) if as_json else format_model_info(info))
+    return 0
+
+
+def _read_exact_text(arg: str | None) -> str:
+    """TEXT as given, or stdin's bytes decoded as UTF-8 exactly (newlines kept, may be empty)."""
+    if arg is not None and arg != "-":
+        return arg
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("give the text, e.g. llamadesk tokenize NAME \"Hello\", or pipe it on stdin")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"stdin is not UTF-8 text ({e})") from None
+
+
 def _say_guessed_format(engine) -> None:
     """A chat format the model's files did not name is said once, with how to choose another."""
     where = engine.chat_format_source
@@ -416,6 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", choices=store.SETTING_NAMES)
     p.add_argument("value")
 
+    p = sub.add_parser("tokenize", help="the token ids of a text (no BOS, no chat format)")
+    p.add_argument("name", help="installed model, NAME or NAME:VARIANT")
+    p.add_argument("text", nargs="?", help="the text (default or -: stdin, byte for byte)")
+    p.add_argument("--json", action="store_true", help='{"ids": [...], "pieces": [...]}')
+    p.add_argument("--parse-special", action="store_true", help="special-token text becomes control tokens")
+
+    p = sub.add_parser("show", help="what an installed model is: shape, tokenizer, chat format, stops, variants")
+    p.add_argument("name", help="installed model, NAME or NAME:VARIANT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref")
@@ -476,6 +525,10 @@ def run(argv: list[str]) -> int:
                      args.vs_llamacpp, args.precise)
     if command == "plan":
         return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype)
+    if command == "tokenize":
+        return tokenize_text(args.name, _read_exact_text(args.text), args.json, args.parse_special)
+    if command == "show":
+        return show_model(args.name, args.json)
     if command == "set":
         return set_model_setting(args.name, args.key, args.value)
     if command == "list":
