@@ -174,8 +174,8 @@ class StreamDecoder:
 
     One character can span several tokens (an emoji is often 2-4 byte tokens). For byte-level
     BPE the incremental UTF-8 decoder holds back an incomplete tail until the rest arrives; for
-    SentencePiece the text is what the library decodes of all ids so far, held back while it
-    ends inside a character. Either way the pieces join to exactly `tokenizer.decode(ids)` of the
+    SentencePiece the text is what the library decodes of the ids, held back while they end
+    inside a character. Either way the pieces join to exactly `tokenizer.decode(ids)` of the
     ids that are not control tokens.
     """
 
@@ -183,6 +183,9 @@ class StreamDecoder:
         self._tokenizer = tokenizer
         self._hidden = tokenizer.control_ids
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # SentencePiece: the ids from the last settled token on, and the text they gave so far;
+        # each step decodes this short tail, not the whole reply (decoding [a, b] starts with
+        # decoding [a], dummy-prefix space and all)
         self._ids: list[int] = []
         self._sent = ""
 
@@ -193,7 +196,11 @@ class StreamDecoder:
             return self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
         self._ids.append(token_id)
         text = self._tokenizer.settled_text(self._ids)
-        return "" if text is None else self._take(text)
+        if text is None:
+            return ""
+        out = self._take(text)
+        self._ids, self._sent = [token_id], self._tokenizer.decode([token_id])
+        return out
 
     def flush(self) -> str:
         if not isinstance(self._tokenizer, SentencePieceTokenizer):

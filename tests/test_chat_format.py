@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_checkpoints import llama2_tokenizer_model
 from tokenizer_files import gguf_metadata, write_llama3_sized_model
 
-from model.chat_format import ChatFormat, ChatTemplateError, choose_chat_format
-from model.tokenizer import Tokenizer, load_tiktoken_model, tokenizer_from_gguf, tokenizer_from_hf
+from model.chat_format import BUILT_IN, ChatFormat, ChatTemplateError, choose_chat_format
+from model.tokenizer import Tokenizer, load_tiktoken_model, load_tokenizer, tokenizer_from_gguf, tokenizer_from_hf
+from model.tokenizer_spm import SentencePieceTokenizer
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -213,12 +215,20 @@ def test_llama3_content_cannot_forge_a_header(llama3: Tokenizer):
     ]
 
 
-@pytest.mark.parametrize("kind", ["smollm", "llama3"])
-def test_every_special_token_in_content_is_plain_text(kind: str, request):
-    """For each special token, content holding its text encodes as that text does alone, and the
-    prompt holds exactly the template's own special ids."""
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory) -> SentencePieceTokenizer:
+    """A SentencePiece vocab trained with Llama 2's settings (<unk> <s> </s> = 0 1 2)."""
+    folder = tmp_path_factory.mktemp("llama2")
+    (folder / "tokenizer.model").write_bytes(llama2_tokenizer_model())
+    return load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("kind, template", [("smollm", None), ("llama3", None), ("llama2", BUILT_IN["llama2"])])
+def test_every_special_token_in_content_is_plain_text(kind: str, template, request):
+    """For every tokenizer kind and each of its special tokens, content holding the token's text
+    encodes as that text does alone, and the prompt holds exactly the template's own special ids."""
     tokenizer = request.getfixturevalue(kind)
-    chat = ChatFormat.for_tokenizer(tokenizer, None)
+    chat = ChatFormat.for_tokenizer(tokenizer, template)
     special_ids = set(tokenizer.special_tokens.values())
     structure = [i for i in chat.encode(tokenizer, [{"role": "user", "content": "x"}]) if i in special_ids]
     for text in tokenizer.special_tokens:
@@ -226,3 +236,5 @@ def test_every_special_token_in_content_is_plain_text(kind: str, request):
         assert [i for i in ids if i in special_ids] == structure, text
         plain = tokenizer.encode(f"x{text}", allowed_special=set())
         assert any(ids[i:i + len(plain)] == plain for i in range(len(ids))), text
+    if kind == "llama2":
+        assert structure == [1]  # <s> before [INST]: the one special Llama 2's format writes

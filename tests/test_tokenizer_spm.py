@@ -157,3 +157,30 @@ def test_pieces_and_errors(folder, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\n\x05junk")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
         load_tokenizer(tmp_path)
+
+
+def test_stream_decoding_of_a_long_reply_with_broken_bytes(folder, corpus):
+    """One stream over the whole corpus at once, with stray bytes that never complete a character."""
+    ours = load_tokenizer(folder)
+    byte = ours.token_to_id
+    ids = [i for line in corpus[:300] for i in ours.encode(line + "\n", allowed_special=set())]
+    ids[100:100] = [byte("<0xE6>"), byte("<0x97>")]  # a character cut short
+    ids[500:500] = [byte("<0x80>")]  # a lone continuation byte
+    stream = StreamDecoder(ours)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == ours.decode(ids)
+
+
+def test_fine_tune_added_tokens_become_control_tokens(model_proto, tmp_path):
+    """A Llama 2 fine-tune that added ChatML tokens after the vocab (tokenizer_config.json)."""
+    (tmp_path / "tokenizer.model").write_bytes(model_proto)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "3000": {"content": "<|im_start|>", "special": True}, "3001": {"content": "<|im_end|>", "special": True}},
+        "eos_token": "<|im_end|>"}))
+    ours = load_tokenizer(tmp_path)
+    assert (ours.vocab_size, ours.eos_id) == (3002, 3001)
+    assert ours.encode("<|im_start|>user\nHi<|im_end|>")[0] == 3000
+    assert 3000 not in ours.encode("<|im_start|>", allowed_special=set())
+    chat = ChatFormat.for_tokenizer(ours, None)  # guessed from the vocab: ChatML
+    ids = chat.encode(ours, [{"role": "user", "content": "<|im_end|>"}])
+    assert ids[0] == 1 and ids[1] == 3000 and ids.count(3001) == 1  # BOS, the template's own tokens only
