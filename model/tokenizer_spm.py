@@ -164,7 +164,9 @@ def sentencepiece_model_from_gguf(metadata: dict, text) -> bytes:
         tokens = [text(t) for t in metadata["tokenizer.ggml.tokens"]]
     except KeyError as e:
         raise TokenizerError(f"{source}: {e.args[0]} is missing") from None
-    scores = list(metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    if "tokenizer.ggml.scores" not in metadata:  # the scores are what orders SentencePiece's merges
+        raise TokenizerError(f"{source}: tokenizer.ggml.scores is missing; a SentencePiece vocab needs them")
+    scores = list(metadata["tokenizer.ggml.scores"])
     types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     if not len(tokens) == len(scores) == len(types):
         raise TokenizerError(f"{source}: {len(tokens)} tokens, {len(scores)} scores and {len(types)} "

@@ -184,3 +184,11 @@ def test_fine_tune_added_tokens_become_control_tokens(model_proto, tmp_path):
     chat = ChatFormat.for_tokenizer(ours, None)  # guessed from the vocab: ChatML
     ids = chat.encode(ours, [{"role": "user", "content": "<|im_end|>"}])
     assert ids[0] == 1 and ids[1] == 3000 and ids.count(3001) == 1  # BOS, the template's own tokens only
+
+
+def test_a_gguf_vocab_without_scores_or_unk_is_refused(gguf_file):
+    metadata = dict(gguf_metadata(gguf_file))
+    with pytest.raises(TokenizerError, match="tokenizer.ggml.scores is missing"):
+        tokenizer_from_gguf({k: v for k, v in metadata.items() if k != "tokenizer.ggml.scores"})
+    with pytest.raises(TokenizerError, match=r"needs an unknown token \(<unk>\)"):
+        tokenizer_from_gguf({**metadata, "tokenizer.ggml.token_type": [1] * 3000})
