@@ -88,9 +88,12 @@ class SentencePieceTokenizer:
             if self._sp.is_control(self._check(i)):
                 continue
             piece = self._sp.id_to_piece(i)
-            byte = _BYTE_PIECE.fullmatch(piece) if self._sp.is_byte(i) else None
-            out += bytes([int(byte.group(1), 16)]) if byte else self._sp.decode([i]).encode() \
-                if self._sp.is_unknown(i) else piece.replace("▁", " ").encode()
+            if self._sp.is_byte(i):
+                out.append(int(_BYTE_PIECE.fullmatch(piece).group(1), 16))
+            elif self._sp.is_unknown(i):
+                out += self._sp.decode([i]).encode()  # the library's stand-in text (" ⁇ ")
+            else:
+                out += piece.replace("▁", " ").encode()
         return bytes(out)
 
     def settled_text(self, ids: list[int]) -> str | None:
