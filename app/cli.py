@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from model.chat_format import BUILT_IN
+
 from . import pull, store
 from .errors import UserError
 from .plan import KV_DTYPES
@@ -271,13 +273,15 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
         ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None,
-        kv_dtype: str = "auto") -> int:
+        kv_dtype: str = "auto", parse_special: bool = False, chat_format: str | None = None) -> int:
     from .engine import Engine
 
     ref = ensure_model(model)
     _compile_decode_kernel()
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
-                         threads=threads, kv_dtype=kv_dtype)
+                         threads=threads, kv_dtype=kv_dtype, chat_format=chat_format)
+    engine.parse_special = parse_special
+    _say_guessed_format(engine)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -300,13 +304,14 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 
 
 def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
-               kv_dtype: str = "auto") -> int:
+               kv_dtype: str = "auto", chat_format: str | None = None) -> int:
     """A line-by-line chat for terminals where the full-screen app cannot run."""
     from .engine import Engine
 
     ref = ensure_model(model)
     _compile_decode_kernel()
-    engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype)
+    engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype, chat_format=chat_format)
+    _say_guessed_format(engine)
     messages = [{"role": "system", "content": system}] if system else []
     say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")
     while True:
@@ -332,6 +337,62 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+# ---------------------------------------------------------------- tokenize / show
+def tokenize_text(ref: str, text: str, as_json: bool = False, parse_special: bool = False) -> int:
+    """The ids of `text` alone (no BOS, no template, nothing trimmed); special-token text stays
+    text unless `parse_special`."""
+    import json
+
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(store.find(ref).path)
+    ids = tokenizer.encode(text, allowed_special="all" if parse_special else set())
+    if as_json:
+        print(json.dumps({"ids": ids, "pieces": [tokenizer.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+def show_model(ref: str, as_json: bool = False) -> int:
+    import json
+
+    from .model_info import format_model_info, model_info
+
+    info = model_info(ref)
+    print(json.dumps(info, indent=2, ensure_ascii=False) if as_json else format_model_info(info))
+    return 0
+
+
+def _read_exact_text(arg: str | None) -> str:
+    """TEXT as given, or stdin's bytes decoded as UTF-8 exactly (newlines kept, may be empty)."""
+    if arg is not None and arg != "-":
+        return arg
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("give the text, e.g. llamadesk tokenize NAME \"Hello\", or pipe it on stdin")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"stdin is not UTF-8 text ({e})") from None
+
+
+def _say_guessed_format(engine) -> None:
+    """A chat format the model's files did not name is said once, with how to choose another."""
+    where = engine.chat_format_source
+    if "guessed" in where or where.startswith("none"):
+        say(f"Chat format: {where}; `llamadesk set {engine.entry.name} chat-format NAME` picks one "
+            f"({', '.join(BUILT_IN)})")
+
+
+def set_model_setting(name: str, key: str, value: str) -> int:
+    """`llamadesk set NAME chat-format X`: kept for every variant of NAME; "auto" clears it."""
+    if key == "chat-format" and value not in (*BUILT_IN, "auto"):
+        raise UserError(f"unknown chat format {value!r}; built in are {', '.join(BUILT_IN)} (or auto)")
+    store.save_setting(name, key, None if value == "auto" else value)
+    say(f"{store.parse_ref(name)[0]}: {key} {value}")
+    return 0
+
+
 # ---------------------------------------------------------------- argument parsing
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
@@ -346,6 +407,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+    p.add_argument("--chat-format", choices=BUILT_IN,
+                   help="write the conversation in this format for this run instead of the model's own")
 
 
 def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:
@@ -367,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+    p.add_argument("--parse-special", action="store_true",
+                   help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
+    p.add_argument("--raw", action="store_true", help="send the prompt as it is, with no chat format")
 
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
     p.add_argument("name", nargs="?")
@@ -414,6 +480,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("set", help="keep a setting for a model: chat-format llama2|llama3|chatml|alpaca|vicuna|raw|auto")
+    p.add_argument("name")
+    p.add_argument("key", choices=store.SETTING_NAMES)
+    p.add_argument("value")
+
+    p = sub.add_parser("tokenize", help="the token ids of a text (no BOS, no chat format)")
+    p.add_argument("name", help="installed model, NAME or NAME:VARIANT")
+    p.add_argument("text", nargs="?", help="the text (default or -: stdin, byte for byte)")
+    p.add_argument("--json", action="store_true", help='{"ids": [...], "pieces": [...]}')
+    p.add_argument("--parse-special", action="store_true", help="special-token text becomes control tokens")
+
+    p = sub.add_parser("show", help="what an installed model is: shape, tokenizer, chat format, stops, variants")
+    p.add_argument("name", help="installed model, NAME or NAME:VARIANT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref")
@@ -446,10 +527,11 @@ def run(argv: list[str]) -> int:
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
-                   args.verbose, args.precise, args.threads, args.kv_dtype)
+                   args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special,
+                   "raw" if args.raw else args.chat_format)
     if command == "chat":
         if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
-            return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype)
+            return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype, args.chat_format)
         from .tui import run_chat
 
         return run_chat(args.model, args.system, params, args.ctx, device=None, kv_dtype=args.kv_dtype)
@@ -475,6 +557,12 @@ def run(argv: list[str]) -> int:
                      args.vs_llamacpp, args.precise)
     if command == "plan":
         return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype)
+    if command == "tokenize":
+        return tokenize_text(args.name, _read_exact_text(args.text), args.json, args.parse_special)
+    if command == "show":
+        return show_model(args.name, args.json)
+    if command == "set":
+        return set_model_setting(args.name, args.key, args.value)
     if command == "list":
         list_models()
         return 0

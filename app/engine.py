@@ -15,10 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
-from model.chat_format import ChatFormat
+from model.chat_format import ChatFormat, choose_chat_format
 from model.generate import Decoder, EagerDecoder, SamplingParams, generate
 from model.model import Transformer
-from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, sampling_defaults
 from quant import decode_cpu, extension
 from quant.formats import FORMAT_VERSION
 from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears
@@ -245,17 +245,24 @@ class Engine:
         # a faster decoder compiled in the background waits here until the reply in flight ends
         self._next_decoder: Decoder | None = None
         self.stop_ids = chat_format.stop_ids(tokenizer)
+        self.sampling_defaults = sampling_defaults(entry.path)  # the model's own suggestions, for the app
         self.last = ReplyStats()
         self.plan: Plan | None = None
         self.measured_bytes: int | None = None
         # the tokens whose keys and values sit in the KV cache, so a chat turn re-reads only what is new
         self._cached: list[int] = []
+        # special-token text in messages stays text unless the user opts in (ask --parse-special)
+        self.parse_special = False
+        self.chat_format_source = "the model's own template"
 
     @classmethod
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
              verify: bool = False, say=None, precise: bool = False, threads: int | None = None,
-             kv_dtype: str = "auto", compile_kernel: str = "now") -> "Engine":
+             kv_dtype: str = "auto", compile_kernel: str = "now", chat_format: str | None = None) -> "Engine":
         """Load what the memory plan chooses for `ref` (any installed model if None).
+
+        `chat_format` (a built-in name) overrides the model's own for this run (see
+        model.chat_format.choose_chat_format); `engine.chat_format_source` says where it came from.
 
         `kv_dtype` ("auto", or one the user fixed: fp32, bf16, fp16, int8) goes to the plan; the
         plan's choice is what the cache holds.
@@ -274,7 +281,7 @@ class Engine:
         say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device} ({torch.get_num_threads()} threads), "
             f"KV cache {plan.kv_dtype}. {plan.why}")
         try:
-            return cls._load_planned(plan, verify, precise, compile_kernel, say)
+            return cls._load_planned(plan, verify, precise, compile_kernel, say, chat_format)
         except (torch.OutOfMemoryError, MemoryError) as e:
             smaller = max(min(MIN_CTX, plan.ctx), plan.ctx * 3 // 4 // 256 * 256)
             if ctx is not None or smaller >= plan.ctx:
@@ -283,14 +290,15 @@ class Engine:
             fallback = plan_installed(ref, smaller, kv_dtype, device=target).chosen
             if fallback is None:
                 raise UserError(f"out of memory loading {plan.ref}; nothing smaller fits") from None
-            return cls._load_planned(fallback, verify, precise, compile_kernel, say)
+            return cls._load_planned(fallback, verify, precise, compile_kernel, say, chat_format)
 
     @classmethod
     def _load_planned(cls, plan: Plan, verify: bool, precise: bool = False, compile_kernel: str = "now",
-                      say=None) -> "Engine":
+                      say=None, chat_format_flag: str | None = None) -> "Engine":
         entry = store.find(plan.ref)
         tokenizer = load_tokenizer(entry.path)
-        chat_format = ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template)
+        chat_format, chat_source = choose_chat_format(tokenizer, entry.name, chat_format_flag,
+                                                      store.settings(entry.name).get("chat-format"))
         with torch.device("meta"):
             # the first model built on meta imports ~800 modules (75 MiB): runtime, not the model
             Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=8))
@@ -300,6 +308,7 @@ class Engine:
         engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
         engine.decoder = choose_decoder(model, compile_kernel, say, on_ready=engine.hand_over)
         engine.plan = plan
+        engine.chat_format_source = chat_source
         if verify:
             engine.warm_up()
             engine.measured_bytes = _rss() - rss0
@@ -327,7 +336,7 @@ class Engine:
         self._next_decoder = decoder
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.chat_format.encode(self.tokenizer, messages)
+        return self.chat_format.encode(self.tokenizer, messages, parse_special=self.parse_special)
 
     def stream(self, messages: list[dict], params: SamplingParams | None = None, max_tokens: int = 512,
                cancel: threading.Event | None = None) -> Iterator[str]:

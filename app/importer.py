@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.checkpoints import Checkpoint, open_checkpoint
-from model.tokenizer import load_tokenizer, tokenizer_files_from_gguf
+from model.tokenizer import gguf_tokenizer_files, load_tokenizer, merged_generation_config
 
 from . import store
 
@@ -79,11 +79,18 @@ def write_weights(ckpt: Checkpoint, folder: Path, progress: Progress) -> list[st
 
 
 def write_tokenizer(ckpt: Checkpoint, folder: Path) -> None:
-    """The store keeps a tokenizer as Hugging Face files (tokenizer.json or a tiktoken tokenizer.model)."""
+    """The store keeps a tokenizer as Hugging Face files: tokenizer.json, or a tokenizer.model
+    (SentencePiece's, or Llama 3's tiktoken ranks), with tokenizer_config.json."""
     if ckpt.format == "gguf":
-        tok_json, tok_config = tokenizer_files_from_gguf(ckpt.metadata)
-        store.write_json(folder / "tokenizer.json", tok_json)
-        store.write_json(folder / "tokenizer_config.json", tok_config)
+        for fname, content in gguf_tokenizer_files(ckpt.metadata).items():
+            if isinstance(content, bytes):
+                (folder / fname).write_bytes(content)
+            else:
+                store.write_json(folder / fname, content)
         return
     for f in ckpt.tokenizer_files:
         shutil.copyfile(f, folder / f.name)
+    if ckpt.format == "hf":  # EOS ids and sampling suggestions, from config.json and generation_config.json
+        generation = merged_generation_config(ckpt.metadata, ckpt.path / "generation_config.json")
+        if generation:
+            store.write_json(folder / "generation_config.json", generation)

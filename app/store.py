@@ -118,9 +118,43 @@ def remove(ref: str) -> list[ModelEntry]:
     for e in doomed:
         _remove_tree(e.path)
     model_dir = models_root() / name
-    if model_dir.is_dir() and not any(model_dir.iterdir()):
-        model_dir.rmdir()
+    if model_dir.is_dir() and not any(p.is_dir() for p in model_dir.iterdir()):
+        (model_dir / SETTINGS).unlink(missing_ok=True)
+        if not any(model_dir.iterdir()):
+            model_dir.rmdir()
     return doomed
+
+
+# ---------------------------------------------------------------- per-model settings
+SETTINGS = "settings.json"  # models/<name>/settings.json: what `llamadesk set` chose, for every variant
+SETTING_NAMES = ("chat-format",)
+
+
+def settings(name: str) -> dict:
+    path = models_root() / parse_ref(name)[0] / SETTINGS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the model's settings ({e}); remove the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def save_setting(name: str, key: str, value: str | None) -> None:
+    """Set (or with None, clear) one of SETTING_NAMES for an installed model; written atomically."""
+    entry = find(name)
+    if key not in SETTING_NAMES:
+        raise UserError(f"unknown setting {key!r}; settings are {', '.join(SETTING_NAMES)}")
+    data = settings(entry.name)
+    if value is None:
+        data.pop(key, None)
+    else:
+        data[key] = value
+    path = models_root() / entry.name / SETTINGS
+    tmp = path.with_name(f".{SETTINGS}.{os.getpid()}")
+    write_json(tmp, data)
+    os.replace(tmp, path)
 
 
 @contextmanager

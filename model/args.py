@@ -7,6 +7,7 @@ the code ever reads those foreign keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -24,8 +25,10 @@ class ModelArgs:
     ffn_dim: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # Llama 3.1 "llama3" rope scaling: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}; None for plain RoPE.
+    # RoPE scaling; None for plain RoPE. Llama 3.1's "llama3": {"factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (no "rope_type" key, as stored since
+    # the first version); {"rope_type": "linear", "factor"}; {"rope_type": "yarn", "factor",
+    # "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}.
     rope_scaling: dict | None = None
     tie_embeddings: bool = False
     max_seq_len: int = 4096
@@ -75,6 +78,46 @@ LLAMA31_ROPE_SCALING = {
 }
 
 
+def rope_scaling_from_hf(scaling: dict | None, max_seq_len: int) -> dict | None:
+    """ModelArgs.rope_scaling from config.json's rope_scaling / rope_parameters.
+
+    Errors: ConfigError naming a scaling type we do not run (dynamic, longrope, ...).
+    """
+    rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if rope_type in (None, "default"):
+        return None
+    if rope_type == "llama3":
+        return {k: scaling[k] for k in LLAMA31_ROPE_SCALING}
+    if rope_type == "linear":
+        return {"rope_type": "linear", "factor": float(scaling["factor"])}
+    if rope_type == "yarn":
+        factor = float(scaling["factor"])
+        return _yarn(factor, scaling.get("original_max_position_embeddings") or int(max_seq_len / factor),
+                     scaling.get("beta_fast"), scaling.get("beta_slow"),
+                     _yarn_attention_factor(factor, scaling.get("attention_factor"), scaling.get("mscale"),
+                                            scaling.get("mscale_all_dim")), scaling.get("truncate", True))
+    raise ConfigError(f"rope scaling {rope_type!r} is not supported (linear, yarn and llama3 are)")
+
+
+def _yarn(factor: float, original: int, beta_fast, beta_slow, attention_factor: float,
+          truncate: bool = True) -> dict:
+    return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": int(original),
+            "beta_fast": float(beta_fast or 32.0), "beta_slow": float(beta_slow or 1.0),
+            "attention_factor": float(attention_factor), "truncate": bool(truncate)}
+
+
+def _yarn_attention_factor(factor: float, given, mscale=None, mscale_all_dim=None) -> float:
+    """YaRN's scale on cos and sin (so on attention logits, squared), as transformers derives it."""
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if given is not None:
+        return float(given)
+    if mscale and mscale_all_dim:
+        return get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    return get_mscale(factor)
+
+
 def from_hf_config(cfg: dict) -> ModelArgs:
     arch = cfg.get("model_type") or ""
     if arch and arch != "llama":
@@ -82,13 +125,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     try:
         scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
         rope_theta = cfg.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
-        rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-        if rope_type in (None, "default"):
-            scaling = None
-        elif rope_type == "llama3":
-            scaling = {k: scaling[k] for k in LLAMA31_ROPE_SCALING}
-        else:
-            raise ConfigError(f"rope scaling {rope_type!r} is not supported (only 'llama3')")
+        scaling = rope_scaling_from_hf(scaling, cfg.get("max_position_embeddings", 4096))
         return ModelArgs(
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
@@ -140,12 +177,7 @@ def from_gguf_metadata(meta: dict) -> ModelArgs:
         raise ConfigError(f"general.architecture is {arch!r}, not 'llama'")
     try:
         vocab = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-        scaling = None
-        if meta.get("llama.rope.scaling.type") == "llama3" or "llama.rope.scaling.factor" in meta:
-            scaling = dict(LLAMA31_ROPE_SCALING)
-            scaling["factor"] = float(meta.get("llama.rope.scaling.factor", 8.0))
-            if "llama.rope.scaling.original_context_length" in meta:
-                scaling["original_max_position_embeddings"] = int(meta["llama.rope.scaling.original_context_length"])
+        scaling = _gguf_rope_scaling(meta)
         n_heads = meta["llama.attention.head_count"]
         return ModelArgs(
             dim=meta["llama.embedding_length"],
@@ -163,3 +195,28 @@ def from_gguf_metadata(meta: dict) -> ModelArgs:
         )
     except KeyError as e:
         raise ConfigError(f"GGUF metadata lacks {e.args[0]!r}") from None
+
+
+def _gguf_rope_scaling(meta: dict) -> dict | None:
+    """llama.rope.scaling.* (and the older rope.scale_linear). Llama 3.1's scaling usually comes
+    as a rope_freqs tensor instead, read by model/checkpoints.py."""
+    kind = meta.get("llama.rope.scaling.type")
+    factor = meta.get("llama.rope.scaling.factor") or meta.get("llama.rope.scale_linear")
+    original = meta.get("llama.rope.scaling.original_context_length")
+    if kind in (None, "none") and "llama.rope.scale_linear" in meta:
+        kind = "linear"
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        factor = float(factor)
+        return _yarn(factor, original or int(meta.get("llama.context_length", 4096) / factor),
+                     meta.get("llama.rope.scaling.yarn_beta_fast"), meta.get("llama.rope.scaling.yarn_beta_slow"),
+                     _yarn_attention_factor(factor, None))
+    if kind == "llama3":
+        scaling = dict(LLAMA31_ROPE_SCALING, factor=float(factor or 8.0))
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    raise ConfigError(f"rope scaling {kind!r} is not supported (linear, yarn and llama3 are)")

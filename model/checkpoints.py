@@ -348,7 +348,8 @@ def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
     if rope_dims != args.head_dim:
         raise CheckpointError(f"{file}: rotates {rope_dims} of {args.head_dim} head dims; only full RoPE is supported")
     if rope_freqs is not None:
-        args.rope_scaling = _llama31_scaling(file, args, rope_freqs)
+        args.rope_scaling = _llama31_scaling(file, args, rope_freqs,
+                                             metadata.get("llama.rope.scaling.original_context_length"))
 
     # GGUF lists dims fastest first (ne0 = row length); torch lists them slowest first.
     found = {name: (tuple(int(n) for n in reversed(t.shape)), f"{file} ({t.name})") for name, t in by_name.items()}
@@ -372,13 +373,16 @@ def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
     )
 
 
-def _llama31_scaling(file: Path, args: ModelArgs, rope_freqs) -> dict:
+def _llama31_scaling(file: Path, args: ModelArgs, rope_freqs, original: int | None) -> dict:
     """llama.cpp stores Llama 3.1's RoPE scaling as per-frequency divisors; recover and check the recipe.
 
-    Llama 3.1 and 3.2 differ only in `factor` (8 and 32), which is the largest divisor.
+    Llama 3.1 and 3.2 differ only in `factor` (8 and 32), which is the largest divisor; the
+    original context is 8192 unless the file says otherwise.
     """
     got = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).reshape(-1).copy())
     scaling = args.rope_scaling or dict(LLAMA31_ROPE_SCALING, factor=float(got.max()))
+    if original and args.rope_scaling is None:
+        scaling["original_max_position_embeddings"] = int(original)
     plain = rope_frequencies(args.head_dim, args.rope_theta, None)
     want = plain / rope_frequencies(args.head_dim, args.rope_theta, scaling)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4):

@@ -235,10 +235,42 @@ class RMSNorm(nn.Module):
 
 # ---------------------------------------------------------------- rope
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling:
-        freqs = _llama31_scale(freqs, **scaling)
+    """(head_dim / 2,) rotation per position of each pair, scaled as ModelArgs.rope_scaling says."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    freqs = 1.0 / (theta ** exponents)
+    kind = scaling.get("rope_type", "llama3") if scaling else None
+    if kind == "llama3":
+        freqs = _llama31_scale(freqs, scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                               scaling["original_max_position_embeddings"])
+    elif kind == "linear":  # positions squeezed by `factor`
+        freqs = freqs / scaling["factor"]
+    elif kind == "yarn":
+        freqs = _yarn_scale(theta ** exponents, head_dim, theta, scaling)
     return freqs
+
+
+def rope_magnitude(scaling: dict | None) -> float:
+    """YaRN scales cos and sin (so queries and keys) by its attention factor; others by 1."""
+    return float(scaling.get("attention_factor", 1.0)) if scaling and scaling.get("rope_type") == "yarn" else 1.0
+
+
+def _yarn_scale(pos_freqs, head_dim, theta, scaling):
+    """YaRN: high frequencies kept, low ones divided by `factor`, a linear ramp between the
+    dimensions that turn beta_fast and beta_slow times over the original context."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_for(rotations):
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_for(scaling["beta_fast"]), dim_for(scaling["beta_slow"])
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 def _llama31_scale(freqs, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
@@ -258,7 +290,7 @@ def rope_table(head_dim: int, max_len: int, theta: float, scaling: dict | None) 
     """(max_len, head_dim / 2) complex: e^(i * angle) of each position for each pair."""
     freqs = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)  # (S, hd/2)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.polar(torch.full_like(angles, rope_magnitude(scaling)), angles)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

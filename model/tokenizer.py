@@ -21,13 +21,18 @@ import base64
 import codecs
 import json
 from pathlib import Path
-from typing import AbstractSet, Iterable, Literal
+from typing import AbstractSet, Iterable, Literal, Union
 
 import tiktoken
 
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, corrupt, or describes a tokenizer we cannot reproduce exactly."""
+from .tokenizer_spm import (
+    SentencePieceTokenizer,
+    TokenizerError,
+    is_sentencepiece_json,
+    sentencepiece_model_from_gguf,
+    sentencepiece_model_from_json,
+    with_added_tokens,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,9 +109,16 @@ class Tokenizer:
         self.add_bos = add_bos
         self.chat_template = chat_template
 
+    kind = "byte-level BPE"
+
     @property
     def vocab_size(self) -> int:
         return len(self._id_to_rank)
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that are never shown as text in a reply."""
+        return frozenset(self.special_tokens.values())
 
     def encode(
         self,
@@ -153,41 +165,122 @@ class Tokenizer:
         return rank
 
 
-class StreamDecoder:
-    """Decodes ids one at a time for streaming, never emitting half a UTF-8 character.
+AnyTokenizer = Union[Tokenizer, SentencePieceTokenizer]
 
-    One character can span several tokens (an emoji is often 2-4 byte tokens); the incremental
-    UTF-8 decoder holds back an incomplete tail until the rest arrives, and replaces bytes that
-    can never become valid with U+FFFD, so the pieces join to exactly `tokenizer.decode(ids)`.
+
+class StreamDecoder:
+    """Decodes ids one at a time for streaming, never emitting half a UTF-8 character, and never
+    a control token's text (an end of turn, a tool-call tag, a header).
+
+    One character can span several tokens (an emoji is often 2-4 byte tokens). For byte-level
+    BPE the incremental UTF-8 decoder holds back an incomplete tail until the rest arrives; for
+    SentencePiece the text is what the library decodes of the ids, held back while they end
+    inside a character. Either way the pieces join to exactly `tokenizer.decode(ids)` of the
+    ids that are not control tokens.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: AnyTokenizer):
         self._tokenizer = tokenizer
+        self._hidden = tokenizer.control_ids
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # SentencePiece: the ids from the last settled token on, and the text they gave so far;
+        # each step decodes this short tail, not the whole reply (decoding [a, b] starts with
+        # decoding [a], dummy-prefix space and all)
+        self._ids: list[int] = []
+        self._sent = ""
 
     def push(self, token_id: int) -> str:
-        return self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
+        if token_id in self._hidden:
+            return ""
+        if not isinstance(self._tokenizer, SentencePieceTokenizer):
+            return self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
+        self._ids.append(token_id)
+        text = self._tokenizer.settled_text(self._ids)
+        if text is None:
+            return ""
+        out = self._take(text)
+        self._ids, self._sent = [token_id], self._tokenizer.decode([token_id])
+        return out
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        if not isinstance(self._tokenizer, SentencePieceTokenizer):
+            return self._utf8.decode(b"", final=True)
+        return self._take(self._tokenizer.decode(self._ids))
+
+    def _take(self, text: str) -> str:
+        new, self._sent = text[len(self._sent):], text
+        return new
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading a model store folder
 # ---------------------------------------------------------------------------------------------
 
-def load_tokenizer(folder: str | Path) -> Tokenizer:
+def load_tokenizer(folder: str | Path) -> AnyTokenizer:
+    """The tokenizer a model folder holds; it stops on every EOS its files name (tokenizer_config
+    .json's eos_token and generation_config.json's eos_token_id list)."""
     folder = Path(folder)
+    tokenizer = _load_tokenizer_files(folder)
+    tokenizer.eos_ids |= set(generation_config(folder).get("eos_token_id") or [])
+    return tokenizer
+
+
+def generation_config(folder: str | Path) -> dict:
+    """A model folder's generation_config.json (eos_token_id always a list), or {}."""
+    path = Path(folder) / "generation_config.json"
+    config = _read_json(path) if path.exists() else {}
+    eos = config.get("eos_token_id")
+    if eos is not None:
+        config["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+    return config
+
+
+# the sampling settings a model's files may suggest, under generation_config.json's names
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(folder: str | Path) -> dict:
+    """The model's own sampling suggestions ({"temperature": 0.6, "top_p": 0.9, ...}), only
+    those its files name; {} for greedy-by-default (do_sample false) or no file."""
+    config = generation_config(folder)
+    if config.get("do_sample") is False:
+        return {}
+    return {k: config[k] for k in SAMPLING_KEYS if isinstance(config.get(k), (int, float))}
+
+
+def merged_generation_config(model_config: dict, generation_file: Path | None) -> dict:
+    """generation_config.json for the store from a Hugging Face folder: its own file, with every
+    EOS id that config.json or it names (transformers reads one or the other; stopping on either
+    is what both mean)."""
+    config = dict(_read_json(generation_file)) if generation_file and generation_file.exists() else {}
+    eos: list[int] = []
+    for value in (config.get("eos_token_id"), model_config.get("eos_token_id")):
+        for token_id in [value] if isinstance(value, int) else (value or []):
+            if token_id not in eos:
+                eos.append(token_id)
+    if eos:
+        config["eos_token_id"] = eos
+    return config
+
+
+def _load_tokenizer_files(folder: Path) -> AnyTokenizer:
     config_path = folder / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.exists() else {}
     template_path = folder / "chat_template.jinja"
     if template_path.exists():
         config = {**config, "chat_template": template_path.read_text(encoding="utf-8")}
+    model_file = folder / "tokenizer.model"
+    if model_file.exists() and _is_protobuf(model_file):
+        return load_sentencepiece_model(model_file, config, folder / "tokenizer.json")
     if (folder / "tokenizer.json").exists():
         path = folder / "tokenizer.json"
-        return tokenizer_from_hf(_read_json(path), config, source=str(path))
-    if (folder / "tokenizer.model").exists():
-        return load_tiktoken_model(folder / "tokenizer.model", config)
+        tokenizer_json = _read_json(path)
+        if is_sentencepiece_json(tokenizer_json):
+            proto = sentencepiece_model_from_json(tokenizer_json, str(path))
+            return _sentencepiece_tokenizer(proto, config, str(path))
+        return tokenizer_from_hf(tokenizer_json, config, source=str(path))
+    if model_file.exists():
+        return load_tiktoken_model(model_file, config)
     raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model in this folder")
 
 
@@ -201,6 +294,54 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+def _is_protobuf(path: Path) -> bool:
+    """SentencePiece's tokenizer.model starts with its first piece (protobuf field 1, bytes:
+    0x0A); Llama 3's is base64 text."""
+    try:
+        with path.open("rb") as f:
+            return f.read(1) == b"\n"
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Builder (0): SentencePiece (Llama 1 and 2), through model/tokenizer_spm.py
+# ---------------------------------------------------------------------------------------------
+
+def load_sentencepiece_model(path: str | Path, config: dict | None = None,
+                             tokenizer_json: Path | None = None) -> SentencePieceTokenizer:
+    """A SentencePiece tokenizer.model, plus the tokens a fine-tune added after its vocab (listed
+    in tokenizer.json's added_tokens or tokenizer_config.json's added_tokens_decoder)."""
+    path = Path(path)
+    try:
+        proto = path.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
+    config = config or {}
+    added = {int(i): (_token_text(t), bool(t.get("special", True)) if isinstance(t, dict) else True)
+             for i, t in (config.get("added_tokens_decoder") or {}).items()}
+    if tokenizer_json is not None and tokenizer_json.exists():
+        for t in _read_json(tokenizer_json).get("added_tokens") or []:
+            added.setdefault(t["id"], (t["content"], bool(t.get("special"))))
+    if added:
+        proto = with_added_tokens(proto, added, str(path))
+    return _sentencepiece_tokenizer(proto, config, str(path))
+
+
+def _sentencepiece_tokenizer(proto: bytes, config: dict, source: str) -> SentencePieceTokenizer:
+    probe = SentencePieceTokenizer(proto, bos_id=None, eos_id=None, source=source)
+    bos = _token_text(config.get("bos_token")) or "<s>"
+    eos = _token_text(config.get("eos_token")) or "</s>"
+    return SentencePieceTokenizer(
+        proto,
+        bos_id=probe.token_to_id(bos),
+        eos_id=probe.token_to_id(eos),
+        add_bos=bool(config.get("add_bos_token", True)),
+        chat_template=_chat_template(config),
+        source=source,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,9 +456,57 @@ def tokenizer_from_hf(tokenizer_json: dict, config: dict | None = None,
     )
 
 
-def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
-    tokenizer_json, config = tokenizer_files_from_gguf(metadata)
-    return tokenizer_from_hf(tokenizer_json, config, source="GGUF tokenizer metadata")
+def tokenizer_from_gguf(metadata: dict) -> AnyTokenizer:
+    files = gguf_tokenizer_files(metadata)
+    config = files["tokenizer_config.json"]
+    if "tokenizer.model" in files:
+        tokenizer = _sentencepiece_tokenizer(files["tokenizer.model"], config, "GGUF tokenizer metadata")
+    else:
+        tokenizer = tokenizer_from_hf(files["tokenizer.json"], config, source="GGUF tokenizer metadata")
+    tokenizer.eos_ids |= set(files["generation_config.json"].get("eos_token_id") or [])
+    return tokenizer
+
+
+def gguf_tokenizer_files(metadata: dict) -> dict[str, bytes | dict]:
+    """The store's tokenizer files for a GGUF's vocab: tokenizer.model (SentencePiece, for
+    tokenizer.ggml.model 'llama') or tokenizer.json (byte-level BPE, 'gpt2'), and
+    tokenizer_config.json."""
+    generation = _generation_config_from_gguf(metadata)
+    if _text(metadata.get("tokenizer.ggml.model")) != "llama":
+        tokenizer_json, config = tokenizer_files_from_gguf(metadata)
+        return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config,
+                "generation_config.json": generation}
+    proto = sentencepiece_model_from_gguf(metadata, _text)
+    tokens = metadata["tokenizer.ggml.tokens"]
+    config = {"add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+              "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False))}
+    for name in ("bos", "eos"):
+        token_id = metadata.get(f"tokenizer.ggml.{name}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            config[f"{name}_token"] = _text(tokens[token_id])
+    if metadata.get("tokenizer.chat_template"):
+        config["chat_template"] = _text(metadata["tokenizer.chat_template"])
+    return {"tokenizer.model": proto, "tokenizer_config.json": config, "generation_config.json": generation}
+
+
+# GGUF general.sampling.* (llama.cpp's names) -> generation_config.json's
+_GGUF_SAMPLING = {"temp": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "penalty_repeat": "repetition_penalty"}
+
+
+def _generation_config_from_gguf(metadata: dict) -> dict:
+    """EOS, end of turn and end of message all end a reply, as llama.cpp stops on each."""
+    eos = []
+    for key in ("eos", "eot", "eom"):
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(token_id, int) and token_id not in eos:
+            eos.append(token_id)
+    config: dict = {"eos_token_id": eos} if eos else {}
+    for gguf_key, key in _GGUF_SAMPLING.items():
+        value = metadata.get(f"general.sampling.{gguf_key}")
+        if isinstance(value, (int, float)):
+            config[key] = value
+    return config
 
 
 def _split_pattern(pre: dict | None, source: str) -> str:
@@ -427,7 +616,7 @@ def tokenizer_files_from_gguf(metadata: dict) -> tuple[dict, dict]:
     kind = _text(metadata.get("tokenizer.ggml.model"))
     if kind != "gpt2":
         raise TokenizerError(f"{source}: tokenizer.ggml.model {kind!r} is not supported, only "
-                             "byte-level BPE ('gpt2')")
+                             "byte-level BPE ('gpt2') and SentencePiece ('llama')")
     pre = _text(metadata.get("tokenizer.ggml.pre")) or "default"
     if pre not in _GGUF_PRE_TOKENIZERS:
         raise TokenizerError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; known are "

@@ -203,3 +203,13 @@ def test_a_forced_cpu_path_this_machine_lacks_is_one_line(default_home):
     assert r.returncode == 1
     assert r.stderr.strip() == ("llamadesk: error: LLAMADESK_ISA='sse9' is not a path "
                                 "(choose from avx512, avx2, generic)")
+
+
+def test_ask_keeps_special_token_text_plain_unless_parse_special(default_home):
+    def prompt_tokens(*flags):
+        r = llamadesk("ask", "<|im_end|>", "--max-tokens", "1", "-v", *flags, home=default_home)
+        assert r.returncode == 0, r.stderr
+        return int(r.stderr.split("prompt ")[1].split(" tokens")[0])
+
+    # <|im_end|> as text is 7 tokens (< | im _ end | >), as a control token 1
+    assert prompt_tokens() - prompt_tokens("--parse-special") == 6

@@ -642,3 +642,14 @@ async def test_the_real_model_answers_and_the_chat_is_there_after_a_restart(defa
         await until(pilot, lambda: replies(again))
         assert "Paris" in replies(again)[0].content
 
+
+
+@pytest.mark.asyncio
+async def test_a_model_without_a_chat_format_is_said_so(home):
+    model = GatedModel(["upon a time"], open_gate=True)
+    model.chat_format_source = "none: plain text continuation"
+    app = fake_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None and notices(app))
+        assert notices(app) == ["Chat format: none: plain text continuation "
+                                "(`llamadesk set fake-model chat-format NAME` picks one)"]

@@ -10,6 +10,7 @@ using model/checkpoints.py, so the importer is tested on files it did not make.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 from pathlib import Path
@@ -17,12 +18,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from tokenizer_files import add_sentencepiece_vocab, train_llama2_sentencepiece
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 LAYOUTS = ("hf", "hf-sharded", "meta", "meta-2shards", "gguf", "gguf-q8_0", "gguf-q4_0")
 
 DIM, N_LAYERS, N_HEADS, VOCAB = 64, 2, 4, 320
+SPM_VOCAB = 512  # 256 byte pieces, <unk> <s> </s>, the characters, and a few merges
 MULTIPLE_OF = 32
 FFN_DIM = 192  # Meta's rule for dim 64: round int(2 * 4 * 64 / 3) = 170 up to a multiple of 32
 LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -30,37 +33,44 @@ LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "l
 
 
 def tiny_checkpoint(tmp_path: Path, layout: str = "hf", **options) -> tuple[Path, LlamaForCausalLM]:
-    """Write a tiny model in `layout` (one of LAYOUTS) under tmp_path; options go to tiny_hf_model."""
+    """Write a tiny model in `layout` (one of LAYOUTS) under tmp_path; options go to tiny_hf_model.
+
+    sentencepiece=True gives it a Llama 2 vocab (SentencePiece BPE, <unk> <s> </s> = 0 1 2, and
+    Llama 2's chat template where the layout has a place for one) instead of Llama 3's kind."""
     model = tiny_hf_model(**options)
+    spm = bool(options.get("sentencepiece"))
     if layout == "hf":
-        return write_hf(model, tmp_path / "hf"), model
+        return write_hf(model, tmp_path / "hf", spm=spm), model
     if layout == "hf-sharded":
-        return write_hf(model, tmp_path / "hf-sharded", max_shard_size="100KB"), model
+        return write_hf(model, tmp_path / "hf-sharded", max_shard_size="100KB", spm=spm), model
     if layout == "meta":
-        return write_meta(model, tmp_path / "meta"), model
+        return write_meta(model, tmp_path / "meta", spm=spm), model
     if layout == "meta-2shards":
-        return write_meta(model, tmp_path / "meta-2shards", shards=2, style="llama2"), model
+        return write_meta(model, tmp_path / "meta-2shards", shards=2, style="llama2", spm=spm), model
     if layout.startswith("gguf"):
         qtype = layout.partition("-")[2].upper() or "F32"
-        return write_gguf(model, tmp_path / f"tiny-{qtype}.gguf", qtype), model
+        return write_gguf(model, tmp_path / f"tiny-{qtype}.gguf", qtype, spm=spm), model
     raise ValueError(f"unknown layout {layout!r}; pick one of {LAYOUTS}")
 
 
 def tiny_hf_model(*, gqa: bool = True, tied: bool = False, llama31: bool = False, seed: int = 0,
-                  **extra) -> LlamaForCausalLM:
-    """A random 2-layer LLaMA in float32: 4 heads, 2 KV heads with gqa, Llama 3.1 RoPE scaling with llama31.
+                  sentencepiece: bool = False, rope: dict | None = None, **extra) -> LlamaForCausalLM:
+    """A random 2-layer LLaMA in float32: 4 heads, 2 KV heads with gqa, Llama 3.1 RoPE scaling with llama31
+    (or the transformers rope_parameters given as `rope`).
 
     Further keywords go to LlamaConfig (e.g. attention_bias=True for a model we must refuse).
     """
     config = LlamaConfig(
         hidden_size=DIM, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
-        num_key_value_heads=2 if gqa else N_HEADS, intermediate_size=FFN_DIM, vocab_size=VOCAB,
+        num_key_value_heads=2 if gqa else N_HEADS, intermediate_size=FFN_DIM,
+        vocab_size=SPM_VOCAB if sentencepiece else VOCAB,
         rms_norm_eps=1e-5, tie_word_embeddings=tied,
         max_position_embeddings=131072 if llama31 else 2048,
-        rope_parameters=dict(LLAMA31_ROPE) if llama31 else {"rope_type": "default", "rope_theta": 100000.0},
+        rope_parameters=dict(rope or (LLAMA31_ROPE if llama31 else {"rope_type": "default", "rope_theta": 100000.0})),
         # Weights this large make logits spread out, so greedy picks never hinge on a near tie.
         initializer_range=0.1,
-        bos_token_id=TOKENS.index("<|begin_of_text|>"), eos_token_id=TOKENS.index("<|end_of_text|>"),
+        bos_token_id=1 if sentencepiece else TOKENS.index("<|begin_of_text|>"),
+        eos_token_id=2 if sentencepiece else TOKENS.index("<|end_of_text|>"),
         **extra,
     )
     torch.manual_seed(seed)
@@ -102,6 +112,39 @@ def write_hf_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+# Llama-2-chat's template, as its tokenizer_config.json holds it.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@functools.cache
+def llama2_tokenizer_model() -> bytes:
+    """A SentencePiece tokenizer.model of SPM_VOCAB pieces, trained with Llama 2's settings."""
+    from pydoc_data.topics import topics
+
+    return train_llama2_sentencepiece([line for key in sorted(topics) for line in topics[key].splitlines()
+                                       if line.strip()][:4000], SPM_VOCAB)
+
+
+def write_sentencepiece_files(folder: Path, template: bool = True) -> None:
+    (folder / "tokenizer.model").write_bytes(llama2_tokenizer_model())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+              "add_bos_token": True, "add_eos_token": False}
+    if template:
+        config["chat_template"] = LLAMA2_CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def write_tiktoken_file(path: Path) -> None:
     """Llama 3's tokenizer.model: one `base64(token bytes) rank` line per ordinary token."""
     to_byte = {c: b for b, c in BYTE_CHARS.items()}
@@ -110,12 +153,15 @@ def write_tiktoken_file(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- Hugging Face
-def write_hf(model: LlamaForCausalLM, folder: Path, max_shard_size: str | None = None) -> Path:
+def write_hf(model: LlamaForCausalLM, folder: Path, max_shard_size: str | None = None, spm: bool = False) -> Path:
     if max_shard_size:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
     else:
         model.save_pretrained(folder)
-    write_hf_tokenizer(folder)
+    if spm:
+        write_sentencepiece_files(folder)
+    else:
+        write_hf_tokenizer(folder)
     return folder
 
 
@@ -147,7 +193,8 @@ def meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
 _SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
-def write_meta(model: LlamaForCausalLM, folder: Path, shards: int = 1, style: str = "llama3") -> Path:
+def write_meta(model: LlamaForCausalLM, folder: Path, shards: int = 1, style: str = "llama3",
+               spm: bool = False) -> Path:
     """params.json + consolidated.NN.pth (+ tokenizer.model).
 
     style "llama3": vocab_size in params.json, the embedding split by rows (VocabParallelEmbedding);
@@ -170,7 +217,10 @@ def write_meta(model: LlamaForCausalLM, folder: Path, shards: int = 1, style: st
             d = split.get(name.split(".")[-2])
             shard[name] = w if d is None else w.chunk(shards, dim=d)[n].clone()  # clone: save only the slice
         torch.save(shard, folder / f"consolidated.{n:02d}.pth")
-    write_tiktoken_file(folder / "tokenizer.model")
+    if spm:
+        (folder / "tokenizer.model").write_bytes(llama2_tokenizer_model())
+    else:
+        write_tiktoken_file(folder / "tokenizer.model")
     return folder
 
 
@@ -184,7 +234,7 @@ _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOS
                "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 
 
-def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32") -> Path:
+def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32", spm: bool = False) -> Path:
     """A llama GGUF like convert_hf_to_gguf.py writes; matrices in `qtype`, norms in F32.
 
     For a quantized type the oracle's weights are replaced by the rounded ones the file holds.
@@ -208,13 +258,17 @@ def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32") -> Path:
     w.add_vocab_size(c.vocab_size)
     w.add_rope_dimension_count(c.hidden_size // n_heads)
     w.add_file_type(_FILE_TYPES[qtype])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(TOKENS)
-    w.add_token_types([gguf.TokenType.NORMAL] * len(_NORMAL) + [gguf.TokenType.CONTROL] * (len(TOKENS) - len(_NORMAL)))
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(c.bos_token_id)
-    w.add_eos_token_id(c.eos_token_id)
+    if spm:
+        add_sentencepiece_vocab(w, llama2_tokenizer_model(), c.bos_token_id, c.eos_token_id)
+        w.add_chat_template(LLAMA2_CHAT_TEMPLATE)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("llama-bpe")
+        w.add_token_list(TOKENS)
+        w.add_token_types([gguf.TokenType.NORMAL] * len(_NORMAL) + [gguf.TokenType.CONTROL] * (len(TOKENS) - len(_NORMAL)))
+        w.add_token_merges(MERGES)
+        w.add_bos_token_id(c.bos_token_id)
+        w.add_eos_token_id(c.eos_token_id)
 
     for hf_name, param in model.named_parameters():
         if tied and hf_name == "lm_head.weight":
@@ -234,8 +288,16 @@ def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32") -> Path:
             w.add_tensor(gguf_name, gguf.quants.quantize(data, ggml_type), raw_dtype=ggml_type)
         else:
             w.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
-    if c.rope_parameters["rope_type"] == "llama3":
+    rope = c.rope_parameters
+    if rope["rope_type"] == "llama3":
         w.add_tensor("rope_freqs.weight", llama31_rope_factors(c))
+        if rope["original_max_position_embeddings"] != 8192:
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif rope["rope_type"] in ("linear", "yarn"):  # as convert_hf_to_gguf.py writes them
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
+        w.add_rope_scaling_factor(rope["factor"])
+        if rope["rope_type"] == "yarn":
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

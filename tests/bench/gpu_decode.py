@@ -183,7 +183,7 @@ def under_cap(args, device, group, cap_gib: float) -> dict:
     torch.cuda.reset_peak_memory_stats()
     try:
         layout, state = random_state(args, "int4", device, group)
-        model = build_model(args, layout, state, ctx, device, kv_dtype="bf16", compile_kernel="now")
+        model = build_model(args, layout, state, ctx, device, kv_dtype="bf16")
         with torch.inference_mode():
             model(torch.zeros((1, 512), dtype=torch.long), ctx - 512 - 1, last_only=True)
             model(torch.zeros((1, 1), dtype=torch.long), ctx - 1)

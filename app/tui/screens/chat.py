@@ -174,6 +174,10 @@ class ChatScreen(Screen):
         status.model, status.variant = model.entry.name, model.entry.variant
         status.device, status.ctx_total, status.activity = model.device, model.ctx, ""
         self._measure_context()
+        where = getattr(model, "chat_format_source", "")  # a format the model's files did not name
+        if "guessed" in where or where.startswith("none"):
+            await self._notice(f"Chat format: {where} (`llamadesk set {model.entry.name} chat-format NAME` "
+                               "picks one)")
         if self.waiting_for_model:
             self.waiting_for_model = False
             await self._start_reply()
