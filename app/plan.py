@@ -450,7 +450,7 @@ def installed_candidates(device: Device) -> list[Candidate]:
     from . import store
 
     entries = store.list_entries()
-    sources = {e.name: source_bits(e.manifest) for e in entries if not e.manifest.get("quant")}
+    sources = {e.name: source_bits(e.manifest) for e in entries if e.variant == store.SOURCE or not e.manifest.get("quant")}
     out = []
     for e in entries:
         args = ModelArgs.from_dict(e.manifest["args"])
@@ -464,7 +464,7 @@ def variant_bits(manifest: dict, source: int) -> float:
     source's bits, and half a bit less when its blocks did not keep the source's values (int8 or
     nf4 of a 4-bit source); a source ties with a variant that re-packs its grid exactly."""
     quant = manifest.get("quant")
-    if not quant:
+    if not quant or quant.get("exact"):  # a GGUF source kept in its own blocks is still the source
         return source_bits(manifest)
     bits = min(BITS.get(quant["scheme"], 16), source)
     tensors = (quant.get("report") or {}).get("tensors") or []

@@ -14,6 +14,7 @@ from model.args import ModelArgs
 from model.model import Transformer
 from model.tokenizer import load_tokenizer
 from quant.formats import FORMAT_VERSION
+from quant.ggml import dequantize_rows
 from quant.linear import swap_linears
 from quant.quality import compare_all, default_text, perplexity, run_unpacked
 from quant.quantize import QuantOptions, quantize_stream, write_packed
@@ -27,12 +28,15 @@ Progress = Callable[[int, int, str], None]
 
 
 def source_tensors(entry: store.ModelEntry):
-    """An entry's tensors one at a time, memory-mapped (the quantizer reads its source so).
+    """An entry's tensors one at a time, memory-mapped (the quantizer reads its source so);
+    a source kept as GGUF blocks gives each weight's dequantized fp32 values as `<module>.weight`.
 
     A handle (or any tensor from it) keeps the whole file mapped, and every page read stays in
     RSS while it is: a handle per tensor lets the pages of packed tensors go (measured on a 1B
     model: 2.0 GiB of a shard stayed resident with one handle per file).
     """
+    quant = entry.manifest.get("quant") or {}
+    exact, layout = quant.get("exact", False), quant.get("layout", {})
     for fname in entry.manifest["weights"]:
         path = str(entry.path / fname)
         with safe_open(path, framework="pt") as f:
@@ -40,7 +44,11 @@ def source_tensors(entry: store.ModelEntry):
         for k in keys:
             with safe_open(path, framework="pt") as f:
                 tensor = f.get_tensor(k)
-            yield k, tensor
+            module = k[: -len(".blocks")]
+            if exact and module in layout:
+                yield f"{module}.weight", dequantize_rows(tensor, layout[module]["scheme"])
+            else:
+                yield k, tensor
             del tensor
 
 
@@ -48,7 +56,7 @@ def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, repla
                      progress: Progress = lambda d, t, w: None, report_tokens: int = REPORT_TOKENS) -> store.ModelEntry:
     name, variant = store.parse_ref(ref)
     source = store.find(f"{name}:{variant or store.SOURCE}")
-    if source.manifest.get("quant"):
+    if source.manifest.get("quant") and not source.manifest["quant"].get("exact"):
         raise UserError(f"{source.ref} is already packed ({source.manifest['quant']['scheme']}); quantize the source")
     tag = out or opts.scheme
     if tag == store.SOURCE:
