@@ -114,3 +114,63 @@ def test_a_variant_of_format_version_1_still_loads(tmp_path, home):
     with torch.inference_mode():
         torch.testing.assert_close(load_model(old, 16, fuse=False)(tokens, 0),
                                    load_model(entry, 16, fuse=False)(tokens, 0))
+
+
+# ---------------------------------------------------------------- bad input: one line, nothing stored
+def _import_fails(path, capsys) -> str:
+    from app.cli import main
+
+    assert main(["import", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert store.list_entries() == []
+    assert not any((store.models_root()).glob(".staging-*"))
+    return " ".join(err.split())  # rich wraps a long line to the terminal's width
+
+
+def _tensor_type_offset(data: bytes, name: bytes) -> int:
+    """Byte offset of a tensor's ggml type in a GGUF header: name, n_dims (u32), dims (u64 each), type."""
+    i = data.index(name) + len(name)
+    n_dims = int.from_bytes(data[i : i + 4], "little")
+    return i + 4 + 8 * n_dims
+
+
+def test_truncated_blocks_are_refused(tmp_path, home, capsys):
+    path = write_random_blocks_gguf(tmp_path / "cut.gguf", "Q4_K")
+    data = path.read_bytes()
+    path.write_bytes(data[:-20000])  # into the output matrix's blocks
+    err = _import_fails(path, capsys)
+    assert err.startswith(f"llamadesk: error: {path}: not a readable GGUF file (truncated or corrupt?)")
+
+
+def test_an_iq_type_is_refused_by_name(tmp_path, home, capsys):
+    path = write_random_blocks_gguf(tmp_path / "iq.gguf", "Q4_0")
+    data = bytearray(path.read_bytes())
+    at = _tensor_type_offset(bytes(data), b"blk.0.attn_q.weight")
+    # IQ4_NL has Q4_0's block geometry (32 values in 18 bytes), so the file stays well formed
+    data[at : at + 4] = int(gguf.GGMLQuantizationType.IQ4_NL).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    err = _import_fails(path, capsys)
+    assert "blk.0.attn_q.weight is IQ4_NL, a type llamadesk does not hold" in err
+
+
+def test_an_unknown_type_is_refused(tmp_path, home, capsys):
+    path = write_random_blocks_gguf(tmp_path / "unknown.gguf", "Q8_0")
+    data = bytearray(path.read_bytes())
+    at = _tensor_type_offset(bytes(data), b"blk.0.ffn_up.weight")
+    data[at : at + 4] = (99).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    err = _import_fails(path, capsys)
+    assert "not a readable GGUF file" in err and "99" in err
+
+
+def test_a_split_gguf_is_refused_by_name(tmp_path, home, capsys):
+    path = write_random_blocks_gguf(tmp_path / "model-00001-of-00002.gguf", "Q4_0")
+    err = _import_fails(path, capsys)
+    assert "is one part of a split GGUF" in err and "llama-gguf-split --merge" in err
+
+
+def test_a_split_gguf_is_refused_by_its_metadata(tmp_path, home, capsys):
+    path = write_random_blocks_gguf(tmp_path / "renamed.gguf", "Q4_0", split_count=3)
+    err = _import_fails(path, capsys)
+    assert "is one part of a split GGUF (3 parts)" in err

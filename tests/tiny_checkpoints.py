@@ -289,7 +289,7 @@ def random_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, int]) 
     return raw.reshape(N, K // block * size)
 
 
-def write_random_blocks_gguf(path: Path, qtype: str, tied: bool = False, seed: int = 0) -> Path:
+def write_random_blocks_gguf(path: Path, qtype: str, tied: bool = False, seed: int = 0, split_count: int = 0) -> Path:
     """A 256-aligned llama GGUF (dim 256, FFN 512: K-quants need rows of 256) whose every matrix is
     random `qtype` blocks with finite fp16 scales, norms in F32: a file llama.cpp would write for
     this shape in `qtype`, without its quantizer."""
@@ -299,6 +299,9 @@ def write_random_blocks_gguf(path: Path, qtype: str, tied: bool = False, seed: i
                     bos_token_id=TOKENS.index("<|begin_of_text|>"), eos_token_id=TOKENS.index("<|end_of_text|>"))
     rng = np.random.default_rng(seed)
     w = gguf_header(path, c, gguf.LlamaFileType.GUESSED)
+    if split_count:  # what llama-gguf-split writes into each part
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, 0)
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, split_count)
     t = gguf.GGMLQuantizationType[qtype]
     D, F, kv = 256, 512, 2 * 64
     mats = {"token_embd.weight": (VOCAB, D), "blk.0.attn_q.weight": (D, D), "blk.0.attn_k.weight": (kv, D),
