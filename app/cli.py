@@ -50,6 +50,38 @@ def import_with_progress(path: Path, name: str | None, replace: bool = False) ->
     return entry
 
 
+def import_model(path: Path, name: str | None, replace: bool = False, keep_float: bool = False) -> store.ModelEntry:
+    """`llamadesk import`: the source, then what makes it ready to chat (packed variants of a
+    float source), a float copy of a GGUF's blocks if asked, and one quality line."""
+    from .variants import make_chat_variants, quick_quality, write_float_copy
+
+    source = import_with_progress(path, name, replace=replace)
+    if keep_float and source.manifest.get("quant"):
+        say(f"Installed {write_float_copy(source, replace=replace).ref} (the file's values as fp32)")
+    made = []
+    for entry in make_chat_variants(source, replace=replace):
+        say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
+        made.append(entry)
+    if made and _fits_twice(source):
+        q = quick_quality(source, made[-1])
+        say(f"{made[-1].ref} against {source.ref} on {q['tokens']} tokens: perplexity {q['ppl_reference']:.3f} -> "
+            f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), top-1 agreement {q['top1_agreement'] * 100:.1f}%")
+    return source
+
+
+def _fits_twice(source: store.ModelEntry) -> bool:
+    """Whether the quality line can load the source in fp32 beside a variant; says why not."""
+    import psutil
+    from model.args import ModelArgs
+
+    need = ModelArgs.from_dict(source.manifest["args"]).n_params * 4 * 3 // 2
+    if need < psutil.virtual_memory().available:
+        return True
+    say(f"Quality not measured: {source.ref} in fp32 needs more RAM than is free; "
+        f"`llamadesk eval` measures each variant on its own")
+    return False
+
+
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
     """Fetch a catalog model (the default one unless named) and install it as `name:source`."""
     default, catalog = pull.load_catalog()
@@ -348,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--name", help="store name (default: from the path)")
     p.add_argument("--force", action="store_true", help="replace an installed model of that name")
+    p.add_argument("--keep-float", action="store_true",
+                   help="a quantized GGUF: also install its values as plain fp32 (variant `float`)")
 
     p = sub.add_parser("quantize", help="pack an installed model to int8, int4 or nf4 (a new variant)")
     p.add_argument("ref", help="the model to pack (its source variant)")
@@ -429,7 +463,8 @@ def run(argv: list[str]) -> int:
     if command == "import":
         if not args.path.exists():
             raise UserError(f"{args.path}: no such file or folder")
-        import_with_progress(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force)
+        import_model(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force,
+                     keep_float=args.keep_float)
         return 0
     if command == "quantize":
         return quantize(args.ref, args.scheme, args.group_size, args.out, args.head, args.embeddings, args.force,

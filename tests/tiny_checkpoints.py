@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-LAYOUTS = ("hf", "hf-sharded", "meta", "meta-2shards", "gguf", "gguf-q8_0", "gguf-q4_0")
+LAYOUTS = ("hf", "hf-sharded", "meta", "meta-2shards", "gguf", "gguf-f16", "gguf-q8_0", "gguf-q4_0")
 
 DIM, N_LAYERS, N_HEADS, VOCAB = 64, 2, 4, 320
 MULTIPLE_OF = 32
@@ -181,7 +181,7 @@ def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- GGUF
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-               "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+               "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "F16": gguf.LlamaFileType.MOSTLY_F16}
 
 
 def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32") -> Path:
