@@ -17,8 +17,8 @@ Cost model (bytes resident once loaded and warmed up):
                The CPU: max(512 MiB, 10% of available RAM), since other programs share the RAM
                and the OS pages files in and out of it.
 
-Policy: the largest installed model first; for it (on a CPU, packed variants before the float
-source, which runs slower at the same context) the most bits that still allow the target
+Policy: the largest installed model first; for it (on a CPU, packed variants before the source,
+which runs slower at the same context) the most bits that still allow the target
 context (min of its trained context and 8192), and that context (`--ctx` asks for a longer one);
 where no variant reaches it, the longest context that fits, a multiple of 256, never below 2048
 (or the model's own maximum if smaller). The KV cache is kept in bf16
@@ -290,10 +290,11 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
 
 
 def _slow_float(c: Candidate, device: Device) -> bool:
-    """A full-precision variant where a packed one of the same model runs faster: any float copy
-    of a GGUF's blocks (variant "float"), and on a CPU a 16-bit source (its fp32 matmuls read
-    2-4x the bytes of int8 per token)."""
-    return c.variant == "float" or (device.kind == "cpu" and c.variant == "source" and c.bits >= 16)
+    """A variant that runs slower than a packed one of the same model: any float copy of a
+    GGUF's blocks (variant "float"), and on a CPU the source, whether float (its fp32 matmuls read
+    2-4x the bytes of int8 per token) or a GGUF's own blocks (dequantized in torch at every step,
+    no native kernel yet: ~30x slower than int4 on the default model)."""
+    return c.variant == "float" or (device.kind == "cpu" and c.variant == "source")
 
 
 def _rank(c: Candidate, device: Device) -> tuple:

@@ -22,7 +22,11 @@ def eager_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def _variant(home, variant: str):
-    if variant != "source" and not any(e.variant == variant for e in store.list_entries()):
+    if variant == "float" and not any(e.variant == variant for e in store.list_entries()):
+        from app.variants import write_float_copy
+
+        write_float_copy(store.find("smollm2-135m-instruct:source"))
+    elif variant != "source" and not any(e.variant == variant for e in store.list_entries()):
         from app.variants import quantize_variant
         from quant.quantize import QuantOptions
 
@@ -31,10 +35,11 @@ def _variant(home, variant: str):
 
 
 def test_fast_path_greedy_equals_eager(default_home, monkeypatch):
-    """fp32 source: the compiled decode step gives the same 64 greedy tokens as the Python blocks
-    and as the eager model (separate projections, every step re-reading the whole sequence)."""
+    """fp32 weights (the source's Q4_1 values, its :float copy): the compiled decode step gives the
+    same 64 greedy tokens as the Python blocks and as the eager model (separate projections,
+    every step re-reading the whole sequence)."""
     monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
-    entry = _variant(default_home, "source")
+    entry = _variant(default_home, "float")
     ids = load_tokenizer(entry.path).encode(PROMPT)
     model = load_model(entry, 256)
     assert model.fused_decode is not None  # the compiled step
