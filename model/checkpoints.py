@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -86,6 +88,7 @@ class Checkpoint:
     source_types: dict[str, str]  # Meta name -> stored type ("BF16", "F32", "Q4_1", ...), in load order
     tokenizer_files: list[Path] = field(default_factory=list)
     _read: Callable[[str], torch.Tensor] = field(default=None, repr=False, compare=False)
+    _release: Callable[[str], None] = field(default=lambda name: None, repr=False, compare=False)
 
     def tensor_names(self) -> list[str]:
         return list(self.source_types)
@@ -106,6 +109,8 @@ class Checkpoint:
             if shape != shapes[name]:  # the file changed since it was opened
                 raise CheckpointError(f"{self.path}: {name} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
             yield name, tensor
+            del tensor
+            self._release(name)
 
     def fingerprint(self) -> str:
         """A cheap, stable id of the source: the shape, and each file's name, size, first and last MiB."""
@@ -388,6 +393,7 @@ def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
     return Checkpoint(
         path=given or file, format="gguf", args=args, metadata=metadata, files=[file],
         source_types={name: by_name[name].tensor_type.name for name in order}, _read=read,
+        _release=lambda name: _release_gguf_pages(reader, by_name[name]),
     )
 
 
@@ -399,8 +405,27 @@ def _refuse_split(file: Path, metadata: dict) -> None:
 
 
 def _stored_gguf_tensor(file: Path, t, shape: tuple[int, ...]) -> torch.Tensor:
-    """A GGUF tensor as the file holds it (see Checkpoint.tensors), copied out of the mapping."""
-    data = np.array(t.data, copy=True)
+    """A GGUF tensor as the file holds it (see Checkpoint.tensors): a read-only view of the
+    file's mapping, no copy (a writer streams it out; nothing may write into it)."""
+    data = np.asarray(t.data)
+    with warnings.catch_warnings():  # torch warns that the array is not writable: it is not written
+        warnings.simplefilter("ignore", UserWarning)
+        return _stored_view(file, t, data, shape)
+
+
+def _release_gguf_pages(reader, t) -> None:
+    """Drop a tensor's pages from this process's resident memory once it has been read: the
+    mapping stays valid (a later read faults them back in from the page cache), but the file's
+    pages stop adding up in RSS as an import walks through a file of many GB."""
+    start = t.data_offset - t.data_offset % mmap.PAGESIZE
+    end = t.data_offset + t.n_bytes
+    try:
+        reader.data._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (AttributeError, OSError, ValueError):  # not a plain mmap, or no madvise here: RSS only
+        pass
+
+
+def _stored_view(file: Path, t, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     if t.tensor_type.name in ("F32", "F16"):
         return torch.from_numpy(data).reshape(shape)
     if t.tensor_type.name == "BF16":  # the reader gives BF16 as bytes

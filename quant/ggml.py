@@ -74,7 +74,7 @@ def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
 def _bits(b: torch.Tensor, shifts: int, width: int, group: int) -> torch.Tensor:
     """(n, m) bytes -> (n, m / group, shifts, group): field i of each byte is (byte >> i*width) & mask."""
     q = b.reshape(b.shape[0], -1, 1, group)
-    s = torch.arange(0, shifts * width, width, dtype=torch.uint8).reshape(1, 1, shifts, 1)
+    s = torch.arange(0, shifts * width, width, dtype=torch.uint8, device=b.device).reshape(1, 1, shifts, 1)
     return (q >> s) & ((1 << width) - 1)
 
 

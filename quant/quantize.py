@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from model.args import ModelArgs
 
@@ -208,10 +207,39 @@ class ShardWriter:
         if not self._shard:
             return
         fname = f"model-{len(self.files) + 1:05d}.safetensors"
-        meta = {"format": "pt", **self.metadata()}
-        save_file({k: v.contiguous() for k, v in self._shard.items()}, str(self.folder / fname), metadata=meta)
+        write_safetensors(self.folder / fname, self._shard, {"format": "pt", **self.metadata()})
         self.files.append(fname)
         self._shard, self._bytes = {}, 0
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+                       torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory.
+
+    safetensors' save_file first copies every tensor into one bytes object: the whole shard
+    twice in memory, three times when the tensors are views of a memory-mapped source (a GGUF's
+    blocks). Here the header goes first (8-byte little-endian length, JSON padded to 8 bytes),
+    then each tensor's bytes straight from the tensor, in the header's order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            t = t.contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_packed(folder: Path, stream, header: dict) -> tuple[list[str], dict, QuantReport]:
