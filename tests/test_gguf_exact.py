@@ -87,6 +87,29 @@ def test_the_stored_blocks_run_as_the_files_values(tmp_path, home, qtype, tied):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("table", ["F16", "Q6_K"])
+def test_a_tied_table_of_another_type_serves_as_the_head(tmp_path, home, table):
+    """Q4_K matrices with the table in F16 (kept fp16) or Q6_K (kept as blocks), tied."""
+    path = write_random_blocks_gguf(tmp_path / f"mix-{table}.gguf", "Q4_K", tied=True, table=table)
+    entry = import_checkpoint(path, "mix")
+    state = stored_tensors(entry)
+    layout = entry.manifest["quant"]["layout"]
+    if table == "F16":
+        assert state["tok_embeddings.weight"].dtype == torch.float16 and "tok_embeddings" not in layout
+    else:
+        assert layout["tok_embeddings"]["scheme"] == layout["output"]["scheme"] == "q6_k"
+    assert not any(k.startswith("output.") for k in state)
+    ckpt = open_checkpoint(path)
+    with torch.device("meta"):
+        reference = Transformer(ckpt.args)
+    load_state_dict_into(reference, ckpt)
+    reference.setup_caches(64)
+    tokens = torch.tensor([[1, 17, 250, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(load_model(entry, 64, fuse=False)(tokens, 0), reference(tokens, 0),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_a_float_gguf_stays_a_plain_float_source(tmp_path, home):
     from tiny_checkpoints import tiny_checkpoint
 

@@ -289,10 +289,12 @@ def random_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, int]) 
     return raw.reshape(N, K // block * size)
 
 
-def write_random_blocks_gguf(path: Path, qtype: str, tied: bool = False, seed: int = 0, split_count: int = 0) -> Path:
+def write_random_blocks_gguf(path: Path, qtype: str, tied: bool = False, seed: int = 0, split_count: int = 0,
+                             table: str | None = None) -> Path:
     """A 256-aligned llama GGUF (dim 256, FFN 512: K-quants need rows of 256) whose every matrix is
-    random `qtype` blocks with finite fp16 scales, norms in F32: a file llama.cpp would write for
-    this shape in `qtype`, without its quantizer."""
+    random `qtype` blocks with finite fp16 scales (the token table in `table`'s type if given,
+    "F16" included), norms in F32: a file llama.cpp would write for this shape, without its
+    quantizer."""
     c = LlamaConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=512, vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=tied,
                     max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -310,7 +312,11 @@ def write_random_blocks_gguf(path: Path, qtype: str, tied: bool = False, seed: i
     if not tied:
         mats["output.weight"] = (VOCAB, D)
     for name, shape in mats.items():
-        w.add_tensor(name, random_blocks(rng, qtype, shape), raw_dtype=t)
+        if name == "token_embd.weight" and table == "F16":  # as some quantized files keep their table
+            w.add_tensor(name, rng.normal(0, 0.02, size=shape).astype(np.float16))
+        else:
+            w.add_tensor(name, random_blocks(rng, table if name == "token_embd.weight" and table else qtype, shape),
+                         raw_dtype=gguf.GGMLQuantizationType[table] if name == "token_embd.weight" and table else t)
     for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
         w.add_tensor(name, rng.uniform(0.5, 1.5, size=D).astype(np.float32))
     return gguf_finish(w, path)
