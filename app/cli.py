@@ -137,10 +137,13 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("Packing", total=None)
 
+        packing = {"done": False}
+
         def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"Packing {what[:40]}")
-            if done == total:
-                bar.update(task, description="Measuring quality (perplexity, KL, top-1)")
+            if what == "done":
+                packing["done"] = True
+            verb = "Measuring quality" if packing["done"] and what != "done" else "Packing"
+            bar.update(task, completed=done, total=total, description=f"{verb}: {what[:40]}")
 
         entry = quantize_variant(ref, opts, out, replace=replace, progress=progress,
                                  report_tokens=REPORT_TOKENS if report else 0)
@@ -165,7 +168,11 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
 def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     from .variants import eval_model
 
-    entry, n, ppl = eval_model(ref, text, tokens, window)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"Loading {ref}", total=None)
+        entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: bar.update(
+            task, completed=done, total=total, description=f"Scoring tokens ({what})"))
     print(f"{entry.ref}: perplexity {ppl:.4f} over {n} tokens ({window}-token windows)")
     return 0
 

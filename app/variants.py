@@ -77,7 +77,7 @@ def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, repla
         store.write_json(tmp / store.MANIFEST, manifest)
         if report_tokens:
             packed = store.ModelEntry(name, tag, tmp, manifest)
-            report.quality = quality_report(source, packed, report_tokens)
+            report.quality = quality_report(source, packed, report_tokens, progress=progress)
         manifest["quant"]["report"] = report.to_dict()
         store.write_json(tmp / store.MANIFEST, manifest)
     return store.find(f"{name}:{tag}")
@@ -105,7 +105,8 @@ def text_ids(entry: store.ModelEntry, text: str | None, tokens: int) -> list[int
     return ids[:tokens]
 
 
-def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: int, window: int = 512) -> dict:
+def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: int, window: int = 512,
+                   progress: Progress = lambda d, t, w: None) -> dict:
     """The variant as it runs (bf16 kernels) against its source, and under it, as `weights_only`,
     the variant's own weights run with the source's fp32 arithmetic: what quantizing them costs.
 
@@ -119,7 +120,7 @@ def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: i
     ref_model = load_model(source, window)
     runtime = load_model(packed, window)
     weights = load_unpacked(packed, window)
-    as_run, weights_only = compare_all(ref_model, [runtime, weights], ids, window)
+    as_run, weights_only = compare_all(ref_model, [runtime, weights], ids, window, progress)
     return dict(as_run.to_dict(), weights_only=weights_only.to_dict())
 
 
@@ -137,8 +138,10 @@ def load_unpacked(entry: store.ModelEntry, ctx: int) -> Transformer:
     return model
 
 
-def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512) -> tuple[store.ModelEntry, int, float]:
-    """Perplexity of an installed variant on a text (default: Python's own English reference)."""
+def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512,
+               progress: Progress = lambda d, t, w: None) -> tuple[store.ModelEntry, int, float]:
+    """Perplexity of an installed variant on a text (default: Python's own English reference);
+    `progress(tokens scored, tokens, what)` after each window."""
     from .engine import load_model
 
     entry = store.find(ref)
@@ -151,7 +154,7 @@ def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512)
     ids = text_ids(entry, text, tokens)
     model = load_model(entry, min(window, len(ids)))
     with torch.inference_mode():
-        return entry, len(ids), perplexity(model, ids, window)
+        return entry, len(ids), perplexity(model, ids, window, progress)
 
 
 # ---------------------------------------------------------------- what an import adds

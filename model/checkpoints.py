@@ -414,13 +414,14 @@ def _stored_gguf_tensor(file: Path, t, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _release_gguf_pages(reader, t) -> None:
-    """Drop a tensor's pages from this process's resident memory once it has been read: the
-    mapping stays valid (a later read faults them back in from the page cache), but the file's
-    pages stop adding up in RSS as an import walks through a file of many GB."""
-    start = t.data_offset - t.data_offset % mmap.PAGESIZE
+    """Drop the file's pages up to the end of a tensor just read from this process's resident
+    memory: the mapping stays valid (a later read faults them back in from the page cache), but
+    the pages stop adding up in RSS as an import walks through a file of many GB. Everything up
+    to here, not the tensor alone: a writer that holds earlier tensors until its shard is full
+    reads them again then, and those pages go at the next release."""
     end = t.data_offset + t.n_bytes
     try:
-        reader.data._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        reader.data._mmap.madvise(mmap.MADV_DONTNEED, 0, end)
     except (AttributeError, OSError, ValueError):  # not a plain mmap, or no madvise here: RSS only
         pass
 

@@ -77,3 +77,13 @@ def test_the_tokenizer_check_is_a_user_error(tmp_path, home, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") <= 1 and "the tokenizer has 320 tokens but the embedding only 300 rows" in " ".join(err.split())
     assert store.list_entries() == []
+
+
+def test_eval_reports_its_progress_window_by_window(tmp_path, home):
+    path, _ = tiny_checkpoint(tmp_path, "gguf-q8_0")
+    import_checkpoint(path, "q80")
+    seen = []
+    _, n, ppl = eval_model("q80", None, 100, 32, progress=lambda done, total, what: seen.append((done, total)))
+    assert n == 100 and ppl > 1
+    # before each 32-token window, then done; a window scores all its tokens but the first
+    assert seen == [(0, 96), (31, 96), (62, 96), (93, 96), (96, 96)]
