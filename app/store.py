@@ -25,7 +25,7 @@ import platformdirs
 from .errors import UserError
 
 MANIFEST = "llamadesk.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: GGUF sources keep their blocks (quant.ggml); version 1 entries still load
 SOURCE = "source"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 

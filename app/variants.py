@@ -14,9 +14,10 @@ from model.args import ModelArgs
 from model.model import Transformer
 from model.tokenizer import load_tokenizer
 from quant.formats import FORMAT_VERSION
+from quant.ggml import dequantize_rows
 from quant.linear import swap_linears
 from quant.quality import compare_all, default_text, perplexity, run_unpacked
-from quant.quantize import QuantOptions, quantize_stream, write_packed
+from quant.quantize import QuantOptions, ShardWriter, quantize_stream, write_packed
 
 from . import store
 from .devices import release_freed_memory
@@ -27,12 +28,15 @@ Progress = Callable[[int, int, str], None]
 
 
 def source_tensors(entry: store.ModelEntry):
-    """An entry's tensors one at a time, memory-mapped (the quantizer reads its source so).
+    """An entry's tensors one at a time, memory-mapped (the quantizer reads its source so);
+    a source kept as GGUF blocks gives each weight's dequantized fp32 values as `<module>.weight`.
 
     A handle (or any tensor from it) keeps the whole file mapped, and every page read stays in
     RSS while it is: a handle per tensor lets the pages of packed tensors go (measured on a 1B
     model: 2.0 GiB of a shard stayed resident with one handle per file).
     """
+    quant = entry.manifest.get("quant") or {}
+    exact, layout = quant.get("exact", False), quant.get("layout", {})
     for fname in entry.manifest["weights"]:
         path = str(entry.path / fname)
         with safe_open(path, framework="pt") as f:
@@ -40,7 +44,11 @@ def source_tensors(entry: store.ModelEntry):
         for k in keys:
             with safe_open(path, framework="pt") as f:
                 tensor = f.get_tensor(k)
-            yield k, tensor
+            module = k[: -len(".blocks")]
+            if exact and module in layout:
+                yield f"{module}.weight", dequantize_rows(tensor, layout[module]["scheme"])
+            else:
+                yield k, tensor
             del tensor
 
 
@@ -48,7 +56,7 @@ def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, repla
                      progress: Progress = lambda d, t, w: None, report_tokens: int = REPORT_TOKENS) -> store.ModelEntry:
     name, variant = store.parse_ref(ref)
     source = store.find(f"{name}:{variant or store.SOURCE}")
-    if source.manifest.get("quant"):
+    if source.manifest.get("quant") and not source.manifest["quant"].get("exact"):
         raise UserError(f"{source.ref} is already packed ({source.manifest['quant']['scheme']}); quantize the source")
     tag = out or opts.scheme
     if tag == store.SOURCE:
@@ -62,19 +70,23 @@ def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, repla
         stream = quantize_stream(source_tensors(source), args, opts, n, progress,
                                  source.manifest["source"].get("types"))
         files, layout, report = write_packed(tmp, stream, header)
-        for f in source.path.iterdir():
-            if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
-                shutil.copyfile(f, tmp / f.name)
+        _copy_tokenizer(source, tmp)
         manifest = dict(source.manifest, variant=tag, weights=files,
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         quant=dict(header, layout=layout))
         store.write_json(tmp / store.MANIFEST, manifest)
         if report_tokens:
             packed = store.ModelEntry(name, tag, tmp, manifest)
-            report.quality = quality_report(source, packed, report_tokens)
+            report.quality = quality_report(source, packed, report_tokens, progress=progress)
         manifest["quant"]["report"] = report.to_dict()
         store.write_json(tmp / store.MANIFEST, manifest)
     return store.find(f"{name}:{tag}")
+
+
+def _copy_tokenizer(source: store.ModelEntry, folder: Path) -> None:
+    for f in source.path.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copyfile(f, folder / f.name)
 
 
 def _tensor_names(entry: store.ModelEntry) -> list[str]:
@@ -93,7 +105,8 @@ def text_ids(entry: store.ModelEntry, text: str | None, tokens: int) -> list[int
     return ids[:tokens]
 
 
-def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: int, window: int = 512) -> dict:
+def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: int, window: int = 512,
+                   progress: Progress = lambda d, t, w: None) -> dict:
     """The variant as it runs (bf16 kernels) against its source, and under it, as `weights_only`,
     the variant's own weights run with the source's fp32 arithmetic: what quantizing them costs.
 
@@ -107,7 +120,7 @@ def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: i
     ref_model = load_model(source, window)
     runtime = load_model(packed, window)
     weights = load_unpacked(packed, window)
-    as_run, weights_only = compare_all(ref_model, [runtime, weights], ids, window)
+    as_run, weights_only = compare_all(ref_model, [runtime, weights], ids, window, progress)
     return dict(as_run.to_dict(), weights_only=weights_only.to_dict())
 
 
@@ -125,8 +138,10 @@ def load_unpacked(entry: store.ModelEntry, ctx: int) -> Transformer:
     return model
 
 
-def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512) -> tuple[store.ModelEntry, int, float]:
-    """Perplexity of an installed variant on a text (default: Python's own English reference)."""
+def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512,
+               progress: Progress = lambda d, t, w: None) -> tuple[store.ModelEntry, int, float]:
+    """Perplexity of an installed variant on a text (default: Python's own English reference);
+    `progress(tokens scored, tokens, what)` after each window."""
     from .engine import load_model
 
     entry = store.find(ref)
@@ -139,4 +154,61 @@ def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512)
     ids = text_ids(entry, text, tokens)
     model = load_model(entry, min(window, len(ids)))
     with torch.inference_mode():
-        return entry, len(ids), perplexity(model, ids, window)
+        return entry, len(ids), perplexity(model, ids, window, progress)
+
+
+# ---------------------------------------------------------------- what an import adds
+FLOAT_COPY = "float"
+QUICK_TOKENS = 256  # the import's quality line: a few seconds on a small model, under 2 min on an 8B
+
+
+def write_float_copy(source: store.ModelEntry, replace: bool = False,
+                     progress: Progress = lambda d, t, w: None) -> store.ModelEntry:
+    """`name:float` beside a source kept as GGUF blocks: its exact values as plain float tensors,
+    fp32 (a block's d * q - m needs more than fp16's or bf16's mantissa), written tensor by tensor."""
+    quant = source.manifest.get("quant") or {}
+    if not quant.get("exact"):
+        raise UserError(f"{source.ref} is already a float source; it needs no float copy")
+    names = _tensor_names(source)
+    with store.staging(source.name, FLOAT_COPY, replace=replace) as tmp:
+        writer = ShardWriter(tmp)
+        for i, (name, tensor) in enumerate(source_tensors(source)):
+            progress(i, len(names), name)
+            writer.add({name: tensor.float() if tensor.is_floating_point() else tensor})
+        writer.flush()
+        _copy_tokenizer(source, tmp)
+        manifest = {k: v for k, v in source.manifest.items() if k != "quant"}
+        manifest.update(variant=FLOAT_COPY, weights=writer.files,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        store.write_json(tmp / store.MANIFEST, manifest)
+    return store.find(f"{source.name}:{FLOAT_COPY}")
+
+
+def chat_variants(args: ModelArgs) -> list[str]:
+    """The packed variants an import of a float source makes, so it is ready to chat as a pull is:
+    int8 always, int4 too above 3B parameters (where int8 is slow on most machines)."""
+    return ["int8", "int4"] if args.n_params > 3e9 else ["int8"]
+
+
+def make_chat_variants(source: store.ModelEntry, replace: bool = False,
+                       progress: Progress = lambda d, t, w: None) -> list[store.ModelEntry]:
+    """Pack `chat_variants` of a float source (a source kept as GGUF blocks already is packed)."""
+    if source.manifest.get("quant"):
+        return []
+    args = ModelArgs.from_dict(source.manifest["args"])
+    return [quantize_variant(source.ref, QuantOptions(s), replace=replace, progress=progress, report_tokens=0)
+            for s in chat_variants(args)]
+
+
+def quick_quality(source: store.ModelEntry, packed: store.ModelEntry, tokens: int = QUICK_TOKENS) -> dict:
+    """The variant as it runs against its source on `tokens` tokens of the reference text, one
+    model pair in memory: perplexity both ways, KL, top-1 (quant.quality.Comparison.to_dict)."""
+    from .engine import load_model
+
+    ids = text_ids(source, None, tokens)
+    window = min(tokens, len(ids))
+    ref_model = load_model(source, window)
+    runtime = load_model(packed, window)
+    with torch.inference_mode():
+        (result,) = compare_all(ref_model, [runtime], ids, window)
+    return result.to_dict()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -33,7 +33,6 @@ class ModelArgs:
     tie_embeddings: bool = False
     max_seq_len: int = 4096
     head_dim: int = 0  # 0 means dim // n_heads
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.head_dim:

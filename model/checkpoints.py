@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import gguf
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
@@ -67,6 +70,10 @@ _GGUF_NAMES = {
 # column-parallel layers by output rows, row-parallel ones by input columns; norms are replicated.
 _META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
+# the GGUF types a checkpoint may hold: floats, and the block types quant.ggml keeps as they are
+GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+
 _TORCH_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -81,18 +88,29 @@ class Checkpoint:
     source_types: dict[str, str]  # Meta name -> stored type ("BF16", "F32", "Q4_1", ...), in load order
     tokenizer_files: list[Path] = field(default_factory=list)
     _read: Callable[[str], torch.Tensor] = field(default=None, repr=False, compare=False)
+    _release: Callable[[str], None] = field(default=lambda name: None, repr=False, compare=False)
 
     def tensor_names(self) -> list[str]:
         return list(self.source_types)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Meta name, tensor) one at a time: HF and Meta in their stored dtype, GGUF as float32."""
+    def tensors(self, stored: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Meta name, tensor) one at a time: HF and Meta in their stored dtype, GGUF as float32.
+
+        `stored`: GGUF tensors as the file holds them, never widened: F32 / F16 / BF16 in their
+        own dtype, a block type (source_types[name], e.g. "Q4_K") as its raw bytes, a
+        (N, K / block_size * type_size) uint8 tensor (quant.ggml reads them).
+        """
         shapes = expected_shapes(self.args)
         for name in self.source_types:
-            tensor = self._read(name)
-            if tuple(tensor.shape) != shapes[name]:  # the file changed since it was opened
+            tensor = self._read(name, stored)
+            shape = tuple(tensor.shape)
+            if tensor.dtype == torch.uint8:  # raw blocks (read checked the bytes per row): rows
+                shape = shape[:1] + shapes[name][1:]
+            if shape != shapes[name]:  # the file changed since it was opened
                 raise CheckpointError(f"{self.path}: {name} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
             yield name, tensor
+            del tensor
+            self._release(name)
 
     def fingerprint(self) -> str:
         """A cheap, stable id of the source: the shape, and each file's name, size, first and last MiB."""
@@ -210,7 +228,7 @@ def _open_hf(folder: Path) -> Checkpoint:
             types[name] = dtype
     order = _check_shapes(folder, args, found, "config.json")
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, stored: bool = False) -> torch.Tensor:
         file, hf_name = located[name]
         with safe_open(file, framework="pt") as f:
             w = f.get_tensor(hf_name)
@@ -281,7 +299,7 @@ def _open_meta(folder: Path) -> Checkpoint:
         types[name] = _TORCH_DTYPE_NAMES.get(shards[0][name].dtype, str(shards[0][name].dtype))
     order = _check_shapes(folder, args, found, "params.json")
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, stored: bool = False) -> torch.Tensor:
         if split[name] is None:
             return shards[0][name]
         return torch.cat([s[name] for s in shards], dim=split[name])
@@ -332,9 +350,13 @@ def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
     if arch != "llama":
         raise CheckpointError(f"{file}: architecture {arch} is not supported; llamadesk runs LLaMA models ('llama')")
 
+    _refuse_split(file, metadata)
     by_name: dict[str, gguf.ReaderTensor] = {}
     rope_freqs = None
     for t in reader.tensors:
+        if t.tensor_type.name not in GGUF_TYPES:
+            raise CheckpointError(f"{file}: {t.name} is {t.tensor_type.name}, a type llamadesk does not hold "
+                                  f"(it holds {', '.join(GGUF_TYPES)})")
         if t.name == "rope_freqs.weight":
             rope_freqs = t
             continue
@@ -355,8 +377,10 @@ def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
     found = {name: (tuple(int(n) for n in reversed(t.shape)), f"{file} ({t.name})") for name, t in by_name.items()}
     order = _check_shapes(file, args, found, "its metadata")
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, stored: bool = False) -> torch.Tensor:
         t = by_name[name]
+        if stored:
+            return _stored_gguf_tensor(file, t, found[name][0])
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -370,7 +394,50 @@ def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
     return Checkpoint(
         path=given or file, format="gguf", args=args, metadata=metadata, files=[file],
         source_types={name: by_name[name].tensor_type.name for name in order}, _read=read,
+        _release=lambda name: _release_gguf_pages(reader, by_name[name]),
     )
+
+
+def _refuse_split(file: Path, metadata: dict) -> None:
+    count = metadata.get("split.count", 1)
+    if count > 1 or _SPLIT_NAME.search(file.name):
+        raise CheckpointError(f"{file}: is one part of a split GGUF ({count if count > 1 else 'several'} parts); "
+                              "join them first with llama.cpp's `llama-gguf-split --merge`")
+
+
+def _stored_gguf_tensor(file: Path, t, shape: tuple[int, ...]) -> torch.Tensor:
+    """A GGUF tensor as the file holds it (see Checkpoint.tensors): a read-only view of the
+    file's mapping, no copy (a writer streams it out; nothing may write into it)."""
+    data = np.asarray(t.data)
+    with warnings.catch_warnings():  # torch warns that the array is not writable: it is not written
+        warnings.simplefilter("ignore", UserWarning)
+        return _stored_view(file, t, data, shape)
+
+
+def _release_gguf_pages(reader, t) -> None:
+    """Drop the file's pages up to the end of a tensor just read from this process's resident
+    memory: the mapping stays valid (a later read faults them back in from the page cache), but
+    the pages stop adding up in RSS as an import walks through a file of many GB. Everything up
+    to here, not the tensor alone: a writer that holds earlier tensors until its shard is full
+    reads them again then, and those pages go at the next release."""
+    end = t.data_offset + t.n_bytes
+    try:
+        reader.data._mmap.madvise(mmap.MADV_DONTNEED, 0, end)
+    except (AttributeError, OSError, ValueError):  # not a plain mmap, or no madvise here: RSS only
+        pass
+
+
+def _stored_view(file: Path, t, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    if t.tensor_type.name in ("F32", "F16"):
+        return torch.from_numpy(data).reshape(shape)
+    if t.tensor_type.name == "BF16":  # the reader gives BF16 as bytes
+        return torch.from_numpy(data).view(torch.bfloat16).reshape(shape)
+    block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    row = shape[-1] // block * size
+    if len(shape) != 2 or shape[-1] % block or data.size != shape[0] * row:
+        raise CheckpointError(f"{file}: {t.name} holds {data.size} bytes, which is not {shape} in "
+                              f"{t.tensor_type.name} blocks (truncated?)")
+    return torch.from_numpy(data).reshape(shape[0], row)
 
 
 def _llama31_scaling(file: Path, args: ModelArgs, rope_freqs, original: int | None) -> dict:

@@ -19,6 +19,10 @@ Safetensors keys, for a weight whose module is `<name>` (e.g. `layers.0.attentio
                           own key names: absmax, quant_map, nested_absmax, nested_quant_map and
                           quant_state.bitsandbytes__nf4 (its non-tensor fields as a uint8 blob)
 
+GGUF block types (q4_0 ... q6_k, see quant.ggml) are kept as the file's own bytes:
+
+    q4_k  <name>.blocks   uint8   (N, K / 256 * 144)  and likewise for each type in GGUF_SCHEMES
+
 The group size and shape follow from the tensors' shapes (int8, int4) or from the QuantState
 (nf4); the scheme itself is not guessed from keys or dtypes: the writer records
 `Packed.metadata()` per weight in the file's metadata, with `FORMAT_VERSION`.
@@ -39,7 +43,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-FORMAT_VERSION = 1
+from .ggml import GGUF_SCHEMES, dequantize_rows
+
+# 2: GGUF block types kept as they are (quant.ggml); version 1 files hold a subset and still load
+FORMAT_VERSION = 2
 SCHEMES = ("int8", "int4", "nf4")
 INT4_GROUP_SIZES = (32, 64, 128)
 GGUF_BLOCK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
@@ -68,10 +75,10 @@ class Packed:
         prefix = name + "."
         tensors = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         needed = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "mins")}
-        for suffix in needed.get(scheme, ("qweight",)):
+        for suffix in needed.get(scheme, ("blocks",) if scheme in GGUF_SCHEMES else ("qweight",)):
             if suffix not in tensors:
                 raise ValueError(f"{prefix}{suffix} is missing for an {scheme} weight")
-        qweight = tensors["qweight"]
+        qweight = tensors.get("qweight", tensors.get("blocks"))
         if scheme == "int8":
             N, K = qweight.shape
             return cls("int8", (N, K), K // tensors["scales"].shape[1], tensors)
@@ -81,6 +88,9 @@ class Packed:
         if scheme == "nf4":
             state = nf4_quant_state(tensors)
             return cls("nf4", tuple(state.shape), state.blocksize, tensors)
+        if scheme in GGUF_SCHEMES:
+            block, size = GGUF_SCHEMES[scheme]
+            return cls(scheme, (qweight.shape[0], qweight.shape[1] // size * block), block, tensors)
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
 
 
@@ -121,6 +131,8 @@ def unpack(p: Packed) -> torch.Tensor:
         return unpack_int4(p)
     if p.scheme == "nf4":
         return unpack_nf4(p)
+    if p.scheme in GGUF_SCHEMES:
+        return dequantize_rows(p.tensors["blocks"], p.scheme)
     raise ValueError(f"unknown scheme {p.scheme!r}; expected one of {SCHEMES}")
 
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .formats import INT4_GROUP_SIZES, Packed, choose_int4_group, nf4_quant_state, unpack_int8, unpack_nibbles
+from .ggml import GGUF_SCHEMES, dequantize_rows, row_bytes
 
 FLOAT_SCHEMES = ("fp32", "bf16")  # names a precision map may use for "leave it as it is"
 _NOT_PREPARED = "{} is not prepared: call repack_for_device(model, device) after loading"
@@ -409,10 +410,84 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
             raise ValueError(f"dense weight in {mod.weight.dtype}")
         return PreparedWeights("dense", mod.weight.detach().contiguous(), None, K, N, K)
     raise ValueError(f"{type(mod).__name__} has no fused kernel")
+# ---------------------------------------------------------------- GGUF block types
+class GGUFLinear(nn.Module):
+    """y = x W^T with W kept as a GGUF file's own blocks (quant.ggml: "q4_k", "q6_k", ...).
+
+    No native kernel yet: each call dequantizes the weight a block of rows at a time into the
+    activations' dtype (fp32 when precise) and multiplies, so memory stays one block of rows.
+    """
+
+    ROW_BLOCK_BYTES = 16 << 20  # the dequantized rows held at once
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.register_buffer("blocks", torch.empty(out_features, row_bytes(scheme, in_features),
+                                                   dtype=torch.uint8, device=device))
+        self.kernel = ""  # set by prepare: "dequant"
+
+    def prepare(self, device, precise: bool = False) -> None:
+        self.precise = precise
+        self.blocks = self.blocks.to(device)
+        self.kernel = "dequant"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.kernel:
+            raise RuntimeError(_NOT_PREPARED.format("GGUFLinear"))
+        x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+        if self.precise:
+            x2 = x2.float()
+        rows = max(1, self.ROW_BLOCK_BYTES // (self.in_features * 4))
+        parts = [F.linear(x2, dequantize_rows(self.blocks[i : i + rows], self.scheme).to(x2.dtype))
+                 for i in range(0, self.out_features, rows)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B*T, N)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}"
+
+
+class GGUFEmbedding(nn.Module):
+    """Token embeddings kept as GGUF blocks: a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: str,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.scheme = num_embeddings, embedding_dim, scheme
+        self.dtype = dtype  # the activations' dtype downstream starts here
+        self.register_buffer("blocks", torch.empty(num_embeddings, row_bytes(scheme, embedding_dim),
+                                                   dtype=torch.uint8, device=device))
+
+    def prepare(self, device, precise: bool = False) -> None:
+        self.blocks = self.blocks.to(device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks[tokens]  # (B, T, row_bytes)
+        return dequantize_rows(rows, self.scheme).to(self.dtype)  # (B, T, D)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}, {self.dtype}"
+
+
+def _gguf_module(name: str, scheme: str, old: nn.Module, embedding_dtype: torch.dtype) -> nn.Module:
+    if isinstance(old, nn.Embedding):
+        return GGUFEmbedding(old.num_embeddings, old.embedding_dim, scheme, embedding_dtype, device="meta")
+    if not isinstance(old, nn.Linear) or old.bias is not None:
+        raise ValueError(f"{name}: {scheme} blocks stand for an nn.Linear without bias or an nn.Embedding")
+    return GGUFLinear(old.in_features, old.out_features, scheme, device="meta")
+
+
+def tie_output(state: dict[str, torch.Tensor]) -> None:
+    """A tied model stored without its head: the head reads the embedding's own tensors
+    (`output.blocks` is `tok_embeddings.blocks`, or `.weight` for a float table)."""
+    if not any(k.startswith("output.") for k in state):
+        table = "tok_embeddings."
+        state.update({"output." + k[len(table):]: v for k, v in list(state.items()) if k.startswith(table)})
 
 
 # ---------------------------------------------------------------- swapping
-PACKED_MODULES = (Int8Linear, Int4Linear, NF4Linear, Int8Embedding, Fp16Linear)
+PACKED_MODULES = (Int8Linear, Int4Linear, NF4Linear, Int8Embedding, Fp16Linear, GGUFLinear, GGUFEmbedding)
 
 
 def swap_linears(
@@ -424,7 +499,8 @@ def swap_linears(
     """Replace each module named in `precision_map` with an empty packed module on `meta`.
 
     `precision_map` maps module names ("layers.0.attention.wq", "output", "tok_embeddings") to
-    "int8", "int4", "nf4", or a float name in FLOAT_SCHEMES (left alone). nn.Linear (no bias)
+    "int8", "int4", "nf4", a GGUF block type of quant.ggml ("q4_k", ...), or a float name in
+    FLOAT_SCHEMES (left alone). nn.Linear (no bias)
     takes any packed scheme; nn.Embedding only "int8". A tied output head is a separate module,
     so it is swapped (and stored) on its own whether or not the embedding is.
 
@@ -448,6 +524,8 @@ def swap_linears(
 
 
 def _packed_module(name, scheme, old, group_size, embedding_dtype) -> nn.Module:
+    if scheme in GGUF_SCHEMES:
+        return _gguf_module(name, scheme, old, embedding_dtype)
     exact = group_size.get(name) if isinstance(group_size, Mapping) else None
     wanted = group_size if isinstance(group_size, int) else 32
     if isinstance(old, nn.Embedding):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -59,12 +59,19 @@ def window_logits(model, chunk: torch.Tensor) -> torch.Tensor:
     return model(chunk, 0)[0].float()
 
 
-def perplexity(model, ids: list[int], window: int = 512) -> float:
+Progress = Callable[[int, int, str], None]  # (tokens scored, tokens in all, what)
+
+
+def perplexity(model, ids: list[int], window: int = 512, progress: Progress = lambda d, t, w: None) -> float:
     nll, n = 0.0, 0
-    for chunk in windows(ids, window):
+    chunks = list(windows(ids, window))
+    total = sum(c.shape[1] - 1 for c in chunks)  # each window predicts all its tokens but the first
+    for chunk in chunks:
+        progress(n, total, "perplexity")
         logits = window_logits(model, chunk)
         nll += F.cross_entropy(logits[:-1], chunk[0, 1:], reduction="sum").item()
         n += chunk.shape[1] - 1
+    progress(n, total, "perplexity")
     return math.exp(nll / n)
 
 
@@ -73,11 +80,15 @@ def compare(reference, candidate, ids: list[int], window: int = 512) -> Comparis
     return compare_all(reference, [candidate], ids, window)[0]
 
 
-def compare_all(reference, candidates: list, ids: list[int], window: int = 512) -> list[Comparison]:
+def compare_all(reference, candidates: list, ids: list[int], window: int = 512,
+                progress: Progress = lambda d, t, w: None) -> list[Comparison]:
     """`compare` for several candidates against one reference, which runs once per window."""
     nll_ref, n = 0.0, 0
     nll, kl, agree = [0.0] * len(candidates), [0.0] * len(candidates), [0] * len(candidates)
-    for chunk in windows(ids, window):
+    chunks = list(windows(ids, window))
+    total = sum(c.shape[1] - 1 for c in chunks)
+    for chunk in chunks:
+        progress(n, total, "perplexity, KL, top-1")
         targets = chunk[0, 1:]
         ref = window_logits(reference, chunk)[:-1]  # (T-1, V)
         nll_ref += F.cross_entropy(ref, targets, reduction="sum").item()
@@ -89,6 +100,7 @@ def compare_all(reference, candidates: list, ids: list[int], window: int = 512) 
             kl[i] += F.kl_div(F.log_softmax(cand, -1), ref_logp, log_target=True, reduction="sum").item()
             agree[i] += int((ref_top == cand.argmax(-1)).sum())
         n += len(targets)
+    progress(n, total, "perplexity, KL, top-1")
     return [Comparison(n, math.exp(nll_ref / n), math.exp(nll[i] / n), kl[i] / n, agree[i] / n)
             for i in range(len(candidates))]
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from model.args import ModelArgs
 
@@ -187,41 +186,81 @@ def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], args: ModelArgs
     progress(total, total, "done")
 
 
+class ShardWriter:
+    """Tensors into model-NNNNN.safetensors files of about `shard_bytes` each, every file written
+    as soon as it is full (so at most one shard is in memory), its metadata asked of `metadata()`
+    at that moment. `files` lists the names written, in order."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES, metadata: Callable[[], dict] = dict):
+        self.folder, self.shard_bytes, self.metadata = Path(folder), shard_bytes, metadata
+        self.files: list[str] = []
+        self._shard: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+
+    def add(self, entries: dict[str, torch.Tensor]) -> None:
+        self._shard.update(entries)
+        self._bytes += sum(t.numel() * t.element_size() for t in entries.values())
+        if self._bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._shard:
+            return
+        fname = f"model-{len(self.files) + 1:05d}.safetensors"
+        write_safetensors(self.folder / fname, self._shard, {"format": "pt", **self.metadata()})
+        self.files.append(fname)
+        self._shard, self._bytes = {}, 0
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+                       torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory.
+
+    safetensors' save_file first copies every tensor into one bytes object: the whole shard
+    twice in memory, three times when the tensors are views of a memory-mapped source (a GGUF's
+    blocks). Here the header goes first (8-byte little-endian length, JSON padded to 8 bytes),
+    then each tensor's bytes straight from the tensor, in the header's order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            t = t.contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def write_packed(folder: Path, stream, header: dict) -> tuple[list[str], dict, QuantReport]:
     """Write the stream into shards; every shard's metadata carries the whole header."""
-    files, layout, report = [], {}, QuantReport()
-    shard, shard_bytes = {}, 0
-    pending = []
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            fname = f"model-{len(files) + 1:05d}.safetensors"
-            pending.append((fname, shard))
-            files.append(fname)
-            shard, shard_bytes = {}, 0
-
+    layout, report = {}, QuantReport()
+    writer = ShardWriter(folder, metadata=lambda: shard_metadata(layout, header))
     for entries, meta, row in stream:
         layout.update(meta)
         if row is not None:
             report.tensors.append(row)
-        shard.update(entries)
-        shard_bytes += sum(t.numel() * t.element_size() for t in entries.values())
-        # written as soon as it is full, before the next tensor is packed beside it
-        if shard_bytes >= SHARD_BYTES:
-            flush()
-            _save(folder, pending, header, layout)
-    flush()
-    _save(folder, pending, header, layout)
-    return files, layout, report
+        writer.add(entries)  # written as soon as it is full, before the next tensor is packed beside it
+    writer.flush()
+    return writer.files, layout, report
 
 
-def _save(folder: Path, pending: list, header: dict, layout: dict) -> None:
-    meta = {"format": "pt", "llamadesk_format_version": str(FORMAT_VERSION),
-            "llamadesk_quant": json.dumps(header), "llamadesk_layout": json.dumps(layout)}
-    while pending:
-        fname, tensors = pending.pop(0)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / fname), metadata=meta)
+def shard_metadata(layout: dict, header: dict | None = None) -> dict[str, str]:
+    """What a packed shard's safetensors metadata records: format version, header, layout so far."""
+    meta = {"llamadesk_format_version": str(FORMAT_VERSION), "llamadesk_layout": json.dumps(layout)}
+    if header is not None:
+        meta["llamadesk_quant"] = json.dumps(header)
+    return meta
 
 
 def dequantized(packed_entries: dict[str, torch.Tensor], module: str, scheme: str) -> torch.Tensor:

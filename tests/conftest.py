@@ -30,7 +30,7 @@ def default_gguf() -> Path:
 def default_home() -> Path:
     """A LLAMADESK_HOME, cached per machine, holding the default model as `pull` installs it."""
     from app import store
-    from app.cli import pull_model
+    from app.pull import pull_model
 
     home = pull.cache_dir() / f"test-home-v{store.FORMAT_VERSION}"
     with pytest.MonkeyPatch.context() as mp:

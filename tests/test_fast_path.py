@@ -22,7 +22,11 @@ PACKED_TOL = 0.65
 
 
 def _variant(home, variant: str):
-    if variant != "source" and not any(e.variant == variant for e in store.list_entries()):
+    if variant == "float" and not any(e.variant == variant for e in store.list_entries()):
+        from app.variants import write_float_copy
+
+        write_float_copy(store.find("smollm2-135m-instruct:source"))
+    elif variant != "source" and not any(e.variant == variant for e in store.list_entries()):
         from app.variants import quantize_variant
         from quant.quantize import QuantOptions
 
@@ -31,11 +35,12 @@ def _variant(home, variant: str):
 
 
 def test_fast_path_follows_the_eager_model(default_home, monkeypatch):
-    """fp32 source: the compiled decode step and the Python blocks against the eager model
+    """fp32 weights (the source's Q4_1 values, its :float copy): the compiled decode step and the
+    Python blocks against the eager model
     (separate projections, the whole sequence in one causal pass), by the
     rule of tests/agreement.py over 64 greedy tokens."""
     monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
-    entry = _variant(default_home, "source")
+    entry = _variant(default_home, "float")
     ids = load_tokenizer(entry.path).encode(PROMPT)
     model = load_model(entry, 256)
     decoder = choose_decoder(model)

@@ -86,10 +86,11 @@ def test_sizes_parse_like_people_write_them():
     # reach the target win (source fp32 on 1.5 GiB would hold only ~1000 tokens, int8 all 8192).
     # Scenarios 5, 9 and 21 fix a float KV cache: left to choose, the plan takes int8 there
     # (test_an_int8_kv_cache_is_used_where_float_falls_short)
-    (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192)),
+    # on a CPU a packed variant wins over the float source, which runs slower at the same context
+    (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:int8", 8192)),
     (cpu(1.5), {"smollm2-135m": ("source", "int8", "int4")}, {}, ("smollm2-135m:int8", 8192)),
     (cpu(24), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int8", 8192)),
-    (cpu(64), {"llama3-8b": ALL}, {}, ("llama3-8b:source", 8192)),
+    (cpu(64), {"llama3-8b": ALL}, {}, ("llama3-8b:int8", 8192)),
     (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 6400)),
     # 6-9: small GPUs
     (gpu(4), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192)),
@@ -109,7 +110,7 @@ def test_sizes_parse_like_people_write_them():
     (gpu(80), {"llama3-8b": ALL, "llama3-70b": ALL}, {"model": "llama3-8b"}, ("llama3-8b:source", 8192)),
     (gpu(24), {"llama3-8b": ALL}, {"variant": "int4"}, ("llama3-8b:int4", 8192)),
     (gpu(24), {"llama3-8b": ALL}, {"ctx": 4096}, ("llama3-8b:source", 4096)),
-    (cpu(24), {"smollm2-135m": ALL}, {"ctx": 2048}, ("smollm2-135m:source", 2048)),
+    (cpu(24), {"smollm2-135m": ALL}, {"ctx": 2048}, ("smollm2-135m:int8", 2048)),
     # 21-22: the CPU skips NF4, which bitsandbytes runs ~8x slower than int4 there
     (cpu(7), {"llama3-8b": ("int4", "nf4")}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 2816)),
     (cpu(24), {"llama3-8b": ("nf4",)}, {}, (None, "no installed model can run on cpu")),
@@ -190,12 +191,12 @@ def planned(device, spec, **fixed):
     # not needed: the largest model reaches its target with a bf16 cache (fp32 would not: 6400)
     (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int4", 8192, "bf16")),
     (gpu(48), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192, "bf16")),
-    (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192, "bf16")),
+    (cpu(24), {"smollm2-135m": ALL}, {}, ("smollm2-135m:int8", 8192, "bf16")),
     # what the user fixed is kept, either way
-    (cpu(24), {"smollm2-135m": ALL}, {"kv_dtype": "int8"}, ("smollm2-135m:source", 8192, "int8")),
+    (cpu(24), {"smollm2-135m": ALL}, {"kv_dtype": "int8"}, ("smollm2-135m:int8", 8192, "int8")),
     (gpu(24), {"llama3-8b": ALL}, {"kv_dtype": "int8", "ctx": 4096}, ("llama3-8b:source", 4096, "int8")),
     (gpu(5.5), {"llama2-7b": ALL, "smollm2-135m": ALL}, {"kv_dtype": "bf16"}, ("smollm2-135m:source", 8192, "bf16")),
-    (cpu(24), {"smollm2-135m": ALL}, {"kv_dtype": "fp16"}, ("smollm2-135m:source", 8192, "fp16")),
+    (cpu(24), {"smollm2-135m": ALL}, {"kv_dtype": "fp16"}, ("smollm2-135m:int8", 8192, "fp16")),
 ])
 def test_an_int8_kv_cache_is_used_where_float_falls_short(device, spec, fixed, expected):
     assert planned(device, spec, **fixed) == expected
@@ -291,5 +292,17 @@ def test_an_exact_repack_of_a_4_bit_source_wins_over_the_source():
     r = plan_memory(pool, dev)
     assert (r.chosen.ref, r.chosen.ctx) == ("smollm2:int4", 8192)
     assert r.why.endswith("it holds the source's own 4-bit values in 29% of the source's bytes")
-    r = plan_memory([c for c in pool if c.variant != "int4"], dev)
-    assert r.chosen.ref == "smollm2:source"  # int8 of a 4-bit source has lost some of it
+    without_int4 = [c for c in pool if c.variant != "int4"]
+    assert plan_memory(without_int4, gpu(16)).chosen.ref == "smollm2:source"  # int8 of a 4-bit source lost some
+    r = plan_memory(without_int4, dev)  # but on a CPU the source runs much slower: packed first
+    assert r.chosen.ref == "smollm2:int8" and "(source runs slower on the cpu)" in r.why
+
+
+def test_on_a_cpu_a_packed_variant_wins_over_the_float_source_and_says_why():
+    dev = cpu(64)
+    both = [catalog_candidate("llama3-8b", LLAMA3_8B, v, dev) for v in ("source", "int8")]
+    r = plan_memory(both, dev)
+    assert r.chosen.ref == "llama3-8b:int8"
+    assert "(source runs slower on the cpu)" in r.why
+    assert plan_memory(both[:1], dev).chosen.ref == "llama3-8b:source"  # alone, the source still runs
+    assert plan_memory(both, gpu(40)).chosen.ref == "llama3-8b:source"  # a GPU keeps the most bits

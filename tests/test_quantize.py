@@ -11,7 +11,7 @@ from app import store
 from app.engine import load_model
 from app.errors import UserError
 from app.importer import import_checkpoint
-from app.variants import quantize_variant
+from app.variants import quantize_variant, source_tensors
 from quant.formats import FORMAT_VERSION
 from quant.quantize import QuantOptions, dequantized
 from tiny_checkpoints import tiny_checkpoint
@@ -163,7 +163,7 @@ def test_int4_of_a_q4_0_source_reproduces_its_values_exactly(tmp_path, monkeypat
                                                             "feed_forward.w3")]
     assert all(rows[b]["scheme"] == "int4" and rows[b]["group_size"] == 32 for b in blocks)
     assert all(rows[b]["sqnr_db"] == math.inf for b in blocks)
-    src = load_file(str(source.path / source.manifest["weights"][0]))
+    src = dict(source_tensors(source))  # the source's Q4_0 blocks, dequantized
     packed = load_file(str(entry.path / entry.manifest["weights"][0]))
     for b in blocks:
         assert torch.equal(dequantized(packed, b, "int4"), src[f"{b}.weight"]), b

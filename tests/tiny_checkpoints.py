@@ -22,7 +22,7 @@ from tokenizer_files import add_sentencepiece_vocab, train_llama2_sentencepiece
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-LAYOUTS = ("hf", "hf-sharded", "meta", "meta-2shards", "gguf", "gguf-q8_0", "gguf-q4_0")
+LAYOUTS = ("hf", "hf-sharded", "meta", "meta-2shards", "gguf", "gguf-f16", "gguf-q8_0", "gguf-q4_0")
 
 DIM, N_LAYERS, N_HEADS, VOCAB = 64, 2, 4, 320
 SPM_VOCAB = 512  # 256 byte pieces, <unk> <s> </s>, the characters, and a few merges
@@ -231,7 +231,7 @@ def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- GGUF
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-               "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+               "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "F16": gguf.LlamaFileType.MOSTLY_F16}
 
 
 def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32", spm: bool = False) -> Path:
@@ -245,31 +245,7 @@ def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32", spm: boo
     ggml_type = gguf.GGMLQuantizationType[qtype]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
 
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny llama")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.hidden_size // n_heads)
-    w.add_file_type(_FILE_TYPES[qtype])
-    if spm:
-        add_sentencepiece_vocab(w, llama2_tokenizer_model(), c.bos_token_id, c.eos_token_id)
-        w.add_chat_template(LLAMA2_CHAT_TEMPLATE)
-    else:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("llama-bpe")
-        w.add_token_list(TOKENS)
-        w.add_token_types([gguf.TokenType.NORMAL] * len(_NORMAL) + [gguf.TokenType.CONTROL] * (len(TOKENS) - len(_NORMAL)))
-        w.add_token_merges(MERGES)
-        w.add_bos_token_id(c.bos_token_id)
-        w.add_eos_token_id(c.eos_token_id)
-
+    w = gguf_header(path, c, _FILE_TYPES[qtype], spm)
     for hf_name, param in model.named_parameters():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp leaves out an output matrix equal to the embedding
@@ -298,7 +274,41 @@ def write_gguf(model: LlamaForCausalLM, path: Path, qtype: str = "F32", spm: boo
         w.add_rope_scaling_factor(rope["factor"])
         if rope["rope_type"] == "yarn":
             w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    return gguf_finish(w, path)
 
+
+def gguf_header(path: Path, c: LlamaConfig, file_type, spm: bool = False) -> gguf.GGUFWriter:
+    """A GGUFWriter with a llama's key/values for config `c` and the tiny tokenizer (byte-level BPE,
+    or with `spm` the SentencePiece one of Llama 2), no tensors yet."""
+    n_heads, n_kv_heads = c.num_attention_heads, c.num_key_value_heads
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.hidden_size // n_heads)
+    w.add_file_type(file_type)
+    if spm:
+        add_sentencepiece_vocab(w, llama2_tokenizer_model(), c.bos_token_id, c.eos_token_id)
+        w.add_chat_template(LLAMA2_CHAT_TEMPLATE)
+        return w
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(TOKENS)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(_NORMAL) + [gguf.TokenType.CONTROL] * (len(TOKENS) - len(_NORMAL)))
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    return w
+
+
+def gguf_finish(w: gguf.GGUFWriter, path: Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -323,3 +333,53 @@ def llama31_rope_factors(c: LlamaConfig) -> np.ndarray:
             smooth = (old_len / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
     return np.array(factors, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- GGUF of random blocks
+# where each type keeps its fp16 scales (byte offsets in a block), so random bytes can be made finite
+FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, int]) -> np.ndarray:
+    """(N, K) of `qtype` as random bytes, its fp16 scales replaced by finite ones (~0.01)."""
+    t = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    N, K = shape
+    raw = rng.integers(0, 256, size=(N * K // block, size), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        raw[:, off : off + 2] = rng.normal(0, 0.01, size=N * K // block).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(N, K // block * size)
+
+
+def write_random_blocks_gguf(path: Path, qtype: str, tied: bool = False, seed: int = 0, split_count: int = 0,
+                             table: str | None = None) -> Path:
+    """A 256-aligned llama GGUF (dim 256, FFN 512: K-quants need rows of 256) whose every matrix is
+    random `qtype` blocks with finite fp16 scales (the token table in `table`'s type if given,
+    "F16" included), norms in F32: a file llama.cpp would write for this shape, without its
+    quantizer."""
+    c = LlamaConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=512, vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                    max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    bos_token_id=TOKENS.index("<|begin_of_text|>"), eos_token_id=TOKENS.index("<|end_of_text|>"))
+    rng = np.random.default_rng(seed)
+    w = gguf_header(path, c, gguf.LlamaFileType.GUESSED)
+    if split_count:  # what llama-gguf-split writes into each part
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, 0)
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, split_count)
+    t = gguf.GGMLQuantizationType[qtype]
+    D, F, kv = 256, 512, 2 * 64
+    mats = {"token_embd.weight": (VOCAB, D), "blk.0.attn_q.weight": (D, D), "blk.0.attn_k.weight": (kv, D),
+            "blk.0.attn_v.weight": (kv, D), "blk.0.attn_output.weight": (D, D), "blk.0.ffn_gate.weight": (F, D),
+            "blk.0.ffn_up.weight": (F, D), "blk.0.ffn_down.weight": (D, F)}
+    if not tied:
+        mats["output.weight"] = (VOCAB, D)
+    for name, shape in mats.items():
+        if name == "token_embd.weight" and table == "F16":  # as some quantized files keep their table
+            w.add_tensor(name, rng.normal(0, 0.02, size=shape).astype(np.float16))
+        else:
+            w.add_tensor(name, random_blocks(rng, table if name == "token_embd.weight" and table else qtype, shape),
+                         raw_dtype=gguf.GGMLQuantizationType[table] if name == "token_embd.weight" and table else t)
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        w.add_tensor(name, rng.uniform(0.5, 1.5, size=D).astype(np.float32))
+    return gguf_finish(w, path)

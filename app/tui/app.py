@@ -190,9 +190,14 @@ _ACTIONS = {action for _, action, _, _, _ in COMMANDS}
 
 
 def _pull_default(name: str):
-    from ..cli import pull_model
+    import sys
 
-    return pull_model(name)
+    from ..pull import pull_model
+
+    # the pull modal shows what comes on stderr: each step on its line, progress redrawn in place
+    return pull_model(name, say=lambda line: print(f"\r{line}", file=sys.stderr),
+                      progress=lambda done, total, what: print(f"\r{what[:48]} {done}/{total}", end="",
+                                                               file=sys.stderr))
 
 
 def run_chat(model: str | None = None, system: str | None = None, params=None, ctx: int | None = None,
