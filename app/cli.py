@@ -38,7 +38,7 @@ def say(msg: str) -> None:
 def import_with_progress(path: Path, name: str | None, replace: bool = False) -> store.ModelEntry:
     from .importer import import_checkpoint
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(f"Converting {path.name}", total=None)
 
@@ -123,7 +123,7 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
         opts = QuantOptions(scheme, group_size=group_size, head=head, embeddings=embeddings)
     except ValueError as e:
         raise UserError(str(e)) from None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("Packing", total=None)
 

@@ -14,6 +14,7 @@ transaction, so nothing here needs a worker.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -65,12 +66,27 @@ class ChatSettings:
 
     @classmethod
     def from_json(cls, text: str | None) -> "ChatSettings":
+        """Settings as stored; a key that is unknown, of the wrong type or not finite reads as its
+        default, so one damaged row opens with defaults instead of failing later in the engine."""
         try:
             data = json.loads(text or "{}")
-        except ValueError:
+        except (ValueError, TypeError):
             data = {}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}) if isinstance(data, dict) else cls()
+        if not isinstance(data, dict):
+            return cls()
+        return cls(**{f.name: data[f.name] for f in fields(cls)
+                      if f.name in data and _fits(data[f.name], _KINDS[f.name])})
+
+
+# the type each stored setting must have (bool is an int to Python, never a number here)
+_KINDS = {"system": (str,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
+          "repeat_penalty": (int, float), "max_tokens": (int,), "seed": (int, type(None))}
+
+
+def _fits(value: object, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,9 @@ def _migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> None:
 
 
 # ---------------------------------------------------------------- the history
+# how `PRAGMA quick_check` words a row that breaks a constraint, as opposed to a damaged page
+_ROW_PROBLEMS = ("NULL value in ", "CHECK constraint failed in ", "non-")
+
 class History:
     """The conversations in one SQLite file. `recovered_from` is set when a corrupt file was moved aside."""
 
@@ -180,12 +199,18 @@ class History:
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT) so migrations and
         # multi-statement writes are atomic and nothing is left open between calls.
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        # text that is not UTF-8 (a damaged page, another program's write) reads with U+FFFD
+        # instead of failing the whole query that lists every chat
+        db.text_factory = lambda raw: raw.decode("utf-8", "replace")
         try:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA foreign_keys = ON")
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(f"database disk image is malformed: {check}")
+            # A row that breaks a constraint (a NULL, a CHECK) is one bad row, which the readers
+            # below skip; anything else is damage to the file itself.
+            damage = [r[0] for r in db.execute("PRAGMA quick_check")
+                      if r[0] != "ok" and not r[0].startswith(_ROW_PROBLEMS)]
+            if damage:
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {damage[0]}")
             _migrate(db)
         except BaseException:
             db.close()
@@ -245,10 +270,21 @@ class History:
 
     # ------------------------------------------------------------ messages
     def messages(self, conversation_id: int) -> list[Message]:
+        return self.read_messages(conversation_id)[0]
+
+    def read_messages(self, conversation_id: int) -> tuple[list[Message], list[int]]:
+        """The conversation's messages in order, and the ids of stored rows that are not a message
+        (a role other than user or assistant, no content): those are left out, never fatal."""
         rows = self.db.execute("SELECT id, conversation_id, role, content, created, stopped, model FROM messages "
                                "WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
-        return [Message(i, c, role, content, created, bool(stopped), model)
-                for i, c, role, content, created, stopped, model in rows]
+        readable, skipped = [], []
+        for i, c, role, content, created, stopped, model in rows:
+            if role not in ("user", "assistant") or content is None:
+                skipped.append(i)
+                continue
+            readable.append(Message(i, c, role, _text(content), _number(created), bool(stopped),
+                                    None if model is None else _text(model)))
+        return readable, skipped
 
     def add_message(self, conversation_id: int, role: str, content: str, stopped: bool = False,
                     model: str | None = None) -> Message:
@@ -270,7 +306,20 @@ class History:
 
 def _conversation(row) -> Conversation:
     cid, title, created, updated, settings = row
-    return Conversation(cid, title, created, updated, ChatSettings.from_json(settings))
+    title = " ".join(_text(title or "").split()) or DEFAULT_TITLE
+    settings = ChatSettings.from_json(settings if isinstance(settings, str) else None)
+    return Conversation(cid, title, _number(created), _number(updated), settings)
+
+
+def _text(value: object) -> str:
+    """A stored value as text: SQLite keeps whatever type was written, whatever the column says."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _is_corrupt(e: sqlite3.DatabaseError) -> bool:

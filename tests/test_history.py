@@ -171,3 +171,29 @@ def test_export_is_markdown_written_whole(path, tmp_path):
         "**smollm2-135m-instruct:source**\n\nParis, on the Seine\n\n*(stopped)*\n"
     )
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_stored_settings_of_the_wrong_type_read_as_defaults():
+    stored = '{"temperature": "hot", "top_k": 1.5, "top_p": NaN, "seed": true, "max_tokens": 64, "system": 3}'
+    assert ChatSettings.from_json(stored) == ChatSettings(max_tokens=64)
+    assert ChatSettings.from_json("[1, 2]") == ChatSettings()
+    assert ChatSettings.from_json(None) == ChatSettings()
+
+
+def test_a_row_that_breaks_a_constraint_is_skipped_not_the_whole_file(path):
+    h = History(path)
+    chat = h.create("kept")
+    h.add_message(chat.id, "user", "fine")
+    h.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA ignore_check_constraints = ON")
+    db.execute("INSERT INTO messages (conversation_id, role, content, created) VALUES (?, 'robot', 'x', 1)",
+               (chat.id,))
+    db.execute("INSERT INTO messages (conversation_id, role, content, created) "
+               "VALUES (?, 'assistant', CAST(x'ff41' AS TEXT), 2)", (chat.id,))
+    db.close()
+    h = History(path)
+    assert h.recovered_from is None
+    messages, skipped = h.read_messages(chat.id)
+    assert [m.content for m in messages] == ["fine", "\ufffdA"]
+    assert len(skipped) == 1

@@ -85,6 +85,12 @@ class ChatApp(App):
     def on_unmount(self) -> None:
         self.history.close()
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Every notification is plain text: they quote titles, paths and errors, which may hold
+        `[...]` (widgets' own notify passes markup=True by default, so it is overruled here)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
     # ------------------------------------------------------------ palette, help
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

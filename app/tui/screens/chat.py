@@ -241,7 +241,11 @@ class ChatScreen(Screen):
         except KeyError:  # deleted in another window
             self._refresh_sidebar()
             return
-        views = [self._view_of(m) for m in self.history.messages(conversation_id)]
+        messages, skipped = self.history.read_messages(conversation_id)
+        views: list = [self._view_of(m) for m in messages]
+        if skipped:
+            views.append(Notice(f"{len(skipped)} stored message(s) of this chat could not be read and are "
+                                f"left out (history rows {', '.join(map(str, skipped))}).", "error"))
         await self.query_one(Transcript).show(views)
         self._refresh_sidebar()
         self._measure_context()

@@ -10,10 +10,15 @@ from ...history import Conversation
 
 
 class ConversationList(OptionList):
+    """Titles are shown as written: a chat's title comes from its first prompt, never markup."""
+
     class Opened(Message):
         def __init__(self, conversation_id: int) -> None:
             super().__init__()
             self.conversation_id = conversation_id
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(markup=False, **kwargs)
 
     def show(self, conversations: list[Conversation], current: int | None) -> None:
         self.clear_options()
