@@ -281,9 +281,13 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
     engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype)
     messages = [{"role": "system", "content": system}] if system else []
     say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")
+    from .prompt_text import from_shell
+
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach from_shell, not a traceback
     while True:
         try:
-            line = input(">>> ")
+            line = from_shell(input(">>> "), say).rstrip()
         except EOFError:
             print()
             return 0
@@ -393,14 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompt(arg: str | None) -> str:
+    """The prompt of `ask`, by argument or stdin, as app.prompt_text's rules make it."""
+    from .prompt_text import from_shell, prompt_text, read_stdin
+
     if arg is not None and arg != "-":
-        return arg
+        return prompt_text(from_shell(arg, say))
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("give a prompt, e.g. llamadesk ask \"What is RoPE?\", or pipe one on stdin")
-    text = sys.stdin.read()
-    if not text.strip():
-        raise UserError("the prompt on stdin is empty")
-    return text
+    return prompt_text(from_shell(read_stdin(), say), "the prompt on stdin")
 
 
 def run(argv: list[str]) -> int:
@@ -412,6 +416,10 @@ def run(argv: list[str]) -> int:
                                     repetition_penalty=args.repeat_penalty, seed=args.seed)
         except ValueError as e:
             raise UserError(str(e)) from None
+    if command in ("ask", "chat") and args.system:
+        from .prompt_text import from_shell
+
+        args.system = from_shell(args.system, say, "the system prompt")
     if command == "ask":
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")

@@ -304,7 +304,7 @@ class ChatScreen(Screen):
     async def _submitted(self, event: PromptInput.Submitted) -> None:
         if self._busy():
             return
-        text = event.text.strip()
+        text = event.text.rstrip()  # trailing whitespace only: the rest is the prompt as typed
         if self.conversation is not None and not self.history.exists(self.conversation.id):
             # deleted in another window: this prompt starts a new chat with the same settings
             self.draft_settings, self.conversation = self.conversation.settings, None
