@@ -312,16 +312,29 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=_finite_float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=_finite_float, default=0.9)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repeat-penalty", type=_finite_float, default=1.0)
     p.add_argument("--seed", type=int, help="the same seed gives the same text")
     p.add_argument("--ctx", type=int, help="context length in tokens")
     _kv_dtype_flag(p)
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+
+
+def _finite_float(text: str) -> float:
+    """A number flag: 'nan' and 'inf' parse as floats in Python, never as a setting here (usage, exit 2)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_finite_float.__name__ = "number"  # argparse says "invalid number value: 'nan'"
 
 
 def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:

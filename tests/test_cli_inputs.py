@@ -96,3 +96,11 @@ def test_chat_plain_reads_bytes_that_are_not_utf8_with_one_warning(default_home)
     assert "Traceback" not in r.stderr
     assert len([line for line in r.stderr.splitlines() if "not valid UTF-8" in line]) == 1
     assert "Paris" in r.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "inf"), ("--repeat-penalty", "-inf")])
+def test_nan_and_infinite_settings_are_refused_when_parsed(tmp_path, flag, value):
+    r = llamadesk("ask", "hi", f"{flag}={value}", home=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"argument {flag}: invalid number value: '{value}'" in r.stderr.splitlines()[-1]
