@@ -423,6 +423,7 @@ def _read_prompt(arg: str | None) -> str:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "chat"
+    store.usable_home()  # every command reads or writes the home: a bad one is one line, first
     if command in ("ask", "chat"):
         try:
             params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -494,6 +495,26 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a file the user's machine refused: named, with what to do, not a traceback
+        say(f"llamadesk: error: {_os_error(e)}")
+        return 1
+    except Exception as e:  # a bug: one line still, the traceback on request
+        if os.environ.get("LLAMADESK_DEBUG"):
+            raise
+        say(f"llamadesk: error: {type(e).__name__}: {e} (a bug in llamadesk; LLAMADESK_DEBUG=1 shows where)")
+        return 1
+
+
+def _os_error(e: OSError) -> str:
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        return f"{where}no space left on the device; free some space and try again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{what}; check the permissions, or set LLAMADESK_HOME to a folder you can write"
+    return f"{where}{what}"
 
 
 if __name__ == "__main__":

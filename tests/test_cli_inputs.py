@@ -104,3 +104,83 @@ def test_nan_and_infinite_settings_are_refused_when_parsed(tmp_path, flag, value
     r = llamadesk("ask", "hi", f"{flag}={value}", home=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"argument {flag}: invalid number value: '{value}'" in r.stderr.splitlines()[-1]
+
+
+# ---------------------------------------------------------------- bad homes, damaged files
+EVERY_COMMAND = [("pull",), ("import", "model.gguf"), ("list",), ("rm", "x"), ("plan",), ("ask", "hi"),
+                 ("chat", "--plain"), ("eval", "x"), ("bench",), ("quantize", "x", "--scheme", "int8")]
+
+
+def bad_homes(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {"a file": (a_file, "is a file, not a folder"),
+            "under a file": (a_file / "home", "cannot create the llamadesk home (Not a directory)")}
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=lambda c: c[0])
+def test_every_command_names_a_bad_home_in_one_line(tmp_path, monkeypatch, capsys, command):
+    from app.cli import main
+
+    for home, says in bad_homes(tmp_path).values():
+        monkeypatch.setenv("LLAMADESK_HOME", str(home))
+        assert main(list(command)) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"llamadesk: error: {home}: ") and says in err
+        assert "set LLAMADESK_HOME to a folder you can write" in err
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", [("pull",), ("ask", "hi"), ("chat", "--plain")], ids=lambda c: c[0])
+def test_a_bad_home_by_process(tmp_path, command):
+    for home, says in bad_homes(tmp_path).values():
+        r = llamadesk(*command, home=home)
+        assert r.returncode == 1
+        line = one_error_line(r)
+        assert str(home) in line and says in line
+
+
+@pytest.fixture
+def damaged_home(tmp_path, default_home):
+    """A home whose only model has a weights file with an overwritten header; its other files are
+    links to the cached default model's."""
+    source = default_home / "models" / "smollm2-135m-instruct" / "source"
+    home = tmp_path / "home"
+    target = home / "models" / "smollm2-135m-instruct" / "source"
+    target.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as src:
+                data = bytearray(src.read(1 << 16))
+            data[:16] = b"garbage!garbage!"
+            (target / f.name).write_bytes(bytes(data))
+        else:
+            (target / f.name).symlink_to(f)
+    return home
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", [("ask", "hi"), ("ask", "hi", "-m", "smollm2-135m-instruct:source"),
+                                     ("chat", "--plain"), ("plan",), ("eval", "smollm2-135m-instruct")],
+                         ids=lambda c: " ".join(c))
+def test_a_damaged_weights_file_is_named_with_what_to_do(damaged_home, command):
+    r = llamadesk(*command, home=damaged_home)
+    assert r.returncode == 1
+    line = one_error_line(r)
+    assert "model-00001.safetensors" in line
+    assert "llamadesk rm smollm2-135m-instruct:source" in line or "re-import" in line
+
+
+@pytest.mark.e2e
+def test_ctrl_c_during_a_reply_exits_130_in_one_line(default_home):
+    import signal
+
+    env = dict(os.environ, LLAMADESK_HOME=str(default_home))
+    p = subprocess.Popen([sys.executable, "-m", "app.cli", "ask", "Write a long story about a dragon.",
+                          "--max-tokens", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert p.stdout.read(1)  # the reply has started
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert err.decode().strip().splitlines() == ["llamadesk: interrupted"]
