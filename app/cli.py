@@ -223,7 +223,8 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
         return 0 if result.chosen else 1
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     out.print(f"Device: {device.kind} ({device.name}), {format_bytes(device.free_bytes)} free of "
-              f"{format_bytes(device.total_bytes)}", markup=False)
+              f"{format_bytes(device.total_bytes)}" + (f", bounded by {device.limit}" if device.limit else ""),
+              markup=False)
     table = Table("model", "variant", "weights", "KV / token", "max context", "verdict")
     for r in result.candidates:
         table.add_row(r.model, r.variant, format_bytes(r.weight_bytes),

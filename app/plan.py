@@ -110,6 +110,11 @@ def overhead_bytes(device: Device) -> int:
 def margin_bytes(device: Device) -> int:
     if device.kind == "cuda":
         return max(1 << 30, device.free_bytes // 10)
+    if device.cgroup_limit is not None:
+        # a cgroup's room is this service's alone and measured net of what it already uses: a
+        # tenth of the limit (the host's 512 MiB floor alone would refuse every model under 1 GiB,
+        # where the default model peaks at 464 MiB, measured)
+        return max(64 << 20, device.cgroup_limit // 10)
     return max(512 << 20, device.free_bytes // 10)
 
 
@@ -291,7 +296,7 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
 
 def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan | str:
     biggest = max(c.args.n_params for c, _, _ in pool)
-    free = format_bytes(device.free_bytes)
+    free = format_bytes(device.free_bytes) + (f" (bounded by {device.limit})" if device.limit else "")
     # models from the largest down; for each, variants from the most bits down
     for n_params in sorted({c.args.n_params for c, _, _ in pool}, reverse=True):
         same_model = [(c, longest, kv) for c, longest, kv in pool if c.args.n_params == n_params]
