@@ -1,6 +1,8 @@
 """Conversations in SQLite: one file under the llamadesk home, safe to share between two app windows.
 
-    history.sqlite3   conversations (title, per-conversation settings) and their messages
+    history.sqlite3   conversations (title, per-conversation settings), their messages (with a
+                      `meta` JSON object each: sources, timings, where a reply ran) and the app's
+                      `state` (last chat, last model, saved connections; never a secret)
 
 The schema version lives in `PRAGMA user_version`; `_MIGRATIONS[n]` takes a version-n file to n+1,
 each in its own transaction, so a file from any older llamadesk opens. WAL mode and a busy timeout
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 import tempfile
 import time
@@ -27,7 +30,7 @@ from . import store
 from .errors import UserError
 
 FILENAME = "history.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_TITLE = "New chat"
 BUSY_TIMEOUT_S = 5.0
 
@@ -107,6 +110,7 @@ class Message:
     created: float
     stopped: bool = False  # the user stopped this reply before the model finished it
     model: str | None = None  # the model that wrote an assistant reply, as name:variant
+    meta: dict = field(default_factory=dict)  # JSON: {"sources": [...], "timings": {...}, "ran_on": {...}}
 
 
 # ---------------------------------------------------------------- schema
@@ -147,10 +151,18 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
         db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
 
 
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """A `meta` JSON object on every message (what a reply drew on, how long it took, where it
+    ran), and the app's own `state`: one JSON value per key."""
+    db.execute("ALTER TABLE messages ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
+    db.execute("CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 # _MIGRATIONS[n] takes a file at version n to version n + 1; version 0 is an empty file.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: lambda db: [db.execute(stmt) for stmt in _V1.split(";") if stmt.strip()],
     1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
 }
 
 
@@ -275,33 +287,58 @@ class History:
     def read_messages(self, conversation_id: int) -> tuple[list[Message], list[int]]:
         """The conversation's messages in order, and the ids of stored rows that are not a message
         (a role other than user or assistant, no content): those are left out, never fatal."""
-        rows = self.db.execute("SELECT id, conversation_id, role, content, created, stopped, model FROM messages "
-                               "WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+        rows = self.db.execute("SELECT id, conversation_id, role, content, created, stopped, model, meta "
+                               "FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
         readable, skipped = [], []
-        for i, c, role, content, created, stopped, model in rows:
+        for i, c, role, content, created, stopped, model, meta in rows:
             if role not in ("user", "assistant") or content is None:
                 skipped.append(i)
                 continue
             readable.append(Message(i, c, role, _text(content), _number(created), bool(stopped),
-                                    None if model is None else _text(model)))
+                                    None if model is None else _text(model), _json_object(meta)))
         return readable, skipped
 
     def add_message(self, conversation_id: int, role: str, content: str, stopped: bool = False,
-                    model: str | None = None) -> Message:
+                    model: str | None = None, meta: dict | None = None) -> Message:
         now = self.clock()
+        meta = dict(meta or {})
+        meta_json = json.dumps(meta, sort_keys=True)  # raises TypeError before anything is written
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            cur = self.db.execute("INSERT INTO messages (conversation_id, role, content, created, stopped, model) "
-                                  "VALUES (?, ?, ?, ?, ?, ?)", (conversation_id, role, content, now, int(stopped), model))
+            cur = self.db.execute("INSERT INTO messages (conversation_id, role, content, created, stopped, model, meta) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  (conversation_id, role, content, now, int(stopped), model, meta_json))
             self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        return Message(cur.lastrowid, conversation_id, role, content, now, stopped, model)
+        return Message(cur.lastrowid, conversation_id, role, content, now, stopped, model, meta)
 
     def delete_message(self, message_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    # ------------------------------------------------------------ the app's state
+    def state(self, key: str, default=None):
+        """The JSON value saved under `key` (e.g. "last_chat", "last_model", "connections"), or
+        `default` when there is none or it cannot be read."""
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return default
+        try:
+            return json.loads(_text(row[0]))
+        except ValueError:
+            return default
+
+    def set_state(self, key: str, value) -> None:
+        """Save a JSON value under `key`; None removes it. Raises ValueError for a value holding a
+        secret (a key named like api_key, token, password): the history is a plain file."""
+        if value is None:
+            self.db.execute("DELETE FROM state WHERE key = ?", (key,))
+            return
+        _refuse_secrets(value, key)
+        self.db.execute("INSERT INTO state (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
 
 
 def _conversation(row) -> Conversation:
@@ -309,6 +346,28 @@ def _conversation(row) -> Conversation:
     title = " ".join(_text(title or "").split()) or DEFAULT_TITLE
     settings = ChatSettings.from_json(settings if isinstance(settings, str) else None)
     return Conversation(cid, title, _number(created), _number(updated), settings)
+
+
+_SECRET = re.compile(r"(api[_-]?key|secret|token|password|passwd|authorization|bearer|cookie)", re.I)
+
+
+def _refuse_secrets(value, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _SECRET.search(str(k)):
+                raise ValueError(f"{where}.{k}: secrets are never saved in the history")
+            _refuse_secrets(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_secrets(v, f"{where}[{i}]")
+
+
+def _json_object(text: object) -> dict:
+    try:
+        value = json.loads(_text(text)) if text is not None else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _text(value: object) -> str:

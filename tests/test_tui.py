@@ -546,6 +546,38 @@ async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
         assert log.lines == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
 
 
+# ---------------------------------------------------------------- a restart
+@pytest.mark.asyncio
+async def test_a_restart_reopens_the_last_chat_and_model_and_replies_keep_their_numbers(home):
+    from app import store
+
+    with store.staging("other-model", "int4") as tmp:
+        store.write_json(tmp / store.MANIFEST, {"name": "other-model", "variant": "int4", "args": {}})
+    loaded = []
+
+    def loader(ref):
+        loaded.append(ref)
+        model = GatedModel(["Ok."], open_gate=True)
+        model.entry = FakeEntry(*ref.split(":"))
+        return model
+
+    first = ChatApp("other-model:int4", loader=loader, memory=lambda: RSS)
+    async with first.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: first.chat.model is not None)
+        await send(pilot, "Remember me")
+        await until(pilot, lambda: first.chat.reply is None and replies(first))
+        chat_id = first.chat.conversation.id
+        (_, reply) = first.history.messages(chat_id)
+        assert reply.meta["timings"]["new_tokens"] == 1 and reply.meta["ran_on"] == {"device": "cpu"}
+
+    again = ChatApp(loader=loader, memory=lambda: RSS)
+    async with again.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: again.chat.model is not None)
+        assert loaded == ["other-model:int4", "other-model:int4"]
+        assert again.chat.conversation is not None and again.chat.conversation.id == chat_id
+        assert [v.content for v in again.chat.query(MessageView)] == ["Remember me", "Ok."]
+
+
 # ---------------------------------------------------------------- snapshots (100x30)
 MARKDOWN_REPLY = ["The capital of France is **Paris**.\n\n", "Some facts:\n\n", "- on the Seine\n",
                   "- about 2.1 million people\n\n", "```python\nprint('Bonjour')\n```\n"]

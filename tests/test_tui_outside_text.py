@@ -198,3 +198,4 @@ async def test_damaged_history_rows_show_what_can_be_shown_and_say_what_could_no
         await send(pilot, "still answers")
         await until(pilot, lambda: app.chat.reply is None and len(replies(app)) == 1)
         assert replies(app)[0].content == "Ok."
+

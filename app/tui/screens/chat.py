@@ -92,7 +92,11 @@ class ChatScreen(Screen):
         if self.memory is not None:
             self._show_memory()
             self.set_interval(2, self._show_memory)
-        ref = self.model_ref or self._installed_model()
+        # a restart picks up where the last session left off: its chat and its model
+        last_chat = self.history.state("last_chat")
+        if isinstance(last_chat, int) and self.history.exists(last_chat):
+            await self.open_conversation(last_chat)
+        ref = self.model_ref or self._last_model() or self._installed_model()
         if ref is None:
             self.post_message(self.NeedsModel())
         else:
@@ -117,6 +121,16 @@ class ChatScreen(Screen):
             self.history.add_message(reply.conversation_id, "assistant", text, stopped=True, model=reply.view.who)
 
     # ------------------------------------------------------------ the model
+    def _last_model(self) -> str | None:
+        """The model the last session loaded, if it is still installed."""
+        ref = self.history.state("last_model")
+        if not isinstance(ref, str):
+            return None
+        try:
+            return store.find(ref).ref
+        except UserError:
+            return None
+
     @staticmethod
     def _installed_model() -> str | None:
         """The default model when installed, else the first installed one, else None."""
@@ -170,6 +184,7 @@ class ChatScreen(Screen):
         self._done_loading()
         self.model = model
         self.model_ref = model.entry.ref
+        self.history.set_state("last_model", model.entry.ref)
         status = self.query_one(StatusLine)
         status.model, status.variant = model.entry.name, model.entry.variant
         status.device, status.ctx_total, status.activity = model.device, model.ctx, ""
@@ -224,6 +239,7 @@ class ChatScreen(Screen):
             return
         self.conversation = None
         self.draft_settings = self.new_chat_settings
+        self.history.set_state("last_chat", None)
         await self.query_one(Transcript).show([])
         self._refresh_sidebar()
         self._measure_context()
@@ -241,6 +257,7 @@ class ChatScreen(Screen):
         except KeyError:  # deleted in another window
             self._refresh_sidebar()
             return
+        self.history.set_state("last_chat", conversation_id)
         messages, skipped = self.history.read_messages(conversation_id)
         views: list = [self._view_of(m) for m in messages]
         if skipped:
@@ -312,6 +329,7 @@ class ChatScreen(Screen):
             await self._notice("This chat was deleted in another window; this prompt starts a new one.")
         if self.conversation is None:
             self.conversation = self.history.create(title_for(text), self.draft_settings)
+            self.history.set_state("last_chat", self.conversation.id)
         message = self.history.add_message(self.conversation.id, "user", text)
         event.prompt.clear()
         await self.query_one(Transcript).add(self._view_of(message))
@@ -436,8 +454,10 @@ class ChatScreen(Screen):
         elif not self.history.exists(reply.conversation_id):
             await self._notice("This chat was deleted in another window, so the reply is not saved.", "error")
         else:
+            meta = {"timings": {"new_tokens": end.new_tokens, "tokens_per_s": round(end.tokens_per_s, 2)},
+                    "ran_on": {"device": self.model.device if self.model else ""}}
             saved = self.history.add_message(reply.conversation_id, "assistant", reply.view.content,
-                                             stopped=end.stopped, model=reply.view.who)
+                                             stopped=end.stopped, model=reply.view.who, meta=meta)
             reply.view.message_id = saved.id
             if end.stopped:
                 reply.view.mark_stopped()
