@@ -125,6 +125,26 @@ async def one_reply(app, prompt: str) -> str:
         return replies(app)[0].content
 
 
+def installed_fakes(*refs: str):
+    """Install empty variants named `refs` in the home; (the refs loaded so far, a loader that
+    gives a GatedModel of that name)."""
+    from app import store
+
+    for ref in refs:
+        name, variant = ref.split(":")
+        with store.staging(name, variant) as tmp:
+            store.write_json(tmp / store.MANIFEST, {"name": name, "variant": variant, "args": {}})
+    loaded = []
+
+    def loader(ref):
+        loaded.append(ref)
+        model = GatedModel(["Ok."], open_gate=True)
+        model.entry = FakeEntry(*ref.split(":"))
+        return model
+
+    return loaded, loader
+
+
 def replies(app) -> list[MessageView]:
     return [v for v in app.chat.query(MessageView) if v.role == "assistant"]
 
@@ -438,19 +458,7 @@ async def test_the_command_palette_runs_commands(home):
 
 @pytest.mark.asyncio
 async def test_the_model_picker_lists_installed_variants_and_loads_the_choice(home):
-    from app import store
-
-    for variant in ("source", "int8"):
-        with store.staging("tiny", variant) as tmp:
-            store.write_json(tmp / store.MANIFEST, {"name": "tiny", "variant": variant, "args": {}})
-    loaded = []
-
-    def loader(ref):
-        loaded.append(ref)
-        model = GatedModel(["Ok."], open_gate=True)
-        model.entry = FakeEntry(*ref.split(":"))
-        return model
-
+    loaded, loader = installed_fakes("tiny:source", "tiny:int8")
     app = ChatApp("tiny:source", loader=loader, memory=lambda: RSS)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.chat.model is not None)
@@ -549,18 +557,7 @@ async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
 # ---------------------------------------------------------------- a restart
 @pytest.mark.asyncio
 async def test_a_restart_reopens_the_last_chat_and_model_and_replies_keep_their_numbers(home):
-    from app import store
-
-    with store.staging("other-model", "int4") as tmp:
-        store.write_json(tmp / store.MANIFEST, {"name": "other-model", "variant": "int4", "args": {}})
-    loaded = []
-
-    def loader(ref):
-        loaded.append(ref)
-        model = GatedModel(["Ok."], open_gate=True)
-        model.entry = FakeEntry(*ref.split(":"))
-        return model
-
+    loaded, loader = installed_fakes("other-model:int4")
     first = ChatApp("other-model:int4", loader=loader, memory=lambda: RSS)
     async with first.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: first.chat.model is not None)
