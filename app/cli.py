@@ -274,39 +274,26 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 
 def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
                kv_dtype: str = "auto") -> int:
-    """A line-by-line chat for terminals where the full-screen app cannot run."""
+    """A line-by-line chat for terminals where the full-screen app cannot run (see app.plain_chat)."""
     from .engine import Engine
+    from .history import History
+    from .plain_chat import PlainChat, terminal_lines
 
     ref = ensure_model(model)
     _compile_decode_kernel()
-    engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype)
-    messages = [{"role": "system", "content": system}] if system else []
-    say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")
-    from .prompt_text import from_shell
+    interactive = sys.stdin.isatty()
+    loaded: list[str] = []  # `/set parameter num_ctx` reloads the model the plan chose first
 
-    if hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach from_shell, not a traceback
-    while True:
-        try:
-            line = from_shell(input(">>> "), say).rstrip()
-        except EOFError:
-            print()
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        cancel = threading.Event()
-        reply = []
-        try:
-            for piece in engine.stream(messages, params, 1024, cancel):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            cancel.set()
-            say("\n[stopped]")
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    def load(n: int | None):
+        engine = Engine.load(loaded[0] if loaded else ref, ctx=n, kv_dtype=kv_dtype)
+        loaded[:] = [engine.entry.ref]
+        return engine
+
+    chat = PlainChat(load, params, system, history=History(), say=say, interactive=interactive, ctx=ctx)
+    if interactive:
+        say(f"Chatting with {chat.engine.entry.ref} ({chat.engine.ctx}-token context). "
+            f"Send a message (/? for help, /bye or Ctrl-D quits, Ctrl-C stops a reply).")
+    return chat.run(terminal_lines(interactive))
 
 
 # ---------------------------------------------------------------- argument parsing

@@ -31,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    repeat_last_n: int = -1  # how many recent tokens the penalty looks at: -1 all, 0 none
     penalty_exempt: frozenset[int] = frozenset()
 
     def __post_init__(self):
@@ -39,6 +40,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.repeat_last_n < -1:
+            raise ValueError(f"repeat_last_n must be -1 (all), 0 (none) or a count, got {self.repeat_last_n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -74,8 +77,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] 
     overflow float32 to inf, and inf - inf is NaN in the softmax); NaN logits count as impossible.
     """
     logits = _finite(logits.float())
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(history) - params.penalty_exempt), dtype=torch.long)
+    if params.repetition_penalty != 1.0 and params.repeat_last_n != 0:
+        recent = history if params.repeat_last_n < 0 else list(history)[-params.repeat_last_n:]
+        seen = torch.tensor(sorted(set(recent) - params.penalty_exempt), dtype=torch.long)
         if len(seen):
             logits = logits.clone()
             picked = logits[seen]

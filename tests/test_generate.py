@@ -116,6 +116,17 @@ def test_the_repetition_penalty_spares_exempt_tokens():
     assert sample(logits, exempt, history=[2]) == 2
 
 
+def test_the_repetition_penalty_looks_back_repeat_last_n_tokens():
+    logits = torch.tensor([0.0, 3.0, 2.5, -1.0])
+    window = lambda n: SamplingParams(temperature=0, repetition_penalty=1.5, repeat_last_n=n)
+    assert sample(logits, window(-1), history=[1, 0, 0]) == 2  # all: token 1 was seen
+    assert sample(logits, window(3), history=[1, 0, 0]) == 2
+    assert sample(logits, window(2), history=[1, 0, 0]) == 1  # token 1 is out of the window
+    assert sample(logits, window(0), history=[1]) == 1  # 0: no penalty at all
+    with pytest.raises(ValueError):
+        window(-2)
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens(tiny):
     prompt = [5, 17, 42, 8]
     run = lambda seed: list(generate(tiny, prompt, 24, params=SamplingParams(temperature=1.5, seed=seed)))
