@@ -300,12 +300,18 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=_finite_float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=_finite_float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repeat-penalty", type=_finite_float, default=1.0)
+    p.add_argument("--temperature", type=_finite_float,
+                   help="randomness; below 0.0001 = greedy (default: the model's own, else 0.7)")
+    p.add_argument("--top-p", type=_finite_float, help="sample from the smallest set of tokens holding this "
+                   "much probability (default: the model's own, else 0.9)")
+    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens, 0 = all (default: the "
+                   "model's own, else 40)")
+    p.add_argument("--repeat-penalty", type=_finite_float, help="penalize tokens seen in the last --repeat-last-n "
+                   "(default: the model's own, else 1.1; 1.0 at a greedy temperature)")
+    p.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalty looks at, -1 = all, "
+                   "0 = none (default 64)")
     p.add_argument("--seed", type=int, help="the same seed gives the same text")
-    p.add_argument("--ctx", type=int, help="context length in tokens")
+    p.add_argument("--ctx", type=int, help="context length in tokens (default: what the memory plan chooses)")
     _kv_dtype_flag(p)
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
@@ -332,25 +338,28 @@ def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamadesk", description="A private, offline AI assistant.")
-    sub = parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(prog="llamadesk", description="A private, offline AI assistant. With no "
+                                     "command: the chat app (`llamadesk chat`).")
+    parser.add_argument("--version", action="version", version=f"llamadesk {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", help="chat in the terminal (the default command)")
     _sampling_flags(p)
     p.add_argument("--plain", action="store_true", help="line-by-line chat instead of the full-screen app")
 
     p = sub.add_parser("ask", help="answer one prompt on stdout (reads stdin when PROMPT is absent or -)")
-    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("prompt", nargs="?", default=None, help="the question (default, or -: read stdin)")
     _sampling_flags(p)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=512, help="the longest reply in tokens (default 512)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
 
+    default_model, catalog = pull.load_catalog()
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help=f"a catalog model: {', '.join(catalog)} (default {default_model})")
     p.add_argument("--force", action="store_true", help="reinstall even if installed")
 
     p = sub.add_parser("import", help="import a Hugging Face folder, Meta folder or GGUF file")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="a Hugging Face or Meta checkpoint folder, or a .gguf file")
     p.add_argument("--name", help="store name (default: from the path)")
     p.add_argument("--force", action="store_true", help="replace an installed model of that name")
 
@@ -367,18 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the perplexity/KL/top-1 report (it loads source and variant together)")
 
     p = sub.add_parser("eval", help="perplexity of an installed model on a text")
-    p.add_argument("ref")
+    p.add_argument("ref", help="installed model, NAME or NAME:VARIANT")
     p.add_argument("--text", type=Path, help="a UTF-8 text file (default: Python's own English reference text)")
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=8192, help="how many tokens of the text to score (default 8192)")
+    p.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
 
     p = sub.add_parser("bench", help="time to first token, prefill and decode speed of installed variants")
     p.add_argument("ref", nargs="?", help="NAME or NAME:VARIANT (default: every installed variant)")
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length to time prefill with (default 512)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode per run (default 128)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--vs-llamacpp", metavar="GGUF", help="also run llama-cpp-python on this GGUF, side by side")
     p.add_argument("--precise", action="store_true", help="packed layers at fp32-level accuracy")
 
@@ -393,8 +402,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
-    p.add_argument("ref")
+    p.add_argument("ref", help="NAME (every variant) or NAME:VARIANT")
     return parser
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags the user gave over the model's own defaults (else Ollama-like ones)."""
+    from .sampling_defaults import model_defaults, resolve
+
+    try:
+        # a variant's folder holds no generation_config.json: its source's does
+        folder = store.find(store.parse_ref(args.model)[0] if args.model else pull.load_catalog()[0]).path
+    except UserError:
+        folder = None  # not installed (yet): the generic defaults
+    asked = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n}
+    try:
+        return resolve(asked, model_defaults(folder), args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llamadesk")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _read_prompt(arg: str | None) -> str:
@@ -413,11 +448,7 @@ def run(argv: list[str]) -> int:
     command = args.command or "chat"
     store.usable_home()  # every command reads or writes the home: a bad one is one line, first
     if command in ("ask", "chat"):
-        try:
-            params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    repetition_penalty=args.repeat_penalty, seed=args.seed)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        params = _sampling_params(args)
     if command in ("ask", "chat") and args.system:
         from .prompt_text import from_shell
 

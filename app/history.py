@@ -45,10 +45,12 @@ class ChatSettings:
     """A conversation's system prompt and sampling knobs; unknown or missing keys read as defaults."""
 
     system: str = ""
+    # Ollama-like (app.sampling_defaults.OLLAMA_LIKE): SamplingParams' neutral ones loop on short prompts
     temperature: float = 0.7
     top_p: float = 0.9
-    top_k: int = 0
-    repeat_penalty: float = 1.0
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
     max_tokens: int = 1024
     seed: int | None = None
 
@@ -62,7 +64,8 @@ class ChatSettings:
         if self.max_tokens < 1:
             raise ValueError(f"max tokens must be at least 1, got {self.max_tokens}")
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              repetition_penalty=self.repeat_penalty, seed=self.seed)
+                              repetition_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
+                              seed=self.seed)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -83,7 +86,7 @@ class ChatSettings:
 
 # the type each stored setting must have (bool is an int to Python, never a number here)
 _KINDS = {"system": (str,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
-          "repeat_penalty": (int, float), "max_tokens": (int,), "seed": (int, type(None))}
+          "repeat_penalty": (int, float), "repeat_last_n": (int,), "max_tokens": (int,), "seed": (int, type(None))}
 
 
 def _fits(value: object, kinds: tuple[type, ...]) -> bool:

@@ -87,3 +87,6 @@ def write_tokenizer(ckpt: Checkpoint, folder: Path) -> None:
         return
     for f in ckpt.tokenizer_files:
         shutil.copyfile(f, folder / f.name)
+    # the model's own sampling defaults (app.sampling_defaults reads them)
+    if ckpt.format == "hf" and (ckpt.path / "generation_config.json").is_file():
+        shutil.copyfile(ckpt.path / "generation_config.json", folder / "generation_config.json")

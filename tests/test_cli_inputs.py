@@ -184,3 +184,21 @@ def test_ctrl_c_during_a_reply_exits_130_in_one_line(default_home):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130
     assert err.decode().strip().splitlines() == ["llamadesk: interrupted"]
+
+
+# ---------------------------------------------------------------- the CLI people expect
+def test_version_and_help_on_every_argument(capsys):
+    import argparse
+
+    from app.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("llamadesk ")
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.choices.items()
+               for a in sub._actions if not a.help]
+    assert missing == []
+    pull_help = commands.choices["pull"].format_help()
+    assert "smollm2-135m-instruct" in pull_help

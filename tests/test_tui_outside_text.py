@@ -12,7 +12,7 @@ import sqlite3
 
 import pytest
 
-from app.history import History
+from app.history import ChatSettings, History
 from app.tui import ChatApp
 from app.tui.screens.pull import PullModal
 from app.tui.widgets.conversation_list import ConversationList
@@ -194,7 +194,8 @@ async def test_damaged_history_rows_show_what_can_be_shown_and_say_what_could_no
         assert [v.content for v in app.chat.query(MessageView)] == ["caf\ufffd [b]"]
         assert any("1 stored message(s)" in n and "could not be read" in n for n in notices(app))
         settings = app.chat.settings
-        assert (settings.temperature, settings.top_k) == (0.7, 0)  # defaults for the damaged knobs
+        defaults = ChatSettings()
+        assert (settings.temperature, settings.top_k) == (defaults.temperature, defaults.top_k)  # damaged knobs
         await send(pilot, "still answers")
         await until(pilot, lambda: app.chat.reply is None and len(replies(app)) == 1)
         assert replies(app)[0].content == "Ok."

@@ -207,7 +207,8 @@ def run_chat(model: str | None = None, system: str | None = None, params=None, c
     settings = ChatSettings(system=system or "")
     if params is not None:
         settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k, repeat_penalty=params.repetition_penalty, seed=params.seed)
+                                top_k=params.top_k, repeat_penalty=params.repetition_penalty,
+                                repeat_last_n=params.repeat_last_n, seed=params.seed)
     app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype)
     app.run()
     return app.return_code or 0
