@@ -39,6 +39,7 @@ COMMANDS: list[tuple[str, str, str, str, bool]] = [
     ("f3", "export", "Export chat", "Save this chat as a Markdown file", False),
     ("f8", "delete", "Delete chat", "Delete this chat (asks first)", False),
     ("ctrl+b", "toggle_sidebar", "Sidebar", "Show or hide the list of chats", False),
+    ("f5", "download", "Download model", "Download and install the default model", False),
     ("f1", "help", "Help", "Every key and command", True),
 ]
 
@@ -179,6 +180,10 @@ class ChatApp(App):
     # ------------------------------------------------------------ first start
     @on(ChatScreen.NeedsModel)
     def _offer_download(self) -> None:
+        self.action_download()
+
+    def action_download(self) -> None:
+        """The first start's offer, at any time: after "Not now", or to install the default model again."""
         from ..pull import load_catalog
 
         default, _ = load_catalog()

@@ -35,6 +35,7 @@ from ..widgets.status import StatusLine
 from ..widgets.transcript import MessageView, Notice, Transcript
 
 DRAIN_INTERVAL_S = 1 / 30
+SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar starts hidden
 
 
 @dataclass
@@ -78,6 +79,10 @@ class ChatScreen(Screen):
                 yield PromptInput(id="prompt")
         yield StatusLine(id="status")
         yield Footer()
+
+    def on_resize(self, event) -> None:
+        # below 80 columns the transcript needs the room: the sidebar folds away (Ctrl+B shows it)
+        self.query_one("#sidebar").display = event.size.width >= SIDEBAR_MIN_WIDTH
 
     async def on_mount(self) -> None:
         self.query_one("#sidebar").border_title = "Chats"
@@ -284,7 +289,7 @@ class ChatScreen(Screen):
         if self.conversation is None or self._busy():
             return
         self.history.delete(self.conversation.id)
-        self.notify(f"Deleted “{self.conversation.title}”.")
+        self.notify(f"Deleted the chat “{self.conversation.title}”")  # no stop: a title may end in one
         await self.new_chat()
 
     def apply_settings(self, settings: ChatSettings) -> None:
@@ -301,11 +306,18 @@ class ChatScreen(Screen):
             raise UserError("this chat is empty; there is nothing to export")
         if path.is_dir():
             path = path / _file_name(self.conversation.title)
+        if not path.parent.is_dir():
+            raise UserError(f"{path.parent}: no such folder")
         write_atomic(path, to_markdown(self.conversation, self.history.messages(self.conversation.id)))
         return path
 
     def default_export_path(self) -> Path:
-        return Path.cwd() / _file_name(self.chat_title)
+        """In the user's documents folder (else home), never the folder llamadesk was started in,
+        which is often a source checkout."""
+        import platformdirs
+
+        documents = platformdirs.user_documents_path()
+        return (documents if documents.is_dir() else Path.home()) / _file_name(self.chat_title)
 
     def copy_text(self) -> str | None:
         """The focused message, else the last reply: the text to put on the clipboard."""
@@ -322,6 +334,11 @@ class ChatScreen(Screen):
         if self._busy():
             return
         text = event.text.rstrip()  # trailing whitespace only: the rest is the prompt as typed
+        if self.model is None and self.loading_since is None:
+            # nothing would answer: keep the prompt in the box rather than saving a chat without a reply
+            await self._notice("No model is loaded, so the prompt was not sent: Ctrl+O picks an installed "
+                               "one, F5 downloads the default model.", "error")
+            return
         if self.conversation is not None and not self.history.exists(self.conversation.id):
             # deleted in another window: this prompt starts a new chat with the same settings
             self.draft_settings, self.conversation = self.conversation.settings, None

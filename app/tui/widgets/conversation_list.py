@@ -29,6 +29,12 @@ class ConversationList(OptionList):
         else:
             self.highlighted = None
 
+    def on_focus(self) -> None:
+        # Tab lands on a chat, so Enter opens it at once (without this, nothing is highlighted
+        # while a new chat is open and Enter does nothing until an arrow key)
+        if self.highlighted is None and self.option_count:
+            self.highlighted = 0
+
     @on(OptionList.OptionSelected)
     def _opened(self, event: OptionList.OptionSelected) -> None:
         event.stop()
