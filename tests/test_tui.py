@@ -585,6 +585,21 @@ async def test_a_restart_reopens_the_last_chat_and_model_and_replies_keep_their_
 
 
 
+
+@pytest.mark.asyncio
+async def test_the_status_line_counts_during_the_reply(home):
+    model = GatedModel(["Paris ", "is ", "the ", "capital."])
+    app = fake_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await first_piece_on_screen(pilot, app, "Capital of France?", "Paris ")
+        status = app.query_one(StatusLine)
+        prompt_tokens = len(model.prompt_ids([{"role": "user", "content": "Capital of France?"}]))
+        # mid-reply (the model waits on the gate): the numbers already count the written token
+        await until(pilot, lambda: status.ctx_used == prompt_tokens + 1 and status.tokens_per_s == 12.5)
+        assert app.chat.reply is not None
+        model.gate.set()
+        await until(pilot, lambda: app.chat.reply is None)
+
 # ---------------------------------------------------------------- small terminals, first contact
 def screen_lines(app) -> list[str]:
     return [strip.text for strip in app.screen._compositor.render_strips()]

@@ -35,6 +35,7 @@ from ..widgets.status import StatusLine
 from ..widgets.transcript import MessageView, Notice, Transcript
 
 DRAIN_INTERVAL_S = 1 / 30
+NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
 SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar starts hidden
 
 
@@ -49,6 +50,8 @@ class _Reply:
     timer: Timer | None = None
     unshown: str = ""  # text taken from `pieces`, not yet on screen
     show_after: float = 0.0  # time.monotonic() before which no more text is shown
+    prompt_tokens: int = 0
+    numbers_after: float = 0.0  # time.monotonic() of the next status line update during the reply
 
 
 class ChatScreen(Screen):
@@ -430,7 +433,7 @@ class ChatScreen(Screen):
             if isinstance(item, str):
                 text.append(item)
             elif isinstance(item, PromptFitted):
-                self.query_one(StatusLine).ctx_used = item.prompt_tokens
+                self.query_one(StatusLine).ctx_used = reply.prompt_tokens = item.prompt_tokens
                 if item.dropped:
                     kept = " (the system prompt stays)" if self.settings.system else ""
                     await self._notice(f"The conversation no longer fits the {item.ctx}-token context: the oldest "
@@ -447,8 +450,21 @@ class ChatScreen(Screen):
             # block, re-parsed whole), wait twice its time, so rendering takes a third of the time
             # at most and the reply keeps its speed (measured: 10.9 tok/s during a long list before)
             reply.show_after = time.monotonic() + 2 * reply.view.append_s
+        if end is None and (reply.view.content or reply.unshown) and time.monotonic() >= reply.numbers_after:
+            self._show_numbers(reply)
         if end is not None:
             await self._finish(reply, end)
+
+    def _show_numbers(self, reply: _Reply) -> None:
+        """Context used and tokens/s while the reply is written, 4 times a second: the engine
+        updates its numbers at every token (plain ints, read here without a lock)."""
+        reply.numbers_after = time.monotonic() + NUMBERS_INTERVAL_S
+        if self.model is None:
+            return
+        last, status = self.model.last, self.query_one(StatusLine)
+        status.ctx_used = reply.prompt_tokens + last.new_tokens
+        if last.tokens_per_s > 0:
+            status.tokens_per_s = last.tokens_per_s
 
     async def _finish(self, reply: _Reply, end: ReplyEnded) -> None:
         # This runs inside the drain timer's task, and stopping a timer cancels its task: the timer
