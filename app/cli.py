@@ -41,7 +41,8 @@ def _progress():
     """A transient progress bar on stderr: description, bar, done/total, elapsed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # the description names files and models: data, never markup
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=err, transient=True)
 
 
@@ -98,8 +99,7 @@ def _fits_twice(source: store.ModelEntry) -> bool:
 
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
     """`llamadesk pull`: app.pull.pull_model with its steps said and a progress bar on stderr."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with _progress() as bar:
         task = bar.add_task("Pulling", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -182,8 +182,7 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
 def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     from .variants import eval_model
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"Loading {ref}", total=None)
         entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: bar.update(
             task, completed=done, total=total, description=f"Scoring tokens ({what})"))
@@ -268,7 +267,8 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
         return 0 if result.chosen else 1
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     out.print(f"Device: {device.kind} ({device.name}), {format_bytes(device.free_bytes)} free of "
-              f"{format_bytes(device.total_bytes)}", markup=False)
+              f"{format_bytes(device.total_bytes)}" + (f", bounded by {device.limit}" if device.limit else ""),
+              markup=False)
     table = Table("model", "variant", "weights", "KV / token", "max context", "verdict")
     for r in result.candidates:
         table.add_row(r.model, r.variant, format_bytes(r.weight_bytes),
@@ -320,36 +320,28 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 
 def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
                kv_dtype: str = "auto", chat_format: str | None = None) -> int:
-    """A line-by-line chat for terminals where the full-screen app cannot run."""
+    """A line-by-line chat for terminals where the full-screen app cannot run (see app.plain_chat)."""
     from .engine import Engine
+    from .history import History
+    from .plain_chat import PlainChat, terminal_lines
 
     ref = ensure_model(model)
     _compile_decode_kernel()
-    engine = Engine.load(ref, ctx=ctx, kv_dtype=kv_dtype, chat_format=chat_format)
-    _say_guessed_format(engine)
-    messages = [{"role": "system", "content": system}] if system else []
-    say(f"Chatting with {engine.entry.ref} ({engine.ctx}-token context). Ctrl-C stops a reply, Ctrl-D quits.")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        cancel = threading.Event()
-        reply = []
-        try:
-            for piece in engine.stream(messages, params, 1024, cancel):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            cancel.set()
-            say("\n[stopped]")
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    interactive = sys.stdin.isatty()
+    loaded: list[str] = []  # `/set parameter num_ctx` reloads the model the plan chose first
+
+    def load(n: int | None):
+        engine = Engine.load(loaded[0] if loaded else ref, ctx=n, kv_dtype=kv_dtype, chat_format=chat_format)
+        if not loaded:
+            _say_guessed_format(engine)
+        loaded[:] = [engine.entry.ref]
+        return engine
+
+    chat = PlainChat(load, params, system, history=History(), say=say, interactive=interactive, ctx=ctx)
+    if interactive:
+        say(f"Chatting with {chat.engine.entry.ref} ({chat.engine.ctx}-token context). "
+            f"Send a message (/? for help, /bye or Ctrl-D quits, Ctrl-C stops a reply).")
+    return chat.run(terminal_lines(interactive))
 
 
 # ---------------------------------------------------------------- tokenize / show
@@ -412,18 +404,37 @@ def set_model_setting(name: str, key: str, value: str) -> int:
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=_finite_float,
+                   help="randomness; below 0.0001 = greedy (default: the model's own, else 0.7)")
+    p.add_argument("--top-p", type=_finite_float, help="sample from the smallest set of tokens holding this "
+                   "much probability (default: the model's own, else 0.9)")
+    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens, 0 = all (default: the "
+                   "model's own, else 40)")
+    p.add_argument("--repeat-penalty", type=_finite_float, help="penalize tokens seen in the last --repeat-last-n "
+                   "(default: the model's own, else 1.1; 1.0 at a greedy temperature)")
+    p.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalty looks at, -1 = all, "
+                   "0 = none (default 64)")
     p.add_argument("--seed", type=int, help="the same seed gives the same text")
-    p.add_argument("--ctx", type=int, help="context length in tokens")
+    p.add_argument("--ctx", type=int, help="context length in tokens (default: what the memory plan chooses)")
     _kv_dtype_flag(p)
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
     p.add_argument("--chat-format", choices=BUILT_IN,
                    help="write the conversation in this format for this run instead of the model's own")
+
+
+def _finite_float(text: str) -> float:
+    """A number flag: 'nan' and 'inf' parse as floats in Python, never as a setting here (usage, exit 2)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_finite_float.__name__ = "number"  # argparse says "invalid number value: 'nan'"
 
 
 def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:
@@ -433,28 +444,31 @@ def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamadesk", description="A private, offline AI assistant.")
-    sub = parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(prog="llamadesk", description="A private, offline AI assistant. With no "
+                                     "command: the chat app (`llamadesk chat`).")
+    parser.add_argument("--version", action="version", version=f"llamadesk {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", help="chat in the terminal (the default command)")
     _sampling_flags(p)
     p.add_argument("--plain", action="store_true", help="line-by-line chat instead of the full-screen app")
 
     p = sub.add_parser("ask", help="answer one prompt on stdout (reads stdin when PROMPT is absent or -)")
-    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("prompt", nargs="?", default=None, help="the question (default, or -: read stdin)")
     _sampling_flags(p)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=512, help="the longest reply in tokens (default 512)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     p.add_argument("--parse-special", action="store_true",
                    help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, with no chat format")
 
+    default_model, catalog = pull.load_catalog()
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help=f"a catalog model: {', '.join(catalog)} (default {default_model})")
     p.add_argument("--force", action="store_true", help="reinstall even if installed")
 
     p = sub.add_parser("import", help="import a Hugging Face folder, Meta folder or GGUF file")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="a Hugging Face or Meta checkpoint folder, or a .gguf file")
     p.add_argument("--name", help="store name (default: from the path)")
     p.add_argument("--force", action="store_true", help="replace an installed model of that name")
     p.add_argument("--keep-float", action="store_true",
@@ -473,15 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the perplexity/KL/top-1 report (it loads source and variant together)")
 
     p = sub.add_parser("eval", help="perplexity of an installed model on a text")
-    p.add_argument("ref")
+    p.add_argument("ref", help="installed model, NAME or NAME:VARIANT")
     p.add_argument("--text", type=Path, help="a UTF-8 text file (default: Python's own English reference text)")
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=8192, help="how many tokens of the text to score (default 8192)")
+    p.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
 
     p = sub.add_parser("bench", help="time to first token, prefill and decode speed of installed variants")
     p.add_argument("ref", nargs="?", help="NAME or NAME:VARIANT (default: every installed variant)")
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length to time prefill with (default 512)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode per run (default 128)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
     p.add_argument("--threads", type=int, help="CPU threads (default and upper bound: the idle cores, as for chat)")
     p.add_argument("--json", action="store_true", help="machine-readable results, with the CPU path and flags")
@@ -514,32 +528,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
-    p.add_argument("ref")
+    p.add_argument("ref", help="NAME (every variant) or NAME:VARIANT")
     return parser
 
 
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags the user gave over the model's own defaults (else Ollama-like ones)."""
+    from .sampling_defaults import model_defaults, resolve
+
+    try:
+        # a variant's folder holds no generation_config.json: its source's does
+        folder = store.find(store.parse_ref(args.model)[0] if args.model else pull.load_catalog()[0]).path
+    except UserError:
+        folder = None  # not installed (yet): the generic defaults
+    asked = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n}
+    try:
+        return resolve(asked, model_defaults(folder), args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llamadesk")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _read_prompt(arg: str | None) -> str:
+    """The prompt of `ask`, by argument or stdin, as app.prompt_text's rules make it."""
+    from .prompt_text import from_shell, prompt_text, read_stdin
+
     if arg is not None and arg != "-":
-        return arg
+        return prompt_text(from_shell(arg, say))
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("give a prompt, e.g. llamadesk ask \"What is RoPE?\", or pipe one on stdin")
-    text = sys.stdin.read()
-    if not text.strip():
-        raise UserError("the prompt on stdin is empty")
-    return text
+    return prompt_text(from_shell(read_stdin(), say), "the prompt on stdin")
 
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "chat"
+    store.usable_home()  # every command reads or writes the home: a bad one is one line, first
     if command in ("ask", "chat"):
-        from model.generate import SamplingParams
+        params = _sampling_params(args)
+    if command in ("ask", "chat") and args.system:
+        from .prompt_text import from_shell
 
-        try:
-            params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    repetition_penalty=args.repeat_penalty, seed=args.seed)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        args.system = from_shell(args.system, say, "the system prompt")
     if command == "ask":
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
@@ -620,6 +659,26 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a file the user's machine refused: named, with what to do, not a traceback
+        say(f"llamadesk: error: {_os_error(e)}")
+        return 1
+    except Exception as e:  # a bug: one line still, the traceback on request
+        if os.environ.get("LLAMADESK_DEBUG"):
+            raise
+        say(f"llamadesk: error: {type(e).__name__}: {e} (a bug in llamadesk; LLAMADESK_DEBUG=1 shows where)")
+        return 1
+
+
+def _os_error(e: OSError) -> str:
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        return f"{where}no space left on the device; free some space and try again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{what}; check the permissions, or set LLAMADESK_HOME to a folder you can write"
+    return f"{where}{what}"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -43,6 +44,8 @@ class Device:
     capability: tuple[int, int] | None = None  # CUDA compute capability
     features: list[str] = field(default_factory=list)  # CPU flags that matter to the kernels
     threads: int = 1
+    limit: str = ""  # which limit `free_bytes` comes from (a cgroup's, the host's), in words
+    cgroup_limit: int | None = None  # bytes, when a cgroup's limit is what bounds `free_bytes`
 
     @property
     def bf16_ok(self) -> bool:
@@ -69,10 +72,154 @@ def cpu_features() -> list[str]:
 
 
 def probe_cpu(ram: int | None = None) -> Device:
+    """The CPU and the memory this process may use: the host's available RAM, or less where a
+    cgroup (a container, a systemd service) limits it; `limit` says which one counted."""
     mem = psutil.virtual_memory()
-    free = ram if ram is not None else mem.available
-    total = max(ram or 0, mem.total) if ram is None else ram
-    return Device("cpu", _cpu_name(), total, free, None, cpu_features(), threads=len(os.sched_getaffinity(0)))
+    if ram is not None:
+        return Device("cpu", _cpu_name(), ram, ram, None, cpu_features(), threads=usable_cpus(),
+                      limit="--ram")
+    free, total, limit = mem.available, mem.total, "the host's available RAM"
+    group = cgroup_memory()
+    if group is not None and group.available < free:
+        return Device("cpu", _cpu_name(), min(total, group.limit), group.available, None, cpu_features(),
+                      threads=usable_cpus(), limit=group.describe(), cgroup_limit=group.limit)
+    return Device("cpu", _cpu_name(), total, free, None, cpu_features(), threads=usable_cpus(), limit=limit)
+
+
+# ---------------------------------------------------------------- cgroups: what a container allows
+# A process in a cgroup (Docker, Kubernetes, systemd services) is killed at the cgroup's memory
+# limit, whatever the host has free: the plan must see the smallest room left along the path from
+# the process's cgroup up to the root. Page cache that is not in active use (inactive_file) counts
+# against the limit but is reclaimed before the OOM killer runs, so it counts as available.
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as the largest page-aligned int64
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    available: int  # bytes this process can still take before the tightest limit
+    limit: int  # that cgroup's limit in bytes
+    path: str  # that cgroup's folder
+    version: int  # 1 or 2
+
+    def describe(self) -> str:
+        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+        return f"the cgroup v{self.version} limit of {format_bytes(self.limit)} ({name} in {self.path})"
+
+
+def _cgroup_dirs(controller: str, proc: Path) -> list[tuple[int, Path, Path]]:
+    """(version, the process's cgroup folder, the mount point above it) for each hierarchy that
+    has `controller` ("memory" or "cpu"): the v2 one and/or the v1 one."""
+    try:
+        groups = (proc / "cgroup").read_text().splitlines()
+        mounts = (proc / "mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in mounts:
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        dash = fields.index("-")
+        root, mount_point, fstype, options = fields[3], fields[4], fields[dash + 1], fields[dash + 3:]
+        if fstype == "cgroup2":
+            version, wanted = 2, [g.split(":", 2)[2] for g in groups if g.startswith("0::")]
+        elif fstype == "cgroup" and controller in ",".join(options).split(","):
+            version = 1
+            wanted = [g.split(":", 2)[2] for g in groups
+                      if len(g.split(":", 2)) == 3 and controller in g.split(":", 2)[1].split(",")]
+        else:
+            continue
+        for path in wanted:
+            # a container's mount may show the hierarchy from the container's own cgroup (`root`)
+            if root == "/":
+                relative = path
+            elif path == root or path.startswith(root + "/"):
+                relative = path[len(root):]
+            else:
+                relative = "/"  # the process's cgroup is above the mount: its top is the nearest
+            found.append((version, Path(mount_point) / relative.lstrip("/"), Path(mount_point)))
+    return found
+
+
+def _ancestors(folder: Path, mount_point: Path) -> list[Path]:
+    """`folder`, its parent, ... up to and including `mount_point`."""
+    out = [folder]
+    while folder != mount_point and mount_point in folder.parents:
+        folder = folder.parent
+        out.append(folder)
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text) if text.lstrip("-").isdigit() else None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_memory(proc: Path = Path("/proc/self")) -> CgroupMemory | None:
+    """The tightest cgroup memory limit over this process's cgroup and its ancestors, v1 and v2:
+    min over them of limit - (usage - inactive file cache). None when no cgroup sets a limit."""
+    tightest = None
+    for version, folder, mount_point in _cgroup_dirs("memory", proc):
+        for d in _ancestors(folder, mount_point):
+            if version == 2:
+                limit, usage = _read_int(d / "memory.max"), _read_int(d / "memory.current")
+                inactive = _stat(d / "memory.stat", "inactive_file")
+            else:
+                limit, usage = _read_int(d / "memory.limit_in_bytes"), _read_int(d / "memory.usage_in_bytes")
+                inactive = _stat(d / "memory.stat", "total_inactive_file") or _stat(d / "memory.stat", "inactive_file")
+            if limit is None or limit >= _UNLIMITED:
+                continue
+            used = max(0, (usage or 0) - inactive)
+            available = max(0, limit - used)
+            if tightest is None or available < tightest.available:
+                tightest = CgroupMemory(available, limit, str(d), version)
+    return tightest
+
+
+def cgroup_cpus(proc: Path = Path("/proc/self")) -> float | None:
+    """The tightest CPU quota over this process's cgroup and its ancestors, in CPUs (quota /
+    period: 150000/100000 is 1.5); None when none is set."""
+    tightest = None
+    for version, folder, mount_point in _cgroup_dirs("cpu", proc):
+        for d in _ancestors(folder, mount_point):
+            if version == 2:
+                try:
+                    quota, period = (d / "cpu.max").read_text().split()
+                except (OSError, ValueError):
+                    continue
+                if quota == "max":
+                    continue
+                cpus = int(quota) / int(period)
+            else:
+                quota, period = _read_int(d / "cpu.cfs_quota_us"), _read_int(d / "cpu.cfs_period_us")
+                if quota is None or quota <= 0 or not period:
+                    continue
+                cpus = quota / period
+            tightest = cpus if tightest is None else min(tightest, cpus)
+    return tightest
+
+
+def usable_cpus(proc: Path = Path("/proc/self")) -> int:
+    """How many CPUs this process can keep busy: the cores it may run on (affinity), fewer when
+    a cgroup's quota allows less (whole CPUs, at least 1: a thread over the quota is throttled,
+    and the others wait for it at every barrier)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpus(proc)
+    return max(1, min(cores, int(quota))) if quota is not None else cores
 
 
 def _no_nvidia_driver() -> bool:
@@ -135,7 +282,7 @@ def default_threads() -> int:
     Measured here: with one of two cores busy elsewhere, 2 threads decode at 1.5 tok/s and 1
     thread at 64 (each op's OpenMP barrier waits for the descheduled thread); idle, 2 threads win.
     """
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     try:
         busy = max(0.0, os.getloadavg()[0] - _own_recent_load())
     except OSError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import psutil
@@ -347,7 +347,12 @@ class Engine:
                             f"shorten it or raise --ctx")
         if self._next_decoder is not None:  # between replies: no step is running
             self.decoder, self._next_decoder = self._next_decoder, None
-        reuse = _common_prefix(self._cached, ids)
+        params, reuse = self._sampling(params), _common_prefix(self._cached, ids)
+        if params.seed is not None:
+            # a seed promises the same text for the same prompt whatever ran before: the cached
+            # prefix (written by an earlier reply's decode steps, rounded to the KV dtype) gives
+            # logits a little off a fresh prefill's, enough to change a sampled token
+            reuse = 0
         reuse = min(reuse, len(ids) - 1)  # the last prompt token must run to give the first logits
         stats = self.last = ReplyStats(prompt_tokens=len(ids), reused_tokens=reuse)
         decoder = StreamDecoder(self.tokenizer)
@@ -379,6 +384,12 @@ class Engine:
 
     def context_used(self) -> int:
         return len(self._cached)
+
+    def _sampling(self, params: SamplingParams | None) -> SamplingParams:
+        """`params` with the tokenizer's special tokens exempt from the repetition penalty."""
+        params = params or SamplingParams()
+        exempt = frozenset(self.tokenizer.special_tokens.values()) | frozenset(self.stop_ids)
+        return replace(params, penalty_exempt=params.penalty_exempt | exempt)
 
 
 def _rss() -> int:

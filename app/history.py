@@ -1,6 +1,8 @@
 """Conversations in SQLite: one file under the llamadesk home, safe to share between two app windows.
 
-    history.sqlite3   conversations (title, per-conversation settings) and their messages
+    history.sqlite3   conversations (title, per-conversation settings), their messages (with a
+                      `meta` JSON object each: sources, timings, where a reply ran) and the app's
+                      `state` (last chat, last model, saved connections; never a secret)
 
 The schema version lives in `PRAGMA user_version`; `_MIGRATIONS[n]` takes a version-n file to n+1,
 each in its own transaction, so a file from any older llamadesk opens. WAL mode and a busy timeout
@@ -14,7 +16,9 @@ transaction, so nothing here needs a worker.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sqlite3
 import tempfile
 import time
@@ -26,7 +30,7 @@ from . import store
 from .errors import UserError
 
 FILENAME = "history.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_TITLE = "New chat"
 BUSY_TIMEOUT_S = 5.0
 
@@ -41,10 +45,12 @@ class ChatSettings:
     """A conversation's system prompt and sampling knobs; unknown or missing keys read as defaults."""
 
     system: str = ""
+    # Ollama-like (app.sampling_defaults.OLLAMA_LIKE): SamplingParams' neutral ones loop on short prompts
     temperature: float = 0.7
     top_p: float = 0.9
-    top_k: int = 0
-    repeat_penalty: float = 1.0
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
     max_tokens: int = 1024
     seed: int | None = None
 
@@ -58,19 +64,35 @@ class ChatSettings:
         if self.max_tokens < 1:
             raise ValueError(f"max tokens must be at least 1, got {self.max_tokens}")
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              repetition_penalty=self.repeat_penalty, seed=self.seed)
+                              repetition_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
+                              seed=self.seed)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | None) -> "ChatSettings":
+        """Settings as stored; a key that is unknown, of the wrong type or not finite reads as its
+        default, so one damaged row opens with defaults instead of failing later in the engine."""
         try:
             data = json.loads(text or "{}")
-        except ValueError:
+        except (ValueError, TypeError):
             data = {}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}) if isinstance(data, dict) else cls()
+        if not isinstance(data, dict):
+            return cls()
+        return cls(**{f.name: data[f.name] for f in fields(cls)
+                      if f.name in data and _fits(data[f.name], _KINDS[f.name])})
+
+
+# the type each stored setting must have (bool is an int to Python, never a number here)
+_KINDS = {"system": (str,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
+          "repeat_penalty": (int, float), "repeat_last_n": (int,), "max_tokens": (int,), "seed": (int, type(None))}
+
+
+def _fits(value: object, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,7 @@ class Message:
     created: float
     stopped: bool = False  # the user stopped this reply before the model finished it
     model: str | None = None  # the model that wrote an assistant reply, as name:variant
+    meta: dict = field(default_factory=dict)  # JSON: {"sources": [...], "timings": {...}, "ran_on": {...}}
 
 
 # ---------------------------------------------------------------- schema
@@ -131,10 +154,18 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
         db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
 
 
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """A `meta` JSON object on every message (what a reply drew on, how long it took, where it
+    ran), and the app's own `state`: one JSON value per key."""
+    db.execute("ALTER TABLE messages ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")
+    db.execute("CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 # _MIGRATIONS[n] takes a file at version n to version n + 1; version 0 is an empty file.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: lambda db: [db.execute(stmt) for stmt in _V1.split(";") if stmt.strip()],
     1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
 }
 
 
@@ -160,6 +191,9 @@ def _migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> None:
 
 
 # ---------------------------------------------------------------- the history
+# how `PRAGMA quick_check` words a row that breaks a constraint, as opposed to a damaged page
+_ROW_PROBLEMS = ("NULL value in ", "CHECK constraint failed in ", "non-")
+
 class History:
     """The conversations in one SQLite file. `recovered_from` is set when a corrupt file was moved aside."""
 
@@ -180,12 +214,18 @@ class History:
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT) so migrations and
         # multi-statement writes are atomic and nothing is left open between calls.
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        # text that is not UTF-8 (a damaged page, another program's write) reads with U+FFFD
+        # instead of failing the whole query that lists every chat
+        db.text_factory = lambda raw: raw.decode("utf-8", "replace")
         try:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA foreign_keys = ON")
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(f"database disk image is malformed: {check}")
+            # A row that breaks a constraint (a NULL, a CHECK) is one bad row, which the readers
+            # below skip; anything else is damage to the file itself.
+            damage = [r[0] for r in db.execute("PRAGMA quick_check")
+                      if r[0] != "ok" and not r[0].startswith(_ROW_PROBLEMS)]
+            if damage:
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {damage[0]}")
             _migrate(db)
         except BaseException:
             db.close()
@@ -245,32 +285,103 @@ class History:
 
     # ------------------------------------------------------------ messages
     def messages(self, conversation_id: int) -> list[Message]:
-        rows = self.db.execute("SELECT id, conversation_id, role, content, created, stopped, model FROM messages "
-                               "WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
-        return [Message(i, c, role, content, created, bool(stopped), model)
-                for i, c, role, content, created, stopped, model in rows]
+        return self.read_messages(conversation_id)[0]
+
+    def read_messages(self, conversation_id: int) -> tuple[list[Message], list[int]]:
+        """The conversation's messages in order, and the ids of stored rows that are not a message
+        (a role other than user or assistant, no content): those are left out, never fatal."""
+        rows = self.db.execute("SELECT id, conversation_id, role, content, created, stopped, model, meta "
+                               "FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+        readable, skipped = [], []
+        for i, c, role, content, created, stopped, model, meta in rows:
+            if role not in ("user", "assistant") or content is None:
+                skipped.append(i)
+                continue
+            readable.append(Message(i, c, role, _text(content), _number(created), bool(stopped),
+                                    None if model is None else _text(model), _json_object(meta)))
+        return readable, skipped
 
     def add_message(self, conversation_id: int, role: str, content: str, stopped: bool = False,
-                    model: str | None = None) -> Message:
+                    model: str | None = None, meta: dict | None = None) -> Message:
         now = self.clock()
+        meta = dict(meta or {})
+        meta_json = json.dumps(meta, sort_keys=True)  # raises TypeError before anything is written
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            cur = self.db.execute("INSERT INTO messages (conversation_id, role, content, created, stopped, model) "
-                                  "VALUES (?, ?, ?, ?, ?, ?)", (conversation_id, role, content, now, int(stopped), model))
+            cur = self.db.execute("INSERT INTO messages (conversation_id, role, content, created, stopped, model, meta) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  (conversation_id, role, content, now, int(stopped), model, meta_json))
             self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        return Message(cur.lastrowid, conversation_id, role, content, now, stopped, model)
+        return Message(cur.lastrowid, conversation_id, role, content, now, stopped, model, meta)
 
     def delete_message(self, message_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
+    # ------------------------------------------------------------ the app's state
+    def state(self, key: str, default=None):
+        """The JSON value saved under `key` (e.g. "last_chat", "last_model", "connections"), or
+        `default` when there is none or it cannot be read."""
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return default
+        try:
+            return json.loads(_text(row[0]))
+        except ValueError:
+            return default
+
+    def set_state(self, key: str, value) -> None:
+        """Save a JSON value under `key`; None removes it. Raises ValueError for a value holding a
+        secret (a key named like api_key, token, password): the history is a plain file."""
+        if value is None:
+            self.db.execute("DELETE FROM state WHERE key = ?", (key,))
+            return
+        _refuse_secrets(value, key)
+        self.db.execute("INSERT INTO state (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+
 
 def _conversation(row) -> Conversation:
     cid, title, created, updated, settings = row
-    return Conversation(cid, title, created, updated, ChatSettings.from_json(settings))
+    title = " ".join(_text(title or "").split()) or DEFAULT_TITLE
+    settings = ChatSettings.from_json(settings if isinstance(settings, str) else None)
+    return Conversation(cid, title, _number(created), _number(updated), settings)
+
+
+_SECRET = re.compile(r"(api[_-]?key|secret|token|password|passwd|authorization|bearer|cookie)", re.I)
+
+
+def _refuse_secrets(value, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _SECRET.search(str(k)):
+                raise ValueError(f"{where}.{k}: secrets are never saved in the history")
+            _refuse_secrets(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_secrets(v, f"{where}[{i}]")
+
+
+def _json_object(text: object) -> dict:
+    try:
+        value = json.loads(_text(text)) if text is not None else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object) -> str:
+    """A stored value as text: SQLite keeps whatever type was written, whatever the column says."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _is_corrupt(e: sqlite3.DatabaseError) -> bool:

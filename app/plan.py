@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from model.args import ModelArgs
 
 from .devices import Device, format_bytes
+from .errors import UserError
 
 TARGET_CTX = 8192
 MIN_CTX = 2048
@@ -110,6 +111,11 @@ def overhead_bytes(device: Device) -> int:
 def margin_bytes(device: Device) -> int:
     if device.kind == "cuda":
         return max(1 << 30, device.free_bytes // 10)
+    if device.cgroup_limit is not None:
+        # a cgroup's room is this service's alone and measured net of what it already uses: a
+        # tenth of the limit (the host's 512 MiB floor alone would refuse every model under 1 GiB,
+        # where the default model peaks at 464 MiB, measured)
+        return max(64 << 20, device.cgroup_limit // 10)
     return max(512 << 20, device.free_bytes // 10)
 
 
@@ -304,7 +310,7 @@ def _rank(c: Candidate, device: Device) -> tuple:
 
 def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan | str:
     biggest = max(c.args.n_params for c, _, _ in pool)
-    free = format_bytes(device.free_bytes)
+    free = format_bytes(device.free_bytes) + (f" (bounded by {device.limit})" if device.limit else "")
     # models from the largest down; for each, variants from the most bits down
     for n_params in sorted({c.args.n_params for c, _, _ in pool}, reverse=True):
         same_model = [(c, longest, kv) for c, longest, kv in pool if c.args.n_params == n_params]
@@ -442,7 +448,12 @@ def stored_weight_bytes(entry, device: Device) -> int:
     layout = (entry.manifest.get("quant") or {}).get("layout", {})  # packed modules run as stored
     total = 0
     for fname in entry.manifest["weights"]:
-        with safe_open(str(entry.path / fname), framework="pt") as f:
+        try:
+            f = safe_open(str(entry.path / fname), framework="pt")
+        except Exception as e:  # SafetensorError, OSError: a damaged or missing file
+            raise UserError(f"{entry.path / fname}: the weights file cannot be read ({e}); remove the model with "
+                            f"`llamadesk rm {entry.ref}`, then pull or import it again") from None
+        with f:
             for key in f.keys():
                 sl = f.get_slice(key)
                 n = 1
@@ -463,7 +474,9 @@ def stored_weight_bytes(entry, device: Device) -> int:
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8}
 
 
-def installed_candidates(device: Device) -> list[Candidate]:
+def installed_candidates(device: Device, damaged: dict[str, UserError] | None = None) -> list[Candidate]:
+    """Every installed variant that can be read; one whose files cannot be goes into `damaged`
+    (ref -> the error naming its file) instead of failing the plan for all the others."""
     from . import store
 
     entries = store.list_entries()
@@ -471,8 +484,14 @@ def installed_candidates(device: Device) -> list[Candidate]:
     out = []
     for e in entries:
         args = ModelArgs.from_dict(e.manifest["args"])
-        out.append(Candidate(e.name, e.variant, args, stored_weight_bytes(e, device),
-                             variant_bits(e.manifest, sources.get(e.name, 16))))
+        try:
+            weight_bytes = stored_weight_bytes(e, device)
+        except UserError as error:
+            if damaged is None:
+                raise
+            damaged[e.ref] = error
+            continue
+        out.append(Candidate(e.name, e.variant, args, weight_bytes, variant_bits(e.manifest, sources.get(e.name, 16))))
     return out
 
 
@@ -517,4 +536,15 @@ def plan_installed(ref: str | None = None, ctx: int | None = None, kv_dtype: str
     if ref:
         model, variant = store.parse_ref(ref)
         store.find(ref)  # a clear "not installed" message before any planning
-    return plan_memory(installed_candidates(device), device, model, variant, ctx, kv_dtype)
+    damaged: dict[str, UserError] = {}
+    candidates = installed_candidates(device, damaged)
+    for bad_ref, error in damaged.items():
+        name, bad_variant = store.parse_ref(bad_ref)
+        # the variant asked for is damaged (or every variant of the model asked for): say which
+        # file, never plan around it
+        if name == model and (variant == bad_variant or not any(c.model == name for c in candidates)):
+            raise error
+    result = plan_memory(candidates, device, model, variant, ctx, kv_dtype)
+    if result.chosen is None and damaged:
+        raise next(iter(damaged.values()))
+    return result

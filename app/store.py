@@ -34,6 +34,20 @@ def home() -> Path:
     return Path(os.environ.get("LLAMADESK_HOME") or platformdirs.user_data_path("llamadesk"))
 
 
+def usable_home() -> Path:
+    """The home folder, created if missing. Raises UserError, naming the folder and what to do,
+    when it is a file or cannot be created (a read-only disk, a parent that is a file)."""
+    path = home()
+    hint = "set LLAMADESK_HOME to a folder you can write, or unset it for the default"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: the llamadesk home is a file, not a folder; {hint}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the llamadesk home ({e.strerror}); {hint}") from None
+    return path
+
+
 def models_root() -> Path:
     return home() / "models"
 

@@ -10,6 +10,7 @@ model/static_decode.py). The app's engine picks it; the model never knows.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
@@ -19,15 +20,33 @@ import torch
 from .model import Transformer
 
 
+GREEDY_BELOW = 1e-4  # a temperature under this picks the most likely token, exactly
+
+
 @dataclass
 class SamplingParams:
-    temperature: float = 0.7  # 0 means greedy
+    """How to pick each token. Raises ValueError for a value out of range, NaN or infinite.
+
+    `penalty_exempt` holds token ids the repetition penalty never touches: the chat template's
+    control tokens are in every prompt, and punishing the end-of-turn token makes a reply run on.
+    """
+
+    temperature: float = 0.7  # below GREEDY_BELOW (0 included) means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    repeat_last_n: int = -1  # how many recent tokens the penalty looks at: -1 all, 0 none
+    penalty_exempt: frozenset[int] = frozenset()
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.repeat_last_n < -1:
+            raise ValueError(f"repeat_last_n must be -1 (all), 0 (none) or a count, got {self.repeat_last_n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -82,19 +101,24 @@ def decode_one_token(decoder: Decoder, token: int, pos: int, cache_row: int = 0)
 
 def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] = (),
            generator: torch.Generator | None = None) -> int:
-    """Pick the next token from logits (V,) with repetition penalty, temperature, top-k and top-p."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+    """Pick the next token from logits (V,) with repetition penalty, temperature, top-k and top-p.
+
+    Whatever the settings, the logits stay finite (a huge penalty or a tiny temperature would
+    overflow float32 to inf, and inf - inf is NaN in the softmax); NaN logits count as impossible.
+    """
+    logits = _finite(logits.float())
+    if params.repetition_penalty != 1.0 and params.repeat_last_n != 0:
+        recent = history if params.repeat_last_n < 0 else list(history)[-params.repeat_last_n:]
+        seen = torch.tensor(sorted(set(recent) - params.penalty_exempt), dtype=torch.long)
         if len(seen):
             logits = logits.clone()
             picked = logits[seen]
             # as in CTRL and Hugging Face: shrink positive logits, push negative ones further down
-            logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
-                                       picked * params.repetition_penalty)
-    if params.temperature == 0:
+            logits[seen] = _finite(torch.where(picked > 0, picked / params.repetition_penalty,
+                                               picked * params.repetition_penalty))
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    logits = _finite(logits / params.temperature)
     ids = None  # candidates' token ids, most likely first; None: the whole vocabulary in order
     if params.top_k:
         logits, ids = torch.topk(logits, min(params.top_k, logits.numel()))
@@ -110,6 +134,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] 
     u = torch.rand((), generator=generator) * cdf[-1]
     pick = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
     return int(ids[pick]) if ids is not None else pick
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """inf to the largest float32, -inf and NaN to the lowest: a softmax over them is defined."""
+    info = torch.finfo(logits.dtype)
+    return torch.nan_to_num(logits, nan=info.min, posinf=info.max, neginf=info.min)
 
 
 def _most_likely(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,61 @@ def test_sampling_params_refuse_nonsense():
             SamplingParams(**bad)
 
 
+def test_sampling_params_refuse_nan_and_infinity():
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ValueError, match="finite"):
+                SamplingParams(**{name: bad})
+    for seed in (-1, 2**63):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
+
+
+def test_a_temperature_below_1e_4_is_exactly_greedy():
+    # logits where sampling at any real temperature could pick 3: greedy must pick 1, every time
+    logits = torch.tensor([0.1, 3.0, -2.0, 3.0 - 1e-6])
+    g = torch.Generator().manual_seed(0)
+    for t in (1e-38, 1e-20, 5e-5, 0.99e-4, 0.0):
+        assert {sample(logits, SamplingParams(temperature=t, top_p=0.5), generator=g) for _ in range(50)} == {1}
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-4), SamplingParams(temperature=1e30),
+    SamplingParams(temperature=1.0, repetition_penalty=1e-38), SamplingParams(temperature=1.0, repetition_penalty=1e38),
+    SamplingParams(temperature=1e-4, top_k=3, top_p=0.01, repetition_penalty=1e-30),
+])
+def test_extreme_settings_and_broken_logits_still_give_a_token(params):
+    """No setting may make the logits NaN or inf (inf - inf is NaN in the softmax, and searching a
+    NaN CDF picks garbage): each pick is a real token, and a likely one where one is likely."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([-3e38, 3e38, 5.0, -5.0, float("inf"), float("nan"), float("-inf")])
+    for history in ([], [0, 1, 2, 3]):
+        picks = {sample(logits, params, history, generator=g) for _ in range(20)}
+        assert picks <= set(range(7)) and 5 not in picks  # NaN is never picked
+    sane = torch.tensor([0.0, 8.0, -8.0])
+    assert sample(sane, params, [], generator=g) in (0, 1, 2)
+
+
+def test_the_repetition_penalty_spares_exempt_tokens():
+    # token 2 is the end of turn: in the prompt (the template put it there) and the best next token
+    logits = torch.tensor([0.0, 2.5, 3.0, -1.0])
+    punishing = SamplingParams(temperature=0, repetition_penalty=1.5)
+    assert sample(logits, punishing, history=[2]) == 1  # 3.0 / 1.5 = 2.0 < 2.5: the turn runs on
+    exempt = SamplingParams(temperature=0, repetition_penalty=1.5, penalty_exempt=frozenset({2}))
+    assert sample(logits, exempt, history=[2]) == 2
+
+
+def test_the_repetition_penalty_looks_back_repeat_last_n_tokens():
+    logits = torch.tensor([0.0, 3.0, 2.5, -1.0])
+    window = lambda n: SamplingParams(temperature=0, repetition_penalty=1.5, repeat_last_n=n)
+    assert sample(logits, window(-1), history=[1, 0, 0]) == 2  # all: token 1 was seen
+    assert sample(logits, window(3), history=[1, 0, 0]) == 2
+    assert sample(logits, window(2), history=[1, 0, 0]) == 1  # token 1 is out of the window
+    assert sample(logits, window(0), history=[1]) == 1  # 0: no penalty at all
+    with pytest.raises(ValueError):
+        window(-2)
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens(tiny):
     prompt = [5, 17, 42, 8]
     run = lambda seed: list(generate(tiny, prompt, 24, params=SamplingParams(temperature=1.5, seed=seed)))

@@ -28,7 +28,7 @@ def path(tmp_path):
 def test_a_new_file_is_at_the_current_version_in_wal_mode(path):
     History(path).close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -126,13 +126,52 @@ def test_a_version_1_file_migrates_and_its_system_prompts_become_settings(path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == 1
     db.close()
     h = History(path)
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     pirate, plain = h.get(1), h.get(2)
     assert pirate.settings == ChatSettings(system="Answer like a pirate.")
     assert [(m.role, m.content) for m in h.messages(1)] == [("user", "Where is Paris?"),
                                                            ("assistant", "In France, matey.")]
     assert plain.settings == ChatSettings()
     assert [c.title for c in h.conversations()] == ["Plain", "Pirate talk"]
+
+
+def test_a_version_2_file_migrates_to_3_with_meta_and_state(path):
+    db = sqlite3.connect(path, isolation_level=None)
+    history._migrate(db, target=2)
+    db.executescript("""
+        INSERT INTO conversations (id, title, created, updated, settings) VALUES (1, 'Kept', 10, 12, '{}');
+        INSERT INTO messages (conversation_id, role, content, created, stopped, model) VALUES
+            (1, 'user', 'Where is Paris?', 11, 0, NULL),
+            (1, 'assistant', 'In France.', 12, 1, 'smollm2-135m-instruct:int4');
+    """)
+    db.close()
+    h = History(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert [(m.content, m.stopped, m.model, m.meta) for m in h.messages(1)] == [
+        ("Where is Paris?", False, None, {}), ("In France.", True, "smollm2-135m-instruct:int4", {})]
+
+    meta = {"timings": {"tokens_per_s": 31.5, "new_tokens": 3}, "ran_on": {"device": "cpu"},
+            "sources": [{"file": "notes.md", "chunk": 2}]}
+    added = h.add_message(1, "assistant", "Paris is in France.", meta=meta)
+    assert added.meta == meta and h.messages(1)[-1].meta == meta
+    with pytest.raises(TypeError):
+        h.add_message(1, "assistant", "x", meta={"when": object()})
+    assert len(h.messages(1)) == 3  # nothing half-written
+
+    assert h.state("last_chat") is None and h.state("last_chat", 0) == 0
+    h.set_state("last_chat", 1)
+    h.set_state("last_model", "smollm2-135m-instruct:int4")
+    h.set_state("connections", [{"name": "lab", "url": "http://127.0.0.1:8080/v1"}])
+    h.set_state("last_chat", 2)
+    again = History(path)
+    assert (again.state("last_chat"), again.state("last_model")) == (2, "smollm2-135m-instruct:int4")
+    assert again.state("connections") == [{"name": "lab", "url": "http://127.0.0.1:8080/v1"}]
+    for secret in ({"name": "x", "api_key": "sk-1"}, {"headers": {"Authorization": "Bearer x"}}):
+        with pytest.raises(ValueError, match="never saved"):
+            again.set_state("connections", [secret])
+    assert again.state("connections") == [{"name": "lab", "url": "http://127.0.0.1:8080/v1"}]
+    again.set_state("last_model", None)
+    assert again.state("last_model") is None
 
 
 def test_a_file_from_a_newer_llamadesk_is_refused_not_touched(path):
@@ -171,3 +210,29 @@ def test_export_is_markdown_written_whole(path, tmp_path):
         "**smollm2-135m-instruct:source**\n\nParis, on the Seine\n\n*(stopped)*\n"
     )
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_stored_settings_of_the_wrong_type_read_as_defaults():
+    stored = '{"temperature": "hot", "top_k": 1.5, "top_p": NaN, "seed": true, "max_tokens": 64, "system": 3}'
+    assert ChatSettings.from_json(stored) == ChatSettings(max_tokens=64)
+    assert ChatSettings.from_json("[1, 2]") == ChatSettings()
+    assert ChatSettings.from_json(None) == ChatSettings()
+
+
+def test_a_row_that_breaks_a_constraint_is_skipped_not_the_whole_file(path):
+    h = History(path)
+    chat = h.create("kept")
+    h.add_message(chat.id, "user", "fine")
+    h.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA ignore_check_constraints = ON")
+    db.execute("INSERT INTO messages (conversation_id, role, content, created) VALUES (?, 'robot', 'x', 1)",
+               (chat.id,))
+    db.execute("INSERT INTO messages (conversation_id, role, content, created) "
+               "VALUES (?, 'assistant', CAST(x'ff41' AS TEXT), 2)", (chat.id,))
+    db.close()
+    h = History(path)
+    assert h.recovered_from is None
+    messages, skipped = h.read_messages(chat.id)
+    assert [m.content for m in messages] == ["fine", "\ufffdA"]
+    assert len(skipped) == 1

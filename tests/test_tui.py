@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -123,6 +124,26 @@ async def one_reply(app, prompt: str) -> str:
         await send(pilot, prompt)
         await until(pilot, lambda: app.chat.reply is None and replies(app))
         return replies(app)[0].content
+
+
+def installed_fakes(*refs: str):
+    """Install empty variants named `refs` in the home; (the refs loaded so far, a loader that
+    gives a GatedModel of that name)."""
+    from app import store
+
+    for ref in refs:
+        name, variant = ref.split(":")
+        with store.staging(name, variant) as tmp:
+            store.write_json(tmp / store.MANIFEST, {"name": name, "variant": variant, "args": {}})
+    loaded = []
+
+    def loader(ref):
+        loaded.append(ref)
+        model = GatedModel(["Ok."], open_gate=True)
+        model.entry = FakeEntry(*ref.split(":"))
+        return model
+
+    return loaded, loader
 
 
 def replies(app) -> list[MessageView]:
@@ -372,7 +393,15 @@ async def test_new_rename_export_copy_and_delete(home):
 
         await pilot.press("f3")
         await pilot.pause()
-        assert app.screen.query_one("Input").value == str(home / "France.md")
+        proposed = Path(app.screen.query_one("Input").value)
+        # named after the chat, in the documents folder or home: never the folder llamadesk ran in
+        assert proposed.name == "France.md" and proposed.parent != Path.cwd()
+        app.screen.query_one("Input").value = str(home / "missing" / "France.md")
+        await pilot.press("enter")
+        await until(pilot, lambda: any("missing: no such folder" in n.message for n in app._notifications))
+        await pilot.press("f3")
+        await pilot.pause()
+        app.screen.query_one("Input").value = str(home / "France.md")
         await pilot.press("enter")
         await until(pilot, lambda: (home / "France.md").exists())
         assert (home / "France.md").read_text().startswith("# France\n\n**You**\n\nCapital of France?")
@@ -438,19 +467,7 @@ async def test_the_command_palette_runs_commands(home):
 
 @pytest.mark.asyncio
 async def test_the_model_picker_lists_installed_variants_and_loads_the_choice(home):
-    from app import store
-
-    for variant in ("source", "int8"):
-        with store.staging("tiny", variant) as tmp:
-            store.write_json(tmp / store.MANIFEST, {"name": "tiny", "variant": variant, "args": {}})
-    loaded = []
-
-    def loader(ref):
-        loaded.append(ref)
-        model = GatedModel(["Ok."], open_gate=True)
-        model.entry = FakeEntry(*ref.split(":"))
-        return model
-
+    loaded, loader = installed_fakes("tiny:source", "tiny:int8")
     app = ChatApp("tiny:source", loader=loader, memory=lambda: RSS)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.chat.model is not None)
@@ -543,8 +560,115 @@ async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
         await pilot.click("#download")
         await until(pilot, lambda: app.chat.model is not None)
         assert loaded == ["smollm2-135m-instruct"]  # the plan picks the variant
-        assert log.lines == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
+        assert [strip.text.rstrip() for strip in log.lines] == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
 
+
+# ---------------------------------------------------------------- a restart
+@pytest.mark.asyncio
+async def test_a_restart_reopens_the_last_chat_and_model_and_replies_keep_their_numbers(home):
+    loaded, loader = installed_fakes("other-model:int4")
+    first = ChatApp("other-model:int4", loader=loader, memory=lambda: RSS)
+    async with first.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: first.chat.model is not None)
+        await send(pilot, "Remember me")
+        await until(pilot, lambda: first.chat.reply is None and replies(first))
+        chat_id = first.chat.conversation.id
+        (_, reply) = first.history.messages(chat_id)
+        assert reply.meta["timings"]["new_tokens"] == 1 and reply.meta["ran_on"] == {"device": "cpu"}
+
+    again = ChatApp(loader=loader, memory=lambda: RSS)
+    async with again.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: again.chat.model is not None)
+        assert loaded == ["other-model:int4", "other-model:int4"]
+        assert again.chat.conversation is not None and again.chat.conversation.id == chat_id
+        assert [v.content for v in again.chat.query(MessageView)] == ["Remember me", "Ok."]
+
+
+
+
+@pytest.mark.asyncio
+async def test_the_status_line_counts_during_the_reply(home):
+    model = GatedModel(["Paris ", "is ", "the ", "capital."])
+    app = fake_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await first_piece_on_screen(pilot, app, "Capital of France?", "Paris ")
+        status = app.query_one(StatusLine)
+        prompt_tokens = len(model.prompt_ids([{"role": "user", "content": "Capital of France?"}]))
+        # mid-reply (the model waits on the gate): the numbers already count the written token
+        await until(pilot, lambda: status.ctx_used == prompt_tokens + 1 and status.tokens_per_s == 12.5)
+        assert app.chat.reply is not None
+        model.gate.set()
+        await until(pilot, lambda: app.chat.reply is None)
+
+# ---------------------------------------------------------------- small terminals, first contact
+def screen_lines(app) -> list[str]:
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
+@pytest.mark.asyncio
+async def test_at_60x20_the_sidebar_folds_and_dialogs_wrap_and_scroll(home):
+    app = fake_app(GatedModel(["Ok."], open_gate=True))
+    async with app.run_test(size=(60, 20)) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        assert not app.chat.query_one("#sidebar").display
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        save = app.screen.query_one("#save")
+        save.scroll_visible(animate=False, immediate=True)
+        await pilot.pause()
+        assert save.region.bottom <= 20 and "Save" in "\n".join(screen_lines(app))
+        await pilot.click("#save")
+        await until(pilot, lambda: app.screen is app.chat)
+        await pilot.press("f1")
+        await pilot.pause()
+        help_text = "\n".join(screen_lines(app))
+        assert "New chat" in help_text and "Esc closes this" not in help_text  # rows first, the rest scrolls
+    wide = fake_app(GatedModel(["Ok."], open_gate=True))
+    async with wide.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert wide.chat.query_one("#sidebar").display
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", [(60, 20), (100, 30)])
+async def test_the_first_start_question_is_shown_whole(home, size):
+    app = ChatApp(memory=lambda: RSS)
+    async with app.run_test(size=size) as pilot:
+        await until(pilot, lambda: app.screen.query("#download"))
+        await pilot.pause()
+        shown = " ".join(line.strip(" █▌▐│") for line in screen_lines(app))
+        assert "afterwards." in shown and "Download" in shown and "Not now" in shown
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is app.chat)
+        await send(pilot, "Hello?")  # nothing can answer: no chat is saved for it
+        await until(pilot, lambda: notices(app))
+        assert app.history.conversations() == [] and app.query_one(PromptInput).text == "Hello?"
+        assert "F5 downloads" in notices(app)[-1]
+        await pilot.press("f5")  # "Not now" is not forever
+        await until(pilot, lambda: app.screen.query("#download"))
+
+
+@pytest.mark.asyncio
+async def test_tab_to_the_sidebar_then_enter_opens_a_chat_and_line_breaks_show(home):
+    history = History(home / "history.sqlite3")
+    chat = history.create("Older chat")
+    history.add_message(chat.id, "user", "first line\nsecond line")
+    app = fake_app(GatedModel(["Ok."], open_gate=True), history=history)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        await pilot.press("ctrl+n")
+        app.chat.query_one("#sidebar").focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: app.chat.conversation is not None)
+        assert app.chat.conversation.id == chat.id
+        lines = screen_lines(app)
+        first = next(i for i, line in enumerate(lines) if "first line" in line)
+        assert "second line" in lines[first + 1] and "second line" not in lines[first]
+        await pilot.press("f8")
+        await pilot.pause()
+        await pilot.click("#yes")
+        await until(pilot, lambda: not history.exists(chat.id))
+        assert [n.message for n in app._notifications][-1] == "Deleted the chat “Older chat”"
 
 # ---------------------------------------------------------------- snapshots (100x30)
 MARKDOWN_REPLY = ["The capital of France is **Paris**.\n\n", "Some facts:\n\n", "- on the Seine\n",

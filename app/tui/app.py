@@ -39,6 +39,7 @@ COMMANDS: list[tuple[str, str, str, str, bool]] = [
     ("f3", "export", "Export chat", "Save this chat as a Markdown file", False),
     ("f8", "delete", "Delete chat", "Delete this chat (asks first)", False),
     ("ctrl+b", "toggle_sidebar", "Sidebar", "Show or hide the list of chats", False),
+    ("f5", "download", "Download model", "Download and install the default model", False),
     ("f1", "help", "Help", "Every key and command", True),
 ]
 
@@ -84,6 +85,12 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self.history.close()
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Every notification is plain text: they quote titles, paths and errors, which may hold
+        `[...]` (widgets' own notify passes markup=True by default, so it is overruled here)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     # ------------------------------------------------------------ palette, help
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -173,6 +180,10 @@ class ChatApp(App):
     # ------------------------------------------------------------ first start
     @on(ChatScreen.NeedsModel)
     def _offer_download(self) -> None:
+        self.action_download()
+
+    def action_download(self) -> None:
+        """The first start's offer, at any time: after "Not now", or to install the default model again."""
         from ..pull import load_catalog
 
         default, _ = load_catalog()
@@ -206,7 +217,8 @@ def run_chat(model: str | None = None, system: str | None = None, params=None, c
     settings = ChatSettings(system=system or "")
     if params is not None:
         settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k, repeat_penalty=params.repetition_penalty, seed=params.seed)
+                                top_k=params.top_k, repeat_penalty=params.repetition_penalty,
+                                repeat_last_n=params.repeat_last_n, seed=params.seed)
     app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype)
     app.run()
     return app.return_code or 0

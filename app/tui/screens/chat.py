@@ -35,6 +35,8 @@ from ..widgets.status import StatusLine
 from ..widgets.transcript import MessageView, Notice, Transcript
 
 DRAIN_INTERVAL_S = 1 / 30
+NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
+SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar starts hidden
 
 
 @dataclass
@@ -48,6 +50,8 @@ class _Reply:
     timer: Timer | None = None
     unshown: str = ""  # text taken from `pieces`, not yet on screen
     show_after: float = 0.0  # time.monotonic() before which no more text is shown
+    prompt_tokens: int = 0
+    numbers_after: float = 0.0  # time.monotonic() of the next status line update during the reply
 
 
 class ChatScreen(Screen):
@@ -79,6 +83,10 @@ class ChatScreen(Screen):
         yield StatusLine(id="status")
         yield Footer()
 
+    def on_resize(self, event) -> None:
+        # below 80 columns the transcript needs the room: the sidebar folds away (Ctrl+B shows it)
+        self.query_one("#sidebar").display = event.size.width >= SIDEBAR_MIN_WIDTH
+
     async def on_mount(self) -> None:
         self.query_one("#sidebar").border_title = "Chats"
         self._refresh_sidebar()
@@ -92,7 +100,11 @@ class ChatScreen(Screen):
         if self.memory is not None:
             self._show_memory()
             self.set_interval(2, self._show_memory)
-        ref = self.model_ref or self._installed_model()
+        # a restart picks up where the last session left off: its chat and its model
+        last_chat = self.history.state("last_chat")
+        if isinstance(last_chat, int) and self.history.exists(last_chat):
+            await self.open_conversation(last_chat)
+        ref = self.model_ref or self._last_model() or self._installed_model()
         if ref is None:
             self.post_message(self.NeedsModel())
         else:
@@ -117,6 +129,16 @@ class ChatScreen(Screen):
             self.history.add_message(reply.conversation_id, "assistant", text, stopped=True, model=reply.view.who)
 
     # ------------------------------------------------------------ the model
+    def _last_model(self) -> str | None:
+        """The model the last session loaded, if it is still installed."""
+        ref = self.history.state("last_model")
+        if not isinstance(ref, str):
+            return None
+        try:
+            return store.find(ref).ref
+        except UserError:
+            return None
+
     @staticmethod
     def _installed_model() -> str | None:
         """The default model when installed, else the first installed one, else None."""
@@ -170,6 +192,7 @@ class ChatScreen(Screen):
         self._done_loading()
         self.model = model
         self.model_ref = model.entry.ref
+        self.history.set_state("last_model", model.entry.ref)
         status = self.query_one(StatusLine)
         status.model, status.variant = model.entry.name, model.entry.variant
         status.device, status.ctx_total, status.activity = model.device, model.ctx, ""
@@ -228,6 +251,7 @@ class ChatScreen(Screen):
             return
         self.conversation = None
         self.draft_settings = self.new_chat_settings
+        self.history.set_state("last_chat", None)
         await self.query_one(Transcript).show([])
         self._refresh_sidebar()
         self._measure_context()
@@ -245,7 +269,12 @@ class ChatScreen(Screen):
         except KeyError:  # deleted in another window
             self._refresh_sidebar()
             return
-        views = [self._view_of(m) for m in self.history.messages(conversation_id)]
+        self.history.set_state("last_chat", conversation_id)
+        messages, skipped = self.history.read_messages(conversation_id)
+        views: list = [self._view_of(m) for m in messages]
+        if skipped:
+            views.append(Notice(f"{len(skipped)} stored message(s) of this chat could not be read and are "
+                                f"left out (history rows {', '.join(map(str, skipped))}).", "error"))
         await self.query_one(Transcript).show(views)
         self._refresh_sidebar()
         self._measure_context()
@@ -267,7 +296,7 @@ class ChatScreen(Screen):
         if self.conversation is None or self._busy():
             return
         self.history.delete(self.conversation.id)
-        self.notify(f"Deleted “{self.conversation.title}”.")
+        self.notify(f"Deleted the chat “{self.conversation.title}”")  # no stop: a title may end in one
         await self.new_chat()
 
     def apply_settings(self, settings: ChatSettings) -> None:
@@ -284,11 +313,18 @@ class ChatScreen(Screen):
             raise UserError("this chat is empty; there is nothing to export")
         if path.is_dir():
             path = path / _file_name(self.conversation.title)
+        if not path.parent.is_dir():
+            raise UserError(f"{path.parent}: no such folder")
         write_atomic(path, to_markdown(self.conversation, self.history.messages(self.conversation.id)))
         return path
 
     def default_export_path(self) -> Path:
-        return Path.cwd() / _file_name(self.chat_title)
+        """In the user's documents folder (else home), never the folder llamadesk was started in,
+        which is often a source checkout."""
+        import platformdirs
+
+        documents = platformdirs.user_documents_path()
+        return (documents if documents.is_dir() else Path.home()) / _file_name(self.chat_title)
 
     def copy_text(self) -> str | None:
         """The focused message, else the last reply: the text to put on the clipboard."""
@@ -304,7 +340,12 @@ class ChatScreen(Screen):
     async def _submitted(self, event: PromptInput.Submitted) -> None:
         if self._busy():
             return
-        text = event.text.strip()
+        text = event.text.rstrip()  # trailing whitespace only: the rest is the prompt as typed
+        if self.model is None and self.loading_since is None:
+            # nothing would answer: keep the prompt in the box rather than saving a chat without a reply
+            await self._notice("No model is loaded, so the prompt was not sent: Ctrl+O picks an installed "
+                               "one, F5 downloads the default model.", "error")
+            return
         if self.conversation is not None and not self.history.exists(self.conversation.id):
             # deleted in another window: this prompt starts a new chat with the same settings
             self.draft_settings, self.conversation = self.conversation.settings, None
@@ -312,6 +353,7 @@ class ChatScreen(Screen):
             await self._notice("This chat was deleted in another window; this prompt starts a new one.")
         if self.conversation is None:
             self.conversation = self.history.create(title_for(text), self.draft_settings)
+            self.history.set_state("last_chat", self.conversation.id)
         message = self.history.add_message(self.conversation.id, "user", text)
         event.prompt.clear()
         await self.query_one(Transcript).add(self._view_of(message))
@@ -395,7 +437,7 @@ class ChatScreen(Screen):
             if isinstance(item, str):
                 text.append(item)
             elif isinstance(item, PromptFitted):
-                self.query_one(StatusLine).ctx_used = item.prompt_tokens
+                self.query_one(StatusLine).ctx_used = reply.prompt_tokens = item.prompt_tokens
                 if item.dropped:
                     kept = " (the system prompt stays)" if self.settings.system else ""
                     await self._notice(f"The conversation no longer fits the {item.ctx}-token context: the oldest "
@@ -412,8 +454,21 @@ class ChatScreen(Screen):
             # block, re-parsed whole), wait twice its time, so rendering takes a third of the time
             # at most and the reply keeps its speed (measured: 10.9 tok/s during a long list before)
             reply.show_after = time.monotonic() + 2 * reply.view.append_s
+        if end is None and (reply.view.content or reply.unshown) and time.monotonic() >= reply.numbers_after:
+            self._show_numbers(reply)
         if end is not None:
             await self._finish(reply, end)
+
+    def _show_numbers(self, reply: _Reply) -> None:
+        """Context used and tokens/s while the reply is written, 4 times a second: the engine
+        updates its numbers at every token (plain ints, read here without a lock)."""
+        reply.numbers_after = time.monotonic() + NUMBERS_INTERVAL_S
+        if self.model is None:
+            return
+        last, status = self.model.last, self.query_one(StatusLine)
+        status.ctx_used = reply.prompt_tokens + last.new_tokens
+        if last.tokens_per_s > 0:
+            status.tokens_per_s = last.tokens_per_s
 
     async def _finish(self, reply: _Reply, end: ReplyEnded) -> None:
         # This runs inside the drain timer's task, and stopping a timer cancels its task: the timer
@@ -436,8 +491,10 @@ class ChatScreen(Screen):
         elif not self.history.exists(reply.conversation_id):
             await self._notice("This chat was deleted in another window, so the reply is not saved.", "error")
         else:
+            meta = {"timings": {"new_tokens": end.new_tokens, "tokens_per_s": round(end.tokens_per_s, 2)},
+                    "ran_on": {"device": self.model.device if self.model else ""}}
             saved = self.history.add_message(reply.conversation_id, "assistant", reply.view.content,
-                                             stopped=end.stopped, model=reply.view.who)
+                                             stopped=end.stopped, model=reply.view.who, meta=meta)
             reply.view.message_id = saved.id
             if end.stopped:
                 reply.view.mark_stopped()

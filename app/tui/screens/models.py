@@ -29,7 +29,7 @@ class ModelPicker(ModalScreen["str | None"]):
             for e in self.entries:
                 mark = "● " if e.ref == self.current else "  "
                 options.append(Option(f"{mark}{e.ref}  ({e.size_bytes / 1e6:,.0f} MB)", id=e.ref))
-            yield OptionList(*options, id="model-list")
+            yield OptionList(*options, id="model-list", markup=False)
 
     @on(OptionList.OptionSelected)
     def _chosen(self, event: OptionList.OptionSelected) -> None:

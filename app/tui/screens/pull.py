@@ -8,7 +8,7 @@ from textual import events, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, LoadingIndicator, Log
+from textual.widgets import Button, Label, LoadingIndicator, RichLog
 from textual.worker import Worker, WorkerState
 
 from ...errors import UserError
@@ -35,7 +35,8 @@ class PullModal(ModalScreen["str | None"]):
                 yield Button("Not now", id="decline")
             yield LoadingIndicator()
             yield Label("", id="pull-line", markup=False)
-            yield Log(id="pull-log")
+            # RichLog, not Log: a long line wraps instead of running off the dialog
+            yield RichLog(id="pull-log", wrap=True, markup=False, highlight=False)
 
     @on(Button.Pressed, "#decline")
     def action_decline(self) -> None:
@@ -61,11 +62,11 @@ class PullModal(ModalScreen["str | None"]):
         # progress bar with carriage returns and escape codes: finished lines go to the log, the
         # line being redrawn shows on its own.
         *done, self._partial = (self._partial + event.text).split("\n")
-        log = self.query_one("#pull-log", Log)
+        log = self.query_one("#pull-log", RichLog)
         for line in done:
             plain = _visible(line)
             if plain:
-                log.write_line(plain)
+                log.write(Text(plain))
         current = _visible(self._partial)
         if current:
             self.query_one("#pull-line", Label).update(current)

@@ -9,14 +9,15 @@ from textual.widgets import Button, Input, Label, TextArea
 
 from ...history import ChatSettings
 
-# (field, label, parse); an empty seed means a different reply each time
+# (field, label, parse); an empty seed means a different reply each time; temperature 0 is greedy
 _FIELDS = [
-    ("temperature", "Temperature (0 = greedy)", float),
+    ("temperature", "Temperature", float),
     ("top_p", "Top p", float),
-    ("top_k", "Top k (0 = off)", int),
+    ("top_k", "Top k (0: off)", int),
     ("repeat_penalty", "Repeat penalty", float),
+    ("repeat_last_n", "Repeat last N", int),
     ("max_tokens", "Max tokens", int),
-    ("seed", "Seed (empty = random)", lambda s: int(s) if s else None),
+    ("seed", "Seed (empty: any)", lambda s: int(s) if s else None),
 ]
 
 

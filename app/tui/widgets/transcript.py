@@ -12,7 +12,7 @@ WELCOME = "Ask anything.  Enter sends · Ctrl+J new line · Esc stops a reply ·
 
 
 class MessageView(Vertical):
-    """One message. Focusable, so a reply can be picked with Tab and copied."""
+    """One message. Focusable, so a reply can be picked with Tab and copied. Only replies stream."""
 
     can_focus = True
 
@@ -26,8 +26,12 @@ class MessageView(Vertical):
         self.append_s = 0.0  # how long the last streamed piece took to render
 
     def compose(self) -> ComposeResult:
-        yield Label(self.who, classes="who")
-        yield Markdown(self.content)
+        yield Label(self.who, classes="who", markup=False)
+        # a reply is Markdown; a prompt is shown exactly as typed (its line breaks, its `\[`)
+        if self.role == "assistant":
+            yield Markdown(self.content)
+        else:
+            yield Static(self.content, classes="typed", markup=False)
         yield Label("stopped", classes="stopped-mark")
 
     async def write(self, text: str) -> None:
