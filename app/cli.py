@@ -304,6 +304,40 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+# ---------------------------------------------------------------- serve
+def serve(args: argparse.Namespace) -> int:
+    """`llamadesk serve`: the flags onto ServeOptions; the server itself lives in app/serve."""
+    from .serve import ServeOptions, serve as run_server
+
+    opts = ServeOptions(host=args.host, port=args.port, model=ensure_model(args.model), parallel=args.parallel,
+                        queue=args.queue, ctx=args.ctx, kv_dtype=args.kv_dtype, threads=args.threads,
+                        api_key_file=args.api_key_file, cors_origins=args.cors_origin or [],
+                        tls_cert=args.tls_cert, tls_key=args.tls_key)
+    _compile_decode_kernel()
+    return run_server(opts, say)
+
+
+def _serve_parser(sub) -> None:
+    from .serve import DEFAULT_PORT
+
+    p = sub.add_parser("serve", help="serve the model over OpenAI- and Ollama-compatible HTTP APIs")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs an API key)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the plan's choice)")
+    p.add_argument("--parallel", type=int, default=4, help="requests decoded at once (default 4)")
+    p.add_argument("--queue", type=int, default=16, help="requests waiting beyond those; more get 429 (default 16)")
+    p.add_argument("--ctx", type=int, help="context length in tokens")
+    _kv_dtype_flag(p)
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+    p.add_argument("--api-key-file", type=Path, help="file whose first line is the API key "
+                   "(or set LLAMADESK_API_KEY; keys are never taken from the command line)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; default: CORS off)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate for HTTPS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for HTTPS")
+
+
 # ---------------------------------------------------------------- argument parsing
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
@@ -386,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    _serve_parser(sub)
+
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref")
@@ -445,6 +481,8 @@ def run(argv: list[str]) -> int:
                      args.vs_llamacpp, args.precise)
     if command == "plan":
         return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype)
+    if command == "serve":
+        return serve(args)
     if command == "list":
         list_models()
         return 0
