@@ -196,3 +196,81 @@ def test_prompt_longer_than_the_context_is_a_400(client, engine):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=long, max_tokens=2)
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+# ---------------------------------------------------------------- Ollama
+@pytest.fixture()
+def ollama_client(url):
+    return ollama.Client(host=url)
+
+
+def test_ollama_chat_streamed_and_plain(ollama_client, engine):
+    options = {"temperature": 0, "num_predict": 6}
+    expected = engine_reply(engine, HELLO, 6, SamplingParams(temperature=0))
+    parts = list(ollama_client.chat(model=MODEL, messages=HELLO, options=options, stream=True))
+    assert "".join(p.message.content for p in parts) == expected
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    last = parts[-1]
+    assert last.done_reason == "length" and last.eval_count == 6
+    assert last.prompt_eval_count == len(engine.prompt_ids(HELLO))
+    plain = ollama_client.chat(model=MODEL, messages=HELLO, options=options, stream=False)
+    assert plain.message.content == expected and plain.message.role == "assistant" and plain.done
+
+
+def test_ollama_generate_is_ndjson(url, engine):
+    body = {"model": MODEL, "prompt": "Name three colours.", "options": {"temperature": 0, "num_predict": 5}}
+    with httpx.stream("POST", f"{url}/api/generate", json=body) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 5
+    text = "".join(x["response"] for x in lines)
+    assert text == engine_reply(engine, HELLO, 5, SamplingParams(temperature=0))
+
+
+def test_ollama_generate_raw_parses_specials(ollama_client, engine):
+    raw = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
+    r = ollama_client.generate(model=MODEL, prompt=raw, raw=True, options={"temperature": 0, "num_predict": 3})
+    assert r.prompt_eval_count == len(engine.tokenizer.encode(raw, allowed_special="all"))
+    assert r.response and r.done_reason == "length"
+
+
+def test_ollama_stop_and_seed(ollama_client):
+    options = {"temperature": 0.9, "seed": 7, "num_predict": 8}
+    a = ollama_client.generate(model=MODEL, prompt="Tell me a story.", options=options)
+    b = ollama_client.generate(model=MODEL, prompt="Tell me a story.", options=options)
+    assert a.response == b.response
+    stop = a.response.split()[2]
+    c = ollama_client.generate(model=MODEL, prompt="Tell me a story.", options=options | {"stop": [stop]})
+    assert c.response == a.response[:a.response.index(stop)] and c.done_reason == "stop"
+
+
+def test_ollama_tags_show_ps_version(ollama_client, engine):
+    names = [m.model for m in ollama_client.list().models]
+    assert engine.entry.ref in names and f"{MODEL}:source" in names
+    tag = next(m for m in ollama_client.list().models if m.model == engine.entry.ref)
+    assert tag.details.family == "llama" and tag.details.parameter_size == "135M" and tag.size > 0
+    shown = ollama_client.show(engine.entry.ref)
+    assert shown.modelinfo["llama.block_count"] == 30 and "im_start" in shown.template
+    running_now = ollama_client.ps().models
+    assert [m.model for m in running_now] == [engine.entry.ref] and running_now[0].context_length == engine.ctx
+    assert ollama_client._client.get("/api/version").json()["version"]
+
+
+@pytest.mark.parametrize("call", [lambda c: c.pull(MODEL), lambda c: c.delete(MODEL),
+                                  lambda c: c.embed(model=MODEL, input="hello")])
+def test_ollama_model_management_is_a_501(ollama_client, call):
+    with pytest.raises(ollama.ResponseError) as e:
+        call(ollama_client)
+    assert e.value.status_code == 501
+
+
+def test_ollama_unknown_model_and_unsupported_option(ollama_client):
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model="no-such-model", messages=HELLO)
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model=MODEL, messages=HELLO, options={"mirostat": 2})
+    assert e.value.status_code == 400 and "options.mirostat" in str(e.value)
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model=MODEL, messages=HELLO, format="json")
+    assert e.value.status_code == 400 and "format" in str(e.value)

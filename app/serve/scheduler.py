@@ -24,7 +24,6 @@ import torch
 from model.generate import SamplingParams, sample
 from model.tokenizer import StreamDecoder
 
-from ..engine import _common_prefix
 from ..errors import UserError
 
 
@@ -67,9 +66,13 @@ class Job:
 class EngineRows:
     """Decoding rows over one loaded `Engine`.
 
-    The engine holds one KV cache, so one row decodes at a time (`max_rows = 1`); the cache keeps
-    the last request's tokens and a next prompt that shares their prefix skips it, as a chat does.
-    This is the swap-in point for a batched decoder: same methods, `max_rows` = its cache slots.
+    The engine holds one KV cache, so one row decodes at a time (`max_rows = 1`) and requests
+    take turns. This is the swap-in point for a batched decoder: the same three methods, with
+    `max_rows` = its cache slots.
+
+    Every prompt is prefilled whole. Reusing a cached prefix (as the chat does) changes the first
+    logits in the third decimal (the cache holds bf16; a fresh prefill attends over exact values),
+    enough to change a seeded sample: a request's text must not depend on what ran before it.
     """
     max_rows = 1
 
@@ -81,23 +84,20 @@ class EngineRows:
         """Run `ids` (the whole prompt) into `slot`'s cache; the last position's logits (V,)."""
         from model.generate import prefill
 
-        # the engine's own record of what its one cache holds, so that its `stream` (the chat
-        # path) and these rows never disagree about the cache
-        reuse = min(_common_prefix(self.engine._cached, ids), len(ids) - 1)
-        self.engine._cached = list(ids)
-        return prefill(self.engine.model, ids[reuse:], reuse)
+        # the engine's record of what its cache holds stays empty while the server uses it, so
+        # the engine's own `stream` never reuses what these rows wrote
+        self.engine._cached = []
+        return prefill(self.engine.model, ids, 0)
 
     def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """Feed token b at positions[b] into cache slot slots[b]; logits (B, V)."""
         from model.generate import decode_one_token
 
         assert len(tokens) == 1 and slots == [0], "the engine decodes one row at a time"
-        self.engine._cached.append(tokens[0])
         return decode_one_token(self.engine.model, tokens[0], positions[0]).unsqueeze(0)  # (1, V)
 
-    def release(self, slot: int, kept: int) -> None:
-        """The row in `slot` is done; its cache holds `kept` valid tokens."""
-        del self.engine._cached[kept:]
+    def release(self, slot: int) -> None:
+        """The row in `slot` is done; its cache slot is free for the next one."""
 
 
 # ---------------------------------------------------------------- one active request
@@ -292,7 +292,7 @@ class Scheduler:
         tail = row.text.flush() if not error and reason != "cancelled" else ""
         if tail:
             row.job.emit("text", tail)
-        self.rows.release(row.slot, row.pos)
+        self.rows.release(row.slot)
         with self._lock:
             self._active.remove(row)
         if error:
