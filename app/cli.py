@@ -307,12 +307,14 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
 # ---------------------------------------------------------------- serve
 def serve(args: argparse.Namespace) -> int:
     """`llamadesk serve`: the flags onto ServeOptions; the server itself lives in app/serve."""
-    from .serve import ServeOptions, serve as run_server
+    from .serve import ServeOptions, check_options, serve as run_server
 
-    opts = ServeOptions(host=args.host, port=args.port, model=ensure_model(args.model), parallel=args.parallel,
+    opts = ServeOptions(host=args.host, port=args.port, model=args.model, parallel=args.parallel,
                         queue=args.queue, ctx=args.ctx, kv_dtype=args.kv_dtype, threads=args.threads,
                         api_key_file=args.api_key_file, cors_origins=args.cors_origin or [],
                         tls_cert=args.tls_cert, tls_key=args.tls_key)
+    check_options(opts)  # a bind that must not start refuses before any download or load
+    opts.model = ensure_model(opts.model)
     _compile_decode_kernel()
     return run_server(opts, say)
 
@@ -320,7 +322,9 @@ def serve(args: argparse.Namespace) -> int:
 def _serve_parser(sub) -> None:
     from .serve import DEFAULT_PORT
 
-    p = sub.add_parser("serve", help="serve the model over OpenAI- and Ollama-compatible HTTP APIs")
+    # no abbreviations: `--api-key SECRET` must be refused, not read as --api-key-file's path
+    p = sub.add_parser("serve", help="serve the model over OpenAI- and Ollama-compatible HTTP APIs",
+                       allow_abbrev=False)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs an API key)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")

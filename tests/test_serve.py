@@ -274,3 +274,158 @@ def test_ollama_unknown_model_and_unsupported_option(ollama_client):
     with pytest.raises(ollama.ResponseError) as e:
         ollama_client.chat(model=MODEL, messages=HELLO, format="json")
     assert e.value.status_code == 400 and "format" in str(e.value)
+
+
+# ---------------------------------------------------------------- safety
+def test_loopback_is_127_slash_8_and_ipv6_one():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.4.5.6", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com"))
+
+
+def test_wrong_or_missing_key_is_a_401(engine, scheduler):
+    with running(Served(engine, scheduler, api_key="correct horse", log=lambda line: None)) as base:
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="battery staple", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        r = httpx.post(f"{base}/api/chat", json={"model": MODEL, "messages": HELLO})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        right = openai.OpenAI(base_url=f"{base}/v1", api_key="correct horse", max_retries=0)
+        assert right.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens
+        keyed = ollama.Client(host=base, headers={"Authorization": "Bearer correct horse"})
+        assert keyed.list().models
+        assert httpx.get(f"{base}/health").status_code == 200  # a liveness probe needs no key
+
+
+def test_body_over_4_mib_is_a_413(url):
+    big = b'{"model": "x", "prompt": "' + b"a" * MAX_BODY + b'"}'
+    assert httpx.post(f"{url}/v1/completions", content=big).status_code == 413
+
+    def chunks():  # no Content-Length: the limit holds on what arrives
+        for _ in range(5):
+            yield b"a" * 2**20
+
+    r = httpx.post(f"{url}/api/generate", content=chunks())
+    assert r.status_code == 413 and "4 MiB" in r.json()["error"]
+
+
+def test_malformed_json_is_a_400_in_each_apis_shape(url):
+    r = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{url}/api/chat", content=b"[1, 2")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    assert httpx.post(f"{url}/api/chat", content=b"[1, 2]").status_code == 400
+
+
+def test_cors_is_off_unless_origins_are_listed(url, engine, scheduler):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    with running(Served(engine, scheduler, cors_origins=["http://app.example"], log=lambda line: None)) as base:
+        r = httpx.options(f"{base}/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.options(f"{base}/v1/chat/completions", headers=preflight | {"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_request_log_has_no_prompt_or_reply_text(client, logs):
+    marker = "Zanzibar-7731"
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Say {marker}"}],
+                                       max_tokens=4, temperature=0)
+    line = logs[-1]
+    assert line.split()[:3] == ["POST", "/v1/chat/completions", "200"] and "completion=4" in line
+    assert not any(marker in x or (r.choices[0].message.content.strip() and
+                                   r.choices[0].message.content.strip() in x) for x in logs)
+
+
+def _self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llamadesk test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_with_a_certificate_the_client_trusts(engine, scheduler, tmp_path):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    with running(Served(engine, scheduler, log=lambda line: None), tls_cert=cert, tls_key=key) as base:
+        assert base.startswith("https://")
+        trusting = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+                                 http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(cert))))
+        r = trusting.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.APIConnectionError):  # a client that does not trust it refuses
+            openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0).models.list()
+        with pytest.raises(httpx.RemoteProtocolError):  # and plain HTTP gets nothing
+            httpx.get(base.replace("https", "http") + "/health")
+
+
+# ---------------------------------------------------------------- many clients, disconnects
+def test_disconnect_mid_stream_stops_the_generation(url, engine, scheduler, logs):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 500, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got == 4:
+                break
+    deadline = time.monotonic() + 10
+    while scheduler.counts()["active"]:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.05)
+    line = next(x for x in reversed(logs) if x.startswith("POST /v1/chat/completions"))
+    assert "finish=cancelled" in line
+    assert int(line.split("completion=")[1].split()[0]) < 100
+
+
+def test_full_queue_is_a_429_with_retry_after(engine, rows):
+    tight = Scheduler(rows, parallel=1, queue=0)
+    try:
+        with running(Served(engine, tight, log=lambda line: None)) as base:
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 60, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body) as first:
+                next(first.iter_lines())  # the first request holds the one slot
+                c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+                with pytest.raises(openai.RateLimitError) as e:
+                    c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+                assert int(e.value.response.headers["retry-after"]) >= 1
+                r = httpx.post(f"{base}/api/generate", json={"model": MODEL, "prompt": "hi"})
+                assert r.status_code == 429 and "retry-after" in r.headers
+    finally:
+        tight.close(grace_s=0)
+
+
+def test_queued_requests_all_answer(url, engine):
+    """Twice the slots plus some, at once: each request gets its own, correct reply."""
+    prompts = [f"Count to {n}." for n in range(3, 9)]
+    results: dict[int, str] = {}
+
+    def ask(i):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        results[i] = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
+                                               max_tokens=5, temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, p in enumerate(prompts):
+        assert results[i] == engine_reply(engine, [{"role": "user", "content": p}], 5, SamplingParams(temperature=0))

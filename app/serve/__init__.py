@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-__all__ = ["DEFAULT_PORT", "ServeOptions", "serve", "is_loopback", "read_api_key", "load_served", "make_server"]
+__all__ = ["DEFAULT_PORT", "ServeOptions", "serve", "check_options", "is_loopback", "read_api_key", "load_served", "make_server"]
 
 DEFAULT_PORT = 8462
 GRACE_S = 10.0

@@ -59,7 +59,10 @@ class Job:
     finished: float = 0.0
 
     def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the server's loop has ended: nobody is left to tell
+            self.cancel.set()
 
 
 # ---------------------------------------------------------------- the seam to the model
