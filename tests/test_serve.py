@@ -395,6 +395,17 @@ def test_disconnect_mid_stream_stops_the_generation(url, engine, scheduler, logs
     assert int(line.split("completion=")[1].split()[0]) < 100
 
 
+def test_disconnect_while_waiting_for_a_plain_reply_stops_it(url, scheduler, logs):
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 800, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+    deadline = time.monotonic() + 10
+    while scheduler.counts()["active"]:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.05)
+    assert any(x.startswith("POST /v1/completions") for x in logs[-2:])
+
+
 def test_full_queue_is_a_429_with_retry_after(engine, rows):
     tight = Scheduler(rows, parallel=1, queue=0)
     try:

@@ -95,8 +95,10 @@ async def job_events(job: Job, request: Request):
             try:
                 event = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
+                event = None
+            if await request.is_disconnected():  # checked every token: a step's wait at most
+                return
+            if event is None:
                 continue
             yield event
             if event[0] in ("done", "error"):
