@@ -271,6 +271,30 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
     return 0
 
 
+def ask_remote(url: str, prompt: str, model: str | None, system: str | None, max_tokens: int,
+               params: SamplingParams, key_file: Path | None, verbose: bool = False) -> int:
+    """`ask` through an OpenAI-compatible server (--remote URL or LLAMADESK_REMOTE)."""
+    from .remote import Remote, read_key
+
+    remote = Remote.connect(url, read_key(key_file))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        name = remote.pick_model(model)
+        for piece in remote.stream(messages, name, max_tokens, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        remote.close()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        r = remote.last
+        counts = (f"prompt {r.prompt_tokens} tokens, {r.completion_tokens} tokens" if r.completion_tokens is not None
+                  else "the server reported no token counts")
+        say(f"{r.model} on {remote.where()} (remote): {counts}, finish {r.finish_reason or 'unknown'}")
+    return 0
+
+
 def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
                kv_dtype: str = "auto") -> int:
     """A line-by-line chat for terminals where the full-screen app cannot run."""
@@ -377,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+    p.add_argument("--remote", metavar="URL", help="answer through an OpenAI-compatible server (llamadesk, "
+                   "llama.cpp, Ollama, vLLM) instead of a local model (default: $LLAMADESK_REMOTE)")
+    p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is the remote's API key "
+                   "(default: $LLAMADESK_REMOTE_KEY)")
 
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
     p.add_argument("name", nargs="?")
@@ -455,6 +483,12 @@ def run(argv: list[str]) -> int:
     if command == "ask":
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
+        from .remote import remote_url
+
+        url = remote_url(args.remote)
+        if url:
+            return ask_remote(url, _read_prompt(args.prompt), args.model, args.system, args.max_tokens, params,
+                              args.remote_key_file, args.verbose)
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
                    args.verbose, args.precise, args.threads, args.kv_dtype)
     if command == "chat":

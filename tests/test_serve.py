@@ -4,10 +4,8 @@ One engine is loaded per module; each server below is a uvicorn in a thread on 1
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import socket
 import threading
 import time
 
@@ -17,10 +15,11 @@ import openai
 import pytest
 
 from app.engine import Engine
-from app.serve import ServeOptions, is_loopback, make_server
+from app.serve import is_loopback
 from app.serve.app import MAX_BODY, Served
 from app.serve.scheduler import EngineRows, Scheduler
 from model.generate import SamplingParams
+from serve_helpers import running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 MODEL = "smollm2-135m-instruct"
@@ -44,30 +43,6 @@ def scheduler(rows):
     s = Scheduler(rows, parallel=4, queue=16)
     yield s
     s.close(grace_s=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(served: Served, **opts):
-    """A uvicorn server for `served` in a thread; yields its base URL."""
-    options = ServeOptions(port=_free_port(), **opts)
-    server = make_server(served, options)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"{'https' if options.tls_cert else 'http'}://127.0.0.1:{options.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")

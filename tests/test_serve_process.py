@@ -5,21 +5,15 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from serve_helpers import free_port
 
 MODEL = "smollm2-135m-instruct"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(home, *flags, env_extra=None) -> subprocess.Popen:
@@ -30,7 +24,7 @@ def _serve(home, *flags, env_extra=None) -> subprocess.Popen:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10"])
 def test_public_bind_without_a_key_refuses_to_start(tmp_path, host):
-    proc = _serve(tmp_path, "--host", host, "--port", str(_free_port()))
+    proc = _serve(tmp_path, "--host", host, "--port", str(free_port()))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert err.strip().count("\n") == 0 and err.startswith("llamadesk: error: refusing to listen on")
@@ -54,7 +48,7 @@ def test_an_empty_key_file_is_refused(tmp_path):
 @contextlib.contextmanager
 def _running(home, *flags):
     """A server process on a free port, up (its /health answers); killed if the test left it."""
-    port = _free_port()
+    port = free_port()
     proc = _serve(home, "--port", str(port), "--model", MODEL, *flags)
     try:
         deadline = time.monotonic() + 120
