@@ -398,6 +398,31 @@ def test_full_queue_is_a_429_with_retry_after(engine, rows):
         tight.close(grace_s=0)
 
 
+@pytest.mark.parametrize("others", [1, 3, 7])
+def test_a_request_says_the_same_alone_and_beside_others(url, others):
+    """Batch invariance: at temperature 0 and at a fixed seed, what runs beside a request never
+    changes its text (today's engine decodes one row at a time; a batched decoder must keep this)."""
+    mine = [{"role": "user", "content": "Write a haiku about rain."}]
+    settings = [dict(temperature=0), dict(temperature=1.0, seed=99)]
+
+    def ask(messages, **kw):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        return c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, **kw).choices[0].message.content
+
+    for kw in settings:
+        alone = ask(mine, **kw)
+        results: dict[int, str] = {}
+        crowd = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(
+            [{"role": "user", "content": f"List {i + 2} animals."}], temperature=0.8, seed=i)))
+            for i in range(others)]
+        for t in crowd:
+            t.start()
+        beside = ask(mine, **kw)
+        for t in crowd:
+            t.join(timeout=120)
+        assert beside == alone and len(results) == others
+
+
 def test_queued_requests_all_answer(url, engine):
     """Twice the slots plus some, at once: each request gets its own, correct reply."""
     prompts = [f"Count to {n}." for n in range(3, 9)]

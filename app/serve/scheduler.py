@@ -81,7 +81,8 @@ class EngineRows:
 
     def __init__(self, engine):
         self.engine = engine
-        self.ctx = engine.ctx
+        self.ctx = engine.ctx  # positions per slot
+        self.tokenizer, self.stop_ids = engine.tokenizer, engine.stop_ids
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Run `ids` (the whole prompt) into `slot`'s cache; the last position's logits (V,)."""
@@ -172,8 +173,7 @@ class Scheduler:
         if parallel < 1 or queue < 0:
             raise UserError("--parallel must be at least 1 and --queue at least 0")
         self.rows, self.parallel, self.queue_size = rows, parallel, queue
-        engine = rows.engine
-        self.tokenizer, self.stop_ids = engine.tokenizer, engine.stop_ids
+        self.tokenizer, self.stop_ids = rows.tokenizer, rows.stop_ids
         self._waiting: deque[Job] = deque()
         self._active: list[_Row] = []
         self._lock = threading.Condition()
