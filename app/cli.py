@@ -336,7 +336,7 @@ def serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(host=args.host, port=args.port, model=args.model, parallel=args.parallel,
                         queue=args.queue, ctx=args.ctx, kv_dtype=args.kv_dtype, threads=args.threads,
                         api_key_file=args.api_key_file, cors_origins=args.cors_origin or [],
-                        tls_cert=args.tls_cert, tls_key=args.tls_key)
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, keep_alive_s=args.keep_alive)
     check_options(opts)  # a bind that must not start refuses before any download or load
     opts.model = ensure_model(opts.model)
     _compile_decode_kernel()
@@ -364,6 +364,18 @@ def _serve_parser(sub) -> None:
                    help="allow browser pages from ORIGIN (repeatable; default: CORS off)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate for HTTPS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for HTTPS")
+    p.add_argument("--keep-alive", type=_duration, default=300.0, metavar="DURATION",
+                   help="unload the model after this long idle, e.g. 30s, 5m, 1h; -1 never (default 5m); "
+                        "the next request loads it again")
+
+
+def _duration(text: str) -> float | None:
+    from .serve.params import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------- argument parsing

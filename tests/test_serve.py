@@ -440,3 +440,53 @@ def test_queued_requests_all_answer(url, engine):
         t.join(timeout=120)
     for i, p in enumerate(prompts):
         assert results[i] == engine_reply(engine, [{"role": "user", "content": p}], 5, SamplingParams(temperature=0))
+
+
+# ---------------------------------------------------------------- other models, keep_alive
+@pytest.fixture()
+def swapping(engine, default_home):
+    """A server that loads other installed models on request and unloads after 1 s idle."""
+    def load(name):
+        return Engine.load(name, ctx=1024, compile_kernel="never")
+
+    lines = []
+    own = Scheduler(EngineRows(engine), parallel=2, queue=4)
+    served = Served(engine, own, loader=load, keep_alive_s=None, log=lines.append)
+    try:
+        with running(served) as base:
+            yield served, base, lines
+    finally:
+        own.close(grace_s=0)
+
+
+def test_another_installed_model_is_swapped_in(swapping):
+    served, base, lines = swapping
+    c = ollama.Client(host=base)
+    options = {"temperature": 0, "num_predict": 4}
+    first = served.ref
+    r = c.chat(model=f"{MODEL}:source", messages=HELLO, options=options)
+    assert r.model == f"{MODEL}:source" and r.message.content
+    assert [m.model for m in c.ps().models] == [f"{MODEL}:source"] and "loaded smollm2-135m-instruct:source" in lines
+    back = c.chat(model=first, messages=HELLO, options=options)
+    assert back.model == first and [m.model for m in c.ps().models] == [first]
+
+
+def test_keep_alive_unloads_when_idle_and_the_next_request_reloads(swapping):
+    served, base, lines = swapping
+    c = ollama.Client(host=base)
+    c.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}, keep_alive="1s")
+    deadline = time.monotonic() + 15
+    while c.ps().models or "unloaded the model" not in lines:
+        assert time.monotonic() < deadline, "the model stayed loaded past its keep_alive"
+        time.sleep(0.2)
+    assert served.engine is None
+    r = c.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}, keep_alive=-1)
+    assert r.response and r.done_reason == "length" and c.ps().models
+
+
+def test_keep_alive_0_with_no_prompt_unloads_now(swapping):
+    served, base, _ = swapping
+    c = ollama.Client(host=base)
+    r = c.generate(model=MODEL, prompt="", keep_alive=0)
+    assert r.done_reason == "unload" and c.ps().models == []
+    assert c.generate(model=MODEL, prompt="").done_reason == "load" and len(c.ps().models) == 1

@@ -36,6 +36,7 @@ class ServeOptions:
     cors_origins: list[str] = field(default_factory=list)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    keep_alive_s: float | None = 300.0  # idle time before the model is unloaded; None: never
 
 
 def is_loopback(host: str) -> bool:
@@ -86,10 +87,13 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
     from .app import Served
     from .scheduler import EngineRows, Scheduler
 
-    if engine is None:
-        engine = Engine.load(opts.model, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype)
+    def load(name: str | None):
+        return Engine.load(name, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype)
+
+    engine = engine or load(opts.model)
     scheduler = Scheduler(EngineRows(engine), opts.parallel, opts.queue)
-    return Served(engine, scheduler, api_key=key, cors_origins=list(opts.cors_origins))
+    return Served(engine, scheduler, api_key=key, cors_origins=list(opts.cors_origins), loader=load,
+                  keep_alive_s=opts.keep_alive_s)
 
 
 def make_server(served, opts: ServeOptions):

@@ -8,6 +8,7 @@ constant time), the body limit (4 MiB, 413). Errors keep each API's own shape: O
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import sys
@@ -30,35 +31,88 @@ MAX_BODY = 4 * 2**20
 
 @dataclass
 class Served:
-    """What the server holds: one loaded engine, its scheduler, and how it was started."""
+    """What the server holds: the loaded engine (None while unloaded), its scheduler, and how it
+    was started. `loader(name) -> Engine` loads another installed model on request (None: only
+    this one is served); `keep_alive_s` unloads the model after that long idle (None: never)."""
     engine: object
     scheduler: Scheduler
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     log: object = None  # a callable taking one line; default: stderr
+    loader: object = None
+    keep_alive_s: float | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    _switching: asyncio.Event | None = None
+    _watcher: asyncio.Task | None = None
 
     @property
-    def ref(self) -> str:
-        return self.engine.entry.ref
+    def ref(self) -> str | None:
+        return self.engine.entry.ref if self.engine is not None else None
 
-    def resolve(self, name) -> str:
-        """The loaded model's ref for a requested name (`name`, `name:variant`, `name:latest`).
+    async def acquire(self, name) -> str:
+        """Make the requested model (`name`, `name:variant`, `name:latest`) the loaded one; its ref.
 
-        Names are compared with the installed models' names, never opened as paths: unknown
-        ones are a 404, installed ones that are not loaded a 400 saying which one is."""
-        if not isinstance(name, str) or not name:
-            raise BadRequest("'model' must name a model (GET /v1/models lists them)", "model")
-        entry = self.engine.entry
-        base, _, variant = name.strip().lower().partition(":")
-        if base == entry.name and variant in ("", "latest", entry.variant):
-            return self.ref
-        refs = {e.ref for e in store.list_entries()} | {e.name for e in store.list_entries()}
-        if name in refs:
-            raise BadRequest(f"model {name!r} is installed but this server runs {self.ref}; "
-                             f"start `llamadesk serve --model {name}` for it", "model")
-        raise BadRequest(f"model {name!r} is not installed here (GET /v1/models lists what is)", "model",
-                         status=404, code="model_not_found")
+        Names are looked up among the installed models, never opened as paths (unknown: 404). A
+        model that is not loaded replaces the loaded one once the requests in flight are done;
+        requests arriving meanwhile wait for it. Returns with no await between the check and the
+        caller's next synchronous steps, so the caller tokenizes and submits on this engine."""
+        want = _installed_name(name)
+        self._watch_idle()
+        while True:
+            if self._switching is not None:
+                await self._switching.wait()
+                continue
+            if self.engine is not None and _same_model(want, self.engine.entry):
+                self.last_used = time.monotonic()
+                return self.ref
+            if self.loader is None:
+                raise BadRequest(f"model {name!r} is installed but this server runs {self.ref}; "
+                                 f"start `llamadesk serve --model {name}` for it", "model")
+            await self.switch(want)
+
+    async def switch(self, want: str | None) -> None:
+        """Unload the model once idle, then load `want` (None: leave nothing loaded)."""
+        self._switching = asyncio.Event()
+        try:
+            await asyncio.to_thread(self._switch_now, want)
+        finally:
+            done, self._switching = self._switching, None
+            done.set()
+
+    def _switch_now(self, want: str | None) -> None:
+        from ..devices import release_freed_memory
+        from ..errors import UserError
+        from .scheduler import EngineRows
+
+        while not self.scheduler.idle():
+            time.sleep(0.02)
+        self.scheduler.replace(None)
+        self.engine = None
+        gc.collect()
+        release_freed_memory()  # the plan for the next model counts on what this one held
+        if want is None:
+            self.log("unloaded the model")
+            return
+        try:
+            self.engine = self.loader(want)
+        except (UserError, MemoryError) as e:
+            raise BadRequest(f"cannot load {want}: {e}", "model", status=500, code="load_failed") from None
+        self.scheduler.replace(EngineRows(self.engine))
+        self.log(f"loaded {self.ref}")
+
+    def _watch_idle(self) -> None:
+        if self._watcher is None and self.loader is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._unload_when_idle())
+
+    async def _unload_when_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.keep_alive_s or 1.0))
+            if self.engine is None or self._switching is not None or self.keep_alive_s is None:
+                continue
+            idle_s = time.monotonic() - max(self.last_used, self.scheduler.last_finished)
+            if self.scheduler.idle() and idle_s >= self.keep_alive_s:
+                await self.switch(None)
 
     def prompt_budget(self, prompt: list[int], sampling: Sampling) -> int:
         """The max_tokens this prompt may use: what was asked, at most the context left."""
@@ -79,6 +133,23 @@ class Served:
         except ShuttingDown:
             raise BadRequest("the server is shutting down", status=503, code="shutting_down") from None
         return job
+
+
+def _installed_name(name) -> str:
+    """`name` or `name:variant` of an installed model (`:latest` means the name alone)."""
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequest("'model' must name a model (GET /v1/models lists them)", "model")
+    base, _, variant = name.strip().lower().partition(":")
+    variant = "" if variant == "latest" else variant
+    if not any(e.name == base and variant in ("", e.variant) for e in store.list_entries()):
+        raise BadRequest(f"model {name!r} is not installed here (GET /v1/models lists what is)", "model",
+                         status=404, code="model_not_found")
+    return f"{base}:{variant}" if variant else base
+
+
+def _same_model(want: str, entry) -> bool:
+    base, _, variant = want.partition(":")
+    return base == entry.name and variant in ("", entry.variant)
 
 
 class Busy(Exception):
@@ -212,6 +283,7 @@ def build_app(served: Served) -> Starlette:
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": served.ref, **served.scheduler.counts()})
+
 
     async def on_bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return error_response(request.url.path, exc.status, str(exc), exc.param, exc.code)

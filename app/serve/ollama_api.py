@@ -15,8 +15,8 @@ from model.args import ModelArgs
 
 from .. import store
 from .app import Served, error_response, job_events, json_body
-from .params import (OLLAMA_DEFAULTS, OLLAMA_IGNORED_OPTIONS, OLLAMA_OPTIONS, BadRequest, refuse_unsupported,
-                     sampling_from, unsupported)
+from .params import (OLLAMA_DEFAULTS, OLLAMA_IGNORED_OPTIONS, OLLAMA_OPTIONS, BadRequest, parse_duration,
+                     refuse_unsupported, sampling_from, unsupported)
 
 # top-level fields each endpoint reads, and those that change nothing at their neutral value
 CHAT_FIELDS = {"model", "messages", "stream", "options", "keep_alive"}
@@ -30,7 +30,6 @@ def routes(served: Served) -> list[Route]:
     async def chat(request: Request):
         body = await json_body(request)
         refuse_unsupported(unsupported(body, CHAT_FIELDS, NEUTRAL))
-        model = served.resolve(body.get("model"))
         messages = body.get("messages") or []
         if not isinstance(messages, list):
             raise BadRequest("'messages' must be a list")
@@ -39,20 +38,26 @@ def routes(served: Served) -> list[Route]:
                 raise BadRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and string content")
             if m.get("images") or m.get("tool_calls"):
                 raise BadRequest(f"unsupported field: messages[{i}].{'images' if m.get('images') else 'tool_calls'}")
-        if not messages:  # Ollama loads the model and answers at once
-            return JSONResponse(_final(model, "load") | {"message": {"role": "assistant", "content": ""}})
+        keep_alive = _keep_alive(body)
+        model = await served.acquire(body.get("model"))
+        if not messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+            return JSONResponse(await _load_only(served, model, keep_alive)
+                                | {"message": {"role": "assistant", "content": ""}})
+        _apply_keep_alive(served, keep_alive)
         prompt = served.engine.prompt_ids([{"role": m["role"], "content": m.get("content", "")} for m in messages])
         return await _answer(served, request, body, model, prompt, "chat")
 
     async def generate(request: Request):
         body = await json_body(request)
         refuse_unsupported(unsupported(body, GENERATE_FIELDS, NEUTRAL))
-        model = served.resolve(body.get("model"))
         text, system = body.get("prompt") or "", body.get("system") or ""
         if not isinstance(text, str) or not isinstance(system, str):
             raise BadRequest("'prompt' and 'system' must be strings")
+        keep_alive = _keep_alive(body)
+        model = await served.acquire(body.get("model"))
         if not text:
-            return JSONResponse(_final(model, "load") | {"response": ""})
+            return JSONResponse(await _load_only(served, model, keep_alive) | {"response": ""})
+        _apply_keep_alive(served, keep_alive)
         if body.get("raw"):
             prompt = served.engine.tokenizer.encode(text, allowed_special="all")
         else:
@@ -72,19 +77,21 @@ def routes(served: Served) -> list[Route]:
                 "llama.context_length": args.max_seq_len, "llama.embedding_length": args.dim,
                 "llama.block_count": args.n_layers, "llama.attention.head_count": args.n_heads,
                 "llama.attention.head_count_kv": args.n_kv_heads, "llama.vocab_size": args.vocab_size}
-        template = served.engine.chat_format.template if entry.ref == served.ref else ""
+        template = served.engine.chat_format.template if served.engine is not None and entry.ref == served.ref else ""
         return JSONResponse({"modelfile": "", "parameters": "", "template": template, "license": "",
                              "details": _describe(entry)["details"], "model_info": info,
                              "capabilities": ["completion"], "modified_at": _modified(entry)})
 
     async def ps(request: Request):
+        if served.engine is None:
+            return JSONResponse({"models": []})
         entry = served.engine.entry
         plan = served.engine.plan
         size = sum(plan.bytes.values()) if plan is not None else entry.size_bytes
         on_gpu = str(served.engine.device).startswith("cuda")
         return JSONResponse({"models": [_describe(entry) | {
             "size": size, "size_vram": size if on_gpu else 0, "context_length": served.engine.ctx,
-            "expires_at": "2318-01-01T00:00:00Z"}]})  # held until the server stops
+            "expires_at": _expires(served)}]})
 
     async def version(request: Request):
         from importlib.metadata import version as installed_version
@@ -105,6 +112,38 @@ def routes(served: Served) -> list[Route]:
             Route("/api/version", version, methods=["GET"])] + [
             Route(f"/api/{what}", not_here, methods=["POST", "DELETE"])
             for what in ("pull", "push", "delete", "copy", "create", "embed", "embeddings")]
+
+
+def _keep_alive(body: dict) -> float | None | bool:
+    """The request's keep_alive in seconds (None: forever); False when it does not set one."""
+    value = body.get("keep_alive")
+    if value is None:
+        return False
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise BadRequest(f"keep_alive: {e}") from None
+
+
+def _apply_keep_alive(served: Served, keep_alive) -> None:
+    if keep_alive is not False and served.loader is not None:
+        served.keep_alive_s = keep_alive
+
+
+async def _load_only(served: Served, model: str, keep_alive) -> dict:
+    if keep_alive is not False and keep_alive == 0 and served.loader is not None:  # False == 0 in Python
+        await served.switch(None)
+        return _final(model, "unload")
+    _apply_keep_alive(served, keep_alive)
+    return _final(model, "load")
+
+
+def _expires(served: Served) -> str:
+    if served.keep_alive_s is None or served.loader is None:
+        return "2318-01-01T00:00:00Z"  # held until the server stops
+    idle_from = max(served.last_used, served.scheduler.last_finished)
+    left = max(0.0, served.keep_alive_s - (time.monotonic() - idle_from))
+    return datetime.fromtimestamp(time.time() + left, timezone.utc).isoformat()
 
 
 def _installed(name) -> store.ModelEntry:

@@ -26,20 +26,20 @@ def routes(served: Served) -> list[Route]:
     async def chat(request: Request):
         body = await json_body(request)
         refuse_unsupported(unsupported(body, set(OPENAI_FIELDS) | OPENAI_IGNORED, OPENAI_NEUTRAL))
-        model = served.resolve(body.get("model"))
         messages = chat_messages(body.get("messages"))
+        model = await served.acquire(body.get("model"))
         prompt = served.engine.prompt_ids(messages)
         return await _answer(served, request, body, model, prompt, chat=True)
 
     async def completions(request: Request):
         body = await json_body(request)
         refuse_unsupported(unsupported(body, set(OPENAI_FIELDS) | OPENAI_IGNORED, OPENAI_NEUTRAL))
-        model = served.resolve(body.get("model"))
         text = body.get("prompt")
         if isinstance(text, list) and len(text) == 1:
             text = text[0]
         if not isinstance(text, str):
             raise BadRequest("'prompt' must be a string (one prompt per request)", "prompt")
+        model = await served.acquire(body.get("model"))
         # raw text: special-token text in it becomes those tokens, as llama.cpp's server does
         prompt = served.engine.tokenizer.encode(text, bos=_wants_bos(served, text), allowed_special="all")
         return await _answer(served, request, body, model, prompt, chat=False)

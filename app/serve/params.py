@@ -113,3 +113,18 @@ def sampling_from(values: dict, table: dict, defaults: dict, where: str = "") ->
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return Sampling(params, max_tokens, stop)
+
+
+def parse_duration(value) -> float | None:
+    """Seconds from a number or a duration ("500ms", "30s", "5m", "1h"), as Ollama's keep_alive
+    takes it; a negative one means forever (None). ValueError says what was wrong."""
+    if isinstance(value, str):
+        text = value.strip()
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        try:
+            value = float(text[:len(text) - len(unit)]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "": 1}[unit]
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration like 30s, 5m or -1") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("a duration is a number of seconds or a string like 5m")
+    return None if value < 0 else float(value)

@@ -179,6 +179,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._closing = False
         self._seconds_per_job = 2.0  # a running estimate for Retry-After
+        self.last_finished = time.monotonic()  # when the last job ended (keep_alive counts from it)
         self._thread = threading.Thread(target=self._run, name="llamadesk-decode", daemon=True)
         self._thread.start()
 
@@ -188,7 +189,7 @@ class Scheduler:
         job.loop = job.loop or asyncio.get_running_loop()
         job.events = job.events or asyncio.Queue()
         with self._lock:
-            if self._closing:
+            if self._closing or self.rows is None:
                 raise ShuttingDown()
             if len(self._active) + len(self._waiting) >= self.parallel + self.queue_size:
                 turns = (len(self._waiting) + 1) / min(self.parallel, self.rows.max_rows)
@@ -200,7 +201,20 @@ class Scheduler:
     def counts(self) -> dict:
         with self._lock:
             return {"active": len(self._active), "queued": len(self._waiting),
-                    "parallel": self.parallel, "queue": self.queue_size, "rows": self.rows.max_rows}
+                    "parallel": self.parallel, "queue": self.queue_size,
+                    "rows": self.rows.max_rows if self.rows is not None else 0}
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._active and not self._waiting
+
+    def replace(self, rows: EngineRows | None) -> None:
+        """Decode on `rows` from now on (None: nothing loaded); only while idle."""
+        with self._lock:
+            assert not self._active and not self._waiting, "replacing the rows under running requests"
+            self.rows = rows
+            if rows is not None:
+                self.tokenizer, self.stop_ids = rows.tokenizer, rows.stop_ids
 
     def close(self, grace_s: float = 10.0) -> None:
         """Stop admitting; let jobs finish for up to `grace_s`, cancel the rest, end the worker."""
@@ -305,7 +319,7 @@ class Scheduler:
             self._finish_job(row.job, reason)
 
     def _finish_job(self, job: Job, reason: str) -> None:
-        job.finished = time.monotonic()
+        job.finished = self.last_finished = time.monotonic()
         if job.started:
             self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (job.finished - job.started)
         job.emit("done", reason)
