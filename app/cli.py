@@ -369,6 +369,26 @@ def _serve_parser(sub) -> None:
                         "the next request loads it again")
 
 
+def server_ps(url: str | None, key_file: Path | None) -> int:
+    """`llamadesk ps`: what a running server (this machine's, unless --remote) holds."""
+    from .remote import Remote, read_key
+    from .serve import DEFAULT_PORT
+
+    remote = Remote.connect(url or f"http://127.0.0.1:{DEFAULT_PORT}", read_key(key_file))
+    try:
+        models = remote.ollama_ps()
+    finally:
+        remote.close()
+    if not models:
+        print(f"The server at {remote.where()} holds no model (it loads one on the next request).")
+        return 0
+    print(f"{'NAME':40} {'CONTEXT':>8} {'SIZE':>9}  UNTIL")
+    for m in models:
+        print(f"{str(m.get('model'))[:40]:40} {m.get('context_length', '?'):>8} "
+              f"{(m.get('size') or 0) / 1e6:7.0f}MB  {m.get('expires_at', '?')}")
+    return 0
+
+
 def _duration(text: str) -> float | None:
     from .serve.params import parse_duration
 
@@ -465,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     _serve_parser(sub)
+    p = sub.add_parser("ps", help="what a running `llamadesk serve` holds")
+    p.add_argument("--remote", metavar="URL", help="the server (default: this machine's, on the default port)")
+    p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is its API key")
 
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
@@ -533,6 +556,8 @@ def run(argv: list[str]) -> int:
         return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype)
     if command == "serve":
         return serve(args)
+    if command == "ps":
+        return server_ps(args.remote, args.remote_key_file)
     if command == "list":
         list_models()
         return 0

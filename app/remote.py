@@ -92,6 +92,15 @@ class Remote:
             raise RemoteError(f"{self.where()}: /v1/models did not answer with a list of models")
         return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
+    def ollama_ps(self) -> list[dict]:
+        """The models the server holds, from Ollama's /api/ps (llamadesk and Ollama answer it)."""
+        r = self._request("GET", self.base[:-3] + "/api/ps")
+        data = self._json(r)
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise RemoteError(f"{self.where()}: /api/ps did not answer with a list of models")
+        return [m for m in models if isinstance(m, dict)]
+
     def pick_model(self, wanted: str | None) -> str:
         """`wanted` if given, else the server's only model; several need --model."""
         if wanted:

@@ -490,3 +490,15 @@ def test_keep_alive_0_with_no_prompt_unloads_now(swapping):
     r = c.generate(model=MODEL, prompt="", keep_alive=0)
     assert r.done_reason == "unload" and c.ps().models == []
     assert c.generate(model=MODEL, prompt="").done_reason == "load" and len(c.ps().models) == 1
+
+
+def test_llamadesk_ps_shows_what_the_server_holds(url, engine, capsys):
+    from app import cli
+    from serve_helpers import free_port
+
+    assert cli.main(["ps", "--remote", url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["NAME", "CONTEXT", "SIZE", "UNTIL"]
+    assert out[1].split()[:2] == [engine.entry.ref, str(engine.ctx)]
+    assert cli.main(["ps", "--remote", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert "cannot reach the server" in capsys.readouterr().err
