@@ -502,3 +502,13 @@ def test_llamadesk_ps_shows_what_the_server_holds(url, engine, capsys):
     assert out[1].split()[:2] == [engine.entry.ref, str(engine.ctx)]
     assert cli.main(["ps", "--remote", f"http://127.0.0.1:{free_port()}"]) == 1
     assert "cannot reach the server" in capsys.readouterr().err
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400(client, engine, monkeypatch):
+    from model.chat_format import ChatFormat
+
+    strict = ChatFormat("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message "
+                        "must come first') }}{% endif %}{{ messages[0]['content'] }}")
+    monkeypatch.setattr(engine, "chat_format", strict)
+    with pytest.raises(openai.BadRequestError, match="a system message must come first"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)

@@ -22,6 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from model.chat_format import ChatTemplateError
+from model.tokenizer import TokenizerError
+
 from .. import store
 from .params import BadRequest, Sampling
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
@@ -295,6 +298,14 @@ def build_app(served: Served) -> Starlette:
     async def on_http(request: Request, exc) -> JSONResponse:
         return error_response(request.url.path, exc.status_code, exc.detail)
 
+    async def on_prompt(request: Request, exc: Exception) -> JSONResponse:
+        # the model's chat template refused the conversation (e.g. roles out of order)
+        return error_response(request.url.path, 400, str(exc), "messages")
+
+    async def on_failure(request: Request, exc: Exception) -> JSONResponse:
+        served.log(f"error: {type(exc).__name__} in {request.url.path}")  # no request text
+        return error_response(request.url.path, 500, f"internal error ({type(exc).__name__})")
+
     from starlette.exceptions import HTTPException
 
     routes = [Route("/health", health)] + openai_api.routes(served) + ollama_api.routes(served)
@@ -305,4 +316,6 @@ def build_app(served: Served) -> Starlette:
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(Guards, served=served))
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={BadRequest: on_bad_request, Busy: on_busy, HTTPException: on_http})
+                     exception_handlers={BadRequest: on_bad_request, Busy: on_busy, HTTPException: on_http,
+                                         ChatTemplateError: on_prompt, TokenizerError: on_prompt,
+                                         Exception: on_failure})
