@@ -16,6 +16,7 @@ from model.generate import SamplingParams
 from model.tokenizer import StreamDecoder, load_tokenizer
 
 GREEDY = SamplingParams(temperature=0)
+pytestmark = pytest.mark.timeout(120)  # a worker that died would leave a job waiting forever
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,19 @@ def test_text_held_back_for_a_possible_stop_comes_out_at_the_end(tokenizer):
 def test_no_stops_passes_text_through(tokenizer):
     pieces, hit = _feed(tokenizer, "héllo ✓ world", [])
     assert not hit and "".join(pieces) == "héllo ✓ world"
+
+
+def test_a_failing_row_ends_in_an_error_and_the_next_job_still_runs(tokenizer):
+    class OutOfVocab(CountingRows):
+        def _next(self, token):
+            if token != 666:
+                return super()._next(token)
+            logits = torch.zeros(self.vocab + 10)
+            logits[self.vocab + 5] = 1.0  # an id the tokenizer cannot decode
+            return logits
+
+    rows = OutOfVocab(tokenizer, max_rows=1)
+    (_, kind, message), (text, kind2, finish) = _run(Scheduler(rows, parallel=1, queue=2),
+                                                     [Job([1, 666], GREEDY, 4), Job([1, 100], GREEDY, 3)])
+    assert kind == "error" and "not in the vocabulary" in message
+    assert (kind2, finish, text) == ("done", "length", tokenizer.decode([101, 102, 103]))

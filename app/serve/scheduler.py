@@ -246,7 +246,11 @@ class Scheduler:
                 for row in joining:
                     self._prefill(row)
                 if self._active:
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as e:  # sampling or detokenizing failed: end those rows, keep serving
+                        for row in list(self._active):
+                            self._drop(row, error=f"{type(e).__name__}: {e}")
                 with self._lock:
                     if self._closing and not self._active and not self._waiting:
                         return
