@@ -318,6 +318,30 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
     return 0
 
 
+def ask_remote(url: str, prompt: str, model: str | None, system: str | None, max_tokens: int,
+               params: SamplingParams, key_file: Path | None, verbose: bool = False) -> int:
+    """`ask` through an OpenAI-compatible server (--remote URL or LLAMADESK_REMOTE)."""
+    from .remote import Remote, read_key
+
+    remote = Remote.connect(url, read_key(key_file))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        name = remote.pick_model(model)
+        for piece in remote.stream(messages, name, max_tokens, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        remote.close()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        r = remote.last
+        counts = (f"prompt {r.prompt_tokens} tokens, {r.completion_tokens} tokens" if r.completion_tokens is not None
+                  else "the server reported no token counts")
+        say(f"{r.model} on {remote.where()} (remote): {counts}, finish {r.finish_reason or 'unknown'}")
+    return 0
+
+
 def chat_plain(model: str | None, system: str | None, params: SamplingParams, ctx: int | None,
                kv_dtype: str = "auto", chat_format: str | None = None) -> int:
     """A line-by-line chat for terminals where the full-screen app cannot run (see app.plain_chat)."""
@@ -400,6 +424,76 @@ def set_model_setting(name: str, key: str, value: str) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+def serve(args: argparse.Namespace) -> int:
+    """`llamadesk serve`: the flags onto ServeOptions; the server itself lives in app/serve."""
+    from .serve import ServeOptions, check_options, serve as run_server
+
+    opts = ServeOptions(host=args.host, port=args.port, model=args.model, parallel=args.parallel,
+                        queue=args.queue, ctx=args.ctx, kv_dtype=args.kv_dtype, threads=args.threads,
+                        api_key_file=args.api_key_file, cors_origins=args.cors_origin or [],
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, keep_alive_s=args.keep_alive)
+    check_options(opts)  # a bind that must not start refuses before any download or load
+    opts.model = ensure_model(opts.model)
+    _compile_decode_kernel()
+    return run_server(opts, say)
+
+
+def _serve_parser(sub) -> None:
+    from .serve import DEFAULT_PORT
+
+    # no abbreviations: `--api-key SECRET` must be refused, not read as --api-key-file's path
+    p = sub.add_parser("serve", help="serve the model over OpenAI- and Ollama-compatible HTTP APIs",
+                       allow_abbrev=False)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs an API key)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the plan's choice)")
+    p.add_argument("--parallel", type=int, default=4, help="requests decoded at once (default 4)")
+    p.add_argument("--queue", type=int, default=16, help="requests waiting beyond those; more get 429 (default 16)")
+    p.add_argument("--ctx", type=int, help="context length in tokens")
+    _kv_dtype_flag(p)
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+    p.add_argument("--api-key-file", type=Path, help="file whose first line is the API key "
+                   "(or set LLAMADESK_API_KEY; keys are never taken from the command line)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; default: CORS off)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate for HTTPS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for HTTPS")
+    p.add_argument("--keep-alive", type=_duration, default=300.0, metavar="DURATION",
+                   help="unload the model after this long idle, e.g. 30s, 5m, 1h; -1 never (default 5m); "
+                        "the next request loads it again")
+
+
+def server_ps(url: str | None, key_file: Path | None) -> int:
+    """`llamadesk ps`: what a running server (this machine's, unless --remote) holds."""
+    from .remote import Remote, read_key
+    from .serve import DEFAULT_PORT
+
+    remote = Remote.connect(url or f"http://127.0.0.1:{DEFAULT_PORT}", read_key(key_file))
+    try:
+        models = remote.ollama_ps()
+    finally:
+        remote.close()
+    if not models:
+        print(f"The server at {remote.where()} holds no model (it loads one on the next request).")
+        return 0
+    print(f"{'NAME':40} {'CONTEXT':>8} {'SIZE':>9}  UNTIL")
+    for m in models:
+        print(f"{str(m.get('model'))[:40]:40} {m.get('context_length', '?'):>8} "
+              f"{(m.get('size') or 0) / 1e6:7.0f}MB  {m.get('expires_at', '?')}")
+    return 0
+
+
+def _duration(text: str) -> float | None:
+    from .serve.params import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # ---------------------------------------------------------------- argument parsing
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
@@ -461,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parse-special", action="store_true",
                    help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, with no chat format")
+    p.add_argument("--remote", metavar="URL", help="answer through an OpenAI-compatible server (llamadesk, "
+                   "llama.cpp, Ollama, vLLM) instead of a local model (default: $LLAMADESK_REMOTE)")
+    p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is the remote's API key "
+                   "(default: $LLAMADESK_REMOTE_KEY)")
 
     default_model, catalog = pull.load_catalog()
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
@@ -525,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="what an installed model is: shape, tokenizer, chat format, stops, variants")
     p.add_argument("name", help="installed model, NAME or NAME:VARIANT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _serve_parser(sub)
+    p = sub.add_parser("ps", help="what a running `llamadesk serve` holds")
+    p.add_argument("--remote", metavar="URL", help="the server (default: this machine's, on the default port)")
+    p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is its API key")
 
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
@@ -582,6 +684,12 @@ def run(argv: list[str]) -> int:
     if command == "ask":
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
+        from .remote import remote_url
+
+        url = remote_url(args.remote)
+        if url:
+            return ask_remote(url, _read_prompt(args.prompt), args.model, args.system, args.max_tokens, params,
+                              args.remote_key_file, args.verbose)
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
                    args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special,
                    "raw" if args.raw else args.chat_format)
@@ -620,6 +728,10 @@ def run(argv: list[str]) -> int:
         return show_model(args.name, args.json)
     if command == "set":
         return set_model_setting(args.name, args.key, args.value)
+    if command == "serve":
+        return serve(args)
+    if command == "ps":
+        return server_ps(args.remote, args.remote_key_file)
     if command == "list":
         list_models()
         return 0

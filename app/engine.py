@@ -169,6 +169,8 @@ def choose_decoder(model: Transformer, compile_kernel: str = "now", say=None, on
     eager blocks answer meanwhile, so a first reply never waits); "never" uses it only if
     already compiled."""
     if model.rope is not None and model.rope.device.type == "cuda":
+        if model.layers[0].attention.kv_cache.k.shape[0] > 1:  # the graph is captured for cache row 0
+            return EagerDecoder(model)
         return static_decoder(model, compile_kernel != "never", say)
     if decode_cpu.unsupported(model) is not None:
         return EagerDecoder(model)
@@ -330,6 +332,15 @@ class Engine:
         return (f"memory: planned {format_bytes(estimate)} (weights {format_bytes(b['weights'])}, KV cache "
                 f"{format_bytes(b['kv_cache'])}, workspace {format_bytes(b['workspace'])}); measured RSS growth "
                 f"{format_bytes(self.measured_bytes)} ({(self.measured_bytes / estimate - 1) * 100:+.1f}%)")
+
+    def use_cache_rows(self, rows: int) -> None:
+        """`rows` KV-cache rows of the planned context each (a server's parallel requests), in the
+        cache's dtype; the decoder is built again over them. Each row costs the plan's KV cache."""
+        cache = self.model.layers[0].attention.kv_cache
+        self.model.setup_caches(self.ctx, batch=rows, dtype=self.model.norm.weight.dtype,
+                                device=cache.k.device, kv_dtype=cache.k.dtype)
+        self.decoder = choose_decoder(self.model, "never")
+        self._next_decoder, self._cached = None, []
 
     def hand_over(self, decoder: Decoder) -> None:
         """Use `decoder` from the next reply on (a background compile's result; any thread)."""

@@ -1,0 +1,225 @@
+"""The CLI as a client of any OpenAI-compatible server: another llamadesk, llama.cpp's server,
+Ollama, vLLM.
+
+    remote = Remote.connect(url, key)        # url: http(s)://host:port, with or without /v1
+    remote.models() -> ["name", ...]
+    for piece in remote.stream(messages, model, max_tokens, params, cancel): ...
+    remote.last                              # usage and finish reason of that reply
+
+Streams differ in small ways that this reader takes as they come: a role-only first chunk (with
+content "", null or absent), the role repeated in every chunk (Ollama), usage in every chunk or
+only in a last chunk with `choices: []` (include_usage), `timings` (llama.cpp), comments and
+blank lines, then `data: [DONE]`. Whatever the server sends is text, never markup or a path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from .errors import UserError
+
+ENV_URL = "LLAMADESK_REMOTE"
+ENV_KEY = "LLAMADESK_REMOTE_KEY"
+
+
+class RemoteError(UserError):
+    """The server refused, failed or could not be reached; one line for the user."""
+
+
+@dataclass
+class RemoteReply:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    model: str | None = None
+
+
+def remote_url(flag: str | None) -> str | None:
+    """--remote, else LLAMADESK_REMOTE; None when neither is set (run the model here)."""
+    return flag or os.environ.get(ENV_URL) or None
+
+
+def read_key(key_file: Path | None) -> str | None:
+    """The remote's API key: --api-key-file (first line; a file only its owner can read), else
+    LLAMADESK_REMOTE_KEY."""
+    if key_file is None:
+        return os.environ.get(ENV_KEY, "").strip() or None
+    try:
+        mode = key_file.stat().st_mode
+        lines = key_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{key_file}: cannot read the API key ({getattr(e, 'strerror', None) or e})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UserError(f"{key_file}: others can read this key file; run chmod 600 {key_file}")
+    if not lines or not lines[0].strip():
+        raise UserError(f"{key_file}: the API key file is empty")
+    return lines[0].strip()
+
+
+class Remote:
+    def __init__(self, base: str, key: str | None = None, timeout_s: float = 600.0):
+        import httpx
+
+        self.base = base
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=base, headers=headers,
+                                   timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.last = RemoteReply()
+
+    @classmethod
+    def connect(cls, url: str, key: str | None = None) -> "Remote":
+        """A client for `url` (http or https; a trailing /v1 is optional)."""
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UserError(f"--remote needs an http:// or https:// URL, got {url!r}")
+        path = parts.path.rstrip("/")
+        path = path[:-3] if path.endswith("/v1") else path
+        return cls(f"{parts.scheme}://{parts.netloc}{path}/v1", key)
+
+    def where(self) -> str:
+        return urlsplit(self.base).netloc
+
+    def models(self) -> list[str]:
+        data = self._json(self._request("GET", "/models"))
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise RemoteError(f"{self.where()}: /v1/models did not answer with a list of models")
+        return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def ollama_ps(self) -> list[dict]:
+        """The models the server holds, from Ollama's /api/ps (llamadesk and Ollama answer it)."""
+        r = self._request("GET", self.base[:-3] + "/api/ps")
+        data = self._json(r)
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise RemoteError(f"{self.where()}: /api/ps did not answer with a list of models")
+        return [m for m in models if isinstance(m, dict)]
+
+    def pick_model(self, wanted: str | None) -> str:
+        """`wanted` if given, else the server's only model; several need --model."""
+        if wanted:
+            return wanted
+        names = self.models()
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise RemoteError(f"{self.where()} lists no models")
+        raise UserError(f"{self.where()} serves {len(names)} models; pick one with --model: "
+                        f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+
+    def stream(self, messages: list[dict], model: str, max_tokens: int, params=None,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield the reply's text as it streams; `self.last` holds usage and finish reason after.
+        Setting `cancel` (or closing the iterator) closes the connection, which stops the
+        generation on servers that watch for it (llamadesk, llama.cpp, vLLM, Ollama)."""
+        body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens,
+                "stream_options": {"include_usage": True}}
+        if params is not None:
+            if params.top_k or params.repetition_penalty != 1.0:
+                raise UserError("--top-k and --repeat-penalty are not part of the OpenAI API; "
+                                "leave them out with --remote")
+            body.update(temperature=params.temperature, top_p=params.top_p)
+            if params.seed is not None:
+                body["seed"] = params.seed
+        self.last = reply = RemoteReply(model=model)
+        import httpx
+
+        try:
+            with self.client.stream("POST", "/chat/completions", json=body) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise RemoteError(self._failure(r))
+                for data in sse_data(r.iter_lines()):
+                    if cancel is not None and cancel.is_set():
+                        return
+                    if data == "[DONE]":
+                        return
+                    text = _read_chunk(data, reply, self.where())
+                    if text:
+                        yield text
+        except httpx.HTTPError as e:
+            raise RemoteError(f"{self.where()}: {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _request(self, method: str, path: str, **kw):
+        import httpx
+
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise RemoteError(f"{self.where()}: cannot reach the server ({type(e).__name__}: {e})") from None
+        if r.status_code >= 400:
+            raise RemoteError(self._failure(r))
+        return r
+
+    def _json(self, r):
+        try:
+            return r.json()
+        except ValueError:
+            raise RemoteError(f"{self.where()}: the answer is not JSON") from None
+
+    def _failure(self, r) -> str:
+        """One line from an error response in OpenAI's shape, Ollama's, or plain text."""
+        message = r.text
+        try:
+            err = r.json().get("error", message)
+            message = err.get("message", err) if isinstance(err, dict) else err
+        except (ValueError, AttributeError):
+            pass
+        first = " ".join(str(message).split())[:300]
+        return f"{self.where()} answered {r.status_code}: {first}"
+
+
+def sse_data(lines) -> Iterator[str]:
+    """The `data:` payloads of a server-sent event stream, one per event (multi-line data joined)."""
+    buf: list[str] = []
+    for line in lines:
+        if not line:
+            if buf:
+                yield "\n".join(buf)
+                buf = []
+            continue
+        if line.startswith(":"):
+            continue  # a comment (keep-alives)
+        field, _, value = line.partition(":")
+        if field == "data":
+            buf.append(value[1:] if value.startswith(" ") else value)
+    if buf:
+        yield "\n".join(buf)
+
+
+def _read_chunk(data: str, reply: RemoteReply, where: str) -> str:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise RemoteError(f"{where}: the stream holds something that is not JSON") from None
+    if not isinstance(chunk, dict):
+        raise RemoteError(f"{where}: the stream holds something that is not a chunk")
+    if "error" in chunk:
+        err = chunk["error"]
+        message = err.get("message", err) if isinstance(err, dict) else err
+        raise RemoteError(f"{where}: {' '.join(str(message).split())[:300]}")
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):  # the last one wins (some servers send it in every chunk)
+        reply.prompt_tokens = usage.get("prompt_tokens", reply.prompt_tokens)
+        reply.completion_tokens = usage.get("completion_tokens", reply.completion_tokens)
+    if isinstance(chunk.get("model"), str):
+        reply.model = chunk["model"]
+    text = []
+    for choice in chunk.get("choices") or []:
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            continue
+        if choice.get("finish_reason"):
+            reply.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta") or {}
+        if isinstance(delta.get("content"), str):
+            text.append(delta["content"])
+    return "".join(text)

@@ -1,0 +1,134 @@
+"""`llamadesk serve`: the OpenAI- and Ollama-compatible HTTP server over one loaded model.
+
+    serve(ServeOptions(...))   load the planned model, check the bind, run uvicorn until SIGTERM
+
+Rooms: scheduler.py (the only code that touches the model: slots, queue, the batched-decoder
+seam), params.py (each API's fields onto sampling), app.py (routes, guards, errors),
+openai_api.py and ollama_api.py (the two APIs' shapes).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+__all__ = ["DEFAULT_PORT", "ServeOptions", "serve", "check_options", "is_loopback", "read_api_key", "load_served", "make_server"]
+
+DEFAULT_PORT = 8462
+GRACE_S = 10.0
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    model: str | None = None
+    parallel: int = 4
+    queue: int = 16
+    ctx: int | None = None
+    kv_dtype: str = "auto"
+    threads: int | None = None
+    api_key_file: Path | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keep_alive_s: float | None = 300.0  # idle time before the model is unloaded; None: never
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and the name localhost; any other address or name reaches the network."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(key_file: Path | None) -> str | None:
+    """The key from --api-key-file (first line) or LLAMADESK_API_KEY; never from argv."""
+    if key_file is not None:
+        try:
+            key = key_file.read_text(encoding="utf-8").strip().splitlines()[0:1]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{key_file}: cannot read the API key ({e.strerror or e})") from None
+        if not key or not key[0].strip():
+            raise UserError(f"{key_file}: the API key file is empty")
+        return key[0].strip()
+    key = os.environ.get("LLAMADESK_API_KEY", "").strip()
+    return key or None
+
+
+def check_options(opts: ServeOptions) -> str | None:
+    """Refuse what must not start (a public bind without a key, half a TLS pair); the key."""
+    key = read_api_key(opts.api_key_file)
+    if not is_loopback(opts.host) and key is None:
+        raise UserError(f"refusing to listen on {opts.host} without an API key: set LLAMADESK_API_KEY or "
+                        f"pass --api-key-file (or bind 127.0.0.1 and use an SSH tunnel)")
+    if bool(opts.tls_cert) != bool(opts.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    for path in (opts.tls_cert, opts.tls_key):
+        if path is not None and not path.is_file():
+            raise UserError(f"{path}: no such file")
+    if not 0 < opts.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {opts.port}")
+    if opts.parallel < 1 or opts.queue < 0:
+        raise UserError("--parallel must be at least 1 and --queue at least 0")
+    return key
+
+
+def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
+    """Load the model (unless an `engine` is given) and start its scheduler."""
+    from ..engine import Engine
+    from .app import Served
+    from .scheduler import EngineRows, Scheduler
+
+    def load(name: str | None):
+        return Engine.load(name, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype)
+
+    engine = engine or load(opts.model)
+    scheduler = Scheduler(EngineRows(engine, opts.parallel), opts.parallel, opts.queue)
+    return Served(engine, scheduler, api_key=key, cors_origins=list(opts.cors_origins), loader=load,
+                  keep_alive_s=opts.keep_alive_s)
+
+
+def make_server(served, opts: ServeOptions):
+    """A uvicorn server for `served`: graceful shutdown waits GRACE_S for in-flight requests."""
+    import uvicorn
+
+    from .app import build_app
+
+    config = uvicorn.Config(build_app(served), host=opts.host, port=opts.port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=GRACE_S, lifespan="off",
+                            ssl_certfile=str(opts.tls_cert) if opts.tls_cert else None,
+                            ssl_keyfile=str(opts.tls_key) if opts.tls_key else None)
+    return uvicorn.Server(config)
+
+
+def serve(opts: ServeOptions, say=print) -> int:
+    """Run until SIGTERM or Ctrl-C: then stop accepting, let in-flight requests finish for up to
+    GRACE_S, cancel the rest and return 0."""
+    key = check_options(opts)
+    served = load_served(opts, key, say)
+    server = make_server(served, opts)
+    scheme = "https" if opts.tls_cert else "http"
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    say(f"Serving {served.ref} ({served.engine.ctx}-token context, {opts.parallel} slots, queue {opts.queue}) "
+        f"on {scheme}://{host}:{opts.port} (OpenAI: /v1, Ollama: /api){'; API key required' if key else ''}")
+    # uvicorn re-raises the signal it caught once it has shut down; a SIGTERM that ends a graceful
+    # shutdown is a clean exit, not a death by signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's answer to a port it cannot bind
+        pass
+    finally:
+        served.scheduler.close(grace_s=0)
+    if not server.started:
+        raise UserError(f"could not listen on {host}:{opts.port} (in use, or not an address of this machine)")
+    say("Server stopped.")
+    return 0

@@ -1,0 +1,325 @@
+"""The one place the server touches a model: jobs in, text pieces out, a bounded queue.
+
+    HTTP handlers --submit(Job)--> Scheduler --admit--> rows (at most `parallel`) --step--> Rows
+          ^                           |                                                  |
+          +--- job.events (asyncio) <-+---------- sample, detokenize, stop strings <-----+
+
+`Rows` is the seam to the model: `prefill(slot, ids) -> logits (V,)` and
+`step(tokens, positions, slots) -> logits (B, V)`, one row per active request, each with its own
+position and KV-cache slot. `EngineRows` runs them on an `Engine` with `--parallel` cache rows
+through its Decoder.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model.generate import SamplingParams, sample
+from model.tokenizer import StreamDecoder
+
+from ..errors import UserError
+
+
+class QueueFull(Exception):
+    """Every slot and queue place is taken; `retry_after` is a guess in whole seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("the server is busy")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request's generation. The worker thread fills `events` through the loop:
+    ("text", str) pieces, then one ("done", finish_reason) or ("error", message).
+    `finish_reason` is "stop" (end of turn or a stop string), "length" (max_tokens or the
+    context's end) or "cancelled" (client gone or shutdown)."""
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    completion_tokens: int = 0
+    submitted: float = 0.0
+    started: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+
+    def emit(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the server's loop has ended: nobody is left to tell
+            self.cancel.set()
+
+
+# ---------------------------------------------------------------- the seam to the model
+class EngineRows:
+    """Decoding rows over one loaded `Engine`: `slots` KV-cache rows of the planned context each,
+    fed together through the engine's decoder (model/generate.py's Decoder: B rows, each at its
+    own position in its own cache row, a row's logits independent of the others).
+
+    Every prompt is prefilled whole. Reusing a cached prefix (as the chat does) changes the first
+    logits in the third decimal (the cache holds bf16; a fresh prefill attends over exact values),
+    enough to change a seeded sample: a request's text must not depend on what ran before it.
+    """
+
+    def __init__(self, engine, slots: int = 1):
+        self.engine = engine
+        if slots > 1:
+            engine.use_cache_rows(slots)
+        self.max_rows = slots
+        self.ctx = engine.ctx  # positions per slot
+        self.tokenizer, self.stop_ids = engine.tokenizer, engine.stop_ids
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Run `ids` (the whole prompt) into `slot`'s cache; the last position's logits (V,)."""
+        from model.generate import prefill
+
+        # the engine's record of what its cache holds stays empty while the server uses it, so
+        # the engine's own `stream` never reuses what these rows wrote
+        self.engine._cached = []
+        return prefill(self.engine.model, ids, 0, cache_row=slot)
+
+    def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Feed token b at positions[b] into cache slot slots[b]; logits (B, V)."""
+        return self.engine.decoder.decode(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
+
+    def release(self, slot: int) -> None:
+        """The row in `slot` is done; its cache slot is free for the next one."""
+
+
+# ---------------------------------------------------------------- one active request
+class _Row:
+    def __init__(self, job: Job, slot: int, tokenizer, stop_ids: set[int]):
+        self.job, self.slot, self.stop_ids = job, slot, stop_ids
+        self.pos = len(job.prompt)
+        self.history = list(job.prompt)
+        self.generator = torch.Generator().manual_seed(job.params.seed) if job.params.seed is not None else None
+        self.text = _StopText(StreamDecoder(tokenizer), job.stop)
+        self.logits: torch.Tensor | None = None
+
+    def take(self, token: int) -> str | None:
+        """Account for a sampled token; the finish reason when this row is done, else None."""
+        job = self.job
+        if token in self.stop_ids:
+            return "stop"
+        job.completion_tokens += 1
+        self.history.append(token)
+        piece, hit = self.text.push(token)
+        if piece:
+            job.emit("text", piece)
+        if hit:
+            return "stop"
+        if job.completion_tokens >= job.max_tokens:
+            return "length"
+        return None
+
+
+class _StopText:
+    """Detokenizes a row and ends it at the first stop string, never sending any part of one:
+    text that could still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, decoder: StreamDecoder, stops: list[str]):
+        self.decoder, self.stops = decoder, [s for s in stops if s]
+        self.held = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        return self._feed(self.decoder.push(token))
+
+    def flush(self) -> str:
+        piece, hit = self._feed(self.decoder.flush())
+        return piece if hit else piece + self.held
+
+    def _feed(self, piece: str) -> tuple[str, bool]:
+        text = self.held + piece
+        if not self.stops:
+            self.held = ""
+            return text, False
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return text[:cut], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+
+# ---------------------------------------------------------------- the scheduler
+class Scheduler:
+    """Admits jobs up to `parallel` active plus `queue` waiting, and decodes the active ones.
+
+    Active jobs run as rows of `rows` (at most rows.max_rows at once); each step feeds every
+    active row its last token, samples each row's next token from its own logits and generator,
+    and lets rows join (prefill) and leave (stop, length, cancel) between steps.
+    """
+
+    def __init__(self, rows: EngineRows, parallel: int = 4, queue: int = 16):
+        if parallel < 1 or queue < 0:
+            raise UserError("--parallel must be at least 1 and --queue at least 0")
+        self.rows, self.parallel, self.queue_size = rows, parallel, queue
+        self.tokenizer, self.stop_ids = rows.tokenizer, rows.stop_ids
+        self._waiting: deque[Job] = deque()
+        self._active: list[_Row] = []
+        self._lock = threading.Condition()
+        self._closing = False
+        self._seconds_per_job = 2.0  # a running estimate for Retry-After
+        self.last_finished = time.monotonic()  # when the last job ended (keep_alive counts from it)
+        self._thread = threading.Thread(target=self._run, name="llamadesk-decode", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop
+    def submit(self, job: Job) -> None:
+        """Queue `job`; raises QueueFull when every slot and queue place is taken."""
+        job.loop = job.loop or asyncio.get_running_loop()
+        job.events = job.events or asyncio.Queue()
+        with self._lock:
+            if self._closing or self.rows is None:
+                raise ShuttingDown()
+            if len(self._active) + len(self._waiting) >= self.parallel + self.queue_size:
+                turns = (len(self._waiting) + 1) / min(self.parallel, self.rows.max_rows)
+                raise QueueFull(max(1, math.ceil(turns * self._seconds_per_job)))
+            job.submitted = time.monotonic()
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def counts(self) -> dict:
+        with self._lock:
+            return {"active": len(self._active), "queued": len(self._waiting),
+                    "parallel": self.parallel, "queue": self.queue_size,
+                    "rows": self.rows.max_rows if self.rows is not None else 0}
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._active and not self._waiting
+
+    def replace(self, rows: EngineRows | None) -> None:
+        """Decode on `rows` from now on (None: nothing loaded); only while idle."""
+        with self._lock:
+            assert not self._active and not self._waiting, "replacing the rows under running requests"
+            self.rows = rows
+            if rows is not None:
+                self.tokenizer, self.stop_ids = rows.tokenizer, rows.stop_ids
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop admitting; let jobs finish for up to `grace_s`, cancel the rest, end the worker."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active and not self._waiting:
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            for job in [r.job for r in self._active] + list(self._waiting):
+                job.cancel.set()
+            self._lock.notify()
+        self._thread.join(timeout=5)
+
+    # -- the worker thread
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._active and not self._waiting:
+                        if self._closing:
+                            return
+                        self._lock.wait()
+                    joining = self._admit()
+                for row in joining:
+                    self._prefill(row)
+                if self._active:
+                    try:
+                        self._step()
+                    except Exception as e:  # sampling or detokenizing failed: end those rows, keep serving
+                        for row in list(self._active):
+                            self._drop(row, error=f"{type(e).__name__}: {e}")
+                with self._lock:
+                    if self._closing and not self._active and not self._waiting:
+                        return
+
+    def _admit(self) -> list[_Row]:
+        """Move waiting jobs into free slots (under the lock); cancelled ones leave at once."""
+        joining = []
+        used = {r.slot for r in self._active}
+        while self._waiting and len(self._active) < min(self.parallel, self.rows.max_rows):
+            job = self._waiting.popleft()
+            if job.cancel.is_set():
+                self._finish_job(job, "cancelled")
+                continue
+            slot = min(set(range(self.rows.max_rows)) - used)
+            used.add(slot)
+            row = _Row(job, slot, self.tokenizer, self.stop_ids)
+            self._active.append(row)
+            joining.append(row)
+        return joining
+
+    def _prefill(self, row: _Row) -> None:
+        row.job.started = time.monotonic()
+        try:
+            row.logits = self.rows.prefill(row.slot, row.job.prompt)
+        except Exception as e:  # one bad request must not take the worker down
+            self._drop(row, error=f"{type(e).__name__}: {e}")
+
+    def _step(self) -> None:
+        feed: list[_Row] = []
+        for row in list(self._active):
+            if row.logits is None:
+                continue
+            job = row.job
+            if job.cancel.is_set():
+                self._drop(row, "cancelled")
+                continue
+            token = sample(row.logits, job.params, row.history, row.generator)
+            if not job.first_token:
+                job.first_token = time.monotonic()
+            reason = row.take(token)
+            if reason is None and row.pos >= self.rows.ctx:
+                reason = "length"
+            if reason is not None:
+                self._drop(row, reason)
+            else:
+                feed.append(row)
+        if not feed:
+            return
+        try:
+            logits = self.rows.step([r.history[-1] for r in feed], [r.pos for r in feed], [r.slot for r in feed])
+        except Exception as e:
+            for row in feed:
+                self._drop(row, error=f"{type(e).__name__}: {e}")
+            return
+        for b, row in enumerate(feed):  # logits: (B, V)
+            row.logits = logits[b]
+            row.pos += 1
+
+    def _drop(self, row: _Row, reason: str = "", error: str = "") -> None:
+        tail = row.text.flush() if not error and reason != "cancelled" else ""
+        if tail:
+            row.job.emit("text", tail)
+        self.rows.release(row.slot)
+        with self._lock:
+            self._active.remove(row)
+        if error:
+            row.job.finished = time.monotonic()
+            row.job.emit("error", error)
+        else:
+            self._finish_job(row.job, reason)
+
+    def _finish_job(self, job: Job, reason: str) -> None:
+        job.finished = self.last_finished = time.monotonic()
+        if job.started:
+            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (job.finished - job.started)
+        job.emit("done", reason)

@@ -1,0 +1,514 @@
+"""`llamadesk serve` driven by the official openai and ollama clients, on the real default model.
+
+One engine is loaded per module; each server below is a uvicorn in a thread on 127.0.0.1 over it.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+import time
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from app.engine import Engine
+from app.serve import is_loopback
+from app.serve.app import MAX_BODY, Served
+from app.serve.scheduler import EngineRows, Scheduler
+from model.generate import SamplingParams
+from serve_helpers import running
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+MODEL = "smollm2-135m-instruct"
+HELLO = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def engine(default_home):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAMADESK_HOME", str(default_home))
+        yield Engine.load(MODEL, ctx=1024, compile_kernel="never")
+
+
+@pytest.fixture(scope="module")
+def rows(engine):
+    return EngineRows(engine)
+
+
+@pytest.fixture(scope="module")
+def scheduler(rows):
+    s = Scheduler(rows, parallel=4, queue=16)
+    yield s
+    s.close(grace_s=0)
+
+
+@pytest.fixture(scope="module")
+def logs():
+    return []
+
+
+@pytest.fixture(scope="module")
+def url(engine, scheduler, logs):
+    with running(Served(engine, scheduler, log=logs.append)) as base:
+        yield base
+
+
+@pytest.fixture()
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def engine_reply(engine, messages, max_tokens, params) -> str:
+    """What the engine's own chat path (Engine.stream) says: the oracle for the server's rows."""
+    return "".join(engine.stream(messages, params, max_tokens))
+
+
+# ---------------------------------------------------------------- OpenAI
+def test_models_lists_every_installed_variant(client, engine):
+    ids = [m.id for m in client.models.list().data]
+    assert engine.entry.ref in ids and f"{MODEL}:source" in ids
+
+
+def test_chat_greedy_matches_the_engine_with_usage(client, engine):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+    expected = engine_reply(engine, HELLO, 8, SamplingParams(temperature=0))
+    assert r.choices[0].message.content == expected and expected
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.prompt_tokens == len(engine.prompt_ids(HELLO))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    assert r.model == engine.entry.ref
+
+
+def test_seeded_sampling_matches_the_engine(client, engine):
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0,
+                                       top_p=0.95, seed=1234)
+    assert r.choices[0].message.content == engine_reply(engine, HELLO, 10, params)
+
+
+def test_stream_with_include_usage(client, engine):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert text == engine_reply(engine, HELLO, 6, SamplingParams(temperature=0))
+
+
+def test_stop_sequence_ends_the_reply_before_it(client, engine):
+    full = engine_reply(engine, HELLO, 16, SamplingParams(temperature=0))
+    words = full.split()
+    stop = words[len(words) // 2]
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[:full.index(stop)]
+    streamed = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.index(stop)]
+
+
+def test_text_parts_are_the_same_as_a_string(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "colours."}]}]
+    a = client.chat.completions.create(model=MODEL, messages=parts, max_completion_tokens=5, temperature=0)
+    b = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_completions_parse_special_tokens(client, engine):
+    raw = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
+    r = client.completions.create(model=MODEL, prompt=raw, max_tokens=5, temperature=0)
+    ids = engine.tokenizer.encode(raw, allowed_special="all")
+    assert r.usage.prompt_tokens == len(ids) < len(engine.tokenizer.encode(raw, allowed_special=set()))
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    streamed = client.completions.create(model=MODEL, prompt=raw, max_tokens=5, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"n": 2}, "n"),
+])
+def test_unsupported_fields_are_a_400_naming_them(client, extra, named):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **extra)
+    assert named in e.value.message and e.value.body["param"] == named
+
+
+def test_images_are_a_400(client):
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model=MODEL, messages=image, max_tokens=2)
+
+
+def test_unknown_model_is_a_404_and_never_a_path(client):
+    for name in ("no-such-model", "../../etc/passwd", "/tmp"):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model=name, messages=HELLO, max_tokens=2)
+        assert e.value.body["code"] == "model_not_found"
+
+
+def test_embeddings_are_a_501(client):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.embeddings.create(model=MODEL, input="hello")
+    assert e.value.status_code == 501
+
+
+def test_health(url, engine):
+    r = httpx.get(f"{url}/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == engine.entry.ref
+
+
+def test_prompt_longer_than_the_context_is_a_400(client, engine):
+    long = [{"role": "user", "content": "word " * (engine.ctx + 10)}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=long, max_tokens=2)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+# ---------------------------------------------------------------- Ollama
+@pytest.fixture()
+def ollama_client(url):
+    return ollama.Client(host=url)
+
+
+def test_ollama_chat_streamed_and_plain(ollama_client, engine):
+    options = {"temperature": 0, "num_predict": 6}
+    expected = engine_reply(engine, HELLO, 6, SamplingParams(temperature=0))
+    parts = list(ollama_client.chat(model=MODEL, messages=HELLO, options=options, stream=True))
+    assert "".join(p.message.content for p in parts) == expected
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    last = parts[-1]
+    assert last.done_reason == "length" and last.eval_count == 6
+    assert last.prompt_eval_count == len(engine.prompt_ids(HELLO))
+    plain = ollama_client.chat(model=MODEL, messages=HELLO, options=options, stream=False)
+    assert plain.message.content == expected and plain.message.role == "assistant" and plain.done
+
+
+def test_ollama_generate_is_ndjson(url, engine):
+    body = {"model": MODEL, "prompt": "Name three colours.", "options": {"temperature": 0, "num_predict": 5}}
+    with httpx.stream("POST", f"{url}/api/generate", json=body) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 5
+    text = "".join(x["response"] for x in lines)
+    assert text == engine_reply(engine, HELLO, 5, SamplingParams(temperature=0))
+
+
+def test_ollama_generate_raw_parses_specials(ollama_client, engine):
+    raw = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
+    r = ollama_client.generate(model=MODEL, prompt=raw, raw=True, options={"temperature": 0, "num_predict": 3})
+    assert r.prompt_eval_count == len(engine.tokenizer.encode(raw, allowed_special="all"))
+    assert r.response and r.done_reason == "length"
+
+
+def test_ollama_stop_and_seed(ollama_client):
+    options = {"temperature": 0.9, "seed": 7, "num_predict": 8}
+    a = ollama_client.generate(model=MODEL, prompt="Tell me a story.", options=options)
+    b = ollama_client.generate(model=MODEL, prompt="Tell me a story.", options=options)
+    assert a.response == b.response
+    stop = a.response.split()[2]
+    c = ollama_client.generate(model=MODEL, prompt="Tell me a story.", options=options | {"stop": [stop]})
+    assert c.response == a.response[:a.response.index(stop)] and c.done_reason == "stop"
+
+
+def test_ollama_tags_show_ps_version(ollama_client, engine):
+    names = [m.model for m in ollama_client.list().models]
+    assert engine.entry.ref in names and f"{MODEL}:source" in names
+    tag = next(m for m in ollama_client.list().models if m.model == engine.entry.ref)
+    assert tag.details.family == "llama" and tag.details.parameter_size == "135M" and tag.size > 0
+    shown = ollama_client.show(engine.entry.ref)
+    assert shown.modelinfo["llama.block_count"] == 30 and "im_start" in shown.template
+    running_now = ollama_client.ps().models
+    assert [m.model for m in running_now] == [engine.entry.ref] and running_now[0].context_length == engine.ctx
+    assert ollama_client._client.get("/api/version").json()["version"]
+
+
+@pytest.mark.parametrize("call", [lambda c: c.pull(MODEL), lambda c: c.delete(MODEL),
+                                  lambda c: c.embed(model=MODEL, input="hello")])
+def test_ollama_model_management_is_a_501(ollama_client, call):
+    with pytest.raises(ollama.ResponseError) as e:
+        call(ollama_client)
+    assert e.value.status_code == 501
+
+
+def test_ollama_unknown_model_and_unsupported_option(ollama_client):
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model="no-such-model", messages=HELLO)
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model=MODEL, messages=HELLO, options={"mirostat": 2})
+    assert e.value.status_code == 400 and "options.mirostat" in str(e.value)
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model=MODEL, messages=HELLO, format="json")
+    assert e.value.status_code == 400 and "format" in str(e.value)
+
+
+# ---------------------------------------------------------------- safety
+def test_loopback_is_127_slash_8_and_ipv6_one():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.4.5.6", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com"))
+
+
+def test_wrong_or_missing_key_is_a_401(engine, scheduler):
+    with running(Served(engine, scheduler, api_key="correct horse", log=lambda line: None)) as base:
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="battery staple", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        r = httpx.post(f"{base}/api/chat", json={"model": MODEL, "messages": HELLO})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        right = openai.OpenAI(base_url=f"{base}/v1", api_key="correct horse", max_retries=0)
+        assert right.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens
+        keyed = ollama.Client(host=base, headers={"Authorization": "Bearer correct horse"})
+        assert keyed.list().models
+        assert httpx.get(f"{base}/health").status_code == 200  # a liveness probe needs no key
+
+
+def test_body_over_4_mib_is_a_413(url):
+    big = b'{"model": "x", "prompt": "' + b"a" * MAX_BODY + b'"}'
+    assert httpx.post(f"{url}/v1/completions", content=big).status_code == 413
+
+    def chunks():  # no Content-Length: the limit holds on what arrives
+        for _ in range(5):
+            yield b"a" * 2**20
+
+    r = httpx.post(f"{url}/api/generate", content=chunks())
+    assert r.status_code == 413 and "4 MiB" in r.json()["error"]
+
+
+def test_malformed_json_is_a_400_in_each_apis_shape(url):
+    r = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{url}/api/chat", content=b"[1, 2")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    assert httpx.post(f"{url}/api/chat", content=b"[1, 2]").status_code == 400
+
+
+def test_cors_is_off_unless_origins_are_listed(url, engine, scheduler):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    with running(Served(engine, scheduler, cors_origins=["http://app.example"], log=lambda line: None)) as base:
+        r = httpx.options(f"{base}/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.options(f"{base}/v1/chat/completions", headers=preflight | {"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_request_log_has_no_prompt_or_reply_text(client, logs):
+    marker = "Zanzibar-7731"
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Say {marker}"}],
+                                       max_tokens=4, temperature=0)
+    line = logs[-1]
+    assert line.split()[:3] == ["POST", "/v1/chat/completions", "200"] and "completion=4" in line
+    assert not any(marker in x or (r.choices[0].message.content.strip() and
+                                   r.choices[0].message.content.strip() in x) for x in logs)
+
+
+def _self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llamadesk test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_with_a_certificate_the_client_trusts(engine, scheduler, tmp_path):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    with running(Served(engine, scheduler, log=lambda line: None), tls_cert=cert, tls_key=key) as base:
+        assert base.startswith("https://")
+        trusting = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+                                 http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(cert))))
+        r = trusting.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.APIConnectionError):  # a client that does not trust it refuses
+            openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0).models.list()
+        with pytest.raises(httpx.RemoteProtocolError):  # and plain HTTP gets nothing
+            httpx.get(base.replace("https", "http") + "/health")
+
+
+# ---------------------------------------------------------------- many clients, disconnects
+def test_disconnect_mid_stream_stops_the_generation(url, engine, scheduler, logs):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 500, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got == 4:
+                break
+    deadline = time.monotonic() + 10
+    while scheduler.counts()["active"]:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.05)
+    line = next(x for x in reversed(logs) if x.startswith("POST /v1/chat/completions"))
+    assert "finish=cancelled" in line
+    assert int(line.split("completion=")[1].split()[0]) < 100
+
+
+def test_disconnect_while_waiting_for_a_plain_reply_stops_it(url, scheduler, logs):
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 800, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+    deadline = time.monotonic() + 10
+    while scheduler.counts()["active"]:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.05)
+    assert any(x.startswith("POST /v1/completions") for x in logs[-2:])
+
+
+def test_full_queue_is_a_429_with_retry_after(engine, rows):
+    tight = Scheduler(rows, parallel=1, queue=0)
+    try:
+        with running(Served(engine, tight, log=lambda line: None)) as base:
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 60, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body) as first:
+                next(first.iter_lines())  # the first request holds the one slot
+                c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+                with pytest.raises(openai.RateLimitError) as e:
+                    c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+                assert int(e.value.response.headers["retry-after"]) >= 1
+                r = httpx.post(f"{base}/api/generate", json={"model": MODEL, "prompt": "hi"})
+                assert r.status_code == 429 and "retry-after" in r.headers
+    finally:
+        tight.close(grace_s=0)
+
+
+@pytest.mark.parametrize("others", [1, 3, 7])
+def test_a_request_says_the_same_alone_and_beside_others(url, others):
+    """Batch invariance: at temperature 0 and at a fixed seed, what runs beside a request never
+    changes its text (today's engine decodes one row at a time; a batched decoder must keep this)."""
+    mine = [{"role": "user", "content": "Write a haiku about rain."}]
+    settings = [dict(temperature=0), dict(temperature=1.0, seed=99)]
+
+    def ask(messages, **kw):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        return c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, **kw).choices[0].message.content
+
+    for kw in settings:
+        alone = ask(mine, **kw)
+        results: dict[int, str] = {}
+        crowd = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(
+            [{"role": "user", "content": f"List {i + 2} animals."}], temperature=0.8, seed=i)))
+            for i in range(others)]
+        for t in crowd:
+            t.start()
+        beside = ask(mine, **kw)
+        for t in crowd:
+            t.join(timeout=120)
+        assert beside == alone and len(results) == others
+
+
+def test_queued_requests_all_answer(url, engine):
+    """Twice the slots plus some, at once: each request gets its own, correct reply."""
+    prompts = [f"Count to {n}." for n in range(3, 9)]
+    results: dict[int, str] = {}
+
+    def ask(i):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        results[i] = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
+                                               max_tokens=5, temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, p in enumerate(prompts):
+        assert results[i] == engine_reply(engine, [{"role": "user", "content": p}], 5, SamplingParams(temperature=0))
+
+
+# ---------------------------------------------------------------- other models, keep_alive
+@pytest.fixture()
+def swapping(engine, default_home):
+    """A server that loads other installed models on request and unloads after 1 s idle."""
+    def load(name):
+        return Engine.load(name, ctx=1024, compile_kernel="never")
+
+    lines = []
+    own = Scheduler(EngineRows(engine), parallel=2, queue=4)
+    served = Served(engine, own, loader=load, keep_alive_s=None, log=lines.append)
+    try:
+        with running(served) as base:
+            yield served, base, lines
+    finally:
+        own.close(grace_s=0)
+
+
+def test_another_installed_model_is_swapped_in(swapping):
+    served, base, lines = swapping
+    c = ollama.Client(host=base)
+    options = {"temperature": 0, "num_predict": 4}
+    first = served.ref
+    r = c.chat(model=f"{MODEL}:source", messages=HELLO, options=options)
+    assert r.model == f"{MODEL}:source" and r.message.content
+    assert [m.model for m in c.ps().models] == [f"{MODEL}:source"] and "loaded smollm2-135m-instruct:source" in lines
+    back = c.chat(model=first, messages=HELLO, options=options)
+    assert back.model == first and [m.model for m in c.ps().models] == [first]
+
+
+def test_keep_alive_unloads_when_idle_and_the_next_request_reloads(swapping):
+    served, base, lines = swapping
+    c = ollama.Client(host=base)
+    c.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}, keep_alive="1s")
+    deadline = time.monotonic() + 15
+    while c.ps().models or "unloaded the model" not in lines:
+        assert time.monotonic() < deadline, "the model stayed loaded past its keep_alive"
+        time.sleep(0.2)
+    assert served.engine is None
+    r = c.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}, keep_alive=-1)
+    assert r.response and r.done_reason == "length" and c.ps().models
+
+
+def test_keep_alive_0_with_no_prompt_unloads_now(swapping):
+    served, base, _ = swapping
+    c = ollama.Client(host=base)
+    r = c.generate(model=MODEL, prompt="", keep_alive=0)
+    assert r.done_reason == "unload" and c.ps().models == []
+    assert c.generate(model=MODEL, prompt="").done_reason == "load" and len(c.ps().models) == 1
+
+
+def test_llamadesk_ps_shows_what_the_server_holds(url, engine, capsys):
+    from app import cli
+    from serve_helpers import free_port
+
+    assert cli.main(["ps", "--remote", url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["NAME", "CONTEXT", "SIZE", "UNTIL"]
+    assert out[1].split()[:2] == [engine.entry.ref, str(engine.ctx)]
+    assert cli.main(["ps", "--remote", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert "cannot reach the server" in capsys.readouterr().err
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400(client, engine, monkeypatch):
+    from model.chat_format import ChatFormat
+
+    strict = ChatFormat("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message "
+                        "must come first') }}{% endif %}{{ messages[0]['content'] }}")
+    monkeypatch.setattr(engine, "chat_format", strict)
+    with pytest.raises(openai.BadRequestError, match="a system message must come first"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
