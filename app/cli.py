@@ -12,22 +12,37 @@ import tempfile
 import threading
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model.args import ConfigError
 from model.chat_format import ChatTemplateError
-from model.checkpoints import CheckpointError
-from model.generate import SamplingParams
 from model.tokenizer import TokenizerError
 
 from . import pull, store
 from .errors import UserError
 from .plan import KV_DTYPES
 
+if TYPE_CHECKING:
+    from model.generate import SamplingParams
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-USER_ERRORS = (UserError, CheckpointError, ConfigError, TokenizerError, ChatTemplateError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions a user can cause. The checkpoint reader (and with it torch) is imported
+    only by commands that read checkpoints, so its error counts only once it is loaded."""
+    errors = (UserError, ConfigError, TokenizerError, ChatTemplateError)
+    loaded = sys.modules.get("model.checkpoints")
+    return errors + (loaded.CheckpointError,) if loaded else errors
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=err, transient=True)
 
 
 def say(msg: str) -> None:
@@ -38,8 +53,7 @@ def say(msg: str) -> None:
 def import_with_progress(path: Path, name: str | None, replace: bool = False) -> store.ModelEntry:
     from .importer import import_checkpoint
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with _progress_bar() as bar:
         task = bar.add_task(f"Converting {path.name}", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -81,6 +95,8 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
 
 def _compile_decode_kernel() -> None:
     """On a machine that decodes on the CPU: compile the fused decode step now, once, saying so."""
+    import torch
+
     if not torch.cuda.is_available():
         from .engine import compile_decode_kernel
 
@@ -123,8 +139,7 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
         opts = QuantOptions(scheme, group_size=group_size, head=head, embeddings=embeddings)
     except ValueError as e:
         raise UserError(str(e)) from None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with _progress_bar() as bar:
         task = bar.add_task("Packing", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
@@ -243,13 +258,23 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
         ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None,
-        kv_dtype: str = "auto") -> int:
+        kv_dtype: str = "auto", docs: list[str] = (), file: Path | None = None) -> int:
+    """Answer `prompt` on stdout; with `docs` (collections) or `file`, from their passages, and
+    then a `Sources:` block."""
+    from .docs.attach import Grounds
     from .engine import Engine
 
+    grounds, prompt = Grounds.pick(prompt, docs, file)
     ref = ensure_model(model)
     _compile_decode_kernel()
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
                          threads=threads, kv_dtype=kv_dtype)
+    passages = None
+    if grounds:
+        from .docs.retrieve import passage_budget
+
+        prompt, passages = grounds.apply(prompt, passage_budget(engine.ctx, max_tokens),
+                                         lambda text: len(engine.tokenizer.encode(text, allowed_special=set())))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -261,6 +286,10 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
         sys.stdout.write("\n")
         raise
     sys.stdout.write("\n")
+    if passages is not None:
+        from .docs.retrieve import sources_block
+
+        sys.stdout.write("\n" + sources_block(passages) + "\n")
     sys.stdout.flush()
     if verbose:
         s = engine.last
@@ -339,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+    p.add_argument("--docs", action="append", default=[], metavar="NAME",
+                   help="answer from this document collection (repeatable; `#NAME` in the prompt works too)")
+    p.add_argument("--file", type=Path, help="answer from this file (all of it if it fits, else its best parts)")
 
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
     p.add_argument("name", nargs="?")
@@ -386,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    from .docs.commands import add_parser as add_docs_parser
+
+    add_docs_parser(sub)
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref")
@@ -406,7 +441,13 @@ def _read_prompt(arg: str | None) -> str:
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "chat"
+    if command == "docs":
+        from .docs import commands
+
+        return commands.run(args)
     if command in ("ask", "chat"):
+        from model.generate import SamplingParams
+
         try:
             params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                     repetition_penalty=args.repeat_penalty, seed=args.seed)
@@ -416,7 +457,7 @@ def run(argv: list[str]) -> int:
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
-                   args.verbose, args.precise, args.threads, args.kv_dtype)
+                   args.verbose, args.precise, args.threads, args.kv_dtype, args.docs, args.file)
     if command == "chat":
         if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
             return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype)
@@ -461,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["chat"]
     try:
         return run(argv)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         say(f"llamadesk: error: {e}")
         return 1
     except KeyboardInterrupt:
