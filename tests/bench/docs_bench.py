@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from app.docs import DocsIndex, search  # noqa: E402
-from app.docs.retrieve import RELEVANCE_THRESHOLD  # noqa: E402
+from app.docs.retrieve import RELEVANCE_THRESHOLD, STOP_WORDS  # noqa: E402
 
 QUESTIONS = Path(__file__).with_name("docs_questions.json")
 
@@ -51,13 +51,15 @@ def build_corpus(folder: Path) -> list[str]:
 
 
 def topic_words(topic: str) -> set[str]:
-    """The words of a topic's name and of its headings (reST-underlined lines), lower case."""
+    """The words of a topic's name and of its headings (reST-underlined lines; their stop words
+    such as "the" do not count), lower case."""
     from pydoc_data.topics import topics
 
     lines = topics[topic].splitlines()
     heads = [lines[i - 1] for i in range(1, len(lines))
              if re.fullmatch(r"([=\-*~^])\1{2,}", lines[i].strip()) and lines[i - 1].strip()]
-    return {_stem(w) for w in re.findall(r"[^\W_]+", " ".join([topic, *heads]).lower())}
+    words = {w for w in re.findall(r"[^\W_]+", " ".join(heads).lower()) if w not in STOP_WORDS}
+    return {_stem(w) for w in words | set(re.findall(r"[^\W_]+", topic.lower()))}
 
 
 def _stem(word: str) -> str:
