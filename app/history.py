@@ -47,6 +47,11 @@ class ChatSettings:
     repeat_penalty: float = 1.0
     max_tokens: int = 1024
     seed: int | None = None
+    docs: tuple[str, ...] = ()  # document collections the answers quote (app/docs)
+    file: str = ""  # one attached file the answers quote
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "docs", tuple(self.docs))  # JSON gives a list
 
     def sampling_params(self):
         """The engine's SamplingParams; raises ValueError for an out-of-range knob.

@@ -71,6 +71,24 @@ class Grounds:
         return grounded_prompt(question, chosen, self.describe()), chosen
 
 
+def ground_chat(messages: list[dict], collections, file: str, ctx: int, max_tokens: int,
+                count_tokens: Callable[[str], int]) -> tuple[list[dict], list[Passage] | None]:
+    """A chat's messages with the last user message grounded in `collections`, `#NAME`s it holds
+    and/or `file`; the turn before it joins the search, so a follow-up finds what the conversation
+    is about. Passages None: nothing to ground in, the messages unchanged."""
+    from .retrieve import passage_budget
+
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users or users[-1] != len(messages) - 1:
+        return messages, None
+    context = messages[users[-2]]["content"] if len(users) > 1 else ""
+    grounds, question = Grounds.pick(messages[-1]["content"], list(collections), Path(file) if file else None)
+    if not grounds:
+        return messages, None
+    prompt, passages = grounds.apply(question, passage_budget(ctx, max_tokens), count_tokens, context)
+    return messages[:-1] + [{"role": "user", "content": prompt}], passages
+
+
 def _file_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise UserError(f"{path}: no such file")

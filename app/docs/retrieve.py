@@ -17,8 +17,13 @@ from .index import DocsIndex
 
 RELEVANCE_THRESHOLD = 0.45
 MAX_TERMS = 24
+# BM25's best CANDIDATES are re-ranked by score * relevance**RERANK_POWER: BM25 favours short
+# chunks that repeat one word; coverage of the whole question corrects it
 CANDIDATES = 50
 RERANK_POWER = 2.0
+# IDF as if a collection held at least this many chunks: in one of three notes every word that
+# matches would look as common as "the", and no question would pass the threshold
+MIN_IDF_CHUNKS = 1000
 NO_SOURCE = "no source found"
 
 STOP_WORDS = frozenset("""
@@ -93,8 +98,8 @@ def search(index: DocsIndex, collections: list[str], question: str, context: str
     best first. `context` (earlier turns of a chat) adds its words after the question's.
     Raises UserError for a collection that does not exist."""
     ids = [index.require(name) for name in collections]
-    terms = query_terms(question)
-    terms += [t for t in query_terms(context) if t not in terms][: max(0, MAX_TERMS - len(terms))]
+    own = query_terms(question)
+    terms = own + [t for t in query_terms(context) if t not in own][: max(0, MAX_TERMS - len(own))]
     if not terms or not ids:
         return []
     scope = ("FROM chunks_fts f JOIN chunks c ON c.id = f.rowid JOIN files fl ON fl.id = c.file "
@@ -106,17 +111,23 @@ def search(index: DocsIndex, collections: list[str], question: str, context: str
     total = index.db.execute("SELECT count(*) FROM chunks c JOIN files fl ON fl.id = c.file WHERE fl.collection "
                              f"IN ({','.join('?' * len(ids))})", ids).fetchone()[0]
     weights = {}
-    hits: dict[int, float] = {r[0]: 0.0 for r in rows}
+    matched: dict[int, set[str]] = {r[0]: set() for r in rows}
     found = ",".join(str(r[0]) for r in rows)
     for term in terms:
         q = fts_query([term])
         df = index.db.execute(f"SELECT count(*) {scope}", (q, *ids)).fetchone()[0]
-        weights[term] = math.log(1 + (total - df + 0.5) / (df + 0.5))
+        weights[term] = math.log(1 + (max(total, MIN_IDF_CHUNKS) - df + 0.5) / (df + 0.5))
         for (rowid,) in index.db.execute(f"SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? "
                                          f"AND rowid IN ({found})", (q,)):
-            hits[rowid] += weights[term]
-    whole = sum(weights.values()) or 1.0
-    passages = [Passage(path, line, page, body, score, hits[rowid] / whole)
+            matched[rowid].add(term)
+
+    def covered(rowid: int, wanted: list[str]) -> float:
+        whole = sum(weights[t] for t in wanted)
+        return sum(weights[t] for t in wanted if t in matched[rowid]) / whole if whole else 0.0
+
+    # the conversation's words help rank, but relevance is the question's own (a new subject in a
+    # chat must not pass on the old one's words); a question of stop words only borrows them
+    passages = [Passage(path, line, page, body, score, covered(rowid, own or terms))
                 for rowid, score, path, line, page, body in rows]
     passages.sort(key=lambda p: p.score * p.relevance ** RERANK_POWER)
     return [p for p in passages if p.relevance >= threshold][:limit]
