@@ -3,8 +3,10 @@
     docs.sqlite3 (under the llamadesk home)
       collections   name, the folders and files it was made from, ignore globs
       files         one row per indexed file: size, mtime, sha256 (what `update` compares)
-      chunks        where each chunk starts (file, line, page)
-      chunks_fts    FTS5 (porter, unicode61): each chunk's title (file name, heading) and text
+      chunks        each chunk: where it starts (file, line, page), its title (file name,
+                    heading) and its text, zlib-compressed
+      chunks_fts    FTS5 (porter, unicode61) over title and text, contentless: the text is kept
+                    once, compressed, in `chunks`, so the index stays under 1.5x the text
 
 Each `add`, `update` and `rm` is one transaction in WAL mode: a process killed halfway (kill -9
 included) leaves the previous index as it was, and readers never wait for a writer.
@@ -17,6 +19,7 @@ import os
 import re
 import sqlite3
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -86,9 +89,9 @@ CREATE TABLE IF NOT EXISTS files (
     mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, chars INTEGER NOT NULL, chunks INTEGER NOT NULL,
     UNIQUE (collection, path));
 CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, file INTEGER NOT NULL, line INTEGER NOT NULL,
-    page INTEGER);
+    page INTEGER, title TEXT NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_by_file ON chunks (file);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(title, body, tokenize='porter unicode61');
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(title, body, content='', tokenize='porter unicode61');
 """
 
 
@@ -178,10 +181,8 @@ class DocsIndex:
     def remove(self, name: str) -> None:
         with self._transaction():
             cid = self.require(name)
-            self.db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT c.id FROM chunks c JOIN files f "
-                            "ON c.file = f.id WHERE f.collection = ?)", (cid,))
-            self.db.execute("DELETE FROM chunks WHERE file IN (SELECT id FROM files WHERE collection = ?)", (cid,))
-            self.db.execute("DELETE FROM files WHERE collection = ?", (cid,))
+            for (fid,) in self.db.execute("SELECT id FROM files WHERE collection = ?", (cid,)).fetchall():
+                self._delete_file(fid)
             self.db.execute("DELETE FROM collections WHERE id = ?", (cid,))
 
     def add_chunks(self, name: str, path: str, chunks: list[Chunk]) -> None:
@@ -288,15 +289,26 @@ class DocsIndex:
     def _insert_chunks(self, fid: int, path: Path, chunks: list[Chunk]) -> None:
         title = re.sub(r"[-_.]+", " ", path.stem)
         for c in chunks:
-            rowid = self.db.execute("INSERT INTO chunks (file, line, page) VALUES (?, ?, ?)",
-                                    (fid, c.line, c.page)).lastrowid
-            self.db.execute("INSERT INTO chunks_fts (rowid, title, body) VALUES (?, ?, ?)",
-                            (rowid, f"{title} {c.heading}".strip(), c.text))
+            heading = f"{title} {c.heading}".strip()
+            rowid = self.db.execute("INSERT INTO chunks (file, line, page, title, body) VALUES (?, ?, ?, ?, ?)",
+                                    (fid, c.line, c.page, heading, pack_text(c.text))).lastrowid
+            self.db.execute("INSERT INTO chunks_fts (rowid, title, body) VALUES (?, ?, ?)", (rowid, heading, c.text))
 
     def _delete_file(self, fid: int) -> None:
-        self.db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE file = ?)", (fid,))
+        # a contentless FTS5 table forgets a row when told the values it was given
+        rows = self.db.execute("SELECT id, title, body FROM chunks WHERE file = ?", (fid,)).fetchall()
+        self.db.executemany("INSERT INTO chunks_fts (chunks_fts, rowid, title, body) VALUES ('delete', ?, ?, ?)",
+                            [(rowid, title, unpack_text(body)) for rowid, title, body in rows])
         self.db.execute("DELETE FROM chunks WHERE file = ?", (fid,))
         self.db.execute("DELETE FROM files WHERE id = ?", (fid,))
+
+
+def pack_text(text: str) -> bytes:
+    return zlib.compress(text.encode("utf-8"), 6)
+
+
+def unpack_text(data: bytes) -> str:
+    return zlib.decompress(data).decode("utf-8")
 
 
 def _require_fts5(db: sqlite3.Connection) -> None:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from .index import DocsIndex
+from .index import DocsIndex, unpack_text
 
 RELEVANCE_THRESHOLD = 0.45
 MAX_TERMS = 24
@@ -104,7 +104,7 @@ def search(index: DocsIndex, collections: list[str], question: str, context: str
         return []
     scope = ("FROM chunks_fts f JOIN chunks c ON c.id = f.rowid JOIN files fl ON fl.id = c.file "
              f"WHERE chunks_fts MATCH ? AND fl.collection IN ({','.join('?' * len(ids))})")
-    rows = index.db.execute(f"SELECT f.rowid, bm25(chunks_fts, 2.0, 1.0) AS score, fl.path, c.line, c.page, f.body "
+    rows = index.db.execute(f"SELECT f.rowid, bm25(chunks_fts, 2.0, 1.0) AS score, fl.path, c.line, c.page, c.body "
                             f"{scope} ORDER BY score LIMIT ?", (fts_query(terms), *ids, max(limit, CANDIDATES))).fetchall()
     if not rows:
         return []
@@ -127,7 +127,7 @@ def search(index: DocsIndex, collections: list[str], question: str, context: str
 
     # the conversation's words help rank, but relevance is the question's own (a new subject in a
     # chat must not pass on the old one's words); a question of stop words only borrows them
-    passages = [Passage(path, line, page, body, score, covered(rowid, own or terms))
+    passages = [Passage(path, line, page, unpack_text(body), score, covered(rowid, own or terms))
                 for rowid, score, path, line, page, body in rows]
     passages.sort(key=lambda p: p.score * p.relevance ** RERANK_POWER)
     return [p for p in passages if p.relevance >= threshold][:limit]
