@@ -191,6 +191,8 @@ def test_unreadable_and_vanishing_files_each_get_a_line_and_nothing_else_is_lost
         write(docs / f"f{i}.txt", f"file number {i} talks about topic{i}\n")
     os.symlink(docs / "missing.txt", docs / "dangling.txt")
     write(docs / "blob.txt", b"\0\1\2")
+    write(docs / "broken.pdf", b"%PDF-1.4\nnot really a pdf at all")
+    write(docs / "scan.pdf", make_pdf([""]))
 
     def vanish(done, total, path):
         if path.endswith("f1.txt"):
@@ -200,8 +202,10 @@ def test_unreadable_and_vanishing_files_each_get_a_line_and_nothing_else_is_lost
         s = index.add("mixed", [docs], progress=vanish)
     assert s.added == 3
     notes = sorted(n.replace(str(docs) + os.sep, "") for n in s.notes)
-    assert notes == ["blob.txt: binary (not text)", "dangling.txt: cannot be read (No such file or directory)",
-                     "f2.txt: vanished while indexing"]
+    assert notes == ["blob.txt: binary (not text)", "broken.pdf: broken PDF (PdfStreamError)",
+                     "dangling.txt: cannot be read (No such file or directory)",
+                     "f2.txt: vanished while indexing",
+                     "scan.pdf: PDF with no text in 1 page(s) (scanned? it needs OCR first)"]
 
 
 def test_fts_syntax_in_questions_and_documents_stays_data(home, tmp_path):

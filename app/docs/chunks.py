@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .files import Block
 
 MAX_CHARS = 1500
-MIN_CHARS = 400
+MIN_CHARS = 400  # tuned on tests/bench/docs_bench.py: recall@3 0.797 at 0, 0.826 at 400
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,10 @@ class Chunk:
 def chunk_blocks(blocks: list[Block], max_chars: int = MAX_CHARS, min_chars: int = MIN_CHARS) -> list[Chunk]:
     """Pack blocks into chunks of <= max_chars characters.
 
-    A heading starts a new chunk (it stays with the text under it); a page break starts a new
-    chunk so a citation's page is exact; a paragraph that alone is too long is cut at line ends,
-    then at spaces, then anywhere.
+    A heading starts a new chunk (it stays with the text under it) once the open one holds
+    min_chars: a run of short sections shares a chunk, since BM25 favours tiny chunks that repeat
+    one word. A page break starts a new chunk so a citation's page is exact; a paragraph that
+    alone is too long is cut at line ends, then at spaces, then anywhere.
     """
     chunks: list[Chunk] = []
     parts: list[str] = []
