@@ -39,7 +39,7 @@ async def test_a_chat_attaches_a_collection_quotes_it_shows_sources_and_keeps_it
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.chat.model is not None)
         await pilot.press("f5")
-        await until(pilot, lambda: isinstance(app.screen, DocsPicker))
+        await until(pilot, lambda: isinstance(app.screen, DocsPicker) and app.screen.query(SelectionList))
         app.screen.query_one(SelectionList).select("town")
         await pilot.click("#use")
         await until(pilot, lambda: app.chat.query_one(StatusLine).docs == "town")
@@ -81,3 +81,26 @@ async def test_hash_name_in_a_chat_prompt_picks_the_collection_for_that_prompt(h
         assert notices(app)[-1] == f"Sources: [1] {home / 'notes' / 'festival.md'}:1"
         await ask_and_wait(pilot, app, "What does #include do in C?")  # no such collection: plain text
         assert model.prompts[-1][-1]["content"] == "What does #include do in C?"
+
+
+@pytest.mark.asyncio
+async def test_the_picker_attaches_one_file_and_refuses_a_missing_one(home):
+    from textual.widgets import Input, Label
+
+    model = GatedModel(["Quillhaven"], open_gate=True)
+    app = fake_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        app.action_documents()
+        await until(pilot, lambda: isinstance(app.screen, DocsPicker) and app.screen.query("#file"))
+        app.screen.query_one("#file", Input).value = str(home / "nope.md")
+        await pilot.click("#use")
+        assert isinstance(app.screen, DocsPicker)
+        assert str(app.screen.query_one("#problem", Label).render()) == f"{home / 'nope.md'}: no such file"
+        app.screen.query_one("#file", Input).value = str(home / "notes" / "festival.md")
+        await pilot.pause()  # the line that says why moved the button: let the layout settle
+        await pilot.click("#use")
+        await until(pilot, lambda: app.chat.query_one(StatusLine).docs == "festival.md")
+        await ask_and_wait(pilot, app, "Where is the Zorbl festival held?")
+        assert "> The Zorbl festival is held every year" in model.prompts[-1][-1]["content"]
+        assert notices(app)[-1] == f"Sources: [1] {home / 'notes' / 'festival.md'}:1"
