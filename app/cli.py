@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from rich.console import Console
