@@ -41,7 +41,8 @@ async def test_a_chat_attaches_a_collection_quotes_it_shows_sources_and_keeps_it
         await pilot.press("f5")
         await until(pilot, lambda: isinstance(app.screen, DocsPicker) and app.screen.query(SelectionList))
         app.screen.query_one(SelectionList).select("town")
-        await pilot.click("#use")
+        app.screen.query_one("#file").focus()
+        await pilot.press("enter")  # Enter in the file field, empty: collections only
         await until(pilot, lambda: app.chat.query_one(StatusLine).docs == "town")
         await ask_and_wait(pilot, app, "Where is the Zorbl festival held?")
         prompt = model.prompts[-1][-1]["content"]
@@ -93,13 +94,14 @@ async def test_the_picker_attaches_one_file_and_refuses_a_missing_one(home):
         await until(pilot, lambda: app.chat.model is not None)
         app.action_documents()
         await until(pilot, lambda: isinstance(app.screen, DocsPicker) and app.screen.query("#file"))
-        app.screen.query_one("#file", Input).value = str(home / "nope.md")
-        await pilot.click("#use")
-        assert isinstance(app.screen, DocsPicker)
+        field = app.screen.query_one("#file", Input)
+        field.focus()
+        field.value = str(home / "nope.md")
+        await pilot.press("enter")
+        await until(pilot, lambda: str(app.screen.query_one("#problem", Label).render()))
         assert str(app.screen.query_one("#problem", Label).render()) == f"{home / 'nope.md'}: no such file"
-        app.screen.query_one("#file", Input).value = str(home / "notes" / "festival.md")
-        await pilot.pause()  # the line that says why moved the button: let the layout settle
-        await pilot.click("#use")
+        field.value = str(home / "notes" / "festival.md")
+        await pilot.press("enter")
         await until(pilot, lambda: app.chat.query_one(StatusLine).docs == "festival.md")
         await ask_and_wait(pilot, app, "Where is the Zorbl festival held?")
         assert "> The Zorbl festival is held every year" in model.prompts[-1][-1]["content"]
