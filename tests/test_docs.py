@@ -348,3 +348,14 @@ def test_docs_commands_summaries_and_one_line_errors(home, tmp_path):
     assert docs_cli("update", home=home).returncode == 2
     r = docs_cli("rm", "notes", home=home)
     assert r.returncode == 0 and docs_cli("list", home=home).stdout.startswith("No document collections")
+
+
+def test_a_failed_write_is_one_line_and_leaves_the_index_as_it_was(home, tmp_path, monkeypatch):
+    write(tmp_path / "a" / "one.md", "Llamas hum.\n")
+    write(tmp_path / "b" / "two.md", "".join(f"Alpacas spit {i} times.\n\n" for i in range(20000)))  # 450 KB
+    with DocsIndex() as index:
+        index.add("first", [tmp_path / "a"])
+        index.db.execute("PRAGMA max_page_count = 1")  # as good as a full disk for the next write
+        with pytest.raises(UserError, match="the documents index could not be written .*it is as it was before"):
+            index.add("second", [tmp_path / "b"])
+        assert index.names() == ["first"]

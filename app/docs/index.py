@@ -211,10 +211,16 @@ class DocsIndex:
                                     f"try again when it is done") from None
 
             def __exit__(self, kind, value, tb):
-                if kind is None:
-                    index.db.execute("COMMIT")
-                else:
+                try:
+                    if kind is None:
+                        index.db.execute("COMMIT")
+                        return False
                     index.db.execute("ROLLBACK")
+                except sqlite3.DatabaseError as e:
+                    value = e
+                if isinstance(value, sqlite3.DatabaseError):  # the disk full, the file damaged
+                    raise UserError(f"{index.path}: the documents index could not be written ({value}); "
+                                    f"it is as it was before") from None
                 return False
 
         return _Tx()
