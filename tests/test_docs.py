@@ -289,6 +289,7 @@ def test_hash_name_in_a_prompt_picks_an_existing_collection(home, tmp_path):
         index.add("notes", [tmp_path / "n.md"])
     grounds, prompt = Grounds.pick("What is in #notes about #include and C#?")
     assert (grounds.collections, prompt) == (["notes"], "What is in about #include and C#?")
+    assert Grounds.pick("Summarize #Notes.")[0].collections == ["notes"]
     with pytest.raises(UserError, match="no document collection named 'other'"):
         Grounds.pick("hi", ["other"])
     with pytest.raises(UserError, match="no such file"):

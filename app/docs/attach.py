@@ -18,7 +18,7 @@ from .files import MAX_FILE_BYTES, SkippedFile, kind_of, read_blocks
 from .index import DocsIndex, check_name, default_path
 from .retrieve import Passage, fit_passages, grounded_prompt, search
 
-_TAG = re.compile(r"(?<![\w#])#([A-Za-z0-9][A-Za-z0-9._-]{0,63})(?![\w-])")
+_TAG = re.compile(r"(?<![\w#])#([A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?)(?![\w-])")
 ATTACHED = "attached"  # the in-memory collection holding one attached file
 
 
