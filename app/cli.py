@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from typing import TYPE_CHECKING
 
@@ -288,15 +289,26 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
 # ---------------------------------------------------------------- ask / chat
 def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, params: SamplingParams,
         ctx: int | None, verbose: bool = False, precise: bool = False, threads: int | None = None,
-        kv_dtype: str = "auto", parse_special: bool = False, chat_format: str | None = None) -> int:
+        kv_dtype: str = "auto", parse_special: bool = False, chat_format: str | None = None,
+        docs: list[str] = (), file: Path | None = None) -> int:
+    """Answer `prompt` on stdout; with `docs` (collections) or `file`, from their passages, and
+    then a `Sources:` block."""
+    from .docs.attach import Grounds
     from .engine import Engine
 
+    grounds, prompt = Grounds.pick(prompt, docs, file)
     ref = ensure_model(model)
     _compile_decode_kernel()
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
                          threads=threads, kv_dtype=kv_dtype, chat_format=chat_format)
     engine.parse_special = parse_special
     _say_guessed_format(engine)
+    passages = None
+    if grounds:
+        from .docs.retrieve import passage_budget
+
+        prompt, passages = grounds.apply(prompt, passage_budget(engine.ctx, max_tokens),
+                                         lambda text: len(engine.tokenizer.encode(text, allowed_special=set())))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     cancel = threading.Event()
     try:
@@ -308,6 +320,10 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
         sys.stdout.write("\n")
         raise
     sys.stdout.write("\n")
+    if passages is not None:
+        from .docs.retrieve import sources_block
+
+        sys.stdout.write("\n" + sources_block(passages) + "\n")
     sys.stdout.flush()
     if verbose:
         s = engine.last
@@ -559,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "llama.cpp, Ollama, vLLM) instead of a local model (default: $LLAMADESK_REMOTE)")
     p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is the remote's API key "
                    "(default: $LLAMADESK_REMOTE_KEY)")
+    p.add_argument("--docs", action="append", default=[], metavar="NAME",
+                   help="answer from this document collection (repeatable; `#NAME` in the prompt works too)")
+    p.add_argument("--file", type=Path, help="answer from this file (all of it if it fits, else its best parts)")
 
     default_model, catalog = pull.load_catalog()
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
@@ -628,6 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", metavar="URL", help="the server (default: this machine's, on the default port)")
     p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is its API key")
 
+
+    from .docs.commands import add_parser as add_docs_parser
+
+    add_docs_parser(sub)
     sub.add_parser("list", help="list installed models")
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref", help="NAME (every variant) or NAME:VARIANT")
@@ -675,6 +698,10 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "chat"
     store.usable_home()  # every command reads or writes the home: a bad one is one line, first
+    if command == "docs":
+        from .docs import commands
+
+        return commands.run(args)
     if command in ("ask", "chat"):
         params = _sampling_params(args)
     if command in ("ask", "chat") and args.system:
@@ -692,7 +719,7 @@ def run(argv: list[str]) -> int:
                               args.remote_key_file, args.verbose)
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
                    args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special,
-                   "raw" if args.raw else args.chat_format)
+                   "raw" if args.raw else args.chat_format, args.docs, args.file)
     if command == "chat":
         if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
             return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype, args.chat_format)

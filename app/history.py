@@ -53,6 +53,11 @@ class ChatSettings:
     repeat_last_n: int = 64
     max_tokens: int = 1024
     seed: int | None = None
+    docs: tuple[str, ...] = ()  # document collections the answers quote (app/docs)
+    file: str = ""  # one attached file the answers quote
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "docs", tuple(self.docs))  # JSON gives a list
 
     def sampling_params(self):
         """The engine's SamplingParams; raises ValueError for an out-of-range knob.

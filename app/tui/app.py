@@ -6,6 +6,7 @@ chat screen, which does the work.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..history import ChatSettings, History
 from .backend import Loader, engine_loader, memory_in_use
 from .screens.chat import ChatScreen
 from .screens.dialogs import AskText, ConfirmDialog
+from .screens.docs import DocsPicker
 from .screens.help import HelpScreen
 from .screens.models import ModelPicker
 from .screens.pull import PullModal
@@ -38,6 +40,7 @@ COMMANDS: list[tuple[str, str, str, str, bool]] = [
     ("f2", "rename", "Rename chat", "Give this chat another title", False),
     ("f3", "export", "Export chat", "Save this chat as a Markdown file", False),
     ("f8", "delete", "Delete chat", "Delete this chat (asks first)", False),
+    ("f5", "documents", "Documents", "Answer from document collections or an attached file", False),
     ("ctrl+b", "toggle_sidebar", "Sidebar", "Show or hide the list of chats", False),
     ("f5", "download", "Download model", "Download and install the default model", False),
     ("f1", "help", "Help", "Every key and command", True),
@@ -172,6 +175,20 @@ class ChatApp(App):
     def action_switch_model(self) -> None:
         self.push_screen(ModelPicker(store.list_entries(), self.chat.model_ref),
                          lambda ref: ref and self.chat.load_model(ref))
+
+    def action_documents(self) -> None:
+        from ..docs import DocsIndex
+
+        try:
+            with DocsIndex() as index:
+                collections = index.collections()
+        except UserError as e:
+            self.notify(str(e), severity="error")
+            return
+        settings = self.chat.settings
+        self.push_screen(DocsPicker(collections, list(settings.docs), settings.file),
+                         lambda picked: picked and self.chat.apply_settings(
+                             replace(settings, docs=tuple(picked[0]), file=picked[1])))
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.chat.query_one("#sidebar")

@@ -40,6 +40,13 @@ SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar starts hidden
 
 
 @dataclass
+class _Sources:
+    """The passages a reply was given, as {"n", "path", "line", "page"} dicts (a message's meta)."""
+
+    passages: list[dict]
+
+
+@dataclass
 class _Reply:
     """The reply being written: where its pieces arrive and where they go."""
 
@@ -52,6 +59,7 @@ class _Reply:
     show_after: float = 0.0  # time.monotonic() before which no more text is shown
     prompt_tokens: int = 0
     numbers_after: float = 0.0  # time.monotonic() of the next status line update during the reply
+    sources: list[dict] | None = None  # None: the chat uses no documents
 
 
 class ChatScreen(Screen):
@@ -90,6 +98,7 @@ class ChatScreen(Screen):
     async def on_mount(self) -> None:
         self.query_one("#sidebar").border_title = "Chats"
         self._refresh_sidebar()
+        self._show_docs()
         await self.query_one(Transcript).show([])
         self.query_one(PromptInput).focus()
         if self.history.recovered_from is not None:
@@ -255,6 +264,7 @@ class ChatScreen(Screen):
         await self.query_one(Transcript).show([])
         self._refresh_sidebar()
         self._measure_context()
+        self._show_docs()
         self.query_one(PromptInput).focus()
 
     @on(ConversationList.Opened)
@@ -278,6 +288,7 @@ class ChatScreen(Screen):
         await self.query_one(Transcript).show(views)
         self._refresh_sidebar()
         self._measure_context()
+        self._show_docs()
         self.query_one(PromptInput).focus()
 
     def _view_of(self, m: SavedMessage) -> MessageView:
@@ -306,6 +317,11 @@ class ChatScreen(Screen):
             self.history.set_settings(self.conversation.id, settings)
             self.conversation = replace(self.conversation, settings=settings)
         self._measure_context()
+        self._show_docs()
+
+    def _show_docs(self) -> None:
+        s = self.settings
+        self.query_one(StatusLine).docs = ", ".join([*s.docs] + ([Path(s.file).name] if s.file else []))
 
     def export(self, path: Path) -> Path:
         """Write the open conversation as Markdown; a folder gets a file named after the title."""
@@ -409,6 +425,13 @@ class ChatScreen(Screen):
         try:
             params = settings.sampling_params()
             room = reply_room(settings.max_tokens, model.ctx)
+            if settings.docs or settings.file or "#" in messages[-1]["content"]:
+                from ...docs.attach import ground_chat
+
+                messages, passages = ground_chat(messages, settings.docs, settings.file, model.ctx, room,
+                                                 lambda text: len(model.prompt_ids([{"role": "user", "content": text}])))
+                if passages is not None:
+                    pieces.put(_Sources([p.to_dict() for p in passages]))
             fitted = fit_to_context(messages, lambda m: len(model.prompt_ids(m)), model.ctx, room)
             pieces.put(PromptFitted(fitted.prompt_tokens, fitted.dropped, model.ctx))
             for piece in model.stream(fitted.messages, params, settings.max_tokens, cancel):
@@ -436,6 +459,8 @@ class ChatScreen(Screen):
                 break
             if isinstance(item, str):
                 text.append(item)
+            elif isinstance(item, _Sources):
+                reply.sources = item.passages
             elif isinstance(item, PromptFitted):
                 self.query_one(StatusLine).ctx_used = reply.prompt_tokens = item.prompt_tokens
                 if item.dropped:
@@ -500,6 +525,9 @@ class ChatScreen(Screen):
                 reply.view.mark_stopped()
             if end.error:
                 await self._notice(f"The reply broke off: {end.error}", "error")
+            if reply.sources is not None:
+                reply.view.meta = {"sources": reply.sources}
+                await self.query_one(Transcript).add(Notice(_sources_line(reply.sources), "sources"))
             status.tokens_per_s = end.tokens_per_s
             status.ctx_used = end.context_used
             status.activity = "stopped" if end.stopped else ""
@@ -521,6 +549,14 @@ class ChatScreen(Screen):
 
     async def _notice(self, text: str, kind: str = "info", before=None) -> None:
         await self.query_one(Transcript).add(Notice(text, kind), before=before)
+
+
+def _sources_line(sources: list[dict]) -> str:
+    """`Sources: [1] path:line · [2] path:p.3`, or `Sources: no source found`."""
+    from ...docs.retrieve import Passage, sources_block
+
+    passages = [Passage(s["path"], s["line"], s["page"], "", n=s["n"]) for s in sources]
+    return sources_block(passages).replace("\n", " · ").replace("Sources: · ", "Sources: ")
 
 
 def _file_name(title: str) -> str:

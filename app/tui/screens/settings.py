@@ -1,6 +1,8 @@
 """A conversation's system prompt and sampling settings."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
@@ -53,7 +55,7 @@ class SettingsModal(ModalScreen["ChatSettings | None"]):
                 values[name] = parse(raw)
             except ValueError:
                 raise ValueError(f"{label}: {raw!r} is not a number") from None
-        settings = ChatSettings(**values)
+        settings = replace(self.settings, **values)  # what this modal does not show stays
         settings.sampling_params()  # the engine's own range checks, so the modal and engine agree
         return settings
 

@@ -15,6 +15,7 @@ class StatusLine(Widget):
     tokens_per_s: reactive[float | None] = reactive(None)
     memory_bytes: reactive[int | None] = reactive(None)
     activity: reactive[str] = reactive("")
+    docs: reactive[str] = reactive("")  # what answers quote: collections, an attached file
 
     def render(self) -> Text:
         parts = [(self.model, "bold")]
@@ -28,6 +29,8 @@ class StatusLine(Widget):
             parts.append((f"{self.tokens_per_s:.1f} tok/s", ""))
         if self.memory_bytes is not None:
             parts.append((f"RSS {self.memory_bytes / 2**20:,.0f} MiB", ""))
+        if self.docs:
+            parts.append((f"docs: {self.docs}", ""))
         text = Text(" ")
         for i, (part, style) in enumerate(parts):
             if i:

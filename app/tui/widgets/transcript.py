@@ -24,6 +24,7 @@ class MessageView(Vertical):
         self.who = who
         self.message_id = message_id
         self.append_s = 0.0  # how long the last streamed piece took to render
+        self.meta: dict = {}  # what goes with the message besides its text, e.g. {"sources": [...]}
 
     def compose(self) -> ComposeResult:
         yield Label(self.who, classes="who", markup=False)

@@ -1,0 +1,118 @@
+"""What a question is answered from: collections (`--docs NAME`, `#NAME` in the prompt) or one file.
+
+`Grounds.pick` checks what was asked for before any model loads (a missing collection or file is
+one clear line at once); `Grounds.apply` turns the question into the prompt with its passages once
+the model's tokenizer can count them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from .chunks import chunk_blocks
+from .files import MAX_FILE_BYTES, SkippedFile, kind_of, read_blocks
+from .index import DocsIndex, check_name, default_path
+from .retrieve import Passage, fit_passages, grounded_prompt, search
+
+_TAG = re.compile(r"(?<![\w#])#([A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?)(?![\w-])")
+ATTACHED = "attached"  # the in-memory collection holding one attached file
+
+
+@dataclass
+class Grounds:
+    """Collections and/or one file a question is answered from."""
+
+    collections: list[str] = field(default_factory=list)
+    file: Path | None = None
+
+    @classmethod
+    def pick(cls, prompt: str, collections: list[str] = (), file: Path | None = None) -> tuple["Grounds", str]:
+        """(grounds, prompt) for a question: `#NAME` words naming an existing collection are taken
+        out of the prompt and added. Raises UserError for a collection or file that is not there."""
+        names = [check_name(n) for n in collections]
+        if "#" in prompt and default_path().exists():
+            with DocsIndex() as index:
+                known = set(index.names())
+            tagged = [m.group(1).lower() for m in _TAG.finditer(prompt) if m.group(1).lower() in known]
+            if tagged:
+                prompt = _TAG.sub(lambda m: "" if m.group(1).lower() in known else m.group(0), prompt)
+                prompt = re.sub(r"[ \t]{2,}", " ", prompt).strip()
+                names += [n for n in tagged if n not in names]
+        if names:
+            with DocsIndex() as index:
+                for n in names:
+                    index.require(n)
+        if file is not None:
+            _file_bytes(file)  # fails now rather than after the model has loaded
+        return cls(list(dict.fromkeys(names)), file), prompt
+
+    def __bool__(self) -> bool:
+        return bool(self.collections) or self.file is not None
+
+    def describe(self) -> str:
+        parts = [f"collection {', '.join(self.collections)}"] if self.collections else []
+        return " and ".join(parts + ([str(self.file)] if self.file else []))
+
+    def apply(self, question: str, budget_tokens: int, count_tokens: Callable[[str], int],
+              context: str = "") -> tuple[str, list[Passage]]:
+        """The user message that quotes the passages for `question`, and those passages, numbered.
+        Passages take at most `budget_tokens` as `count_tokens` counts them."""
+        found: list[Passage] = []
+        if self.file is not None:
+            found += _file_passages(self.file, question, budget_tokens, count_tokens, context)
+        if self.collections:
+            with DocsIndex() as index:
+                found += search(index, self.collections, question, context)
+        chosen = fit_passages(found, budget_tokens, count_tokens)
+        return grounded_prompt(question, chosen, self.describe()), chosen
+
+
+def ground_chat(messages: list[dict], collections, file: str, ctx: int, max_tokens: int,
+                count_tokens: Callable[[str], int]) -> tuple[list[dict], list[Passage] | None]:
+    """A chat's messages with the last user message grounded in `collections`, `#NAME`s it holds
+    and/or `file`; the turn before it joins the search, so a follow-up finds what the conversation
+    is about. Passages None: nothing to ground in, the messages unchanged."""
+    from .retrieve import passage_budget
+
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users or users[-1] != len(messages) - 1:
+        return messages, None
+    context = messages[users[-2]]["content"] if len(users) > 1 else ""
+    grounds, question = Grounds.pick(messages[-1]["content"], list(collections), Path(file) if file else None)
+    if not grounds:
+        return messages, None
+    prompt, passages = grounds.apply(question, passage_budget(ctx, max_tokens), count_tokens, context)
+    return messages[:-1] + [{"role": "user", "content": prompt}], passages
+
+
+def _file_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise UserError(f"{path}: larger than {MAX_FILE_BYTES // 2**20} MB; too large to attach")
+    if kind_of(path) is None:
+        raise UserError(f"{path}: not a kind of file llamadesk reads (text, Markdown, reST, HTML, PDF, source code)")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _file_passages(path: Path, question: str, budget: int, count_tokens, context: str) -> list[Passage]:
+    """The whole file as one passage when it fits `budget`; else its best chunks for `question`."""
+    try:
+        blocks = read_blocks(path, _file_bytes(path))
+    except SkippedFile as e:
+        raise UserError(f"{path}: {e}") from None
+    whole = Passage(os.path.abspath(path), blocks[0].line, blocks[0].page, "\n\n".join(b.text for b in blocks),
+                    score=-1e9)
+    # a token is rarely more than 8 characters: longer text cannot fit, and is not worth counting
+    if len(whole.text) <= budget * 8 and fit_passages([whole], budget, count_tokens):
+        return [whole]
+    with DocsIndex(":memory:") as index:
+        index.add_chunks(ATTACHED, whole.path, chunk_blocks(blocks))
+        return search(index, [ATTACHED], question, context, limit=50)
