@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.args import ModelArgs
-from model.generate import SamplingParams, decode_one_token, generate, prefill, sample
+from model.generate import EagerDecoder, SamplingParams, decode_one_token, generate, prefill, sample
 from model.model import Transformer
 
 
@@ -141,7 +141,7 @@ def test_prefill_then_decode_matches_one_forward(tiny):
     last = prefill(tiny, tokens[:30], chunk=7)  # chunked prefill crosses chunk borders
     torch.testing.assert_close(last, full[29], rtol=1e-4, atol=1e-5)
     for i in range(30, 37):
-        step = decode_one_token(tiny, tokens[i], i)
+        step = decode_one_token(EagerDecoder(tiny), tokens[i], i)
         torch.testing.assert_close(step, full[i], rtol=1e-4, atol=1e-5)
 
 
