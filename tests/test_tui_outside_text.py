@@ -137,7 +137,7 @@ async def test_markup_like_titles_in_dialogs_notifications_and_export(home):
             await until(pilot, lambda: f"Delete “{text}”" in screen_text(app))
             await pilot.click("#yes")
             await until(pilot, lambda: app.screen is app.chat and not history.exists(conversation.id))
-            await until(pilot, lambda: f"Deleted “{text}”" in screen_text(app))
+            await until(pilot, lambda: f"Deleted the chat “{text}”" in screen_text(app))
             app.clear_notifications()
         assert app.is_running
 
@@ -152,8 +152,7 @@ async def test_markup_like_errors_in_the_download_dialog_and_a_failed_load(home)
 
     app = ChatApp("x:y", loader=loader, memory=lambda: RSS, pull=pull)
     async with app.run_test(size=WIDE, notifications=True) as pilot:
-        await until(pilot, lambda: notices(app))
-        assert "RuntimeError: [@click=app.quit]no[/]" in screen_text(app)
+        await until(pilot, lambda: "RuntimeError: [@click=app.quit]no[/]" in screen_text(app))
         app.push_screen(PullModal("[b]name", pull))
         await pilot.pause()
         assert "[b]name" in screen_text(app)
