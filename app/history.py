@@ -85,13 +85,16 @@ class ChatSettings:
             data = {}
         if not isinstance(data, dict):
             return cls()
-        return cls(**{f.name: data[f.name] for f in fields(cls)
-                      if f.name in data and _fits(data[f.name], _KINDS[f.name])})
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data and _fits(data[f.name], _KINDS[f.name])}
+        if "docs" in values:  # a JSON list of collection names
+            values["docs"] = tuple(name for name in values["docs"] if isinstance(name, str))
+        return cls(**values)
 
 
 # the type each stored setting must have (bool is an int to Python, never a number here)
 _KINDS = {"system": (str,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
-          "repeat_penalty": (int, float), "repeat_last_n": (int,), "max_tokens": (int,), "seed": (int, type(None))}
+          "repeat_penalty": (int, float), "repeat_last_n": (int,), "max_tokens": (int,), "seed": (int, type(None)),
+          "docs": (list,), "file": (str,)}
 
 
 def _fits(value: object, kinds: tuple[type, ...]) -> bool:
