@@ -449,7 +449,7 @@ def stored_weight_bytes(entry, device: Device) -> int:
     total = 0
     for fname in entry.manifest["weights"]:
         try:
-            f = safe_open(str(entry.path / fname), framework="pt")
+            f = safe_open(str(entry.path / fname), framework="numpy")  # headers only: no torch import
         except Exception as e:  # SafetensorError, OSError: a damaged or missing file
             raise UserError(f"{entry.path / fname}: the weights file cannot be read ({e}); remove the model with "
                             f"`llamadesk rm {entry.ref}`, then pull or import it again") from None

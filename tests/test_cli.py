@@ -177,8 +177,10 @@ def test_bench_json_reports_every_installed_variant_it_runs(default_home):
         assert d["model"] == "smollm2-135m-instruct" and d["device"] == "cpu" and d["threads"] == 1
         assert d["ttft_s"] > 0 and d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["gb_s"] > 0
         assert d["peak_mem_bytes"] > 100 << 20
-        assert d["isa"] == chosen_isa()  # source and int4 both run the compiled step here
-        assert "avx2" in d["cpu_flags"] or d["isa"] == "generic"
+        assert "avx2" in d["cpu_flags"] or chosen_isa() == "generic"
+    by_variant = {d["variant"]: d for d in results}
+    assert by_variant["int4"]["isa"] == chosen_isa()  # the compiled step runs it
+    assert by_variant["source"]["isa"] == ""  # a GGUF's own blocks have no native kernel yet: the eager blocks
 
 
 HEAVY = ("torch", "textual", "rich.progress")

@@ -556,11 +556,11 @@ async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
     app = ChatApp(loader=loader, memory=lambda: RSS, pull=pull)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.screen.query("#download"))
-        log = app.screen.query_one("#pull-log")
+        modal = app.screen
         await pilot.click("#download")
         await until(pilot, lambda: app.chat.model is not None)
         assert loaded == ["smollm2-135m-instruct"]  # the plan picks the variant
-        assert [strip.text.rstrip() for strip in log.lines] == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
+        assert modal.logged == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
 
 
 # ---------------------------------------------------------------- a restart

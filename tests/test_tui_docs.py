@@ -38,7 +38,7 @@ async def test_a_chat_attaches_a_collection_quotes_it_shows_sources_and_keeps_it
     app = fake_app(model)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.chat.model is not None)
-        await pilot.press("f5")
+        await pilot.press("f9")
         await until(pilot, lambda: isinstance(app.screen, DocsPicker) and app.screen.query(SelectionList))
         app.screen.query_one(SelectionList).select("town")
         app.screen.query_one("#file").focus()

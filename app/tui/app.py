@@ -40,7 +40,7 @@ COMMANDS: list[tuple[str, str, str, str, bool]] = [
     ("f2", "rename", "Rename chat", "Give this chat another title", False),
     ("f3", "export", "Export chat", "Save this chat as a Markdown file", False),
     ("f8", "delete", "Delete chat", "Delete this chat (asks first)", False),
-    ("f5", "documents", "Documents", "Answer from document collections or an attached file", False),
+    ("f9", "documents", "Documents", "Answer from document collections or an attached file", False),
     ("ctrl+b", "toggle_sidebar", "Sidebar", "Show or hide the list of chats", False),
     ("f5", "download", "Download model", "Download and install the default model", False),
     ("f1", "help", "Help", "Every key and command", True),

@@ -24,6 +24,7 @@ class PullModal(ModalScreen["str | None"]):
         self.model_name = name
         self.pull = pull
         self._partial = ""  # printed text not yet ended by a newline
+        self.logged: list[str] = []  # the finished lines the log shows (it renders them once sized)
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="pull"):
@@ -66,6 +67,7 @@ class PullModal(ModalScreen["str | None"]):
         for line in done:
             plain = _visible(line)
             if plain:
+                self.logged.append(plain)
                 log.write(Text(plain))
         current = _visible(self._partial)
         if current:
