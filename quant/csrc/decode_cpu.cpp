@@ -8,7 +8,7 @@
 // Residual stream, norms, RoPE, the KV cache and attention are fp32, as in the eager model.
 #include <torch/extension.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -22,6 +22,97 @@
 #include <vector>
 
 namespace {
+
+// ---------------------------------------------------------------- vector width
+// The kernels written once for both vector units: Vec is Avx512 (16 floats, 32 registers) or
+// Avx2 (8 floats, 16 registers), and LLAMADESK_VEC is defined, when the build has either.
+#if defined(__AVX512F__)
+struct Avx512 {
+  using V = __m512;
+  static constexpr int W = 16, kRegs = 32;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }  // a b + c
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static V load(const int8_t* p) {  // codes; the vector's scale is applied by the caller
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  // the first n lanes (0 < n <= W); the others load as 0 and are not stored
+  static __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+  static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static void store_first(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+
+  // lane j = the sum of v[j]'s 16 lanes
+  static V sum_transposed(const V* v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's sums of keys 4i .. 4i+3
+      u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+};
+using Vec = Avx512;
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Avx2 {
+  using V = __m256;
+  static constexpr int W = 8, kRegs = 16;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const at::BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static float sum(V v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  static __m256i first(int64_t n) {  // lanes below n all ones
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first(n)); }
+  static void store_first(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, first(n), v); }
+
+  // lane j = the sum of v[j]'s 8 lanes: the same steps as Avx512's, one 128-bit swap fewer
+  static V sum_transposed(const V* v) {
+    __m256 t[4], u[2];
+    for (int i = 0; i < 4; ++i)
+      t[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; ++i)
+      u[i] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm256_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // u[i]: each 128-bit half holds its half's sums of keys 4i .. 4i+3
+    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+  }
+};
+using Vec = Avx2;
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define LLAMADESK_VEC 1
+#endif
 
 // ---------------------------------------------------------------- int4 GEMV
 // y = W x for one token, read straight from the tensors torch's CPU int4 kernel takes: no copy
@@ -520,87 +611,92 @@ inline float exp_shifted(float* p, int64_t n, float* max_out) {
   return sum;
 }
 
-#ifdef __AVX512F__
-// ---- attention for one KV head and the n_rep queries that share it, 16 keys at a time.
-// Scores take one FMA per 16 values of a key and a 16-by-16 transposing sum per 16 keys (a
-// horizontal sum per key costs ~10x more); values are weighted into hd/16 accumulators.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const int8_t* p) {  // codes; the vector's scale is applied by the caller
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 
-// lane j = the sum of v[j]'s 16 lanes
-inline __m512 sum16x16(const __m512* v) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's sums of keys 4i .. 4i+3
-    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// Keys t0..t1 of one KV head against its `rep` queries (q: rep x hd). Leaves in o (rep x hd) the
-// sum of exp(score - m) * v, in m (rep) the largest score and in l (rep) the sum of exp(score - m):
-// partial results over a key range, merged across ranges by merge_attention.
-template <typename T, int NC>
+#ifdef LLAMADESK_VEC
+// ---- attention for one KV head and the n_rep queries that share it, W keys at a time.
+// Scores take one FMA per W values of a key and a W-by-W transposing sum per W keys (a
+// horizontal sum per key costs ~10x more); values are weighted into hd/W accumulators.
+//
+// Keys t0..t1 of one KV head against its `rep` queries (q: rep x hd, hd = NC W). Leaves in o
+// (rep x hd) the sum of exp(score - m) * v, in m (rep) the largest score and in l (rep) the sum of
+// exp(score - m): partial results over a key range, merged across ranges by merge_attention.
+template <typename S, typename T, int NC>
 void attend_range(const float* q, const T* keys, const T* vals, const float* ks, const float* vs, int64_t t0,
                   int64_t t1, int64_t rep, float scale, float* p, float* o, float* m, float* l) {
-  constexpr int64_t hd = NC * 16;
+  using V = typename S::V;
+  constexpr int W = S::W;
+  constexpr int64_t hd = NC * W;
+  // The query stays in registers beside the W key sums while it fits (AVX-512); else (AVX2)
+  // each of its vectors is loaded once per W keys and swept across them.
+  constexpr bool q_in_regs = NC + W + 4 <= S::kRegs;
+  // Values: up to 8 vectors of columns at a time, in two sets of accumulators (even and odd
+  // keys, twice the FMAs in flight) where the registers hold both.
+  constexpr int CC = NC < 8 ? NC : 8;
+  constexpr bool two_sets = 4 * CC <= S::kRegs;
+  static_assert(NC % CC == 0, "head dim is a multiple of the value columns swept at once");
   const int64_t n = t1 - t0;
   for (int64_t r = 0; r < rep; ++r) {
-    __m512 qv[NC];
-    for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + r * hd + 16 * c);
+    const float* qr = q + r * hd;
+    V qv[q_in_regs ? NC : 1];
+    if (q_in_regs) {
+      for (int c = 0; c < NC; ++c) qv[c] = S::load(qr + W * c);
+    }
     float* pr = p + r * n;
-    for (int64_t t = t0; t < t1; t += 16) {
-      const int64_t nb = std::min<int64_t>(16, t1 - t);
-      __m512 acc[16];
-      for (int64_t j = 0; j < 16; ++j) {
-        if (j < nb) {
-          const T* kt = keys + (t + j) * hd;
-          __m512 a = _mm512_mul_ps(qv[0], load16(kt));
-          for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(kt + 16 * c), a);
-          acc[j] = a;
-        } else {
-          acc[j] = _mm512_setzero_ps();
+    for (int64_t t = t0; t < t1; t += W) {
+      const int64_t nb = std::min<int64_t>(W, t1 - t);
+      V acc[W];
+      if (q_in_regs) {
+        for (int64_t j = 0; j < W; ++j) {
+          if (j < nb) {
+            const T* kt = keys + (t + j) * hd;
+            V a = S::mul(qv[0], S::load(kt));
+            for (int c = 1; c < NC; ++c) a = S::fma(qv[c], S::load(kt + W * c), a);
+            acc[j] = a;
+          } else {
+            acc[j] = S::zero();
+          }
+        }
+      } else {
+        // a short last run of keys reads its last key again in the lanes it does not store
+        const T* kt = keys + t * hd;
+        for (int j = 0; j < W; ++j) acc[j] = S::zero();
+        for (int c = 0; c < NC; ++c) {
+          const V qc = S::load(qr + W * c);
+          if (nb == W) {
+            for (int j = 0; j < W; ++j) acc[j] = S::fma(qc, S::load(kt + j * hd + W * c), acc[j]);
+          } else {
+            for (int j = 0; j < W; ++j) acc[j] = S::fma(qc, S::load(kt + std::min<int64_t>(j, nb - 1) * hd + W * c), acc[j]);
+          }
         }
       }
-      __m512 sc = _mm512_mul_ps(sum16x16(acc), _mm512_set1_ps(scale));
-      const __mmask16 mask = static_cast<__mmask16>((1u << nb) - 1);
-      if (ks) sc = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mask, ks + t));
-      _mm512_mask_storeu_ps(pr + (t - t0), mask, sc);
+      V sc = S::mul(S::sum_transposed(acc), S::set1(scale));
+      if (ks) sc = S::mul(sc, S::load_first(ks + t, nb));
+      S::store_first(pr + (t - t0), sc, nb);
     }
     l[r] = exp_shifted(pr, n, m + r);
     if (vs) {
       for (int64_t i = 0; i < n; ++i) pr[i] *= vs[t0 + i];
     }
-    // two keys an iteration into two sets of accumulators: twice the FMAs in flight
-    __m512 a0[NC], a1[NC];
-    for (int c = 0; c < NC; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 1 < n; i += 2) {
-      const T* v0 = vals + (t0 + i) * hd;
-      const __m512 w0 = _mm512_set1_ps(pr[i]), w1 = _mm512_set1_ps(pr[i + 1]);
-      for (int c = 0; c < NC; ++c) {
-        a0[c] = _mm512_fmadd_ps(w0, load16(v0 + 16 * c), a0[c]);
-        a1[c] = _mm512_fmadd_ps(w1, load16(v0 + hd + 16 * c), a1[c]);
+    for (int c0 = 0; c0 < NC; c0 += CC) {
+      V a0[CC], a1[CC];
+      for (int c = 0; c < CC; ++c) a0[c] = a1[c] = S::zero();
+      const T* v0 = vals + t0 * hd + W * c0;
+      int64_t i = 0;
+      if (two_sets) {
+        for (; i + 1 < n; i += 2) {
+          const V w0 = S::set1(pr[i]), w1 = S::set1(pr[i + 1]);
+          for (int c = 0; c < CC; ++c) {
+            a0[c] = S::fma(w0, S::load(v0 + i * hd + W * c), a0[c]);
+            a1[c] = S::fma(w1, S::load(v0 + (i + 1) * hd + W * c), a1[c]);
+          }
+        }
       }
+      for (; i < n; ++i) {
+        const V w0 = S::set1(pr[i]);
+        for (int c = 0; c < CC; ++c) a0[c] = S::fma(w0, S::load(v0 + i * hd + W * c), a0[c]);
+      }
+      for (int c = 0; c < CC; ++c) S::store(o + r * hd + W * (c0 + c), two_sets ? S::add(a0[c], a1[c]) : a0[c]);
     }
-    if (i < n) {
-      const T* v0 = vals + (t0 + i) * hd;
-      const __m512 w0 = _mm512_set1_ps(pr[i]);
-      for (int c = 0; c < NC; ++c) a0[c] = _mm512_fmadd_ps(w0, load16(v0 + 16 * c), a0[c]);
-    }
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(o + r * hd + 16 * c, _mm512_add_ps(a0[c], a1[c]));
   }
 }
 #endif
@@ -708,9 +804,9 @@ class Decoder {
       store(k + g * hd_, kc + at_pos * hd_, ks ? ks + at_pos : nullptr);
       store(v + g * hd_, vc + at_pos * hd_, vs ? vs + at_pos : nullptr);
     }
-#ifdef __AVX512F__
-    if (hd_ == 64) return attend_fast<T, 4>(q, kc, vc, ks, vs, S, pos + 1);
-    if (hd_ == 128) return attend_fast<T, 8>(q, kc, vc, ks, vs, S, pos + 1);
+#ifdef LLAMADESK_VEC
+    if (hd_ == 64) return attend_fast<T, 64 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1);
+    if (hd_ == 128) return attend_fast<T, 128 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1);
 #endif
     if (std::is_same<T, float>::value && pos + 1 > kLoopKeys) {
       attend_matmul(q, b.k_cache.narrow(0, row, 1), b.v_cache.narrow(0, row, 1), pos + 1);
@@ -719,7 +815,7 @@ class Decoder {
     }
   }
 
-#ifdef __AVX512F__
+#ifdef LLAMADESK_VEC
   // Each KV head's keys in `parts` ranges (one per thread once the context is long), attended
   // on their own and merged by their softmax maxima and sums, as flash-decoding does.
   template <typename T, int NC>
@@ -746,7 +842,7 @@ class Decoder {
           continue;
         }
         const int64_t head = g * S;
-        attend_range<T, NC>(q + g * rep * hd_, kc + head * hd_, vc + head * hd_, ks ? ks + head : nullptr,
+        attend_range<Vec, T, NC>(q + g * rep * hd_, kc + head * hd_, vc + head * hd_, ks ? ks + head : nullptr,
                             vs ? vs + head : nullptr, t0, t1, rep, scale, scores_.data() + u * rep * chunk, o,
                             pm + u * rep, pl + u * rep);
       }
@@ -763,7 +859,7 @@ class Decoder {
   }
 #endif
 
-  // Without AVX-512 or for other head dims than 64 and 128:
+  // Without AVX2 or AVX-512, or for other head dims than 64 and 128:
   // up to this many keys of an fp32 cache, loops beat the matmul kernels' call overhead; past it,
   // the GEMV kernels win (2-core Zen 4, SmolLM2: at 576 keys 4.7 ms a step against 6.1 in loops,
   // whose cost is the per-key dot-product reductions). bf16 and int8 caches, chosen to save
@@ -856,25 +952,29 @@ class Decoder {
 
 // sum over groups j of s[j] * (q_j . x_j), 32 values a group
 inline float group_dot(const float* x, const int8_t* q, const float* s, int64_t G) {
-#ifdef __AVX512F__
+#ifdef LLAMADESK_VEC
   // the compiler's own vectorization picks 256-bit halves and two-step widening: ~2x slower
-  // two groups an iteration: four independent sums hide the FMA latency
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t j = 0;
-  auto one = [&](int64_t g, __m512& a0, __m512& a1) {
-    const __m256i qg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 32));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qg)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(qg, 1)));
-    const __m512 sg = _mm512_set1_ps(s[g]);
-    a0 = _mm512_fmadd_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(x + g * 32)), sg, a0);
-    a1 = _mm512_fmadd_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(x + g * 32 + 16)), sg, a1);
+  // on AVX-512. Two groups an iteration: twice the independent sums hide the FMA latency.
+  using S = Vec;
+  constexpr int P = 32 / S::W;  // vectors a group
+  S::V acc[2 * P];
+  for (int i = 0; i < 2 * P; ++i) acc[i] = S::zero();
+  auto one = [&](int64_t g, S::V* a) {
+    const S::V sg = S::set1(s[g]);
+    for (int i = 0; i < P; ++i) {
+      a[i] = S::fma(S::mul(S::load(q + g * 32 + S::W * i), S::load(x + g * 32 + S::W * i)), sg, a[i]);
+    }
   };
+  int64_t j = 0;
   for (; j + 1 < G; j += 2) {
-    one(j, acc[0], acc[1]);
-    one(j + 1, acc[2], acc[3]);
+    one(j, acc);
+    one(j + 1, acc + P);
   }
-  if (j < G) one(j, acc[0], acc[1]);
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  if (j < G) one(j, acc);
+  for (int w = P; w > 0; w /= 2) {
+    for (int i = 0; i < w; ++i) acc[i] = S::add(acc[i], acc[i + w]);
+  }
+  return S::sum(acc[0]);
 #else
   float acc[32] = {0.f};
   for (int64_t j = 0; j < G; ++j) {
