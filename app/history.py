@@ -410,8 +410,18 @@ def to_markdown(conversation: Conversation, messages: list[Message]) -> str:
         lines += [f"**{who}**", "", m.content.rstrip()]
         if m.stopped:
             lines += ["", "*(stopped)*"]
+        sources = m.meta.get("sources")
+        if isinstance(sources, list):
+            lines += ["", "Sources:" if sources else "Sources: no source found"]
+            lines += [f"- {_citation(s)}" for s in sources if isinstance(s, dict)]
         lines.append("")
     return "\n".join(lines)
+
+
+def _citation(source: dict) -> str:
+    """`[n] path:line`, or `[n] path:p.N` for a PDF page, as under a reply in the app."""
+    where = f"p.{source['page']}" if source.get("page") else str(source.get("line", ""))
+    return f"[{source.get('n', '?')}] {source.get('path', '?')}:{where}"
 
 
 def title_for(prompt: str, width: int = 40) -> str:

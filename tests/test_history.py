@@ -212,6 +212,23 @@ def test_export_is_markdown_written_whole(path, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_a_replys_sources_are_kept_and_exported(path):
+    h = History(path)
+    chat = h.create("Grounded", ChatSettings(docs=("manuals",), file="notes.md"))
+    h.add_message(chat.id, "user", "How do I reset it?")
+    sources = [{"n": 1, "path": "manuals/router.pdf", "line": 0, "page": 12},
+               {"n": 2, "path": "notes.md", "line": 40, "page": 0}]
+    h.add_message(chat.id, "assistant", "Hold the button [1].", model="m:int4", meta={"sources": sources})
+    h.add_message(chat.id, "user", "And the weather?")
+    h.add_message(chat.id, "assistant", "I cannot tell.", model="m:int4", meta={"sources": []})
+    h = History(path)  # read back from the file
+    assert h.get(chat.id).settings.docs == ("manuals",) and h.get(chat.id).settings.file == "notes.md"
+    assert h.messages(chat.id)[1].meta["sources"] == sources
+    assert to_markdown(h.get(chat.id), h.messages(chat.id)).endswith(
+        "**m:int4**\n\nHold the button [1].\n\nSources:\n- [1] manuals/router.pdf:p.12\n- [2] notes.md:40\n\n"
+        "**You**\n\nAnd the weather?\n\n**m:int4**\n\nI cannot tell.\n\nSources: no source found\n")
+
+
 def test_stored_settings_of_the_wrong_type_read_as_defaults():
     stored = '{"temperature": "hot", "top_k": 1.5, "top_p": NaN, "seed": true, "max_tokens": 64, "system": 3}'
     assert ChatSettings.from_json(stored) == ChatSettings(max_tokens=64)

@@ -518,6 +518,8 @@ class ChatScreen(Screen):
         else:
             meta = {"timings": {"new_tokens": end.new_tokens, "tokens_per_s": round(end.tokens_per_s, 2)},
                     "ran_on": {"device": self.model.device if self.model else ""}}
+            if reply.sources is not None:  # kept with the reply: the history and the export cite them
+                meta["sources"] = reply.sources
             saved = self.history.add_message(reply.conversation_id, "assistant", reply.view.content,
                                              stopped=end.stopped, model=reply.view.who, meta=meta)
             reply.view.message_id = saved.id
