@@ -134,7 +134,10 @@ def test_one_step_equals_the_python_blocks(cache, fp32_int4, split_keys, kv_dtyp
     written = [{k: t[:, :, past].clone() for k, t in bufs.items()} for bufs in written]
     got = decoder.blocks.step(h, past)  # writes position `past` of the same caches again
     assert got.shape == expected.shape == (1, 1, D)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # bf16 and int8 caches: the step's k, v may round one value to the next bf16 step or int8 code
+    # where the blocks' did (fp32 summation order, see below), and later layers read them back
+    tol = 1e-5 if kv_dtype == torch.float32 else 2e-4  # measured up to 4e-5 (AVX2 build, head dim 16)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     for layer, bufs in zip(model.layers, written):  # the cache holds what the Python blocks stored
         assert set(bufs) == ({"k", "v", "k_scale", "v_scale"} if kv_dtype == torch.int8 else {"k", "v"})
         for name, t in bufs.items():

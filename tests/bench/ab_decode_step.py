@@ -23,13 +23,14 @@ from torch.utils import cpp_extension  # noqa: E402
 
 from app import store  # noqa: E402
 from app.engine import load_model  # noqa: E402
-from quant import decode_cpu  # noqa: E402
+from quant import extension  # noqa: E402
+from quant.linear import prepared_weights  # noqa: E402
 from quant.linear import Int4Linear, Int8Linear  # noqa: E402
 
 
 def build(src: str):
     """The extension compiled from `src` with the chosen path's flags."""
-    flags, ld = decode_cpu._flag_sets()[0]
+    flags, ld = extension._flag_sets()[0]
     h = hashlib.sha256(Path(src).read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"ab_{h}"
     d = Path("/tmp/llamadesk-ab-build") / name
@@ -39,16 +40,25 @@ def build(src: str):
 
 
 def decoder(ext, model):
-    """ext's Decoder over `model`'s weights and caches, as decode_cpu.build_decoder binds them."""
+    """ext's Decoder over `model`'s weights and caches, as decode_cpu.build_decoder binds them (a
+    source from before 2026-11-30 takes each layer as a (kind, a, b, group, n, k) tuple instead of
+    its PreparedWeights record)."""
     a = model.args
     rope = torch.view_as_real(model.rope).contiguous()
     dec = ext.Decoder(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.norm_eps, rope)
+    kinds = {"dense": 0, "int4": 1, "int8": 2, "fp16": 3}
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         c = attn.kv_cache
-        dec.add_block(layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach(), c.k, c.v,
-                      getattr(c, "k_scale", None), getattr(c, "v_scale", None), decode_cpu._spec(attn.wqkv),
-                      decode_cpu._spec(attn.wo), decode_cpu._spec(ffn.w13), decode_cpu._spec(ffn.w2))
+        records = [prepared_weights(m) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)]
+        tuples = [(kinds[r.kind], r.weight, r.scales if r.scales is not None else torch.empty(0),
+                   r.group_size if r.kind == "int4" else 0, r.out_features, r.in_features) for r in records]
+        head = (layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach(), c.k, c.v,
+                getattr(c, "k_scale", None), getattr(c, "v_scale", None))
+        try:
+            dec.add_block(*head, *records)
+        except TypeError:
+            dec.add_block(*head, *tuples)
     return dec
 
 
