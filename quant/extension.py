@@ -75,9 +75,9 @@ def _flag_sets() -> list[tuple[list[str], list[str]]]:
     the soname the linker records, so the loader reuses the copy torch loaded). A compiler
     without OpenMP support (clang without libomp) falls back to the second, single-threaded."""
     isa = chosen_isa()
-    # the CPU's own best path is built for exactly this CPU (its tuning, its extra extensions)
-    native = isa == supported_isas()[0] and isa != "generic"
-    base = BASE_FLAGS + (["-march=native"] if native else ISA_FLAGS[isa])
+    # the top path is built for exactly this CPU (its tuning, its extra extensions); a lower one
+    # for its level alone, or -march=native would bring this CPU's AVX-512 back in
+    base = BASE_FLAGS + (["-march=native"] if isa == "avx512" else ISA_FLAGS[isa])
     sets = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         sets.append((base + ["-fopenmp"], ["-fopenmp"]))

@@ -134,18 +134,20 @@ def test_one_step_equals_the_python_blocks(cache, fp32_int4, split_keys, kv_dtyp
     written = [{k: t[:, :, past].clone() for k, t in bufs.items()} for bufs in written]
     got = decoder.blocks.step(h, past)  # writes position `past` of the same caches again
     assert got.shape == expected.shape == (1, 1, D)
-    # bf16 and int8 caches: the step's k, v may round one value to the next bf16 step or int8 code
-    # where the blocks' did (fp32 summation order, see below), and later layers read them back
-    tol = 1e-5 if kv_dtype == torch.float32 else 2e-4  # measured up to 4e-5 (AVX2 build, head dim 16)
+    # bf16 and int8 caches: the step's k, v may round one value to the neighbouring bf16 step (2^-8
+    # relative) or int8 code (1/127 of the vector's largest) where the blocks' did (fp32 summation
+    # order, see below), and later layers read it back: half a step of either. Measured: 4.7e-4 on
+    # 0.23 (bf16, 300 keys, head dim 16, the AVX2 build); AVX-512 builds round alike (1e-5 holds).
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.int8: 4e-3}[kv_dtype]
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     for layer, bufs in zip(model.layers, written):  # the cache holds what the Python blocks stored
         assert set(bufs) == ({"k", "v", "k_scale", "v_scale"} if kv_dtype == torch.int8 else {"k", "v"})
         for name, t in bufs.items():
             # the step's and the blocks' k, v differ by fp32 rounding, which can move a bf16 value
-            # or an int8 code by one step
-            tol = {torch.bfloat16: dict(rtol=2**-7, atol=1e-5), torch.int8: dict(rtol=0, atol=1)}.get(t.dtype)
+            # or an int8 code by one step, or by what a layer before read of the other rounding
+            close = {torch.bfloat16: dict(rtol=2**-7, atol=tol), torch.int8: dict(rtol=0, atol=1)}.get(t.dtype)
             torch.testing.assert_close(getattr(layer.attention.kv_cache, name)[:, :, past].float(), t.float(),
-                                       **(tol or dict(rtol=1e-5, atol=1e-5)))
+                                       **(close or dict(rtol=1e-5, atol=1e-5)))
 
 
 @pytest.mark.parametrize("head_dim", [16, 64])
