@@ -629,9 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("set", help="keep a setting for a model: chat-format llama2|llama3|chatml|alpaca|vicuna|raw|auto")
-    p.add_argument("name")
-    p.add_argument("key", choices=store.SETTING_NAMES)
-    p.add_argument("value")
+    p.add_argument("name", help="installed model, NAME (the setting holds for every variant)")
+    p.add_argument("key", choices=store.SETTING_NAMES, help="the setting: " + ", ".join(store.SETTING_NAMES))
+    p.add_argument("value", help="for chat-format: llama2, llama3, chatml, alpaca, vicuna, raw, or auto to clear")
 
     p = sub.add_parser("tokenize", help="the token ids of a text (no BOS, no chat format)")
     p.add_argument("name", help="installed model, NAME or NAME:VARIANT")
@@ -655,6 +655,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rm", help="remove an installed model or variant")
     p.add_argument("ref", help="NAME (every variant) or NAME:VARIANT")
     return parser
+
+
+def _remote_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags the user gave, for a remote server (which applies its own defaults to
+    the rest; the local model's defaults, such as its repeat penalty, are not the server's)."""
+    from model.generate import SamplingParams
+
+    if args.top_k is not None or args.repeat_penalty is not None or args.repeat_last_n is not None:
+        raise UserError("--top-k, --repeat-penalty and --repeat-last-n are not part of the OpenAI API; "
+                        "leave them out with --remote")
+    given = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -715,8 +727,8 @@ def run(argv: list[str]) -> int:
 
         url = remote_url(args.remote)
         if url:
-            return ask_remote(url, _read_prompt(args.prompt), args.model, args.system, args.max_tokens, params,
-                              args.remote_key_file, args.verbose)
+            return ask_remote(url, _read_prompt(args.prompt), args.model, args.system, args.max_tokens,
+                              _remote_params(args), args.remote_key_file, args.verbose)
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
                    args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special,
                    "raw" if args.raw else args.chat_format, args.docs, args.file)

@@ -69,6 +69,9 @@ def _variant(entry: store.ModelEntry, n_params: int) -> dict:
     quant = entry.manifest.get("quant")
     size = entry.size_bytes
     scheme = quant["scheme"] if quant else _stored_dtype(entry)
+    if scheme == "gguf":  # a GGUF's own blocks: say which types, most used first
+        kinds = [w["scheme"] for w in quant.get("layout", {}).values() if not w.get("tied")]
+        scheme = "gguf " + "+".join(sorted(set(kinds), key=lambda k: (-kinds.count(k), k)))
     return {"ref": entry.ref, "scheme": scheme, "group_size": (quant or {}).get("options", {}).get("group_size"),
             "bits_per_weight": round(size * 8 / n_params, 2), "bytes": size}
 

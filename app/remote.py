@@ -122,8 +122,8 @@ class Remote:
                 "stream_options": {"include_usage": True}}
         if params is not None:
             if params.top_k or params.repetition_penalty != 1.0:
-                raise UserError("--top-k and --repeat-penalty are not part of the OpenAI API; "
-                                "leave them out with --remote")
+                raise UserError("--top-k, --repeat-penalty and --repeat-last-n are not part of the OpenAI "
+                                "API; leave them out with --remote")
             body.update(temperature=params.temperature, top_p=params.top_p)
             if params.seed is not None:
                 body["seed"] = params.seed

@@ -134,7 +134,8 @@ def test_ask_remote_from_the_environment(replay, monkeypatch, capsys):
 def test_ask_remote_refuses_options_openai_lacks(replay, capsys):
     _, url = replay
     assert cli.main(["ask", "hi", "--remote", url, "--top-k", "40"]) == 1
-    assert "--top-k and --repeat-penalty are not part of the OpenAI API" in capsys.readouterr().err
+    assert "--top-k, --repeat-penalty and --repeat-last-n are not part of the OpenAI API" in capsys.readouterr().err
+    assert cli.main(["ask", "hi", "--remote", url, "--repeat-penalty", "1.1"]) == 1
 
 
 @pytest.mark.e2e

