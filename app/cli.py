@@ -737,7 +737,8 @@ def run(argv: list[str]) -> int:
             return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype, args.chat_format)
         from .tui import run_chat
 
-        return run_chat(args.model, args.system, params, args.ctx, device=None, kv_dtype=args.kv_dtype)
+        return run_chat(args.model, args.system, params, args.ctx, device=None, kv_dtype=args.kv_dtype,
+                        chat_format=args.chat_format)
     if command == "pull":
         pull_model(args.name, replace=args.force)
         return 0

@@ -777,3 +777,15 @@ async def test_a_model_without_a_chat_format_is_said_so(home):
         await until(pilot, lambda: app.chat.model is not None and notices(app))
         assert notices(app) == ["Chat format: none: plain text continuation "
                                 "(`llamadesk set fake-model chat-format NAME` picks one)"]
+
+
+@pytest.mark.e2e
+def test_the_chat_format_flag_reaches_the_chat_apps_engine(default_home, monkeypatch):
+    """`llamadesk chat --chat-format llama2`: this run's engine writes prompts as Llama 2's."""
+    from app.tui.backend import engine_loader
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    engine = engine_loader(ctx=256, chat_format="llama2")("smollm2-135m-instruct")
+    assert "--chat-format" in engine.chat_format_source
+    text = engine.tokenizer.decode(engine.prompt_ids([{"role": "user", "content": "Hi"}]))
+    assert "[INST] Hi [/INST]" in text

@@ -72,14 +72,15 @@ class ChatApp(App):
     def __init__(self, model: str | None = None, settings: ChatSettings | None = None, *,
                  history: History | None = None, loader: Loader | None = None, ctx: int | None = None,
                  device: str | None = None, memory: Callable[[], int] | None = memory_in_use,
-                 pull: Callable[[str], object] | None = None, kv_dtype: str = "auto") -> None:
+                 pull: Callable[[str], object] | None = None, kv_dtype: str = "auto",
+                 chat_format: str | None = None) -> None:
         """`model` is a ref to load at start (default: the installed default model). `loader`,
         `memory` and `pull` replace the real engine, the RSS probe and the download in tests."""
         super().__init__()
         # opened here, before the terminal switches to the app, so a history written by a newer
         # llamadesk fails as one line from the CLI
         self.history = history or History()
-        self.chat = ChatScreen(self.history, loader or engine_loader(ctx, device, kv_dtype), model,
+        self.chat = ChatScreen(self.history, loader or engine_loader(ctx, device, kv_dtype, chat_format), model,
                                settings or ChatSettings(), memory)
         self.pull = pull or _pull_default
 
@@ -229,13 +230,14 @@ def _pull_default(name: str):
 
 
 def run_chat(model: str | None = None, system: str | None = None, params=None, ctx: int | None = None,
-             device: str | None = None, kv_dtype: str = "auto") -> int:
-    """The full-screen chat; `params` (model.generate.SamplingParams) seeds new chats' settings."""
+             device: str | None = None, kv_dtype: str = "auto", chat_format: str | None = None) -> int:
+    """The full-screen chat; `params` (model.generate.SamplingParams) seeds new chats' settings;
+    `chat_format` (--chat-format) overrides the model's for this run."""
     settings = ChatSettings(system=system or "")
     if params is not None:
         settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
                                 top_k=params.top_k, repeat_penalty=params.repetition_penalty,
                                 repeat_last_n=params.repeat_last_n, seed=params.seed)
-    app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype)
+    app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype, chat_format=chat_format)
     app.run()
     return app.return_code or 0

@@ -50,7 +50,8 @@ class ChatModel(Protocol):
 Loader = Callable[[str], ChatModel]
 
 
-def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: str = "auto") -> Loader:
+def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: str = "auto",
+                  chat_format: str | None = None) -> Loader:
     def load(ref: str) -> ChatModel:
         from ..engine import Engine
 
@@ -61,7 +62,7 @@ def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: s
         threads = inference_threads(ui=True)
         # compiling the decode kernel (once per machine) must not hold up the first reply
         engine = Engine.load(ref, ctx=ctx, device=device, kv_dtype=kv_dtype, compile_kernel="background",
-                             threads=threads)
+                             threads=threads, chat_format=chat_format)
         # the model's ~100k objects never die: out of the collector's sight, a full collection
         # (which holds the GIL, stopping the reply with the UI) no longer walks them
         gc.freeze()
