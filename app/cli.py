@@ -673,15 +673,18 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The flags the user gave over the model's own defaults (else Ollama-like ones)."""
     from .sampling_defaults import model_defaults, resolve
 
+    default, catalog = pull.load_catalog()
+    name = store.parse_ref(args.model)[0] if args.model else default
     try:
         # a variant's folder holds no generation_config.json: its source's does
-        folder = store.find(store.parse_ref(args.model)[0] if args.model else pull.load_catalog()[0]).path
+        folder = store.find(name).path
     except UserError:
         folder = None  # not installed (yet): the generic defaults
     asked = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n}
+    suggested = catalog[name].sampling if name in catalog else None
     try:
-        return resolve(asked, model_defaults(folder), args.seed)
+        return resolve(asked, model_defaults(folder, suggested), args.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
 

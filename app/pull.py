@@ -42,6 +42,7 @@ class CatalogEntry:
     sha256: str
     member: str
     variants: tuple[str, ...] = ()  # packed variants made at pull time, beside the source
+    sampling: dict | None = None  # the publisher's suggested settings (app.sampling_defaults)
 
 
 def load_catalog() -> tuple[str, dict[str, CatalogEntry]]:

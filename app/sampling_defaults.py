@@ -18,10 +18,12 @@ OLLAMA_LIKE = {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "repeat_penalty": 
 _HF_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repeat_penalty"}
 
 
-def model_defaults(folder: Path | None) -> dict:
-    """OLLAMA_LIKE with what the model's generation_config.json sets instead (a config that does
-    not sample, `do_sample: false`, keeps ours: it describes the model's greedy evaluation)."""
+def model_defaults(folder: Path | None, suggested: dict | None = None) -> dict:
+    """OLLAMA_LIKE, then the catalog's `suggested` settings for the model (its publisher's), then
+    what the model's generation_config.json sets (a config that does not sample, `do_sample:
+    false`, keeps the others: it describes the model's greedy evaluation)."""
     out = dict(OLLAMA_LIKE)
+    out.update({k: type(OLLAMA_LIKE[k])(v) for k, v in (suggested or {}).items() if k in OLLAMA_LIKE})
     try:
         config = json.loads((Path(folder) / "generation_config.json").read_text(encoding="utf-8")) if folder else {}
     except (OSError, ValueError):

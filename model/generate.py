@@ -172,17 +172,20 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id
     generator = None
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
-    history = list(prompt)
+    # the repetition penalty looks at the reply alone: an answer repeats the user's words on
+    # purpose ("The capital of France is..."), and penalizing them drove the default model to
+    # answer an English question in French at the default settings (penalty 1.1)
+    reply: list[int] = []
     logits = prefill(model, prompt, start_pos, cache_row=cache_row)
     pos = end
     for _ in range(max_new_tokens):
         if cancel is not None and cancel.is_set():
             return
-        token = sample(logits, params, history, generator)
+        token = sample(logits, params, reply, generator)
         if token in stop_ids:
             return
         yield token
-        history.append(token)
+        reply.append(token)
         if pos >= model.max_cache_len:
             return
         logits = decode_one_token(decoder, token, pos, cache_row)

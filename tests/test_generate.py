@@ -180,3 +180,20 @@ def test_continuing_from_a_cached_prefix_equals_starting_over(tiny):
     list(generate(tiny, prompt[:5], 1, params=greedy))
     resumed = list(generate(tiny, prompt[5:], 12, params=greedy, start_pos=5))
     assert resumed == fresh
+
+
+def test_the_repetition_penalty_looks_at_the_reply_not_the_prompt(tiny, monkeypatch):
+    """An answer repeats the question's words on purpose; only the reply's own tokens count."""
+    from model import generate as g
+
+    seen = []
+
+    def spy(logits, params, history=(), generator=None):
+        seen.append(list(history))
+        return sample(logits, params, history, generator)
+
+    monkeypatch.setattr(g, "sample", spy)
+    prompt = [5, 17, 42, 8]
+    reply = list(generate(tiny, prompt, 6, params=SamplingParams(temperature=0, repetition_penalty=1.5)))
+    assert seen == [reply[:i] for i in range(len(reply))] and len(reply) == 6
+

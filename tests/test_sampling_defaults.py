@@ -45,3 +45,14 @@ def test_the_cli_flags_override_the_defaults(tmp_path, monkeypatch):
 def test_the_chat_apps_new_chats_start_ollama_like():
     s = ChatSettings().sampling_params()
     assert (s.top_k, s.top_p, s.repetition_penalty, s.repeat_last_n) == (40, 0.9, 1.1, 64)
+
+
+def test_the_catalogs_suggestion_comes_before_ollamas_and_after_the_models_own(tmp_path):
+    from app import pull
+
+    _, catalog = pull.load_catalog()
+    suggested = catalog["smollm2-135m-instruct"].sampling
+    assert suggested == {"temperature": 0.2, "top_p": 0.9}  # SmolLM2's model card
+    assert model_defaults(None, suggested) == dict(OLLAMA_LIKE, temperature=0.2, top_p=0.9)
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6}')
+    assert model_defaults(tmp_path, suggested)["temperature"] == 0.6  # the model's own file wins
