@@ -109,10 +109,6 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
         return pull.pull_model(name, replace, say=say, progress=progress)
 
 
-def _compile_decode_kernel() -> None:
-    pull.compile_decode_step(say)
-
-
 def ensure_model(ref: str | None) -> str | None:
     """The model asked for; None lets the plan choose among what is installed. With nothing
     installed, the default model is pulled first."""
@@ -298,7 +294,7 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 
     grounds, prompt = Grounds.pick(prompt, docs, file)
     ref = ensure_model(model)
-    _compile_decode_kernel()
+    pull.compile_decode_step(say)
     engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
                          threads=threads, kv_dtype=kv_dtype, chat_format=chat_format)
     engine.parse_special = parse_special
@@ -366,7 +362,7 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
     from .plain_chat import PlainChat, terminal_lines
 
     ref = ensure_model(model)
-    _compile_decode_kernel()
+    pull.compile_decode_step(say)
     interactive = sys.stdin.isatty()
     loaded: list[str] = []  # `/set parameter num_ctx` reloads the model the plan chose first
 
@@ -451,7 +447,7 @@ def serve(args: argparse.Namespace) -> int:
                         tls_cert=args.tls_cert, tls_key=args.tls_key, keep_alive_s=args.keep_alive)
     check_options(opts)  # a bind that must not start refuses before any download or load
     opts.model = ensure_model(opts.model)
-    _compile_decode_kernel()
+    pull.compile_decode_step(say)
     return run_server(opts, say)
 
 
