@@ -29,8 +29,9 @@ CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 class CpuStepDecoder:
     """model/generate.py's Decoder through the compiled step: the token table and the head stay
-    the model's own modules; every block runs in C++. Rows run one after another through the
-    same code, so a row's logits do not depend on the others."""
+    the model's own modules; every block runs in C++. The B rows go through each layer together
+    (one read of an int4 weight serves them all), and a row's arithmetic is the same whatever
+    else is in the batch, so its logits do not depend on the others."""
 
     def __init__(self, model: nn.Module, step):
         self.model = model
@@ -38,12 +39,17 @@ class CpuStepDecoder:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        h = self.model.tok_embeddings(tokens.view(-1, 1))  # (B, 1, D)
-        out = []
-        for i in range(h.shape[0]):
-            hi = self.blocks.step(h[i : i + 1].float(), int(positions[i]), int(rows[i]))  # (1, 1, D)
-            out.append(self.model.output(self.model.norm(hi))[0, -1])
-        return torch.stack(out)  # (B, V)
+        h = self.model.tok_embeddings(tokens.view(-1, 1)).float()  # (B, 1, D)
+        h = self.blocks.step_rows(h, positions.tolist(), rows.tolist())  # (B, 1, D)
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D) -> logits (B, V). The grouped int8 head (a Q8_0 table's) runs up to 8 rows on
+        one weight read with a row's sums independent of the others; torch's kernels may block
+        their sums by the number of rows, so any other head runs a row at a time."""
+        norm, output = self.model.norm, self.model.output
+        rows = 8 if getattr(output, "kernel", "") == "int8group" else 1
+        return torch.cat([output(norm(h[i : i + rows]))[:, -1] for i in range(0, h.shape[0], rows)])  # (B, V)
 
 
 def build_decoder(model: nn.Module, cache: Path, build: bool = True) -> CpuStepDecoder | None:

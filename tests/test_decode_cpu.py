@@ -196,7 +196,7 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
         assert not (build_dir / "lock").exists()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 20])  # decode, a few rows, a window (dequantized in blocks)
+@pytest.mark.parametrize("rows", [1, 3, 7, 20])  # decode, a few rows, a window (dequantized in blocks)
 @torch.inference_mode()
 def test_a_q8_0_grid_head_runs_packed_and_exact(cache, rows):
     from quant.formats import unpack
@@ -213,6 +213,9 @@ def test_a_q8_0_grid_head_runs_packed_and_exact(cache, rows):
     got = layer(x)
     assert got.shape == (rows, 1000)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    if rows <= 8:  # a decode batch: a row's logits are exactly what it gets alone
+        for m in range(rows):
+            assert torch.equal(layer(x[m : m + 1]), got[m : m + 1])
 
 
 def test_ctrl_c_during_the_compile_stops_the_command(monkeypatch, tmp_path):
@@ -248,15 +251,18 @@ def test_int4_kernel_equals_the_fp32_dequantized_matmul(cache, n, k, group, port
     q = torch.randint(0, 16, (n_pad, k), dtype=torch.int32, generator=gen)
     scales_and_zeros = (torch.randn(k // group, n_pad, 2, generator=gen) * 0.05).to(torch.bfloat16)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    x = torch.randn(3, k, generator=gen)
+    x = torch.randn(7, k, generator=gen)  # the batched kernel runs rows 4, 2 and 1 at a time
     sz = scales_and_zeros.double().repeat_interleave(group, 0)  # (K, n_pad, 2)
     w = ((q.double() - 8) * sz[..., 0].T + sz[..., 1].T)[:n]  # (n, K)
     expected = x.double() @ w.T
     got = ext.int4_linear(x, packed, scales_and_zeros, group, n, portable)
-    assert got.shape == (3, n) and got.dtype == torch.float32
+    assert got.shape == (7, n) and got.dtype == torch.float32
     assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5
     # the helper the tests' Python blocks use reads the same weight
     torch.testing.assert_close(int4_weight(packed, scales_and_zeros, group, n).double(), w, rtol=0, atol=0)
+    # seven rows on one weight read: each row's values are exactly its own single-row GEMV's
+    for m in range(7):
+        assert torch.equal(ext.int4_linear(x[m : m + 1], packed, scales_and_zeros, group, n, portable), got[m : m + 1])
 
 
 CHECK_INT4_SCRIPT = """

@@ -1,4 +1,4 @@
-// One decode step (one token, batch 1) through every transformer block, on the CPU.
+// One decode step (B tokens, each in its own KV-cache row) through every transformer block, on the CPU.
 //
 // The same arithmetic as model/model.py's blocks with quant/linear.py's layers, written as
 // plain loops around the matmul kernels: for a 135M model, a Python decode step spends more
@@ -306,6 +306,48 @@ inline void int4_block_avx2(const float* x, const float* xsum, const uint8_t* B,
   }
   for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + 8 * i, tot[i]);
 }
+
+// R rows (R <= 4) of x against 8 of a 32-row block's rows (quarter c: rows 8c .. 8c + 7, the low
+// nibbles of bytes 0-7 or 8-15, then their high nibbles), each code converted once for all R rows.
+// A row's lanes take exactly int4_block_avx2's operations in its order, so its values are the
+// single-row kernel's. x, xsum: R rows of K and K/gs; out: R x 8 values.
+template <int R>
+inline void int4_quarter_avx2_rows(const float* x, const float* xsum, const uint8_t* B, const uint32_t* sz, int64_t K,
+                                   int64_t gs, int64_t N_pad, int c, float* out) {
+  const __m256i nibble = _mm256_set1_epi32(15);
+  const __m256i zero_bits = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m256 eight = _mm256_set1_ps(8.f);
+  const int byte0 = (c & 1) * 8, shift = (c >> 1) * 4;
+  const int64_t G = K / gs;
+  __m256 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
+    const uint8_t* p = B + g * gs * 16 + byte0;
+    const int64_t k0 = g * gs;
+    for (int64_t k = 0; k < gs; k += 2) {
+      INT4_PREFETCH(p + k * 16 + 4096);
+      const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k * 16)));
+      const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + (k + 1) * 16)));
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d0, shift), nibble));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d1, shift), nibble));
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + k0 + k), w0, a[r]);
+        b[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + k0 + k + 1), w1, b[r]);
+      }
+    }
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * N_pad + 8 * (c & 1) + 16 * (c >> 1)));
+    const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 zr = _mm256_fnmadd_ps(eight, sc, _mm256_castsi256_ps(_mm256_and_si256(v, zero_bits)));
+    for (int r = 0; r < R; ++r) {
+      tot[r] = _mm256_fmadd_ps(sc, _mm256_add_ps(a[r], b[r]), tot[r]);
+      tot[r] = _mm256_fmadd_ps(zr, _mm256_set1_ps(xsum[r * G + g]), tot[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + 8 * r, tot[r]);
+}
+
 #endif
 
 #ifdef __AVX512F__
@@ -370,58 +412,143 @@ inline void int4_block_avx512(const float* x, const float* xsum, const uint8_t* 
   }
   for (int i = 0; i < V; ++i) out[i] = tot[i];
 }
+
+// R rows (R <= 4) of x against one half (h0) of a 64-row block: int4_block_avx512<1>'s
+// operations for each row, in its order (a row's values are the single-row kernel's), with each
+// code's table lookup done once for all R rows. x, xsum: R rows of K and K/gs; out: per row the
+// low-nibble vector, then the high one.
+template <int R>
+inline void int4_half_avx512_rows(const float* x, const float* xsum, const uint8_t* B, const uint32_t* sz, int64_t K,
+                                  int64_t gs, int64_t N_pad, int h0, __m512* out) {
+  const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i zero_bits = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t G = K / gs;
+  __m512 tot[2 * R];
+  for (int i = 0; i < 2 * R; ++i) tot[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 a[2 * R], b[2 * R];  // row r: [2r] low nibbles, [2r + 1] high
+    for (int i = 0; i < 2 * R; ++i) a[i] = b[i] = _mm512_setzero_ps();
+    const uint8_t* p = B + g * gs * 32 + h0 * 16;
+    const int64_t k0 = g * gs;
+    if (g + kInt4PrefetchGroups < G) {
+      const uint32_t* next = sz + (g + kInt4PrefetchGroups) * N_pad + h0 * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + 32), _MM_HINT_T0);
+    }
+    for (int64_t k = 0; k < gs; k += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + k * 32 + kInt4PrefetchBytes), _MM_HINT_T0);
+      const __m512i d0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k * 32)));
+      const __m512i d1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k * 32 + 32)));
+      const __m512 w0 = _mm512_permutexvar_ps(d0, lut), w0h = _mm512_permutexvar_ps(_mm512_srli_epi32(d0, 4), lut);
+      const __m512 w1 = _mm512_permutexvar_ps(d1, lut), w1h = _mm512_permutexvar_ps(_mm512_srli_epi32(d1, 4), lut);
+      for (int r = 0; r < R; ++r) {
+        const __m512 x0 = _mm512_set1_ps(x[r * K + k0 + k]), x1 = _mm512_set1_ps(x[r * K + k0 + k + 1]);
+        a[2 * r] = _mm512_fmadd_ps(x0, w0, a[2 * r]);
+        a[2 * r + 1] = _mm512_fmadd_ps(x0, w0h, a[2 * r + 1]);
+        b[2 * r] = _mm512_fmadd_ps(x1, w1, b[2 * r]);
+        b[2 * r + 1] = _mm512_fmadd_ps(x1, w1h, b[2 * r + 1]);
+      }
+    }
+    const uint32_t* s = sz + g * N_pad + h0 * 16;
+    for (int i = 0; i < 2; ++i) {  // i = 0: rows h0 * 16 .. +15; i = 1: the same + 32
+      const __m512i v = _mm512_loadu_si512(s + i * 32);
+      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, zero_bits));
+      for (int r = 0; r < R; ++r) {
+        tot[2 * r + i] = _mm512_fmadd_ps(sc, _mm512_add_ps(a[2 * r + i], b[2 * r + i]), tot[2 * r + i]);
+        tot[2 * r + i] = _mm512_fmadd_ps(zr, _mm512_set1_ps(xsum[r * G + g]), tot[2 * r + i]);
+      }
+    }
+  }
+  for (int i = 0; i < 2 * R; ++i) out[i] = tot[i];
+}
 #endif
 
-// y[0:n_out] = W x. packed: uint8 (N_pad, K/2) in `layout`; sz: bf16 (K/gs, N_pad, 2) as 32-bit
-// words. Work goes to threads in 32-row halves of blocks, so 576 rows split 288/288, not 320/256.
+// f(R, m) over rows m .. m + R - 1 of M, 4 rows at a time, then 2, then 1; R is a compile-time
+// constant (std::integral_constant) so that the kernels keep R rows' sums in registers.
+template <typename F>
+inline void in_row_chunks(int64_t M, F f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= M; m += 2) f(std::integral_constant<int, 2>{}, m);
+  for (; m < M; ++m) f(std::integral_constant<int, 1>{}, m);
+}
+
+// y[m, 0:n_out] = W x[m] for M rows (x: M x K, y: M x n_out). packed: uint8 (N_pad, K/2) in
+// `layout`; sz: bf16 (K/gs, N_pad, 2) as 32-bit words. Work goes to threads in 32-row halves of
+// blocks, so 576 rows split 288/288, not 320/256. Each block is read from memory once and run for
+// every row while its bytes are in cache (a batch of M rows costs far less than M GEMVs), and a
+// row's sums are the single-row kernel's, in the same order: its values never depend on M or on
+// the other rows (batch invariance, which the server promises).
 void int4_gemv(const Int4Layout& layout, const float* x, const uint8_t* packed, const uint32_t* sz, int64_t K,
-               int64_t gs, int64_t N_pad, int64_t n_out, float* y, bool portable_only = false) {
+               int64_t gs, int64_t N_pad, int64_t n_out, float* y, bool portable_only = false, int64_t M = 1) {
   const int64_t G = K / gs;
   float xsum_small[64];
   std::vector<float> xsum_big;
-  float* xsum = xsum_small;
-  if (G > 64) {
-    xsum_big.resize(G);
+  float* xsum = xsum_small;  // (M, G)
+  if (M * G > 64) {
+    xsum_big.resize(M * G);
     xsum = xsum_big.data();
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float sum = 0.f;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t k = 0; k < gs; ++k) sum += x[g * gs + k];
-    xsum[g] = sum;
+      for (int64_t k = 0; k < gs; ++k) sum += x[m * K + g * gs + k];
+      xsum[m * G + g] = sum;
+    }
   }
   const int64_t BN = layout.block;
   const int64_t full = N_pad / BN;      // full blocks
   const bool tail = full * BN < N_pad;  // a short last block
   // in 32-row units (16 K bytes): below ~12 KiB a thread, waking the other costs more (~0.4 us)
   // than it saves
-  const int64_t grain = std::max<int64_t>(1, (12 << 10) / (16 * K));
-  auto store = [&](int64_t r0, const float* v, int64_t n) {  // rows r0.. of the output, padding dropped
-    if (r0 < n_out) std::copy(v, v + std::min(n, n_out - r0), y + r0);
+  const int64_t grain = std::max<int64_t>(1, (12 << 10) / (16 * K * M));
+  auto store = [&](int64_t m, int64_t r0, const float* v, int64_t n) {  // row m's outputs r0.., padding dropped
+    if (r0 < n_out) std::copy(v, v + std::min(n, n_out - r0), y + m * n_out + r0);
   };
   auto portable = [&](int64_t blk) {
     const int64_t r0 = blk * BN, nb = std::min(BN, N_pad - r0);
     float out[64];
-    int4_block_portable(layout, x, xsum, packed + r0 * K / 2, sz, K, gs, N_pad, r0, nb, out);
-    store(r0, out, nb);
+    for (int64_t m = 0; m < M; ++m) {
+      int4_block_portable(layout, x + m * K, xsum + m * G, packed + r0 * K / 2, sz, K, gs, N_pad, r0, nb, out);
+      store(m, r0, out, nb);
+    }
   };
 #ifdef __AVX512F__
   if (BN == 64 && layout.split && !portable_only) {
     at::parallel_for(0, 2 * full + tail, grain, [&](int64_t u0, int64_t u1) {
       __m512 v[4];
       float out[64];
-      auto run = [&](int64_t blk, int h0, int H) {  // H halves of block blk from half h0
+      auto run = [&](int64_t blk, int h0, int H) {  // H halves of block blk from half h0, every row
         const uint8_t* B = packed + blk * 32 * K;
-        if (H == 2) {
-          int4_block_avx512<2>(x, xsum, B, sz + blk * 64, K, gs, N_pad, 0, v);
-        } else {
-          int4_block_avx512<1>(x, xsum, B, sz + blk * 64, K, gs, N_pad, h0, v);
+        if (M > 1) {  // rows 4 (then 2, 1) at a time, one table lookup per code for all of them
+          __m512 w[8];
+          for (int h = h0; h < h0 + H; ++h) {
+            in_row_chunks(M, [&](auto R, int64_t m) {
+              int4_half_avx512_rows<R>(x + m * K, xsum + m * G, B, sz + blk * 64, K, gs, N_pad, h, w);
+              for (int r = 0; r < R; ++r) {
+                _mm512_storeu_ps(out, w[2 * r]);
+                _mm512_storeu_ps(out + 16, w[2 * r + 1]);
+                store(m + r, blk * 64 + h * 16, out, 16);
+                store(m + r, blk * 64 + 32 + h * 16, out + 16, 16);
+              }
+            });
+          }
+          return;
         }
-        for (int h = 0; h < H; ++h) {  // v[h]: rows (h0 + h) * 16, v[H + h]: 32 more
-          _mm512_storeu_ps(out, v[h]);
-          _mm512_storeu_ps(out + 16, v[H + h]);
-          store(blk * 64 + (h0 + h) * 16, out, 16);
-          store(blk * 64 + 32 + (h0 + h) * 16, out + 16, 16);
+        for (int64_t m = 0; m < M; ++m) {
+          if (H == 2) {
+            int4_block_avx512<2>(x + m * K, xsum + m * G, B, sz + blk * 64, K, gs, N_pad, 0, v);
+          } else {
+            int4_block_avx512<1>(x + m * K, xsum + m * G, B, sz + blk * 64, K, gs, N_pad, h0, v);
+          }
+          for (int h = 0; h < H; ++h) {  // v[h]: rows (h0 + h) * 16, v[H + h]: 32 more
+            _mm512_storeu_ps(out, v[h]);
+            _mm512_storeu_ps(out + 16, v[H + h]);
+            store(m, blk * 64 + (h0 + h) * 16, out, 16);
+            store(m, blk * 64 + 32 + (h0 + h) * 16, out + 16, 16);
+          }
         }
       };
       int64_t u = u0;
@@ -443,10 +570,21 @@ void int4_gemv(const Int4Layout& layout, const float* x, const uint8_t* packed, 
   at::parallel_for(0, full + tail, std::max<int64_t>(1, grain * 32 / BN), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
 #if defined(__AVX2__) && defined(__FMA__)
-      if (avx2 && blk < full) {
+      if (avx2 && blk < full && M == 1) {
         float out[32];
         int4_block_avx2(x, xsum, packed + blk * 16 * K, sz + blk * 32, K, gs, N_pad, out);
-        store(blk * 32, out, 32);
+        store(0, blk * 32, out, 32);
+        continue;
+      }
+      if (avx2 && blk < full) {  // rows 4 (then 2, 1) at a time, each code converted once for them
+        float out[32];
+        const uint8_t* B = packed + blk * 16 * K;
+        for (int c = 0; c < 4; ++c) {  // quarter c: rows 8 (c & 1) + 16 (c >> 1) .. + 7
+          in_row_chunks(M, [&](auto R, int64_t m) {
+            int4_quarter_avx2_rows<R>(x + m * K, xsum + m * G, B, sz + blk * 32, K, gs, N_pad, c, out);
+            for (int r = 0; r < R; ++r) store(m + r, blk * 32 + 8 * (c & 1) + 16 * (c >> 1), out + 8 * r, 8);
+          });
+        }
         continue;
       }
 #endif
@@ -478,14 +616,21 @@ struct Linear {
   at::Tensor x_in;  // (1, K) input buffer in the kernel's activation dtype
   bool own_int4 = false;  // INT4 read by int4_gemv
 
-  // y[0:n_out] = W x, x and y fp32
-  void apply(const float* x, float* y) {
-    const int64_t K = k_in;
+  // y[m, 0:n_out] = W x[m] for M rows (x: M x k_in, y: M x n_out), fp32. Our int4 kernel reads the
+  // weight once for all rows; torch's kernels run a row at a time, since their blocking (and so
+  // their sums' order) may change with the number of rows: a row's values never depend on M.
+  void apply(const float* x, float* y, int64_t M = 1) {
     if (own_int4 && !g_int4_torch.load(std::memory_order_relaxed)) {
-      int4_gemv(int4_layout(), x, a.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(b.data_ptr()), K, group,
-                a.size(0), n_out, y);
+      int4_gemv(int4_layout(), x, a.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(b.data_ptr()), k_in,
+                group, a.size(0), n_out, y, false, M);
       return;
     }
+    for (int64_t m = 0; m < M; ++m) apply_torch(x + m * k_in, y + m * n_out);
+  }
+
+ private:
+  void apply_torch(const float* x, float* y) {
+    const int64_t K = k_in;
     at::Tensor out;
     if (kind == DENSE) {
       float* xi = x_in.data_ptr<float>();
@@ -750,49 +895,74 @@ class Decoder {
                             make_linear(wqkv), make_linear(wo), make_linear(w13), make_linear(w2)});
   }
 
-  // x: (1, 1, dim) fp32 hidden state of the token at `pos` of KV-cache row `row` (the caches are
-  // (rows, n_kv, S, hd)); returns it after every block.
-  at::Tensor step(at::Tensor x, int64_t pos, int64_t row) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == dim_, "x must be (1, 1, dim) fp32");
-    TORCH_CHECK(pos >= 0 && pos < rope_.size(0), "position ", pos, " is past the cache");
-    TORCH_CHECK(blocks_.empty() || (row >= 0 && row < blocks_[0].k_cache.size(0)), "cache row ", row,
-                " is out of range");
-    at::Tensor h = x.contiguous().clone();
+  // x: (B, 1, dim) fp32 hidden states of B tokens, token b at position positions[b] of KV-cache
+  // row rows[b] (the caches are (rows, n_kv, S, hd)); returns them after every block. Each linear
+  // layer runs once for the B rows; norms, RoPE, the cache and attention run row by row. Distinct
+  // rows must be distinct cache rows.
+  at::Tensor step_rows(at::Tensor x, const std::vector<int64_t>& positions, const std::vector<int64_t>& rows) {
+    const int64_t B = static_cast<int64_t>(positions.size());
+    TORCH_CHECK(B > 0 && static_cast<int64_t>(rows.size()) == B, "one position and one cache row a token");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == B * dim_, "x must be (B, 1, dim) fp32");
+    for (int64_t i = 0; i < B; ++i) {
+      TORCH_CHECK(positions[i] >= 0 && positions[i] < rope_.size(0), "position ", positions[i], " is past the cache");
+      TORCH_CHECK(blocks_.empty() || (rows[i] >= 0 && rows[i] < blocks_[0].k_cache.size(0)), "cache row ", rows[i],
+                  " is out of range");
+      for (int64_t j = 0; j < i; ++j) TORCH_CHECK(rows[i] != rows[j], "cache row ", rows[i], " is given twice");
+    }
+    const int64_t qkv = (nh_ + 2 * nkv_) * hd_;
+    xn_.resize(B * dim_);
+    qkv_.resize(B * qkv);
+    att_.resize(B * nh_ * hd_);
+    o_.resize(B * dim_);
+    h13_.resize(B * 2 * hidden_);
+    act_.resize(B * hidden_);
+    at::Tensor h = x.contiguous().clone().view({B, 1, dim_});
     float* hp = h.data_ptr<float>();
-    const float* cs = rope_.data_ptr<float>() + pos * hd_;  // (hd/2, 2) cos, sin of this position
     for (auto& b : blocks_) {
       // attention: h += wo(attend(rope(q), rope(k), v))
-      rms_norm(hp, b.attention_norm.data_ptr<float>(), xn_.data(), dim_, eps_);
-      b.wqkv.apply(xn_.data(), qkv_.data());
-      float* q = qkv_.data();
-      float* k = q + nh_ * hd_;
-      float* v = k + nkv_ * hd_;
-      rope(q, cs, nh_ + nkv_, hd_);  // q and k sit next to each other
-      switch (b.k_cache.scalar_type()) {
-        case at::kFloat: attend_block<float>(b, q, k, v, pos, row); break;
-        case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, pos, row); break;
-        default: attend_block<int8_t>(b, q, k, v, pos, row); break;
+      for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, b.attention_norm.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
+      b.wqkv.apply(xn_.data(), qkv_.data(), B);
+      for (int64_t r = 0; r < B; ++r) {
+        float* q = qkv_.data() + r * qkv;
+        float* k = q + nh_ * hd_;
+        float* v = k + nkv_ * hd_;
+        rope(q, rope_.data_ptr<float>() + positions[r] * hd_, nh_ + nkv_, hd_);  // q and k sit next to each other
+        float* out = att_.data() + r * nh_ * hd_;
+        switch (b.k_cache.scalar_type()) {
+          case at::kFloat: attend_block<float>(b, q, k, v, positions[r], rows[r], out); break;
+          case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, positions[r], rows[r], out); break;
+          default: attend_block<int8_t>(b, q, k, v, positions[r], rows[r], out); break;
+        }
       }
-      b.wo.apply(att_.data(), o_.data());
-      for (int64_t i = 0; i < dim_; ++i) hp[i] += o_[i];
+      b.wo.apply(att_.data(), o_.data(), B);
+      for (int64_t i = 0; i < B * dim_; ++i) hp[i] += o_[i];
       // feed-forward: h += w2(silu(w1 x) * w3 x)
-      rms_norm(hp, b.ffn_norm.data_ptr<float>(), xn_.data(), dim_, eps_);
-      b.w13.apply(xn_.data(), h13_.data());
-      const float* gate = h13_.data();
-      const float* up = gate + hidden_;
+      for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, b.ffn_norm.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
+      b.w13.apply(xn_.data(), h13_.data(), B);
+      for (int64_t r = 0; r < B; ++r) {
+        const float* gate = h13_.data() + r * 2 * hidden_;
+        const float* up = gate + hidden_;
+        float* act = act_.data() + r * hidden_;
 #pragma omp simd
-      for (int64_t i = 0; i < hidden_; ++i) act_[i] = gate[i] / (1.f + fast_exp(-gate[i])) * up[i];
-      b.w2.apply(act_.data(), o_.data());
-      for (int64_t i = 0; i < dim_; ++i) hp[i] += o_[i];
+        for (int64_t i = 0; i < hidden_; ++i) act[i] = gate[i] / (1.f + fast_exp(-gate[i])) * up[i];
+      }
+      b.w2.apply(act_.data(), o_.data(), B);
+      for (int64_t i = 0; i < B * dim_; ++i) hp[i] += o_[i];
     }
     return h;
   }
 
+  // One token: step_rows for B = 1.
+  at::Tensor step(at::Tensor x, int64_t pos, int64_t row) {
+    TORCH_CHECK(x.numel() == dim_, "x must be (1, 1, dim) fp32");
+    return step_rows(x, {pos}, {row});
+  }
+
  private:
   // Store this token's k, v (nkv * hd each) at `pos` as the cache holds them (as the Python
-  // KVCache.update does), then attend; writes att_ (nh * hd).
+  // KVCache.update does), then attend; writes out (nh * hd).
   template <typename T>
-  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos, int64_t row) {
+  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos, int64_t row, float* out) {
     const int64_t S = b.k_cache.size(2);
     const int64_t first = row * nkv_ * S;  // this row's first vector
     T* kc = b.k_cache.data_ptr<T>() + first * hd_;
@@ -805,13 +975,13 @@ class Decoder {
       store(v + g * hd_, vc + at_pos * hd_, vs ? vs + at_pos : nullptr);
     }
 #ifdef LLAMADESK_VEC
-    if (hd_ == 64) return attend_fast<T, 64 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1);
-    if (hd_ == 128) return attend_fast<T, 128 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1);
+    if (hd_ == 64) return attend_fast<T, 64 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out);
+    if (hd_ == 128) return attend_fast<T, 128 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out);
 #endif
     if (std::is_same<T, float>::value && pos + 1 > kLoopKeys) {
-      attend_matmul(q, b.k_cache.narrow(0, row, 1), b.v_cache.narrow(0, row, 1), pos + 1);
+      attend_matmul(q, b.k_cache.narrow(0, row, 1), b.v_cache.narrow(0, row, 1), pos + 1, out);
     } else {
-      attend(q, kc, vc, ks, vs, S, pos + 1);
+      attend(q, kc, vc, ks, vs, S, pos + 1, out);
     }
   }
 
@@ -819,7 +989,8 @@ class Decoder {
   // Each KV head's keys in `parts` ranges (one per thread once the context is long), attended
   // on their own and merged by their softmax maxima and sums, as flash-decoding does.
   template <typename T, int NC>
-  void attend_fast(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L) {
+  void attend_fast(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L,
+                   float* out) {
     const int64_t rep = nh_ / nkv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
     const int64_t parts = L >= g_parallel_keys.load(std::memory_order_relaxed)
@@ -854,7 +1025,7 @@ class Decoder {
     }
     for (int64_t g = 0; g < nkv_; ++g) {
       merge_attention(part_o_.data() + g * parts * rep * hd_, pm + g * parts * rep, pl + g * parts * rep, parts,
-                      rep, hd_, att_.data() + g * rep * hd_);
+                      rep, hd_, out + g * rep * hd_);
     }
   }
 #endif
@@ -867,14 +1038,14 @@ class Decoder {
   static constexpr int64_t kLoopKeys = 192;
 
   // Attention through the matmul and softmax kernels, as model/model.py's _decode_attention does it.
-  void attend_matmul(const float* q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t L) {
+  void attend_matmul(const float* q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t L, float* out) {
     const int64_t rep = nh_ / nkv_;
     auto qg = at::from_blob(const_cast<float*>(q), {1, nkv_, rep, hd_}, at::kFloat);  // (B, nkv, n_rep, hd)
     auto k = k_cache.narrow(2, 0, L);                                                // (B, nkv, L, hd)
     auto v = v_cache.narrow(2, 0, L);
     auto scores = at::matmul(qg, k.transpose(-1, -2)).mul_(1.0 / std::sqrt(static_cast<double>(hd_)));
     auto y = at::matmul(at::softmax(scores, -1), v);  // (B, nkv, n_rep, hd)
-    std::copy(y.data_ptr<float>(), y.data_ptr<float>() + nh_ * hd_, att_.data());
+    std::copy(y.data_ptr<float>(), y.data_ptr<float>() + nh_ * hd_, out);
   }
 
   void store(const float* x, float* out, float*) { std::copy(x, x + hd_, out); }
@@ -895,7 +1066,8 @@ class Decoder {
   // One query per head against keys 0..L-1 of its KV head; the n_rep query heads that share a
   // KV head read each key and value once. KV heads go to threads once the context is long.
   template <typename T>
-  void attend(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L) {
+  void attend(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L,
+              float* out) {
     const int64_t rep = nh_ / nkv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
     if (static_cast<int64_t>(scores_.size()) < nh_ * L) scores_.resize(nh_ * L);
@@ -922,14 +1094,14 @@ class Decoder {
           float mx;
           const float inv = 1.f / exp_shifted(pr, L, &mx);
           for (int64_t t = 0; t < L; ++t) pr[t] *= inv * (vs ? vs[g * S + t] : 1.f);
-          std::fill(att_.data() + (g * rep + r) * hd_, att_.data() + (g * rep + r + 1) * hd_, 0.f);
+          std::fill(out + (g * rep + r) * hd_, out + (g * rep + r + 1) * hd_, 0.f);
         }
         for (int64_t t = 0; t < L; ++t) {
           const T* vt = vals + t * hd_;
           for (int64_t d = 0; d < hd_; ++d) row[d] = as_float(vt[d]);
           for (int64_t r = 0; r < rep; ++r) {
             const float w = p[r * L + t];
-            float* y = att_.data() + (g * rep + r) * hd_;
+            float* y = out + (g * rep + r) * hd_;
 #pragma omp simd
             for (int64_t d = 0; d < hd_; ++d) y[d] += w * row[d];
           }
@@ -988,6 +1160,41 @@ inline float group_dot(const float* x, const int8_t* q, const float* s, int64_t 
 #endif
 }
 
+#ifdef LLAMADESK_VEC
+// group_dot for R rows of x (R x K) against one weight row, each int8 code converted once for all
+// R rows: a row's sums are group_dot's, operation for operation, so its value is the single-row one.
+template <int R>
+inline void group_dot_rows(const float* x, int64_t K, const int8_t* q, const float* s, int64_t G, float* out) {
+  using S = Vec;
+  constexpr int P = 32 / S::W;
+  S::V acc[R][2 * P];
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < 2 * P; ++i) acc[r][i] = S::zero();
+  }
+  auto one = [&](int64_t g, int half) {
+    const S::V sg = S::set1(s[g]);
+    for (int i = 0; i < P; ++i) {
+      const S::V w = S::load(q + g * 32 + S::W * i);
+      for (int r = 0; r < R; ++r) {
+        acc[r][half * P + i] = S::fma(S::mul(w, S::load(x + r * K + g * 32 + S::W * i)), sg, acc[r][half * P + i]);
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 1 < G; j += 2) {
+    one(j, 0);
+    one(j + 1, 1);
+  }
+  if (j < G) one(j, 0);
+  for (int r = 0; r < R; ++r) {
+    for (int w = P; w > 0; w /= 2) {
+      for (int i = 0; i < w; ++i) acc[r][i] = S::add(acc[r][i], acc[r][i + w]);
+    }
+    out[r] = S::sum(acc[r][0]);
+  }
+}
+#endif
+
 // y (M, N) = x (M, K) @ W^T with W = q (N, K) int8 times scales (N, K / g) fp32, one scale per
 // group of g along each row: a GGUF Q8_0 table, exactly. PyTorch's int8 kernel takes one scale
 // per row, which re-rounds such a table (+0.3% perplexity on SmolLM2's head); fp16 holds it to
@@ -1007,7 +1214,27 @@ at::Tensor int8_group_linear(at::Tensor x, at::Tensor q, at::Tensor scales) {
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, std::max<int64_t>(16, 256 / M), [&](int64_t n0, int64_t n1) {
+#ifdef LLAMADESK_VEC
+    // rows 4 or 2 at a time where the registers hold their sums (AVX-512), one by one otherwise
+    constexpr int R = 4 * (32 / Vec::W) <= Vec::kRegs / 2 ? 4 : 1;
+    if (R > 1 && M > 1) {
+      float out[4];
+      for (int64_t n = n0; n < n1; ++n) {
+        int64_t m = 0;
+        for (; m + 4 <= M && R == 4; m += 4) {
+          group_dot_rows<4>(xp + m * K, K, qp + n * K, sp + n * G, G, out);
+          for (int r = 0; r < 4; ++r) yp[(m + r) * N + n] = out[r];
+        }
+        for (; m + 2 <= M; m += 2) {
+          group_dot_rows<2>(xp + m * K, K, qp + n * K, sp + n * G, G, out);
+          for (int r = 0; r < 2; ++r) yp[(m + r) * N + n] = out[r];
+        }
+        for (; m < M; ++m) yp[m * N + n] = group_dot(xp + m * K, qp + n * K, sp + n * G, G);
+      }
+      return;
+    }
+#endif
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = xp + m * K;
       for (int64_t n = n0; n < n1; ++n) {
@@ -1019,7 +1246,7 @@ at::Tensor int8_group_linear(at::Tensor x, at::Tensor q, at::Tensor scales) {
 }
 
 // y (M, n_out) = x (M, K) @ W^T for an int4 layer in torch's CPU layout (what the decode step
-// runs), fp32 in and out; `portable` forces the plain C++ kernel (tests). One weight read a row.
+// runs), fp32 in and out; `portable` forces the plain C++ kernel (tests). One weight read for all rows.
 at::Tensor int4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales_and_zeros, int64_t group, int64_t n_out,
                        bool portable) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
@@ -1028,11 +1255,9 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales_and_ze
   TORCH_CHECK(int4_gemv_fits(packed, scales_and_zeros, group, n_out, K), "packed weight, scales and shapes do not fit");
   x = x.contiguous();
   auto y = at::empty({M, n_out}, x.options());
-  for (int64_t m = 0; m < M; ++m) {
-    int4_gemv(int4_layout(), x.data_ptr<float>() + m * K, packed.data_ptr<uint8_t>(),
-              reinterpret_cast<const uint32_t*>(scales_and_zeros.data_ptr()), K, group, packed.size(0), n_out,
-              y.data_ptr<float>() + m * n_out, portable);
-  }
+  int4_gemv(int4_layout(), x.data_ptr<float>(), packed.data_ptr<uint8_t>(),
+            reinterpret_cast<const uint32_t*>(scales_and_zeros.data_ptr()), K, group, packed.size(0), n_out,
+            y.data_ptr<float>(), portable, M);
   return y;
 }
 
@@ -1063,6 +1288,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor>())
       .def("add_block", &Decoder::add_block)
       .def("step", &Decoder::step, py::arg("x"), py::arg("pos"), py::arg("row") = 0,
+           py::call_guard<py::gil_scoped_release>())
+      .def("step_rows", &Decoder::step_rows, py::arg("x"), py::arg("positions"), py::arg("rows"),
            py::call_guard<py::gil_scoped_release>());
   m.def("int8_group_linear", &int8_group_linear, py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales_and_zeros"), py::arg("group"),
