@@ -249,7 +249,7 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
 
 # ---------------------------------------------------------------- plan
 def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: str | None, ram: str | None,
-              as_json: bool, kv_dtype: str = "auto") -> int:
+              as_json: bool, kv_dtype: str = "auto", parallel: int = 1) -> int:
     import json
 
     from rich.table import Table
@@ -258,7 +258,9 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
     from .plan import plan_installed
 
     device = probe(device_kind, vram and parse_bytes(vram), ram and parse_bytes(ram))
-    result = plan_installed(ref, ctx, kv_dtype, device=device)
+    if parallel < 1:
+        raise UserError("--parallel must be at least 1")
+    result = plan_installed(ref, ctx, kv_dtype, device=device, slots=parallel)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0 if result.chosen else 1
@@ -622,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device")
     p.add_argument("--vram", help="plan for a GPU with this much free memory, e.g. 8GiB")
     p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="plan for this many requests at once, each with the full context (as serve --parallel)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("set", help="keep a setting for a model: chat-format llama2|llama3|chatml|alpaca|vicuna|raw|auto")
@@ -760,7 +764,7 @@ def run(argv: list[str]) -> int:
         return bench(args.ref, args.prompt_tokens, args.gen_tokens, args.runs, args.threads, args.json,
                      args.vs_llamacpp, args.precise)
     if command == "plan":
-        return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype)
+        return show_plan(args.ref, args.ctx, args.device, args.vram, args.ram, args.json, args.kv_dtype, args.parallel)
     if command == "tokenize":
         return tokenize_text(args.name, _read_exact_text(args.text), args.json, args.parse_special)
     if command == "show":

@@ -260,14 +260,16 @@ class Engine:
     @classmethod
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
              verify: bool = False, say=None, precise: bool = False, threads: int | None = None,
-             kv_dtype: str = "auto", compile_kernel: str = "now", chat_format: str | None = None) -> "Engine":
+             kv_dtype: str = "auto", compile_kernel: str = "now", chat_format: str | None = None,
+             slots: int = 1) -> "Engine":
         """Load what the memory plan chooses for `ref` (any installed model if None).
 
         `chat_format` (a built-in name) overrides the model's own for this run (see
         model.chat_format.choose_chat_format); `engine.chat_format_source` says where it came from.
 
         `kv_dtype` ("auto", or one the user fixed: fp32, bf16, fp16, int8) goes to the plan; the
-        plan's choice is what the cache holds.
+        plan's choice is what the cache holds. `slots`: the plan leaves room for that many KV-cache
+        rows of its context (a server's parallel requests; `use_cache_rows` makes them).
 
         An out-of-memory error during load or warm-up steps down once: a quarter less context,
         then the next plan the smaller context allows, and says so.
@@ -276,7 +278,7 @@ class Engine:
         target = probe(device) if device else probe()
         if target.kind == "cpu":
             torch.set_num_threads(inference_threads(threads))
-        result = plan_installed(ref, ctx, kv_dtype, device=target)
+        result = plan_installed(ref, ctx, kv_dtype, device=target, slots=slots)
         if result.chosen is None:
             raise UserError(result.why)
         plan = result.chosen
@@ -289,7 +291,7 @@ class Engine:
             if ctx is not None or smaller >= plan.ctx:
                 raise UserError(f"out of memory loading {plan.ref} with {plan.ctx} tokens of context ({e})") from None
             say(f"Out of memory at {plan.ctx} tokens; stepping down to {smaller}.")
-            fallback = plan_installed(ref, smaller, kv_dtype, device=target).chosen
+            fallback = plan_installed(ref, smaller, kv_dtype, device=target, slots=slots).chosen
             if fallback is None:
                 raise UserError(f"out of memory loading {plan.ref}; nothing smaller fits") from None
             return cls._load_planned(fallback, verify, precise, compile_kernel, say, chat_format)

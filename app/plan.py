@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from model.args import ModelArgs
 
@@ -126,6 +126,7 @@ class Candidate:
     args: ModelArgs
     weight_bytes: int  # resident on the device after load
     bits: float
+    slots: int = 1  # KV-cache rows of the planned context: a server's parallel requests, all full at once
 
     @property
     def max_ctx(self) -> int:
@@ -181,7 +182,7 @@ class PlanResult:
 def breakdown(c: Candidate, ctx: int, device: Device, kv_dtype: str = "auto") -> dict:
     return {
         "weights": c.weight_bytes,
-        "kv_cache": kv_bytes_per_token(c.args, kv_dtype, device) * ctx,
+        "kv_cache": kv_bytes_per_token(c.args, kv_dtype, device) * ctx * c.slots,
         "workspace": workspace_bytes(c.args, ctx, device, kv_dtype),
         "overhead": overhead_bytes(device),
         "margin": margin_bytes(device),
@@ -380,6 +381,8 @@ def _kv_why(c: Candidate, ctx: int, kv: str, kv_asked: str | None, device: Devic
 
 
 def _plan(c: Candidate, ctx: int, device: Device, kv_dtype: str, why: str) -> Plan:
+    if c.slots > 1:
+        why += f"; the KV cache holds {c.slots} parallel requests of {ctx} tokens each"
     return Plan(c.model, c.variant, device.kind, ctx, kv_dtype, breakdown(c, ctx, device, kv_dtype), why)
 
 
@@ -526,8 +529,9 @@ def source_bits(manifest: dict) -> int:
 
 
 def plan_installed(ref: str | None = None, ctx: int | None = None, kv_dtype: str = "auto",
-                   device: Device | None = None) -> PlanResult:
-    """The plan over what is installed, for `ref` (NAME or NAME:VARIANT) if given."""
+                   device: Device | None = None, slots: int = 1) -> PlanResult:
+    """The plan over what is installed, for `ref` (NAME or NAME:VARIANT) if given; `slots` KV-cache
+    rows of the chosen context (`serve --parallel`: every slot full at once must still fit)."""
     from . import store
     from .devices import probe
 
@@ -537,7 +541,7 @@ def plan_installed(ref: str | None = None, ctx: int | None = None, kv_dtype: str
         model, variant = store.parse_ref(ref)
         store.find(ref)  # a clear "not installed" message before any planning
     damaged: dict[str, UserError] = {}
-    candidates = installed_candidates(device, damaged)
+    candidates = [replace(c, slots=slots) for c in installed_candidates(device, damaged)]
     for bad_ref, error in damaged.items():
         name, bad_variant = store.parse_ref(bad_ref)
         # the variant asked for is damaged (or every variant of the model asked for): say which

@@ -306,3 +306,19 @@ def test_on_a_cpu_a_packed_variant_wins_over_the_float_source_and_says_why():
     assert "(source runs slower on the cpu)" in r.why
     assert plan_memory(both[:1], dev).chosen.ref == "llama3-8b:source"  # alone, the source still runs
     assert plan_memory(both, gpu(40)).chosen.ref == "llama3-8b:source"  # a GPU keeps the most bits
+
+
+def test_parallel_requests_are_planned_with_every_slot_full():
+    """`serve --parallel 4` (plan --parallel 4): four KV-cache rows of the chosen context must fit
+    at once, so the context shrinks where memory bounds it, and the plan says how many rows it holds."""
+    from dataclasses import replace
+
+    dev = cpu(8)
+    one = plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev).chosen
+    four = plan_memory([replace(c, slots=4) for c in installed(dev, {"llama3-8b": ("int4",)})], dev).chosen
+    assert four.bytes["kv_cache"] == 4 * four.ctx * kv_bytes_per_token(LLAMA3_8B, four.kv_dtype, dev)
+    assert four.total_bytes <= dev.free_bytes
+    assert four.ctx < one.ctx or four.kv_dtype != one.kv_dtype
+    assert "4 parallel requests" in four.why and "parallel" not in one.why
+    cand = replace(installed(dev, {"llama3-8b": ("int4",)})[0], slots=4)
+    assert not fits(cand, four.ctx + 256, dev, four.kv_dtype)

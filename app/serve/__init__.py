@@ -88,7 +88,8 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
     from .scheduler import EngineRows, Scheduler
 
     def load(name: str | None):
-        return Engine.load(name, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype)
+        return Engine.load(name, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype,
+                           slots=opts.parallel)
 
     engine = engine or load(opts.model)
     scheduler = Scheduler(EngineRows(engine, opts.parallel), opts.parallel, opts.queue)
