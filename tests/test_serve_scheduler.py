@@ -196,3 +196,24 @@ def test_a_failing_row_ends_in_an_error_and_the_next_job_still_runs(tokenizer):
                                                      [Job([1, 666], GREEDY, 4), Job([1, 100], GREEDY, 3)])
     assert kind == "error" and "not in the vocabulary" in message
     assert (kind2, finish, text) == ("done", "length", tokenizer.decode([101, 102, 103]))
+
+
+class RunnerUpRows(CountingRows):
+    """Favours token + 1 (logit 1.0), then token + 2 (0.5): a penalty on token + 1 makes it + 2."""
+
+    def _next(self, token: int) -> torch.Tensor:
+        logits = torch.zeros(self.vocab)
+        logits[token + 1], logits[token + 2] = 1.0, 0.5
+        return logits
+
+
+def test_the_repeat_penalty_counts_the_reply_not_the_prompt(tokenizer):
+    """A prompt ending in token 4000 and holding 4001, the decoder's favourite next token: a
+    penalty on the prompt's tokens would push the reply to 4002; on the reply's own tokens (as
+    the chat and ask count it) the reply goes 4001, 4002, 4003."""
+    rows = RunnerUpRows(tokenizer, max_rows=1)
+    params = SamplingParams(temperature=0, repetition_penalty=10.0, repeat_last_n=64)
+    [(text, kind, finish)] = _run(Scheduler(rows, parallel=1, queue=0), [Job([4001, 7, 4000], params, 3)])
+    steps = [c for c in rows.calls if c[0] == "step"]
+    assert (kind, finish) == ("done", "length")
+    assert [c[1] for c in steps] == [(4001,), (4002,)]

@@ -105,7 +105,10 @@ class _Row:
     def __init__(self, job: Job, slot: int, tokenizer, stop_ids: set[int]):
         self.job, self.slot, self.stop_ids = job, slot, stop_ids
         self.pos = len(job.prompt)
-        self.history = list(job.prompt)
+        # the reply's own tokens: the repeat penalty counts these, as the chat and ask do (counting
+        # the prompt's words pushed small models out of the prompt's language)
+        self.history: list[int] = []
+        self.last = job.prompt[-1]  # the token the next step feeds
         self.generator = torch.Generator().manual_seed(job.params.seed) if job.params.seed is not None else None
         self.text = _StopText(StreamDecoder(tokenizer), job.stop)
         self.logits: torch.Tensor | None = None
@@ -117,6 +120,7 @@ class _Row:
             return "stop"
         job.completion_tokens += 1
         self.history.append(token)
+        self.last = token
         piece, hit = self.text.push(token)
         if piece:
             job.emit("text", piece)
@@ -296,7 +300,7 @@ class Scheduler:
         if not feed:
             return
         try:
-            logits = self.rows.step([r.history[-1] for r in feed], [r.pos for r in feed], [r.slot for r in feed])
+            logits = self.rows.step([r.last for r in feed], [r.pos for r in feed], [r.slot for r in feed])
         except Exception as e:
             for row in feed:
                 self._drop(row, error=f"{type(e).__name__}: {e}")
