@@ -3,7 +3,8 @@
 The streams in tests/remote_streams/ are written in the exact shapes that llama.cpp's server,
 Ollama's /v1 and vLLM send (a role-only first chunk with content null or "", the role in every
 chunk, `timings`, a usage-only last chunk, an SSE comment, `[DONE]`), transcribed from their
-public issue threads: no such server runs on this machine to record from. A small HTTP server on
+public issue threads: those servers do not run on this machine. llama_cpp_python.sse is a real
+recording from llama-cpp-python's server. A small HTTP server on
 127.0.0.1 replays each one byte for byte; the last test runs against a real `llamadesk serve`.
 """
 from __future__ import annotations
@@ -84,6 +85,20 @@ def test_recorded_streams_give_the_same_reply(replay, name, finish, model):
     assert sent["body"] == {"model": "m", "messages": [{"role": "user", "content": "colours?"}], "stream": True,
                             "max_tokens": 32, "stream_options": {"include_usage": True},
                             "temperature": 0.2, "top_p": 0.9, "seed": 3}
+
+
+def test_a_stream_recorded_from_llama_cpp_pythons_server(replay):
+    """Recorded from llama-cpp-python 0.3.36's server (`python -m llama_cpp.server`, the default
+    model's Q4_1 GGUF, 2026-11-30): a role-only first chunk without content, `logprobs: null`
+    in every chunk, and no usage chunk although include_usage was asked: the reply's token counts
+    are unknown, never guessed."""
+    handler, url = replay
+    handler.stream = (STREAMS / "llama_cpp_python.sse").read_bytes()
+    remote = Remote.connect(url + "/v1")
+    text = "".join(remote.stream([{"role": "user", "content": "What is the capital of France?"}], "smollm2", 16))
+    assert text == "L'Étoile, la Marseillaise. Paris is the capital"
+    assert remote.last.finish_reason == "length" and remote.last.model == "smollm2"
+    assert (remote.last.prompt_tokens, remote.last.completion_tokens) == (None, None)
 
 
 def test_sse_reader_joins_multiline_data_and_skips_comments():
