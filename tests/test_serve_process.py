@@ -25,6 +25,13 @@ def test_the_key_never_comes_from_argv(tmp_path):
     assert proc.returncode == 2 and "unrecognized arguments" in err
 
 
+def test_serve_docs_refuses_a_collection_that_is_not_there(tmp_path):
+    proc = start_serve(tmp_path, "--docs", "nope", "--port", str(free_port()))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.count("\n") == 1 and err.startswith("llamadesk: error: ")
+    assert "nope" in err
+
+
 def test_an_empty_key_file_is_refused(tmp_path):
     empty = tmp_path / "key"
     empty.write_text("\n")
