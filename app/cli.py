@@ -331,12 +331,13 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 
 
 def ask_remote(url: str, prompt: str, model: str | None, system: str | None, max_tokens: int,
-               params: SamplingParams, key_file: Path | None, verbose: bool = False, docs: list[str] = (),
+               sampling: dict, key_file: Path | None, verbose: bool = False, docs: list[str] = (),
                file: Path | None = None, send_docs: bool = False) -> int:
-    """`ask` through an OpenAI-compatible server (--remote URL or LLAMADESK_REMOTE). Passages of
+    """`ask` through an OpenAI-compatible server (--remote URL or LLAMADESK_REMOTE); `sampling`
+    holds OpenAI fields (temperature, top_p, seed). Passages of
     the user's documents go to the server only with `send_docs` (--send-docs): they leave the machine."""
     from .docs.attach import Grounds
-    from .remote import ASSUMED_CTX, Remote, estimate_tokens, openai_sampling, read_key
+    from .remote import ASSUMED_CTX, Remote, estimate_tokens, read_key
 
     remote = Remote.connect(url, read_key(key_file))
     grounds, prompt = Grounds.pick(prompt, docs, file)
@@ -353,7 +354,7 @@ def ask_remote(url: str, prompt: str, model: str | None, system: str | None, max
             prompt, passages = grounds.apply(prompt, passage_budget(ctx, max_tokens),
                                              lambda text: estimate_tokens([{"content": text}]))
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        for piece in remote.stream(messages, name, max_tokens, openai_sampling(params)):
+        for piece in remote.stream(messages, name, max_tokens, sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
     finally:
@@ -683,16 +684,15 @@ def _remote_flags(p: argparse.ArgumentParser, what: str) -> None:
                    "(default: $LLAMADESK_REMOTE_KEY)")
 
 
-def _remote_params(args: argparse.Namespace) -> SamplingParams:
-    """The sampling flags the user gave, for a remote server (which applies its own defaults to
-    the rest; the local model's defaults, such as its repeat penalty, are not the server's)."""
-    from model.generate import SamplingParams
-
+def _remote_params(args: argparse.Namespace) -> dict:
+    """The sampling flags the user gave, as OpenAI fields, for a remote server (which applies its
+    own defaults to the rest; the local model's defaults, such as its repeat penalty, are not the
+    server's). A plain dict: a client of a server loads no torch."""
     if args.top_k is not None or args.repeat_penalty is not None or args.repeat_last_n is not None:
         raise UserError("--top-k, --repeat-penalty and --repeat-last-n are not part of the OpenAI API; "
                         "leave them out with --remote")
     given = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:

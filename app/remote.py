@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import stat
 import threading
 import time
@@ -37,6 +38,7 @@ ENV_KEY = "LLAMADESK_REMOTE_KEY"
 ASSUMED_CTX = 4096
 CHARS_PER_TOKEN = 3.0
 TOKENS_PER_MESSAGE = 4  # a chat format's header and end-of-turn around each message
+CANCEL_POLL_S = 0.05  # how often a stream's watcher looks at its cancel event (Esc)
 
 
 class RemoteError(UserError):
@@ -146,11 +148,14 @@ class Remote:
         self.last = reply = RemoteReply(model=model)
         import httpx
 
+        ended = threading.Event()
         try:
             with self.client.stream("POST", "/chat/completions", json=body) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise RemoteError(self._failure(r))
+                if cancel is not None:
+                    threading.Thread(target=_hang_up_on, args=(cancel, ended, r), daemon=True).start()
                 for data in sse_data(r.iter_lines()):
                     if cancel is not None and cancel.is_set():
                         return
@@ -160,7 +165,11 @@ class Remote:
                     if text:
                         yield text
         except httpx.HTTPError as e:
+            if cancel is not None and cancel.is_set():
+                return  # the read we broke off ourselves
             raise RemoteError(f"{self.where()}: {type(e).__name__}: {e}") from None
+        finally:
+            ended.set()
 
     def close(self) -> None:
         self.client.close()
@@ -205,15 +214,10 @@ def api_base(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}/v1"
 
 
-def openai_sampling(params, strict: bool = True) -> dict:
-    """The OpenAI fields for SamplingParams `params`: temperature, top_p, seed. OpenAI's API has
-    no top-k or repetition penalty: `strict` (ask) refuses them, else (the chat app, whose
-    settings always hold them) they are left to the server."""
-    if params is None:
-        return {}
-    if strict and (params.top_k or params.repetition_penalty != 1.0):
-        raise UserError("--top-k, --repeat-penalty and --repeat-last-n are not part of the OpenAI "
-                        "API; leave them out with --remote")
+def openai_sampling(params) -> dict:
+    """The OpenAI fields of `params` (SamplingParams, or the app's ChatSettings: whatever has
+    temperature, top_p and seed): those three. OpenAI's API has no top-k or repetition penalty:
+    the chat app's settings always hold them, and the server's own apply."""
     fields = {"temperature": params.temperature, "top_p": params.top_p}
     return fields if params.seed is None else {**fields, "seed": params.seed}
 
@@ -287,8 +291,7 @@ class RemoteChat:
         prompt = estimate_tokens(messages)
         self.last = numbers = RemoteNumbers(prompt_tokens=prompt, started=time.monotonic())
         try:
-            for piece in self.remote.stream(messages, self.entry.name, max_tokens, openai_sampling(params, strict=False),
-                                            cancel):
+            for piece in self.remote.stream(messages, self.entry.name, max_tokens, openai_sampling(params), cancel):
                 if numbers.first_at is None:
                     numbers.first_at = time.monotonic()
                 numbers.new_tokens += 1
@@ -322,6 +325,22 @@ def sse_data(lines) -> Iterator[str]:
             buf.append(value[1:] if value.startswith(" ") else value)
     if buf:
         yield "\n".join(buf)
+
+
+def _hang_up_on(cancel: threading.Event, ended: threading.Event, response) -> None:
+    """Shut the stream's socket as soon as `cancel` is set: the reading thread may wait minutes
+    for the next chunk (a long prompt's prefill), and closing the socket from here would not wake
+    its recv(); shutdown does, and the server sees the client gone at once."""
+    while not ended.wait(CANCEL_POLL_S):
+        if cancel.is_set():
+            stream = response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed by the server
+                    pass
+            return
 
 
 def _positive_int(value) -> bool:

@@ -6,8 +6,11 @@ stream on 127.0.0.1); the last runs it against a real `llamadesk serve` in anoth
 """
 from __future__ import annotations
 
+import http.server
 import json
 import stat
+import threading
+import time
 
 import httpx
 import pytest
@@ -26,7 +29,7 @@ from app.tui.screens.models import ModelPicker
 from app.tui.widgets.prompt import PromptInput
 from app.tui.widgets.status import StatusLine
 
-from test_remote import STREAMS, replay  # noqa: F401  (a fixture)
+from test_remote import STREAMS, _Replay, replay  # noqa: F401  (a fixture)
 from test_tui import RSS, SIZE, GatedModel, notices, replies, send, until
 from test_tui_docs import home  # noqa: F401  (a fixture: a home holding the collection "town")
 
@@ -121,6 +124,47 @@ async def test_the_servers_screen_adds_a_connection_chats_through_it_and_goes_ba
         await until(pilot, lambda: app.chat.remote is None and app.chat.model is not None
                     and app.chat.model.entry.name == "fake-model")
     assert b"sk-typed" not in (home / "history.sqlite3").read_bytes()
+
+
+class _Hanging(_Replay):
+    """Sends a role chunk and one word, then nothing (a server deep in a long prefill) until the
+    client hangs up, which it records."""
+
+    hung_up = threading.Event()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        for delta in ({"role": "assistant", "content": ""}, {"content": "Thinking"}):
+            self.wfile.write(f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta}]})}\n\n".encode())
+        self.wfile.flush()
+        self.connection.settimeout(30)
+        if self.connection.recv(1) == b"":  # the client's FIN
+            type(self).hung_up.set()
+
+
+@pytest.mark.asyncio
+async def test_esc_closes_a_stream_that_sends_nothing_more(home):  # noqa: F811
+    handler = type("Hanging", (_Hanging,), {"models": ["slow"], "hung_up": threading.Event(), "seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        app = remote_app(f"http://127.0.0.1:{server.server_address[1]}")
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.chat.model is not None)
+            await send(pilot, "Summarise this long document.")
+            await until(pilot, lambda: replies(app) and replies(app)[0].content == "Thinking")
+            t0 = time.monotonic()
+            await pilot.press("escape")
+            await until(pilot, lambda: app.chat.reply is None)
+            assert time.monotonic() - t0 < 2  # not the 30 s the server would otherwise hold the read
+            assert handler.hung_up.wait(5)  # the server sees the client gone
+            saved = app.history.messages(app.chat.conversation.id)[-1]
+            assert (saved.content, saved.stopped) == ("Thinking", True)
+    finally:
+        server.shutdown()
 
 
 # ---------------------------------------------------------------- what the server reports
@@ -230,6 +274,19 @@ def test_ask_remote_with_docs_refuses_without_send_docs(home, server, capsys):  
     out = capsys.readouterr().out
     assert out == f"{REPLY}\n\nSources:\n[1] {home / 'notes' / 'festival.md'}:1\n"
     assert "> The Zorbl festival is held every year" in handler.seen[-1]["body"]["messages"][-1]["content"]
+
+
+def test_a_client_of_a_server_loads_no_torch(home, server):  # noqa: F811
+    import subprocess
+    import sys
+
+    _, url = server
+    code = ("import sys; from app import cli; "
+            f"assert cli.main(['ask', 'colours?', '--remote', {url!r}, '--temperature', '0']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == REPLY + "\n"
 
 
 def test_llamadesk_dash_dash_remote_opens_the_chat_app(monkeypatch):

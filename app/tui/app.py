@@ -269,7 +269,8 @@ def _pull_default(name: str):
 def run_chat(model: str | None = None, system: str | None = None, params=None, ctx: int | None = None,
              device: str | None = None, kv_dtype: str = "auto", chat_format: str | None = None,
              remote: str | None = None, remote_key_file: Path | None = None) -> int:
-    """The full-screen chat; `params` (model.generate.SamplingParams) seeds new chats' settings;
+    """The full-screen chat; `params` (model.generate.SamplingParams, or with `remote` a dict of
+    OpenAI fields) seeds new chats' settings;
     `chat_format` (--chat-format) overrides the model's for this run; `remote` (a URL) chats with
     that server's models, its key from `remote_key_file` or $LLAMADESK_REMOTE_KEY."""
     server = None
@@ -278,7 +279,9 @@ def run_chat(model: str | None = None, system: str | None = None, params=None, c
 
         server = Remote.connect(remote, read_key(remote_key_file))
     settings = ChatSettings(system=system or "")
-    if params is not None:
+    if isinstance(params, dict):  # a server's: the OpenAI fields given (temperature, top_p, seed)
+        settings = ChatSettings(system=system or "", **params)
+    elif params is not None:
         settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
                                 top_k=params.top_k, repeat_penalty=params.repetition_penalty,
                                 repeat_last_n=params.repeat_last_n, seed=params.seed)

@@ -506,8 +506,11 @@ class ChatScreen(Screen):
     def _write_reply(self, model: ChatModel, messages: list[dict], settings: ChatSettings,
                      cancel: threading.Event, pieces: queue.SimpleQueue) -> None:
         """Runs in a thread: every outcome, failure included, ends with one ReplyEnded on the queue."""
+        from ...remote import RemoteChat
+
         try:
-            params = settings.sampling_params()
+            # a server samples by OpenAI's fields, read off the settings: a remote chat loads no torch
+            params = settings if isinstance(model, RemoteChat) else settings.sampling_params()
             room = reply_room(settings.max_tokens, model.ctx)
             if settings.docs or settings.file or "#" in messages[-1]["content"]:
                 from ...docs.attach import ground_chat
