@@ -31,10 +31,11 @@ from .errors import UserError
 
 ENV_URL = "LLAMADESK_REMOTE"
 ENV_KEY = "LLAMADESK_REMOTE_KEY"
-# Where a server does not say how long its context is, the app assumes this many tokens (Ollama's
-# default num_ctx since 0.6, and a common llama.cpp -c) and counts CHARS_PER_TOKEN characters a
-# token: English text runs 4 to 4.5 in Llama-family vocabularies, code and other scripts fewer, so 3
-# errs towards trimming a turn too many rather than sending one the server cuts or refuses.
+# Where a server does not say how long its context is, the app assumes this many tokens (a size
+# current models and servers commonly hold; a smaller server answers with its own error, shown as
+# one line) and counts CHARS_PER_TOKEN characters a token: English text runs about 4 in Llama-family
+# vocabularies, code and other scripts fewer, so 3 errs towards trimming a turn too many rather
+# than sending one the server cuts or refuses.
 ASSUMED_CTX = 4096
 CHARS_PER_TOKEN = 3.0
 TOKENS_PER_MESSAGE = 4  # a chat format's header and end-of-turn around each message
@@ -126,7 +127,8 @@ class Remote:
         /v1/models entry (vLLM, llamadesk), else llama.cpp's /props `n_ctx`. None: not reported
         (Ollama, LM Studio's /v1)."""
         data = self._json(self._request("GET", "/models"))
-        for m in data.get("data") or [] if isinstance(data, dict) else []:
+        listed = data.get("data") if isinstance(data, dict) else None
+        for m in listed if isinstance(listed, list) else []:
             if isinstance(m, dict) and m.get("id") == model and _positive_int(m.get("max_model_len")):
                 return m["max_model_len"]
         try:

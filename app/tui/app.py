@@ -270,9 +270,9 @@ def run_chat(model: str | None = None, system: str | None = None, params=None, c
              device: str | None = None, kv_dtype: str = "auto", chat_format: str | None = None,
              remote: str | None = None, remote_key_file: Path | None = None) -> int:
     """The full-screen chat; `params` (model.generate.SamplingParams, or with `remote` a dict of
-    OpenAI fields) seeds new chats' settings;
-    `chat_format` (--chat-format) overrides the model's for this run; `remote` (a URL) chats with
-    that server's models, its key from `remote_key_file` or $LLAMADESK_REMOTE_KEY."""
+    OpenAI fields) seeds new chats' settings; `chat_format` (--chat-format) overrides the model's
+    for this run; `remote` (a URL) chats with that server's models, its key from
+    `remote_key_file` or $LLAMADESK_REMOTE_KEY."""
     server = None
     if remote:
         from ..remote import Remote, read_key

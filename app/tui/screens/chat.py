@@ -31,11 +31,11 @@ from ...history import DEFAULT_TITLE, ChatSettings, Conversation, History, title
 from ...history import Message as SavedMessage
 from ..backend import (ChatModel, Loader, PromptFitted, PromptTooLong, ReplyEnded, fit_to_context, remote_loader,
                        reply_room)
-from .dialogs import ConfirmDialog
 from ..widgets.conversation_list import ConversationList
 from ..widgets.prompt import PromptInput
 from ..widgets.status import StatusLine
 from ..widgets.transcript import MessageView, Notice, Transcript
+from .dialogs import ConfirmDialog
 
 DRAIN_INTERVAL_S = 1 / 30
 NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
