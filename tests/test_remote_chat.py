@@ -167,6 +167,18 @@ async def test_esc_closes_a_stream_that_sends_nothing_more(home):  # noqa: F811
         server.shutdown()
 
 
+@pytest.mark.asyncio
+async def test_a_server_that_cannot_be_reached_is_one_line_in_the_app(home):  # noqa: F811
+    from serve_helpers import free_port
+
+    port = free_port()  # nothing listens there
+    app = remote_app(f"http://127.0.0.1:{port}")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: notices(app))
+        assert notices(app)[0].startswith(f"Could not load a model: 127.0.0.1:{port}: cannot reach the server")
+        assert "\n" not in notices(app)[0] and app.chat.model is None
+
+
 # ---------------------------------------------------------------- what the server reports
 @pytest.mark.asyncio
 async def test_a_server_without_context_info_is_said_so_and_the_app_trims_by_its_estimate(home, server):  # noqa: F811
