@@ -333,20 +333,39 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
 
 
 def ask_remote(url: str, prompt: str, model: str | None, system: str | None, max_tokens: int,
-               params: SamplingParams, key_file: Path | None, verbose: bool = False) -> int:
-    """`ask` through an OpenAI-compatible server (--remote URL or LLAMADESK_REMOTE)."""
-    from .remote import Remote, read_key
+               sampling: dict, key_file: Path | None, verbose: bool = False, docs: list[str] = (),
+               file: Path | None = None, send_docs: bool = False) -> int:
+    """`ask` through an OpenAI-compatible server (--remote URL or LLAMADESK_REMOTE); `sampling`
+    holds OpenAI fields (temperature, top_p, seed). Passages of
+    the user's documents go to the server only with `send_docs` (--send-docs): they leave the machine."""
+    from .docs.attach import Grounds
+    from .remote import ASSUMED_CTX, Remote, estimate_tokens, read_key
 
     remote = Remote.connect(url, read_key(key_file))
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    grounds, prompt = Grounds.pick(prompt, docs, file)
+    if grounds and not send_docs:
+        raise UserError(f"answering from {grounds.describe()} through --remote would send passages of your "
+                        f"documents to {remote.where()}; add --send-docs to allow it")
+    passages = None
     try:
         name = remote.pick_model(model)
-        for piece in remote.stream(messages, name, max_tokens, params):
+        if grounds:
+            from .docs.retrieve import passage_budget
+
+            ctx = remote.context_length(name) or ASSUMED_CTX
+            prompt, passages = grounds.apply(prompt, passage_budget(ctx, max_tokens),
+                                             lambda text: estimate_tokens([{"content": text}]))
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        for piece in remote.stream(messages, name, max_tokens, sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
     finally:
         remote.close()
     sys.stdout.write("\n")
+    if passages is not None:
+        from .docs.retrieve import sources_block
+
+        sys.stdout.write("\n" + sources_block(passages) + "\n")
     sys.stdout.flush()
     if verbose:
         r = remote.last
@@ -446,7 +465,8 @@ def serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(host=args.host, port=args.port, model=args.model, parallel=args.parallel,
                         queue=args.queue, ctx=args.ctx, kv_dtype=args.kv_dtype, threads=args.threads,
                         api_key_file=args.api_key_file, cors_origins=args.cors_origin or [],
-                        tls_cert=args.tls_cert, tls_key=args.tls_key, keep_alive_s=args.keep_alive)
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, keep_alive_s=args.keep_alive,
+                        docs=args.docs)
     check_options(opts)  # a bind that must not start refuses before any download or load
     opts.model = ensure_model(opts.model)
     pull.compile_decode_step(say)
@@ -477,6 +497,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--keep-alive", type=_duration, default=300.0, metavar="DURATION",
                    help="unload the model after this long idle, e.g. 30s, 5m, 1h; -1 never (default 5m); "
                         "the next request loads it again")
+    p.add_argument("--docs", action="append", default=[], metavar="NAME",
+                   help="answer chat requests from this document collection (repeatable; default: none, "
+                        "no client reaches your documents)")
 
 
 def server_ps(url: str | None, key_file: Path | None) -> int:
@@ -560,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat in the terminal (the default command)")
     _sampling_flags(p)
     p.add_argument("--plain", action="store_true", help="line-by-line chat instead of the full-screen app")
+    _remote_flags(p, "chat with a model on an OpenAI-compatible server (llamadesk, llama.cpp, Ollama, vLLM) "
+                  "instead of a local one (default: $LLAMADESK_REMOTE)")
 
     p = sub.add_parser("ask", help="answer one prompt on stdout (reads stdin when PROMPT is absent or -)")
     p.add_argument("prompt", nargs="?", default=None, help="the question (default, or -: read stdin)")
@@ -569,13 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parse-special", action="store_true",
                    help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, with no chat format")
-    p.add_argument("--remote", metavar="URL", help="answer through an OpenAI-compatible server (llamadesk, "
-                   "llama.cpp, Ollama, vLLM) instead of a local model (default: $LLAMADESK_REMOTE)")
-    p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is the remote's API key "
-                   "(default: $LLAMADESK_REMOTE_KEY)")
+    _remote_flags(p, "answer through an OpenAI-compatible server (llamadesk, llama.cpp, Ollama, vLLM) "
+                  "instead of a local model (default: $LLAMADESK_REMOTE)")
     p.add_argument("--docs", action="append", default=[], metavar="NAME",
                    help="answer from this document collection (repeatable; `#NAME` in the prompt works too)")
     p.add_argument("--file", type=Path, help="answer from this file (all of it if it fits, else its best parts)")
+    p.add_argument("--send-docs", action="store_true",
+                   help="with --remote and --docs/--file: allow sending the passages found to the server")
 
     default_model, catalog = pull.load_catalog()
     p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
@@ -657,16 +682,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _remote_params(args: argparse.Namespace) -> SamplingParams:
-    """The sampling flags the user gave, for a remote server (which applies its own defaults to
-    the rest; the local model's defaults, such as its repeat penalty, are not the server's)."""
-    from model.generate import SamplingParams
+def _remote_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--remote", metavar="URL", help=what)
+    p.add_argument("--remote-key-file", type=Path, help="file (mode 600) whose first line is the remote's API key "
+                   "(default: $LLAMADESK_REMOTE_KEY)")
 
+
+def _remote_params(args: argparse.Namespace) -> dict:
+    """The sampling flags the user gave, as OpenAI fields, for a remote server (which applies its
+    own defaults to the rest; the local model's defaults, such as its repeat penalty, are not the
+    server's). A plain dict: a client of a server loads no torch."""
     if args.top_k is not None or args.repeat_penalty is not None or args.repeat_last_n is not None:
         raise UserError("--top-k, --repeat-penalty and --repeat-last-n are not part of the OpenAI API; "
                         "leave them out with --remote")
     given = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -718,7 +748,11 @@ def run(argv: list[str]) -> int:
 
         return commands.run(args)
     if command in ("ask", "chat"):
-        params = _sampling_params(args)
+        from .remote import remote_url
+
+        url = remote_url(args.remote)
+        # a server's model names are its own (`org/Model`, `llama3:8b`), never looked up here
+        params = _remote_params(args) if url else _sampling_params(args)
     if command in ("ask", "chat") and args.system:
         from .prompt_text import from_shell
 
@@ -726,22 +760,24 @@ def run(argv: list[str]) -> int:
     if command == "ask":
         if args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1")
-        from .remote import remote_url
-
-        url = remote_url(args.remote)
         if url:
             return ask_remote(url, _read_prompt(args.prompt), args.model, args.system, args.max_tokens,
-                              _remote_params(args), args.remote_key_file, args.verbose)
+                              params, args.remote_key_file, args.verbose, args.docs, args.file,
+                              args.send_docs)
         return ask(_read_prompt(args.prompt), args.model, args.system, args.max_tokens, params, args.ctx,
                    args.verbose, args.precise, args.threads, args.kv_dtype, args.parse_special,
                    "raw" if args.raw else args.chat_format, args.docs, args.file)
     if command == "chat":
-        if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        plain = args.plain or not (sys.stdin.isatty() and sys.stdout.isatty())
+        if url and plain:
+            raise UserError("the line-by-line chat runs local models only; `llamadesk ask --remote URL` answers "
+                            "one prompt through a server")
+        if plain:
             return chat_plain(args.model, args.system, params, args.ctx, args.kv_dtype, args.chat_format)
         from .tui import run_chat
 
         return run_chat(args.model, args.system, params, args.ctx, device=None, kv_dtype=args.kv_dtype,
-                        chat_format=args.chat_format)
+                        chat_format=args.chat_format, remote=url, remote_key_file=args.remote_key_file)
     if command == "pull":
         pull_model(args.name, replace=args.force)
         return 0
@@ -796,8 +832,8 @@ def _follow_isa() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _follow_isa()
-    if not argv:
-        argv = ["chat"]
+    if not argv or argv[0] in ("--remote", "--remote-key-file") or argv[0].startswith("--remote="):
+        argv = ["chat", *argv]  # `llamadesk --remote URL` opens the chat app against a server
     try:
         return run(argv)
     except Exception as e:

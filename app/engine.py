@@ -351,6 +351,9 @@ class Engine:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.chat_format.encode(self.tokenizer, messages, parse_special=self.parse_special)
 
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.prompt_ids(messages))
+
     def stream(self, messages: list[dict], params: SamplingParams | None = None, max_tokens: int = 512,
                cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield the reply's text piece by piece; `self.last` holds its numbers afterwards."""

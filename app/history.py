@@ -433,8 +433,9 @@ def title_for(prompt: str, width: int = 40) -> str:
     return cut.rstrip(" ,.;:") + "…"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same folder, then a rename."""
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a whole file or nothing: a temporary file in the same folder, then a rename. `mode`
+    0o600 keeps a secret private from its first byte (mkstemp creates the file so)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -442,7 +443,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             # mkstemp makes the file private; an exported chat is an ordinary document
-            os.fchmod(f.fileno(), 0o644)
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -34,6 +34,13 @@ def home() -> Path:
     return Path(os.environ.get("LLAMADESK_HOME") or platformdirs.user_data_path("llamadesk"))
 
 
+def config_dir() -> Path:
+    """Settings and secrets (a server's API key): $LLAMADESK_HOME when set, else platformdirs'
+    user config folder, kept apart from the data folder that holds models and the history."""
+    override = os.environ.get("LLAMADESK_HOME")
+    return Path(override) if override else platformdirs.user_config_path("llamadesk")
+
+
 def usable_home() -> Path:
     """The home folder, created if missing. Raises UserError, naming the folder and what to do,
     when it is a file or cannot be created (a read-only disk, a parent that is a file)."""

@@ -18,7 +18,7 @@ import pytest
 
 from app import cli
 from app.errors import UserError
-from app.remote import Remote, read_key, sse_data
+from app.remote import Remote, openai_sampling, read_key, sse_data
 from model.generate import SamplingParams
 
 STREAMS = Path(__file__).parent / "remote_streams"
@@ -27,11 +27,17 @@ STREAMS = Path(__file__).parent / "remote_streams"
 class _Replay(http.server.BaseHTTPRequestHandler):
     stream: bytes = b""
     models: list[str] = []
+    context: int | None = None  # the max_model_len /v1/models reports (vLLM's field), or none
     status = 200
     seen: list[dict] = []
 
     def do_GET(self):
-        body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}).encode()
+        if self.path != "/v1/models":  # llama.cpp's /props, asked for its context: not this server
+            self._send(404, "text/plain", b"Not Found")
+            return
+        extra = {"max_model_len": self.context} if self.context else {}
+        body = json.dumps({"object": "list", "data": [{"id": m, "object": "model", **extra}
+                                                      for m in self.models]}).encode()
         self._send(200, "application/json", body)
 
     def do_POST(self):
@@ -57,7 +63,7 @@ class _Replay(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def replay():
-    handler = type("Replay", (_Replay,), {"seen": [], "models": ["only-model"], "status": 200})
+    handler = type("Replay", (_Replay,), {"seen": [], "models": ["only-model"], "status": 200, "context": None})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -75,7 +81,7 @@ def test_recorded_streams_give_the_same_reply(replay, name, finish, model):
     handler.stream = (STREAMS / f"{name}.sse").read_bytes()
     remote = Remote.connect(url + "/v1/", key="k3y")
     pieces = list(remote.stream([{"role": "user", "content": "colours?"}], "m", 32,
-                                SamplingParams(temperature=0.2, top_p=0.9, seed=3)))
+                                openai_sampling(SamplingParams(temperature=0.2, top_p=0.9, seed=3))))
     assert "".join(pieces) == "Red, green and blue é ✓"
     assert "" not in pieces  # role-only and finish chunks carry no text
     assert (remote.last.prompt_tokens, remote.last.completion_tokens) == (31, 7)

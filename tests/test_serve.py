@@ -512,3 +512,65 @@ def test_a_template_that_refuses_the_conversation_is_a_400(client, engine, monke
     monkeypatch.setattr(engine, "chat_format", strict)
     with pytest.raises(openai.BadRequestError, match="a system message must come first"):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+
+
+# ---------------------------------------------------------------- documents: serve --docs
+FESTIVAL = "# The Zorbl festival\n\nThe Zorbl festival is held every year in the town of Quillhaven.\n"
+ZORBL = [{"role": "user", "content": "Where is the Zorbl festival held?"}]
+
+
+@pytest.fixture()
+def docs_home(default_home, tmp_path, monkeypatch):
+    """A home with the installed models (linked) and two collections: `town`, and `private`."""
+    from app.docs import DocsIndex
+
+    (tmp_path / "models").symlink_to(default_home / "models")
+    monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path))
+    for folder, name, text in (("notes", "festival.md", FESTIVAL),
+                               ("private", "diary.md", "# Diary\n\nMy PIN for the Zorbl festival gate is 4321.\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(text, encoding="utf-8")
+    with DocsIndex() as index:
+        index.add("town", [tmp_path / "notes"])
+        index.add("private", [tmp_path / "private"])
+    return tmp_path
+
+
+def test_serve_docs_quotes_only_its_collections_and_returns_the_sources(engine, scheduler, docs_home):
+    from app.docs.attach import ground_chat
+
+    festival = {"n": 1, "path": str(docs_home / "notes" / "festival.md"), "line": 1, "page": None}
+    diary = str(docs_home / "private" / "diary.md")
+    body = {"model": MODEL, "messages": ZORBL, "max_tokens": 12, "temperature": 0}
+    with running(Served(engine, scheduler, log=lambda line: None, docs=["town"])) as base:
+        plain = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+        # the oracle: the engine answering the prompt the chat app would write with these passages
+        grounded, _ = ground_chat(ZORBL, ["town"], "", engine.ctx, 12,
+                                  lambda text: len(engine.tokenizer.encode(text, allowed_special=set())))
+        assert "> The Zorbl festival is held every year" in grounded[-1]["content"]
+        assert plain["choices"][0]["message"]["content"] == engine_reply(engine, grounded, 12,
+                                                                         SamplingParams(temperature=0))
+        assert plain["sources"] == [festival]
+
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body | {"stream": True}, timeout=120) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert [c.get("sources") for c in chunks] == [None] * (len(chunks) - 1) + [[festival]]
+
+        # `#private` names a collection this server was not started with: it stays text
+        secret = [{"role": "user", "content": "#private What is my PIN for the Zorbl festival gate?"}]
+        r = httpx.post(f"{base}/v1/chat/completions", json=body | {"messages": secret}, timeout=120).json()
+        assert diary not in [s["path"] for s in r["sources"]]
+
+        ollama_reply = httpx.post(f"{base}/api/chat", json={"model": MODEL, "messages": ZORBL, "stream": False,
+                                                           "options": {"temperature": 0, "num_predict": 4}},
+                                  timeout=120).json()
+        assert ollama_reply["sources"] == [festival]
+    with running(Served(engine, scheduler, log=lambda line: None, docs=["town", "private"])) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", json=body | {"messages": secret}, timeout=120).json()
+        assert r["sources"][0]["path"] == diary  # the same question, where the server serves it
+
+
+def test_a_server_started_without_docs_quotes_nothing(url):
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": ZORBL, "max_tokens": 4},
+                   timeout=120).json()
+    assert "sources" not in r

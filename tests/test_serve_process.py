@@ -1,30 +1,18 @@
 """`llamadesk serve` as its own process: refusing a public bind without a key, and SIGTERM."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from serve_helpers import free_port
-
-MODEL = "smollm2-135m-instruct"
-
-
-def _serve(home, *flags, env_extra=None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "LLAMADESK_API_KEY"} | {"LLAMADESK_HOME": str(home)}
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", *flags], env=env | (env_extra or {}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+from serve_helpers import MODEL, free_port, serve_process, start_serve
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10"])
 def test_public_bind_without_a_key_refuses_to_start(tmp_path, host):
-    proc = _serve(tmp_path, "--host", host, "--port", str(free_port()))
+    proc = start_serve(tmp_path, "--host", host, "--port", str(free_port()))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert err.strip().count("\n") == 0 and err.startswith("llamadesk: error: refusing to listen on")
@@ -32,44 +20,30 @@ def test_public_bind_without_a_key_refuses_to_start(tmp_path, host):
 
 
 def test_the_key_never_comes_from_argv(tmp_path):
-    proc = _serve(tmp_path, "--api-key", "s3cret")
+    proc = start_serve(tmp_path, "--api-key", "s3cret")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "unrecognized arguments" in err
+
+
+def test_serve_docs_refuses_a_collection_that_is_not_there(tmp_path):
+    proc = start_serve(tmp_path, "--docs", "nope", "--port", str(free_port()))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.count("\n") == 1 and err.startswith("llamadesk: error: ")
+    assert "nope" in err
 
 
 def test_an_empty_key_file_is_refused(tmp_path):
     empty = tmp_path / "key"
     empty.write_text("\n")
-    proc = _serve(tmp_path, "--host", "0.0.0.0", "--api-key-file", str(empty))
+    proc = start_serve(tmp_path, "--host", "0.0.0.0", "--api-key-file", str(empty))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "empty" in err
-
-
-@contextlib.contextmanager
-def _running(home, *flags):
-    """A server process on a free port, up (its /health answers); killed if the test left it."""
-    port = free_port()
-    proc = _serve(home, "--port", str(port), "--model", MODEL, *flags)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_sigterm_finishes_the_stream_in_flight_then_exits_0(default_home):
-    with _running(default_home, "--ctx", "1024") as (proc, port):
+    with serve_process(default_home, "--ctx", "1024") as (proc, port):
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
                 "max_tokens": 40, "temperature": 0, "stream": True}
         events = []
@@ -92,7 +66,7 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits_0(default_home):
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_sigterm_cancels_what_is_still_running_after_10_s(default_home):
-    with _running(default_home, "--ctx", "4096") as (proc, port):
+    with serve_process(default_home, "--ctx", "4096") as (proc, port):
         # greedy counting goes on for thousands of tokens (~100 s here): longer than the grace
         body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 4000, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:

@@ -62,6 +62,9 @@ class GatedModel:
         # a word is a token, and each message costs 4 more for its chat-format header
         return [0] * sum(len(m["content"].split()) + 4 for m in messages)
 
+    def count_tokens(self, messages):
+        return len(self.prompt_ids(messages))
+
     def stream(self, messages, params, max_tokens, cancel):
         self.prompts.append(messages)
         self.finished.clear()

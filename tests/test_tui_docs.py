@@ -62,9 +62,13 @@ async def test_a_chat_attaches_a_collection_quotes_it_shows_sources_and_keeps_it
     again = GatedModel(["Still", " here"], open_gate=True)
     app = fake_app(again)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.chat.model is not None)
-        await app.chat.open_conversation(conversation_id)
+        # the restart reopens the last chat: its collection, and the sources under its old replies
+        await until(pilot, lambda: app.chat.model is not None and len(replies(app)) == 2)
+        assert app.chat.conversation.id == conversation_id
         assert app.chat.query_one(StatusLine).docs == "town"
+        assert notices(app) == [f"Sources: [1] {home / 'notes' / 'festival.md'}:1", "Sources: no source found"]
+        assert replies(app)[0].meta == {"sources": [{"n": 1, "path": str(home / "notes" / "festival.md"),
+                                                     "line": 1, "page": None}]}
         await ask_and_wait(pilot, app, "What happens at the Zorbl festival in Quillhaven?")
         assert "> The Zorbl festival is held every year" in again.prompts[-1][-1]["content"]
         # the earlier turns reach the model as the user wrote them, not with their passages

@@ -30,18 +30,17 @@ class Grounds:
     file: Path | None = None
 
     @classmethod
-    def pick(cls, prompt: str, collections: list[str] = (), file: Path | None = None) -> tuple["Grounds", str]:
-        """(grounds, prompt) for a question: `#NAME` words naming an existing collection are taken
-        out of the prompt and added. Raises UserError for a collection or file that is not there."""
+    def pick(cls, prompt: str, collections: list[str] = (), file: Path | None = None,
+             taggable: list[str] | None = None) -> tuple["Grounds", str]:
+        """(grounds, prompt) for a question: `#NAME` words naming an existing collection (one of
+        `taggable`, when given) are taken out of the prompt and added. Raises UserError for a
+        collection or file that is not there."""
         names = [check_name(n) for n in collections]
-        if "#" in prompt and default_path().exists():
-            with DocsIndex() as index:
-                known = set(index.names())
-            tagged = [m.group(1).lower() for m in _TAG.finditer(prompt) if m.group(1).lower() in known]
-            if tagged:
-                prompt = _TAG.sub(lambda m: "" if m.group(1).lower() in known else m.group(0), prompt)
-                prompt = re.sub(r"[ \t]{2,}", " ", prompt).strip()
-                names += [n for n in tagged if n not in names]
+        tagged = tagged_collections(prompt, taggable)
+        if tagged:
+            prompt = _TAG.sub(lambda m: "" if m.group(1).lower() in tagged else m.group(0), prompt)
+            prompt = re.sub(r"[ \t]{2,}", " ", prompt).strip()
+            names += [n for n in tagged if n not in names]
         if names:
             with DocsIndex() as index:
                 for n in names:
@@ -71,18 +70,33 @@ class Grounds:
         return grounded_prompt(question, chosen, self.describe()), chosen
 
 
+def tagged_collections(prompt: str, taggable: list[str] | None = None) -> list[str]:
+    """The collections that `#NAME` words in `prompt` name, in order: existing ones, and only those
+    in `taggable` when given (a server's clients pick among the collections it serves, no other)."""
+    if "#" not in prompt or not default_path().exists():
+        return []
+    with DocsIndex() as index:
+        known = set(index.names())
+    if taggable is not None:
+        known &= set(taggable)
+    return list(dict.fromkeys(m.group(1).lower() for m in _TAG.finditer(prompt) if m.group(1).lower() in known))
+
+
 def ground_chat(messages: list[dict], collections, file: str, ctx: int, max_tokens: int,
-                count_tokens: Callable[[str], int]) -> tuple[list[dict], list[Passage] | None]:
+                count_tokens: Callable[[str], int],
+                taggable: list[str] | None = None) -> tuple[list[dict], list[Passage] | None]:
     """A chat's messages with the last user message grounded in `collections`, `#NAME`s it holds
-    and/or `file`; the turn before it joins the search, so a follow-up finds what the conversation
-    is about. Passages None: nothing to ground in, the messages unchanged."""
+    (among `taggable`, when given) and/or `file`; the turn before it joins the search, so a
+    follow-up finds what the conversation is about. Passages None: nothing to ground in, the
+    messages unchanged."""
     from .retrieve import passage_budget
 
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users or users[-1] != len(messages) - 1:
         return messages, None
     context = messages[users[-2]]["content"] if len(users) > 1 else ""
-    grounds, question = Grounds.pick(messages[-1]["content"], list(collections), Path(file) if file else None)
+    grounds, question = Grounds.pick(messages[-1]["content"], list(collections), Path(file) if file else None,
+                                     taggable)
     if not grounds:
         return messages, None
     prompt, passages = grounds.apply(question, passage_budget(ctx, max_tokens), count_tokens, context)

@@ -37,6 +37,7 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     keep_alive_s: float | None = 300.0  # idle time before the model is unloaded; None: never
+    docs: list[str] = field(default_factory=list)  # collections chat requests answer from; none unless named
 
 
 def is_loopback(host: str) -> bool:
@@ -78,6 +79,13 @@ def check_options(opts: ServeOptions) -> str | None:
         raise UserError(f"--port must be between 1 and 65535, got {opts.port}")
     if opts.parallel < 1 or opts.queue < 0:
         raise UserError("--parallel must be at least 1 and --queue at least 0")
+    if opts.docs:
+        from ..docs.index import DocsIndex, check_name
+
+        opts.docs = list(dict.fromkeys(check_name(n) for n in opts.docs))
+        with DocsIndex() as index:
+            for name in opts.docs:
+                index.require(name)
     return key
 
 
@@ -94,7 +102,7 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
     engine = engine or load(opts.model)
     scheduler = Scheduler(EngineRows(engine, opts.parallel), opts.parallel, opts.queue)
     return Served(engine, scheduler, api_key=key, cors_origins=list(opts.cors_origins), loader=load,
-                  keep_alive_s=opts.keep_alive_s)
+                  keep_alive_s=opts.keep_alive_s, docs=list(opts.docs))
 
 
 def make_server(served, opts: ServeOptions):
@@ -120,6 +128,8 @@ def serve(opts: ServeOptions, say=print) -> int:
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     say(f"Serving {served.ref} ({served.engine.ctx}-token context, {opts.parallel} slots, queue {opts.queue}) "
         f"on {scheme}://{host}:{opts.port} (OpenAI: /v1, Ollama: /api){'; API key required' if key else ''}")
+    if opts.docs:
+        say(f"Chats are answered from the collection(s) {', '.join(opts.docs)}: their passages go to every client")
     # uvicorn re-raises the signal it caught once it has shut down; a SIGTERM that ends a graceful
     # shutdown is a clean exit, not a death by signal
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -45,6 +45,7 @@ class Served:
     log: object = None  # a callable taking one line; default: stderr
     loader: object = None
     keep_alive_s: float | None = None
+    docs: list[str] = field(default_factory=list)  # collections chat requests answer from (serve --docs)
     last_used: float = field(default_factory=time.monotonic)
     _switching: asyncio.Event | None = None
     _watcher: asyncio.Task | None = None
@@ -116,6 +117,22 @@ class Served:
             idle_s = time.monotonic() - max(self.last_used, self.scheduler.last_finished)
             if self.scheduler.idle() and idle_s >= self.keep_alive_s:
                 await self.switch(None)
+
+    def ground(self, messages: list[dict], max_tokens: int | None) -> tuple[list[dict], list[dict] | None]:
+        """`messages` with the last user message quoting passages of the served collections, as
+        the chat app quotes them, and their sources ({"n", "path", "line", "page"} each). Without
+        `serve --docs`: unchanged, None. A client's `#NAME` picks among the served collections only.
+        Runs on the event loop between `acquire` and `submit`: an FTS5 query takes milliseconds."""
+        if not self.docs:
+            return messages, None
+        from ..context import reply_room
+        from ..docs.attach import ground_chat
+
+        tokenizer, ctx = self.engine.tokenizer, self.engine.ctx
+        grounded, passages = ground_chat(messages, self.docs, "", ctx, reply_room(max_tokens or ctx, ctx),
+                                         lambda text: len(tokenizer.encode(text, allowed_special=set())),
+                                         taggable=self.docs)
+        return grounded, None if passages is None else [p.to_dict() for p in passages]
 
     def prompt_budget(self, prompt: list[int], sampling: Sampling) -> int:
         """The max_tokens this prompt may use: what was asked, at most the context left."""

@@ -1,6 +1,7 @@
 """Ollama's API: /api/chat and /api/generate (NDJSON streams), /api/tags, /api/show, /api/ps,
 /api/version; /api/pull, /api/delete and /api/embed(dings) are 501 (`llamadesk pull` and
-`llamadesk rm` manage models; embeddings are not implemented)."""
+`llamadesk rm` manage models; embeddings are not implemented). A chat answered from documents
+(`serve --docs`) carries its `sources` in the final object, a field Ollama does not have."""
 from __future__ import annotations
 
 import json
@@ -44,8 +45,10 @@ def routes(served: Served) -> list[Route]:
             return JSONResponse(await _load_only(served, model, keep_alive)
                                 | {"message": {"role": "assistant", "content": ""}})
         _apply_keep_alive(served, keep_alive)
-        prompt = served.engine.prompt_ids([{"role": m["role"], "content": m.get("content", "")} for m in messages])
-        return await _answer(served, request, body, model, prompt, "chat")
+        messages = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+        messages, sources = served.ground(messages, _max_tokens(body)) if served.docs else (messages, None)
+        prompt = served.engine.prompt_ids(messages)
+        return await _answer(served, request, body, model, prompt, "chat", sources)
 
     async def generate(request: Request):
         body = await json_body(request)
@@ -112,6 +115,14 @@ def routes(served: Served) -> list[Route]:
             Route("/api/version", version, methods=["GET"])] + [
             Route(f"/api/{what}", not_here, methods=["POST", "DELETE"])
             for what in ("pull", "push", "delete", "copy", "create", "embed", "embeddings")]
+
+
+def _max_tokens(body: dict) -> int | None:
+    options = body.get("options")
+    if not isinstance(options, dict):
+        return None
+    return sampling_from({k: v for k, v in options.items() if k == "num_predict"}, OLLAMA_OPTIONS, OLLAMA_DEFAULTS,
+                         "options.").max_tokens
 
 
 def _keep_alive(body: dict) -> float | None | bool:
@@ -181,7 +192,8 @@ def _final(model: str, reason: str) -> dict:
     return {"model": model, "created_at": _now(), "done": True, "done_reason": reason}
 
 
-async def _answer(served: Served, request: Request, body: dict, model: str, prompt: list[int], kind: str):
+async def _answer(served: Served, request: Request, body: dict, model: str, prompt: list[int], kind: str,
+                  sources: list[dict] | None = None):
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'options' must be an object")
@@ -201,7 +213,7 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
             "prompt_eval_count": len(prompt), "prompt_eval_duration": int((first - job.started) * 1e9),
             "eval_count": job.completion_tokens, "eval_duration": int((job.finished - first) * 1e9)}
         request.scope["state"]["tokens"] = f" prompt={len(prompt)} completion={job.completion_tokens} finish={finish}"
-        return out
+        return out | ({} if sources is None else {"sources": sources})
 
     if body.get("stream") is False:
         text, finish = [], "stop"

@@ -1,5 +1,9 @@
 """OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models; /v1/embeddings is a 501.
 
+Two fields beyond OpenAI's: /v1/models gives the loaded model's context as `max_model_len` (vLLM's
+name for it, which clients read), and a chat answered from documents (`serve --docs`) carries its
+`sources` ([{"n", "path", "line", "page"}]) in the response, or in a stream's finish chunk.
+
 Streams are server-sent events as OpenAI sends them: a role-only first chunk, content chunks, a
 last chunk with `finish_reason`, a usage-only chunk (`choices: []`) when
 `stream_options.include_usage` is set, then `data: [DONE]`.
@@ -28,8 +32,10 @@ def routes(served: Served) -> list[Route]:
         refuse_unsupported(unsupported(body, set(OPENAI_FIELDS) | OPENAI_IGNORED, OPENAI_NEUTRAL))
         messages = chat_messages(body.get("messages"))
         model = await served.acquire(body.get("model"))
+        messages, sources = (served.ground(messages, sampling_from(body, OPENAI_FIELDS, OPENAI_DEFAULTS).max_tokens)
+                             if served.docs else (messages, None))
         prompt = served.engine.prompt_ids(messages)
-        return await _answer(served, request, body, model, prompt, chat=True)
+        return await _answer(served, request, body, model, prompt, chat=True, sources=sources)
 
     async def completions(request: Request):
         body = await json_body(request)
@@ -47,6 +53,7 @@ def routes(served: Served) -> list[Route]:
     async def models(request: Request):
         created = int(served.started)
         data = [{"id": e.ref, "object": "model", "created": created, "owned_by": "llamadesk"}
+                | ({"max_model_len": served.engine.ctx} if e.ref == served.ref else {})
                 for e in store.list_entries()]
         return JSONResponse({"object": "list", "data": data})
 
@@ -101,7 +108,8 @@ def _text(content, param: str) -> str:
     return "".join(parts)
 
 
-async def _answer(served: Served, request: Request, body: dict, model: str, prompt: list[int], chat: bool):
+async def _answer(served: Served, request: Request, body: dict, model: str, prompt: list[int], chat: bool,
+                  sources: list[dict] | None = None):
     sampling = sampling_from(body, OPENAI_FIELDS, OPENAI_DEFAULTS)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -125,7 +133,8 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
                   if chat else {"index": 0, "text": reply, "logprobs": None})
         choice["finish_reason"] = finish
         return JSONResponse({"id": ident, "object": kind, "created": created, "model": model,
-                             "choices": [choice], "usage": usage(job), "system_fingerprint": None})
+                             "choices": [choice], "usage": usage(job), "system_fingerprint": None}
+                            | ({} if sources is None else {"sources": sources}))
 
     include_usage = bool(options.get("include_usage"))
     kind += ".chunk" if chat else ""
@@ -137,6 +146,8 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
                "choices": [choice]}
         if include_usage:
             out["usage"] = None
+        if finish is not None and sources is not None:
+            out["sources"] = sources
         return _sse(out)
 
     async def events():

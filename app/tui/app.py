@@ -12,16 +12,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable
 
-from textual import on
+from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from .. import store
 from ..errors import UserError
 from ..history import ChatSettings, History
-from .backend import Loader, engine_loader, memory_in_use
+from .backend import Loader, engine_loader, memory_in_use, remote_loader
 from .screens.chat import ChatScreen
+from .screens.connections import LOCAL, ConnectionPicker
 from .screens.dialogs import AskText, ConfirmDialog
 from .screens.docs import DocsPicker
 from .screens.help import HelpScreen
@@ -41,6 +41,7 @@ COMMANDS: list[tuple[str, str, str, str, bool]] = [
     ("f3", "export", "Export chat", "Save this chat as a Markdown file", False),
     ("f8", "delete", "Delete chat", "Delete this chat (asks first)", False),
     ("f9", "documents", "Documents", "Answer from document collections or an attached file", False),
+    ("ctrl+t", "connections", "Servers", "Chat with models on a server: pick, add or remove a saved one", False),
     ("ctrl+b", "toggle_sidebar", "Sidebar", "Show or hide the list of chats", False),
     ("f5", "download", "Download model", "Download and install the default model", False),
     ("f1", "help", "Help", "Every key and command", True),
@@ -73,15 +74,18 @@ class ChatApp(App):
                  history: History | None = None, loader: Loader | None = None, ctx: int | None = None,
                  device: str | None = None, memory: Callable[[], int] | None = memory_in_use,
                  pull: Callable[[str], object] | None = None, kv_dtype: str = "auto",
-                 chat_format: str | None = None) -> None:
-        """`model` is a ref to load at start (default: the installed default model). `loader`,
-        `memory` and `pull` replace the real engine, the RSS probe and the download in tests."""
+                 chat_format: str | None = None, remote=None) -> None:
+        """`model` is a ref to load at start (default: the installed default model; with `remote`,
+        an app.remote.Remote, the server's name for one, default its first). `loader`, `memory` and
+        `pull` replace the real engine, the RSS probe and the download in tests."""
         super().__init__()
         # opened here, before the terminal switches to the app, so a history written by a newer
         # llamadesk fails as one line from the CLI
         self.history = history or History()
         self.chat = ChatScreen(self.history, loader or engine_loader(ctx, device, kv_dtype, chat_format), model,
                                settings or ChatSettings(), memory)
+        if remote is not None:
+            self.chat.remote, self.chat.loader = remote, remote_loader(remote)
         self.pull = pull or _pull_default
 
     def get_default_screen(self) -> Screen:
@@ -174,8 +178,41 @@ class ChatApp(App):
                          lambda settings: settings and self.chat.apply_settings(settings))
 
     def action_switch_model(self) -> None:
-        self.push_screen(ModelPicker(store.list_entries(), self.chat.model_ref),
-                         lambda ref: ref and self.chat.load_model(ref))
+        if self.chat.remote is None:
+            self.push_screen(ModelPicker.installed(self.chat.model_ref), lambda ref: ref and self.chat.load_model(ref))
+        else:
+            self._pick_remote_model(self.chat.remote)
+
+    @work(thread=True, exclusive=True, group="remote-models", exit_on_error=False)
+    def _pick_remote_model(self, remote) -> None:
+        """The server's list, asked for off the UI thread (a server can be slow or gone)."""
+        try:
+            names = remote.models()
+        except UserError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+            return
+        picker = ModelPicker([(name, "") for name in names], self.chat.model_ref, f"{remote.where()} lists no models.")
+        self.call_from_thread(self.push_screen, picker, lambda ref: ref and self.chat.load_model(ref))
+
+    def action_connections(self) -> None:
+        current = self.chat.remote.base if self.chat.remote is not None else None
+
+        def answered(name: str | None) -> None:
+            if name is None:
+                return
+            if name == LOCAL:
+                self.chat.use_local()
+                return
+            from ..connections import open_connection
+
+            try:
+                remote = open_connection(self.history, name)
+            except UserError as e:
+                self.notify(str(e), severity="error")
+                return
+            self.chat.use_remote(remote)
+
+        self.push_screen(ConnectionPicker(self.history, current), answered)
 
     def action_documents(self) -> None:
         from ..docs import DocsIndex
@@ -230,14 +267,24 @@ def _pull_default(name: str):
 
 
 def run_chat(model: str | None = None, system: str | None = None, params=None, ctx: int | None = None,
-             device: str | None = None, kv_dtype: str = "auto", chat_format: str | None = None) -> int:
-    """The full-screen chat; `params` (model.generate.SamplingParams) seeds new chats' settings;
-    `chat_format` (--chat-format) overrides the model's for this run."""
+             device: str | None = None, kv_dtype: str = "auto", chat_format: str | None = None,
+             remote: str | None = None, remote_key_file: Path | None = None) -> int:
+    """The full-screen chat; `params` (model.generate.SamplingParams, or with `remote` a dict of
+    OpenAI fields) seeds new chats' settings; `chat_format` (--chat-format) overrides the model's
+    for this run; `remote` (a URL) chats with that server's models, its key from
+    `remote_key_file` or $LLAMADESK_REMOTE_KEY."""
+    server = None
+    if remote:
+        from ..remote import Remote, read_key
+
+        server = Remote.connect(remote, read_key(remote_key_file))
     settings = ChatSettings(system=system or "")
-    if params is not None:
+    if isinstance(params, dict):  # a server's: the OpenAI fields given (temperature, top_p, seed)
+        settings = ChatSettings(system=system or "", **params)
+    elif params is not None:
         settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
                                 top_k=params.top_k, repeat_penalty=params.repetition_penalty,
                                 repeat_last_n=params.repeat_last_n, seed=params.seed)
-    app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype, chat_format=chat_format)
+    app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype, chat_format=chat_format, remote=server)
     app.run()
     return app.return_code or 0

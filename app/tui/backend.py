@@ -1,6 +1,7 @@
 """What the chat screen needs from a model and the real engine behind it.
 
-The screen talks to a `ChatModel`; `app.engine.Engine` is one. Tests that must control timing (Esc
+The screen talks to a `ChatModel`; `app.engine.Engine` is one, `app.remote.RemoteChat` (a model on
+a server) another. Tests that must control timing (Esc
 in the middle of a reply) pass their own loader returning a model gated by a `threading.Event`.
 Fitting a conversation into the context lives in `app.context` (chat --plain uses it too).
 Nothing here imports torch: the engine is imported by the loader, inside the loading worker.
@@ -39,7 +40,7 @@ class ChatModel(Protocol):
     ctx: int
     last: ReplyNumbers  # the numbers of the reply `stream` produced last
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]: ...
+    def count_tokens(self, messages: list[dict]) -> int: ...  # the prompt `messages` make
 
     def stream(self, messages: list[dict], params, max_tokens: int,
                cancel: threading.Event) -> Iterator[str]: ...
@@ -74,6 +75,16 @@ def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: s
     return load
 
 
+def remote_loader(remote) -> Loader:
+    """Models on `remote` (app.remote.Remote): the ref is the server's model name, "" its first."""
+    def load(ref: str) -> ChatModel:
+        from ..remote import RemoteChat
+
+        return RemoteChat.open(remote, ref or None)
+
+    return load
+
+
 def memory_in_use() -> int:
     """This process's resident memory in bytes: the model's weights and KV cache live here."""
     import psutil
@@ -102,4 +113,4 @@ class ReplyEnded:
 
 
 __all__ = ["ChatModel", "Fitted", "Loader", "PromptFitted", "PromptTooLong", "ReplyEnded", "engine_loader",
-           "fit_to_context", "memory_in_use", "reply_room"]
+           "fit_to_context", "memory_in_use", "remote_loader", "reply_room"]

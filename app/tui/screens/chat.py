@@ -3,7 +3,8 @@
 The screen owns the history, the loaded model and the reply in flight. Loading and generating run
 in thread workers. The reply worker puts text pieces on a queue that a timer drains about 30 times
 a second into the reply's Markdown stream, so a fast model costs the UI one update per frame, not
-one per token. Esc sets the reply's cancel event; the engine checks it before every token.
+one per token. Esc sets the reply's cancel event; the engine checks it before every token, a
+remote model (app.remote.RemoteChat) before every chunk, closing the stream.
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from ... import store
 from ...errors import UserError
 from ...history import DEFAULT_TITLE, ChatSettings, Conversation, History, title_for, to_markdown, write_atomic
 from ...history import Message as SavedMessage
-from ..backend import ChatModel, Loader, PromptFitted, PromptTooLong, ReplyEnded, fit_to_context, reply_room
+from ..backend import (ChatModel, Loader, PromptFitted, PromptTooLong, ReplyEnded, fit_to_context, remote_loader,
+                       reply_room)
 from ..widgets.conversation_list import ConversationList
 from ..widgets.prompt import PromptInput
 from ..widgets.status import StatusLine
 from ..widgets.transcript import MessageView, Notice, Transcript
+from .dialogs import ConfirmDialog
 
 DRAIN_INTERVAL_S = 1 / 30
 NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
@@ -71,6 +74,9 @@ class ChatScreen(Screen):
         super().__init__()
         self.history = history
         self.loader = loader
+        self.local_loader = loader
+        self.remote = None  # app.remote.Remote: the models come from this server (None: this machine)
+        self.local_ref: str | None = None  # the local model in use before a server's, to go back to
         self.model_ref = model_ref
         self.model: ChatModel | None = None
         self.loading_since: float | None = None
@@ -113,6 +119,9 @@ class ChatScreen(Screen):
         last_chat = self.history.state("last_chat")
         if isinstance(last_chat, int) and self.history.exists(last_chat):
             await self.open_conversation(last_chat)
+        if self.remote is not None:
+            self.load_model(self.model_ref or self._last_remote_model())
+            return
         ref = self.model_ref or self._last_model() or self._installed_model()
         if ref is None:
             self.post_message(self.NeedsModel())
@@ -148,6 +157,34 @@ class ChatScreen(Screen):
         except UserError:
             return None
 
+    def _last_remote_model(self) -> str:
+        """The model last used on this server ("": the server's first)."""
+        chosen = self.history.state("remote_models", {})
+        return chosen.get(self.remote.base, "") if isinstance(chosen, dict) else ""
+
+    def use_remote(self, remote, model: str | None = None) -> None:
+        """Chat with models on `remote` (app.remote.Remote) from now on; `model` or the last used there."""
+        if self._busy():
+            return
+        if self.remote is None:
+            self.local_ref = self.model_ref
+        else:
+            self.remote.close()
+        self.remote, self.loader = remote, remote_loader(remote)
+        self.load_model(model or self._last_remote_model())
+
+    def use_local(self) -> None:
+        """Chat with this machine's models again."""
+        if self._busy() or self.remote is None:
+            return
+        self.remote.close()
+        self.remote, self.loader = None, self.local_loader
+        ref = self.local_ref or self._last_model() or self._installed_model()
+        if ref is None:
+            self.post_message(self.NeedsModel())
+        else:
+            self.load_model(ref)
+
     @staticmethod
     def _installed_model() -> str | None:
         """The default model when installed, else the first installed one, else None."""
@@ -167,8 +204,10 @@ class ChatScreen(Screen):
         # the old model goes first, so two never sit in memory together
         self.model = None
         status = self.query_one(StatusLine)
-        status.model, status.variant, status.device, status.tokens_per_s = ref, "", "", None
+        status.model = ref or (f"a model on {self.remote.where()}" if self.remote is not None else "")
+        status.variant, status.device, status.tokens_per_s = "", "", None
         status.ctx_used = status.ctx_total = 0
+        status.ctx_estimated = False
         self.loading_since = time.monotonic()
         self._show_loading()
         if self.loading_timer is None:
@@ -201,10 +240,20 @@ class ChatScreen(Screen):
         self._done_loading()
         self.model = model
         self.model_ref = model.entry.ref
-        self.history.set_state("last_model", model.entry.ref)
         status = self.query_one(StatusLine)
         status.model, status.variant = model.entry.name, model.entry.variant
         status.device, status.ctx_total, status.activity = model.device, model.ctx, ""
+        if self.remote is None:
+            self.history.set_state("last_model", model.entry.ref)
+        else:
+            chosen = self.history.state("remote_models", {})
+            self.history.set_state("remote_models", {**(chosen if isinstance(chosen, dict) else {}),
+                                                     self.remote.base: model.entry.ref})
+            status.ctx_estimated = not model.ctx_reported
+            if not model.ctx_reported:
+                await self._notice(f"{self.remote.where()} does not say how long its context is: the app assumes "
+                                   f"{model.ctx} tokens and trims the conversation by its own estimate of the "
+                                   f"tokens, about 3 characters each.")
         self._measure_context()
         where = getattr(model, "chat_format_source", "")  # a format the model's files did not name
         if "guessed" in where or where.startswith("none"):
@@ -218,7 +267,7 @@ class ChatScreen(Screen):
         self._done_loading()
         self.waiting_for_model = False
         self.query_one(StatusLine).activity = "no model loaded (Ctrl+O picks one)"
-        await self._notice(f"Could not load {ref}: {message}", "error")
+        await self._notice(f"Could not load {ref or 'a model'}: {message}", "error")
 
     def _show_memory(self) -> None:
         self.query_one(StatusLine).memory_bytes = self.memory()
@@ -229,7 +278,7 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="measure", exit_on_error=False)
     def _count_tokens(self, model: ChatModel, messages: list[dict]) -> None:
-        n = len(model.prompt_ids(messages)) if messages else 0
+        n = model.count_tokens(messages) if messages else 0
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._show_ctx_used, n)
 
@@ -281,7 +330,13 @@ class ChatScreen(Screen):
             return
         self.history.set_state("last_chat", conversation_id)
         messages, skipped = self.history.read_messages(conversation_id)
-        views: list = [self._view_of(m) for m in messages]
+        views: list = []
+        for m in messages:
+            views.append(self._view_of(m))
+            sources = m.meta.get("sources")
+            if m.role == "assistant" and isinstance(sources, list):  # cited again, as when it was written
+                views[-1].meta = {"sources": sources}
+                views.append(Notice(_sources_line(sources), "sources"))
         if skipped:
             views.append(Notice(f"{len(skipped)} stored message(s) of this chat could not be read and are "
                                 f"left out (history rows {', '.join(map(str, skipped))}).", "error"))
@@ -411,6 +466,15 @@ class ChatScreen(Screen):
             else:
                 await self._notice("No model is loaded; Ctrl+O picks one.", "error")
             return
+        if self.remote is not None and self._quotes_documents():
+            from ...connections import docs_consented
+
+            if not docs_consented(self.history, self.remote):
+                self.app.push_screen(ConfirmDialog(
+                    f"This chat answers from your documents. Passages found in them will be sent to "
+                    f"{self.remote.where()} with your prompt, now and in later chats with this server.",
+                    "Send passages"), self._consented)
+                return
         view = MessageView("assistant", "", self.model.entry.ref)
         await self.query_one(Transcript).add(view)
         self.reply = _Reply(self.conversation.id, view)
@@ -418,21 +482,44 @@ class ChatScreen(Screen):
         self.query_one(StatusLine).activity = "replying… (Esc stops)"
         self._write_reply(self.model, self._messages_for_model(), self.settings, self.reply.cancel, self.reply.pieces)
 
+    def _quotes_documents(self) -> bool:
+        """Whether the next reply quotes passages: the chat's collections or file, or a `#NAME`."""
+        from ...docs.attach import tagged_collections
+
+        if self.settings.docs or self.settings.file:
+            return True
+        messages = self.history.messages(self.conversation.id) if self.conversation else []
+        return bool(messages) and messages[-1].role == "user" and bool(tagged_collections(messages[-1].content))
+
+    async def _consented(self, yes: bool) -> None:
+        if yes:
+            from ...connections import consent_to_docs
+
+            consent_to_docs(self.history, self.remote)
+            await self._start_reply()
+            return
+        await self._take_back_prompt()
+        await self._notice(f"Not sent: your documents stay on this machine. F9 turns them off for this chat, or "
+                           f"send again and allow {self.remote.where()} to receive passages.", "error")
+
     @work(thread=True, group="reply", exit_on_error=False)
     def _write_reply(self, model: ChatModel, messages: list[dict], settings: ChatSettings,
                      cancel: threading.Event, pieces: queue.SimpleQueue) -> None:
         """Runs in a thread: every outcome, failure included, ends with one ReplyEnded on the queue."""
+        from ...remote import RemoteChat
+
         try:
-            params = settings.sampling_params()
+            # a server samples by OpenAI's fields, read off the settings: a remote chat loads no torch
+            params = settings if isinstance(model, RemoteChat) else settings.sampling_params()
             room = reply_room(settings.max_tokens, model.ctx)
             if settings.docs or settings.file or "#" in messages[-1]["content"]:
                 from ...docs.attach import ground_chat
 
                 messages, passages = ground_chat(messages, settings.docs, settings.file, model.ctx, room,
-                                                 lambda text: len(model.prompt_ids([{"role": "user", "content": text}])))
+                                                 lambda text: model.count_tokens([{"role": "user", "content": text}]))
                 if passages is not None:
                     pieces.put(_Sources([p.to_dict() for p in passages]))
-            fitted = fit_to_context(messages, lambda m: len(model.prompt_ids(m)), model.ctx, room)
+            fitted = fit_to_context(messages, model.count_tokens, model.ctx, room)
             pieces.put(PromptFitted(fitted.prompt_tokens, fitted.dropped, model.ctx))
             for piece in model.stream(fitted.messages, params, settings.max_tokens, cancel):
                 pieces.put(piece)
@@ -538,7 +625,13 @@ class ChatScreen(Screen):
     async def _refuse(self, reply: _Reply, why: str) -> None:
         """The prompt does not fit at all: take it back out of the chat and give it back to edit."""
         await reply.view.remove()
-        messages = self.history.messages(reply.conversation_id)
+        await self._take_back_prompt(reply.conversation_id)
+        await self._notice(f"Not sent: {why}.", "error")
+
+    async def _take_back_prompt(self, conversation_id: int | None = None) -> None:
+        """The last prompt out of the chat and back in the prompt box (unless something is typed there)."""
+        conversation_id = conversation_id or self.conversation.id
+        messages = self.history.messages(conversation_id)
         if messages and messages[-1].role == "user":
             self.history.delete_message(messages[-1].id)
             views = [v for v in self.query(MessageView) if v.message_id == messages[-1].id]
@@ -547,7 +640,6 @@ class ChatScreen(Screen):
             prompt = self.query_one(PromptInput)
             if not prompt.text.strip():
                 prompt.text = messages[-1].content
-        await self._notice(f"Not sent: {why}.", "error")
 
     async def _notice(self, text: str, kind: str = "info", before=None) -> None:
         await self.query_one(Transcript).add(Notice(text, kind), before=before)

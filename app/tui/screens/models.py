@@ -1,4 +1,4 @@
-"""Pick one of the installed models and variants to chat with."""
+"""Pick the model to chat with: an installed model and variant, or one a server lists."""
 from __future__ import annotations
 
 from textual import on
@@ -12,23 +12,31 @@ from ... import store
 
 
 class ModelPicker(ModalScreen["str | None"]):
+    """Answers the chosen model's ref (a server's name for it), or None when cancelled. Names,
+    a server's included, are shown as text, never markup."""
+
     BINDINGS = [("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, entries: list[store.ModelEntry], current: str | None) -> None:
+    def __init__(self, choices: list[tuple[str, str]], current: str | None,
+                 none_yet: str = "No model is installed. Run `llamadesk pull` or `llamadesk import PATH`.") -> None:
+        """`choices`: (ref, what to show after it)."""
         super().__init__()
-        self.entries = entries
+        self.choices = choices
         self.current = current
+        self.none_yet = none_yet
+
+    @classmethod
+    def installed(cls, current: str | None) -> "ModelPicker":
+        return cls([(e.ref, f"  ({e.size_bytes / 1e6:,.0f} MB)") for e in store.list_entries()], current)
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="models"):
             yield Label("Chat with which model?", classes="question")
-            if not self.entries:
-                yield Label("No model is installed. Run `llamadesk pull` or `llamadesk import PATH`.")
+            if not self.choices:
+                yield Label(self.none_yet, markup=False)
                 return
-            options = []
-            for e in self.entries:
-                mark = "● " if e.ref == self.current else "  "
-                options.append(Option(f"{mark}{e.ref}  ({e.size_bytes / 1e6:,.0f} MB)", id=e.ref))
+            options = [Option(f"{'● ' if ref == self.current else '  '}{ref}{more}", id=ref)
+                       for ref, more in self.choices]
             yield OptionList(*options, id="model-list", markup=False)
 
     @on(OptionList.OptionSelected)

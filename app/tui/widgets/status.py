@@ -12,6 +12,7 @@ class StatusLine(Widget):
     device: reactive[str] = reactive("")
     ctx_used: reactive[int] = reactive(0)
     ctx_total: reactive[int] = reactive(0)
+    ctx_estimated: reactive[bool] = reactive(False)  # a server that reports no context: our own count
     tokens_per_s: reactive[float | None] = reactive(None)
     memory_bytes: reactive[int | None] = reactive(None)
     activity: reactive[str] = reactive("")
@@ -24,7 +25,8 @@ class StatusLine(Widget):
         if self.device:
             parts.append((self.device, ""))
         if self.ctx_total:
-            parts.append((f"ctx {self.ctx_used}/{self.ctx_total}", ""))
+            about = "~" if self.ctx_estimated else ""
+            parts.append((f"ctx {about}{self.ctx_used}/{about}{self.ctx_total}", ""))
         if self.tokens_per_s is not None:
             parts.append((f"{self.tokens_per_s:.1f} tok/s", ""))
         if self.memory_bytes is not None:
