@@ -768,6 +768,44 @@ async def test_the_real_model_answers_and_the_chat_is_there_after_a_restart(defa
 
 
 
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_esc_in_the_middle_of_a_long_prompt_stops_before_the_next_layer(default_home, tmp_path, monkeypatch):
+    """Esc during the prefill of a 1.1k-token prompt on the fp32 variant (which took ~5 s to
+    stop before): the stop is seen between two layers. Not timed: a forward hook counts the
+    layers that finish after the cancel event is set; only the one running then may."""
+    from app.tui.backend import engine_loader
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    engine = engine_loader(ctx=2048)("smollm2-135m-instruct:float")
+    prefilling, seen = threading.Event(), {"layers": 0, "after_stop": 0}
+    app = ChatApp("smollm2-135m-instruct:float", ChatSettings(temperature=0.0), loader=lambda ref: engine,
+                  history=History(tmp_path / "history.sqlite3"), memory=lambda: RSS)
+
+    def count(module, args, output) -> None:
+        reply = app.chat.reply
+        if reply is not None and reply.cancel.is_set():
+            seen["after_stop"] += 1
+        seen["layers"] += 1
+        prefilling.set()
+
+    hooks = [layer.register_forward_hook(count) for layer in engine.model.layers]
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.chat.model is not None, timeout=60)
+            await send(pilot, " ".join(["The quick brown fox jumps over the lazy dog."] * 110))
+            await until(pilot, prefilling.is_set, timeout=60)
+            await pilot.press("escape")
+            await until(pilot, lambda: app.chat.reply is None, timeout=60)
+            assert replies(app) == [] or replies(app)[0].content == ""
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert engine.last.prompt_tokens > 1100 and engine.last.new_tokens == 0 and engine.last.stopped
+    # 3 chunks of 30 layers would be 90 runs; the stop came in the first chunk
+    assert seen["after_stop"] <= 1 and seen["layers"] < 90
+
+
 @pytest.mark.asyncio
 async def test_a_model_without_a_chat_format_is_said_so(home):
     model = GatedModel(["upon a time"], open_gate=True)
