@@ -532,15 +532,23 @@ async def test_first_start_with_nothing_installed_offers_the_default_model(home)
 
 
 @pytest.mark.asyncio
-async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
+async def test_accepting_the_download_shows_each_step_then_loads_the_model(home):
     import sys
 
     from app import store
 
+    compiling = threading.Event()
+    compiled = threading.Event()
+
     def pull(name):
-        # what app.cli.pull_model does, minus the network: report on stderr, install name:source
-        print(f"Downloading {name}", file=sys.stderr)
-        print("Converting 10/10\rConverting 20/20", file=sys.stderr)
+        # what app.tui.app._pull_default prints, minus the network: steps, progress redrawn in place
+        print(f"\rDownloading {name}", file=sys.stderr)
+        print("\rConverting model.gguf", file=sys.stderr)
+        print("\rConverting blk.0 10/20", end="", file=sys.stderr)
+        print("\rConverting done 20/20", end="", file=sys.stderr)
+        print("\rCompiling the fast decode step", file=sys.stderr)  # a step with no progress
+        compiling.set()
+        compiled.wait(10)
         with store.staging(name, "source") as tmp:
             store.write_json(tmp / store.MANIFEST, {"name": name, "variant": "source", "args": {}})
         return store.find(name)
@@ -558,9 +566,17 @@ async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
         await until(pilot, lambda: app.screen.query("#download"))
         modal = app.screen
         await pilot.click("#download")
+        await until(pilot, compiling.is_set)
+        line = modal.query_one("#pull-line")
+        # the running step, not the last progress of the one before, and how long it has run
+        await until(pilot, lambda: str(line.render()).startswith("Compiling the fast decode step · "))
+        assert str(line.render()).endswith(" s")
+        compiled.set()
         await until(pilot, lambda: app.chat.model is not None)
         assert loaded == ["smollm2-135m-instruct"]  # the plan picks the variant
-        assert modal.logged == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
+        # one line per step in the log; the progress redrawn within a step is not kept
+        assert modal.logged == ["Downloading smollm2-135m-instruct", "Converting model.gguf",
+                                "Compiling the fast decode step"]
 
 
 # ---------------------------------------------------------------- a restart
@@ -599,6 +615,21 @@ async def test_the_status_line_counts_during_the_reply(home):
         assert app.chat.reply is not None
         model.gate.set()
         await until(pilot, lambda: app.chat.reply is None)
+
+@pytest.mark.asyncio
+async def test_no_color_turns_the_app_monochrome(home, monkeypatch):
+    """NO_COLOR is Textual's to honour (a filter on every frame); nothing in the app may undo it."""
+    from textual.filter import Monochrome
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = fake_app(GatedModel(["Ok."], open_gate=True))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        assert app.no_color and any(isinstance(f, Monochrome) for f in app._filters)
+    monkeypatch.delenv("NO_COLOR")
+    coloured = fake_app(GatedModel(["Ok."], open_gate=True))
+    assert not coloured.no_color and not any(isinstance(f, Monochrome) for f in coloured._filters)
+
 
 # ---------------------------------------------------------------- small terminals, first contact
 def screen_lines(app) -> list[str]:

@@ -1,6 +1,12 @@
-"""First start with no model: offer to download the default one, and show the download's log."""
+"""First start with no model: offer to download the default one, and show the download's log.
+
+The download's steps (fetch, convert, pack int4, compile the decode step) each take from seconds
+to minutes: the log keeps every step's line, and the line under it shows the running step, its
+progress when it reports one, and its elapsed time, redrawn twice a second.
+"""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from rich.text import Text
@@ -24,6 +30,8 @@ class PullModal(ModalScreen["str | None"]):
         self.model_name = name
         self.pull = pull
         self._partial = ""  # printed text not yet ended by a newline
+        self._step = ""  # the running step: the last finished line
+        self._step_since = time.monotonic()
         self.logged: list[str] = []  # the finished lines the log shows (it renders them once sized)
 
     def compose(self) -> ComposeResult:
@@ -50,6 +58,8 @@ class PullModal(ModalScreen["str | None"]):
         self.query_one("#pull-line", Label).update("")
         # pull_model reports on stderr through rich; capturing it here turns that into the log
         self.app.begin_capture_print(self, stdout=False, stderr=True)
+        self._step, self._step_since = "Starting", time.monotonic()
+        self.set_interval(0.5, self._show_step)
         self._pull()
 
     @work(thread=True, exit_on_error=False)
@@ -59,9 +69,9 @@ class PullModal(ModalScreen["str | None"]):
         return self.pull(self.model_name).name
 
     def on_print(self, event: events.Print) -> None:
-        # Writes come in pieces (print sends the text, then the newline) and rich redraws its
-        # progress bar with carriage returns and escape codes: finished lines go to the log, the
-        # line being redrawn shows on its own.
+        # Writes come in pieces (print sends the text, then the newline) and progress is redrawn
+        # with carriage returns (and, from rich, escape codes): each finished line is a step and
+        # goes to the log; the line being redrawn is the step's progress.
         *done, self._partial = (self._partial + event.text).split("\n")
         log = self.query_one("#pull-log", RichLog)
         for line in done:
@@ -69,9 +79,15 @@ class PullModal(ModalScreen["str | None"]):
             if plain:
                 self.logged.append(plain)
                 log.write(Text(plain))
-        current = _visible(self._partial)
-        if current:
-            self.query_one("#pull-line", Label).update(current)
+                self._step, self._step_since = plain, time.monotonic()
+        self._show_step()
+
+    def _show_step(self) -> None:
+        if not self.has_class("-pulling"):
+            return
+        elapsed = int(time.monotonic() - self._step_since)
+        clock = f"{elapsed} s" if elapsed < 60 else f"{elapsed // 60} min {elapsed % 60:02d} s"
+        self.query_one("#pull-line", Label).update(f"{_visible(self._partial) or self._step} · {clock}")
 
     @on(Worker.StateChanged)
     def _pulled(self, event: Worker.StateChanged) -> None:
