@@ -88,7 +88,8 @@ class PullModal(ModalScreen["str | None"]):
         if not self.has_class("-pulling"):
             return
         elapsed = int(time.monotonic() - self._step_since)
-        clock = f"{elapsed} s" if elapsed < 60 else f"{elapsed // 60} min {elapsed % 60:02d} s"
+        # m:ss has no space, so a wrap never parts the number from its unit
+        clock = f"{elapsed // 60}:{elapsed % 60:02d}"
         self.query_one("#pull-line", Label).update(f"{_visible(self._partial) or self._step} · {clock}")
 
     @on(Worker.StateChanged)
