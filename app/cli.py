@@ -25,7 +25,19 @@ from .plan import KV_DTYPES
 if TYPE_CHECKING:
     from model.generate import SamplingParams
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _console(stderr: bool = False, **options) -> Console:
+    """A rich console that honours NO_COLOR (https://no-color.org) as no styling at all: rich
+    alone drops only the colours and keeps bold and underline escapes. Off a terminal, tables
+    are 160 columns wide rather than rich's 80."""
+    if os.environ.get("NO_COLOR"):
+        options["color_system"] = None
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160, **options)
+
+
+err = _console(stderr=True, soft_wrap=True)
 # the errors a user's input or files cause, by module: torch, textual and rich.progress are
 # imported only by the commands that need them (`--help`, `list` and `plan` answer in a blink),
 # and an error class whose module was never imported cannot have been raised
@@ -51,37 +63,66 @@ def say(msg: str) -> None:
     err.print(msg, markup=False)
 
 
+class _Steps:
+    """A long command's steps on stderr. Each step is said once, on its own line, and off a
+    terminal that is all there is (a log gets one line per step, nothing redrawn); on a terminal
+    a transient bar under the lines shows the running step's progress and its elapsed time, so a
+    step without progress (compiling) still shows that it is running."""
+
+    def __init__(self) -> None:
+        self.bar = _progress() if err.is_terminal else None
+        self.task = None
+
+    def __enter__(self) -> "_Steps":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def say(self, line: str) -> None:
+        """A new step (or a result): said once; the bar restarts under it, with its own clock."""
+        say(line)
+        if self.bar is not None:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(line[:48], total=None)
+
+    def progress(self, done: int, total: int, what: str) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task(what[:48], total=None)
+        self.bar.update(self.task, completed=done, total=total, description=what[:48])
+
+
 # ---------------------------------------------------------------- pull / import / list / rm
-def import_with_progress(path: Path, name: str | None, replace: bool = False) -> store.ModelEntry:
-    from .importer import import_checkpoint
-
-    with _progress() as bar:
-        task = bar.add_task(f"Converting {path.name}", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"Converting {what[:40]}")
-
-        entry = import_checkpoint(path, name=name, replace=replace, progress=progress)
-    say(f"Installed {entry.ref} in {entry.path} ({entry.size_bytes / 1e6:.0f} MB)")
-    return entry
-
-
 def import_model(path: Path, name: str | None, replace: bool = False, keep_float: bool = False) -> store.ModelEntry:
     """`llamadesk import`: the source, then what makes it ready to chat (packed variants of a
     float source), a float copy of a GGUF's blocks if asked, and one quality line."""
+    from .importer import import_checkpoint
     from .variants import make_chat_variants, quick_quality, write_float_copy
 
-    source = import_with_progress(path, name, replace=replace)
-    if keep_float and source.manifest.get("quant"):
-        say(f"Installed {write_float_copy(source, replace=replace).ref} (the file's values as fp32)")
-    made = []
-    for entry in make_chat_variants(source, replace=replace):
-        say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
-        made.append(entry)
-    if made and _fits_twice(source):
-        q = quick_quality(source, made[-1])
-        say(f"{made[-1].ref} against {source.ref} on {q['tokens']} tokens: perplexity {q['ppl_reference']:.3f} -> "
-            f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), top-1 agreement {q['top1_agreement'] * 100:.1f}%")
+    with _Steps() as steps:
+        steps.say(f"Converting {path.name}")
+        source = import_checkpoint(path, name=name, replace=replace,
+                                   progress=lambda d, t, w: steps.progress(d, t, f"Converting {w}"))
+        steps.say(f"Installed {source.ref} in {source.path} ({source.size_bytes / 1e6:.0f} MB)")
+        if keep_float and source.manifest.get("quant"):
+            steps.say(f"Writing {source.name}:float (the file's values as fp32)")
+            steps.say(f"Installed {write_float_copy(source, replace=replace, progress=steps.progress).ref}")
+        made = make_chat_variants(source, replace=replace, say=steps.say,
+                                  progress=lambda d, t, w: steps.progress(d, t, f"Packing {w}"))
+        for entry in made:
+            say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
+        if made and _fits_twice(source):
+            steps.say(f"Measuring {made[-1].ref} against {source.ref}")
+            q = quick_quality(source, made[-1])
+            say(f"{made[-1].ref} against {source.ref} on {q['tokens']} tokens: perplexity {q['ppl_reference']:.3f} -> "
+                f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), "
+                f"top-1 agreement {q['top1_agreement'] * 100:.1f}%")
     return source
 
 
@@ -99,14 +140,10 @@ def _fits_twice(source: store.ModelEntry) -> bool:
 
 
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
-    """`llamadesk pull`: app.pull.pull_model with its steps said and a progress bar on stderr."""
-    with _progress() as bar:
-        task = bar.add_task("Pulling", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what[:48])
-
-        return pull.pull_model(name, replace, say=say, progress=progress)
+    """`llamadesk pull`: app.pull.pull_model with each step said on stderr (and, on a terminal,
+    its progress and elapsed time)."""
+    with _Steps() as steps:
+        return pull.pull_model(name, replace, say=steps.say, progress=steps.progress)
 
 
 def ensure_model(ref: str | None) -> str | None:
@@ -145,19 +182,20 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
         opts = QuantOptions(scheme, group_size=group_size, head=head, embeddings=embeddings)
     except ValueError as e:
         raise UserError(str(e)) from None
-    with _progress() as bar:
-        task = bar.add_task("Packing", total=None)
-
-        packing = {"done": False}
+    report_tokens = REPORT_TOKENS if report else 0
+    with _Steps() as steps:
+        steps.say(f"Packing {ref} to {scheme}")
+        measuring = {"said": False}
 
         def progress(done: int, total: int, what: str) -> None:
-            if what == "done":
-                packing["done"] = True
-            verb = "Measuring quality" if packing["done"] and what != "done" else "Packing"
-            bar.update(task, completed=done, total=total, description=f"{verb}: {what[:40]}")
+            # the packing's last call says "done"; the quality report's calls come after it
+            if what == "done" and report_tokens and not measuring["said"]:
+                measuring["said"] = True
+                steps.say(f"Measuring quality on {report_tokens} tokens of Python's reference text")
+            elif what != "done":
+                steps.progress(done, total, f"{'Scoring' if measuring['said'] else 'Packing'} {what}")
 
-        entry = quantize_variant(ref, opts, out, replace=replace, progress=progress,
-                                 report_tokens=REPORT_TOKENS if report else 0)
+        entry = quantize_variant(ref, opts, out, replace=replace, progress=progress, report_tokens=report_tokens)
     report = entry.manifest["quant"]["report"]
     rows = report["tensors"]
     worst = min(rows, key=lambda r: r["sqnr_db"])
@@ -236,7 +274,7 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
     for r, why in skipped:
         table.add_row(r, "", "", "", "", "", "", "", "", end_section=False)
         table.add_row(f"  skipped: {why}", "", "", "", "", "", "", "", "")
-    Console(width=None if sys.stdout.isatty() else 160, highlight=False).print(table)
+    _console().print(table)
     if vs_llamacpp and len(results) > 1:
         ref_r = results[-1]
         say(f"DRAM read bandwidth measured here: {bandwidth:.1f} GB/s ({ref_r.threads} threads)")
@@ -264,7 +302,7 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: s
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0 if result.chosen else 1
-    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    out = _console()
     out.print(f"Device: {device.kind} ({device.name}), {format_bytes(device.free_bytes)} free of "
               f"{format_bytes(device.total_bytes)}" + (f", bounded by {device.limit}" if device.limit else ""),
               markup=False)

@@ -155,7 +155,7 @@ def compile_decode_kernel(say=None) -> bool:
         raise UserError(str(e)) from None
     cache = pull.cache_dir()
     if not extension.is_built(cache) and say:
-        say("Compiling the fast decode step for this CPU (once per machine, ~30 s)...")
+        say("Compiling the fast decode step for this CPU (once per machine: ~30 s idle, minutes when busy)")
     return extension.load_extension(cache) is not None
 
 

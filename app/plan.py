@@ -292,6 +292,8 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
         why = chosen + _alternative(rows, ctx, asked)
         if asked:
             why += _int8_alternative(pool, device, ctx, kv_dtype)
+        if why == chosen:  # no variant fits that context with any KV cache
+            why += _shorter_or_more_memory(pool, device, ctx, kv_dtype if asked else None)
         return PlanResult(device, None, rows, why), pool
     return PlanResult(device, chosen, rows, chosen.why), pool
 
@@ -329,7 +331,7 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
                 # the target, not all that fits: a 128k-token cache would cost memory every load and,
                 # on a GPU, time every token (the CUDA-graph step reads the whole cache); --ctx asks for more
                 return _plan(c, target, device, kv, _why(c, target, same_model, n_params < biggest, free, device,
-                                                         longest)
+                                                         longest, len({x.model for x, _, _ in pool}))
                              + _kv_why(c, target, kv, kv_asked, device))
         # no variant of this model reaches its target: take the most precise that reaches the floor,
         # of equally precise ones the longest context
@@ -346,21 +348,29 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
             f"context{with_kv}")
 
 
-def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device, longest: int) -> str:
+def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device, longest: int,
+         n_models: int) -> str:
+    """Why `c`: first the model (among `n_models` installed ones), then its variant."""
     more_bits = [x for x, _, _ in same_model if x.bits > c.bits and not _slow_float(x, device)]
     slow = [x for x, _, _ in same_model if x.bits > c.bits and _slow_float(x, device)]
-    parts = [f"{c.model}:{c.variant}"]
+    where = f"in {free} of {device.kind} memory"
     if smaller:
-        parts.append("is the largest model that fits")
+        parts = [f"{c.model} is the largest model that fits {where},"]
+    elif n_models == 1:
+        parts = [f"{c.model} is the only model installed and fits {where},"]
     else:
-        parts.append("is the largest installed model")
+        parts = [f"{c.model} is the largest of the {n_models} installed models and fits {where},"]
     if more_bits:
-        parts.append(f"and {c.variant} the most bits that still allow {min(c.max_ctx, TARGET_CTX)} tokens "
+        parts.append(f"{c.variant} its most bits that still allow {min(c.max_ctx, TARGET_CTX)} tokens "
                      f"({', '.join(x.variant for x in more_bits)} would not)")
+    elif len(same_model) > 1:
+        parts.append(f"{c.variant} its most precise variant")
+    else:
+        parts.append(f"{c.variant} its only variant that runs here")
     if slow and not _slow_float(c, device):
         parts.append(f"({', '.join(x.variant for x in slow)} runs slower on the {device.kind})")
     more = f" (up to {longest} would fit: --ctx)" if longest > ctx else ""
-    parts.append(f"in {free} of {device.kind} memory; the context is {ctx} tokens{more}")
+    parts[-1] += f"; the context is {ctx} tokens{more}"
     tied = [x for x, _, _ in same_model if x.variant == "source" and x.bits == c.bits and x is not c]
     if tied:
         parts[-1] += (f"; it holds the source's own {c.bits:g}-bit values in "
@@ -405,6 +415,34 @@ def _int8_alternative(pool, device: Device, ctx: int | None, kv_asked: str) -> s
         if need <= c.max_ctx and longest >= need:
             return f"; with --kv-dtype int8, {c.model}:{c.variant} would fit with up to {longest} tokens"
     return ""
+
+
+def _shorter_or_more_memory(pool, device: Device, ctx: int | None, kv_asked: str | None) -> str:
+    """Where nothing fits the asked context (or MIN_CTX): the longest shorter context that would
+    fit, else the free memory the least demanding variant needs. Unless the user fixed the KV
+    dtype, both count with an int8 cache: at a fixed --ctx the plan takes one where it helps."""
+    if not pool:
+        return ""
+    kv = kv_asked or "int8"
+    with_kv = "" if kv_asked else " (an int8 KV cache)"
+    shorter = [(n, c) for n, c in ((longest_context(c, device, kv), c) for c, _, _ in pool) if n]
+    if shorter:
+        n, c = max(shorter, key=lambda e: (e[0], e[1].bits))
+        return f"; {c.model}:{c.variant} would run with --ctx {n}{with_kv}"
+    least = [(free_bytes_needed(c, min(ctx or MIN_CTX, c.max_ctx), device, kv), c) for c, _, _ in pool]
+    need, c = min(least, key=lambda e: e[0])
+    return (f"; the least it takes is {c.model}:{c.variant} with {min(ctx or MIN_CTX, c.max_ctx)} tokens of context"
+            f"{with_kv}: {format_bytes(need)} free")
+
+
+def free_bytes_needed(c: Candidate, ctx: int, device: Device, kv_dtype: str = "auto") -> int:
+    """The least free memory (to 1 MiB) at which `c` fits `ctx` tokens on a device like this one:
+    the margin grows with the free memory, so it is searched, not added."""
+    lo, hi = 0, 1 << 50  # 1 PiB: more than any machine this plans for
+    while hi - lo > 1 << 20:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(c, ctx, replace(device, free_bytes=mid), kv_dtype) else (mid, hi)
+    return hi
 
 
 # ---------------------------------------------------------------- candidates

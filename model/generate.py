@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
+from .args import ModelArgs
 from .model import Transformer
 
 
@@ -81,16 +82,65 @@ class EagerDecoder:
                             for i in range(tokens.shape[0])])  # (B, V)
 
 
+PREFILL_CHUNK = 512  # prompt tokens per forward: big enough for GEMM speed, small for memory
+# One layer over one chunk is the longest a stop waits during a prompt (see prefill). 8 GFLOP takes
+# ~0.1 s at the ~75 GFLOP/s a 2-core AVX2 EPYC prefilled a 1.2B int4 Llama at (31 tok/s, measured
+# 2026-11-30); the default model's layers stay far under it at 512 tokens (measured on the 2-core
+# Xeon: 26 ms a layer fp32, 50 ms int4).
+LAYER_STEP_FLOPS = 8e9
+MIN_PREFILL_CHUNK = 64  # below this the int4 kernels lose most of their prefill speed (measured: 32 is 7x slower)
+
+
+def prefill_chunk(args: ModelArgs) -> int:
+    """Prompt tokens per prefill chunk for a model of this shape: PREFILL_CHUNK, halved while one
+    layer over a chunk (2 FLOPs per weight per token) costs more than LAYER_STEP_FLOPS, down to
+    MIN_PREFILL_CHUNK. 512 for SmolLM2-135M, 64 for a 1.2B Llama (61M weights a layer)."""
+    layer_weights = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.ffn_dim
+    chunk = PREFILL_CHUNK
+    while chunk > MIN_PREFILL_CHUNK and 2 * layer_weights * chunk > LAYER_STEP_FLOPS:
+        chunk //= 2
+    return chunk
+
+
+class _Stopped(Exception):
+    """Raised between two layers of a prefill whose cancel event was set."""
+
+
 @torch.inference_mode()
-def prefill(model: Transformer, tokens: list[int], start_pos: int = 0, chunk: int = 512,
-            cache_row: int = 0) -> torch.Tensor:
-    """Run the prompt through the model in chunks into KV-cache row `cache_row`; return the last
-    position's logits (V,)."""
+def prefill(model: Transformer, tokens: list[int], start_pos: int = 0, chunk: int | None = None,
+            cache_row: int = 0, cancel: threading.Event | None = None) -> torch.Tensor | None:
+    """Run the prompt through the model in chunks (default: prefill_chunk(model.args) tokens) into
+    KV-cache row `cache_row`; return the last position's logits (V,).
+
+    With `cancel`, returns None once it is set: it is checked before every chunk and before every
+    layer (a forward pre-hook, so the model stays unaware), so a stop waits for one layer over one
+    chunk at most, not a whole prompt (a 1.1k-token prompt on an fp32 source took ~5 s). The
+    cache rows the stopped chunk was writing hold partial values: the caller treats every
+    position from `start_pos` on as not cached."""
+    chunk = chunk or prefill_chunk(model.args)
     ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(0)  # (1, T)
+    hooks = []
+    if cancel is not None:
+        thread = threading.get_ident()
+
+        def check(module, args) -> None:
+            # the hook sits on shared modules: another thread's forward (a server row) is not ours to stop
+            if cancel.is_set() and threading.get_ident() == thread:
+                raise _Stopped
+
+        hooks = [layer.register_forward_pre_hook(check) for layer in model.layers]
     logits = None
-    for s in range(0, len(tokens), chunk):
-        part = ids[:, s : s + chunk]
-        logits = model(part, start_pos + s, last_only=True, cache_row=cache_row)
+    try:
+        for s in range(0, len(tokens), chunk):
+            if cancel is not None and cancel.is_set():
+                return None
+            part = ids[:, s : s + chunk]
+            logits = model(part, start_pos + s, last_only=True, cache_row=cache_row)
+    except _Stopped:
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
     return logits[0, -1]
 
 
@@ -176,7 +226,9 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id
     # purpose ("The capital of France is..."), and penalizing them drove the default model to
     # answer an English question in French at the default settings (penalty 1.1)
     reply: list[int] = []
-    logits = prefill(model, prompt, start_pos, cache_row=cache_row)
+    logits = prefill(model, prompt, start_pos, cache_row=cache_row, cancel=cancel)
+    if logits is None:  # stopped during the prompt
+        return
     pos = end
     for _ in range(max_new_tokens):
         if cancel is not None and cancel.is_set():

@@ -202,3 +202,69 @@ def test_version_and_help_on_every_argument(capsys):
     assert missing == []
     pull_help = commands.choices["pull"].format_help()
     assert "smollm2-135m-instruct" in pull_help
+
+
+# ---------------------------------------------------------------- steps said, colour asked away
+@pytest.mark.e2e
+def test_long_commands_say_each_step_once_on_stderr_off_a_terminal(tmp_path):
+    """import and quantize with stderr a pipe (a log, a CI job): one line per step, no progress
+    redrawn (no carriage return, no escape code), nothing on stdout."""
+    from tiny_checkpoints import tiny_checkpoint
+
+    folder, _ = tiny_checkpoint(tmp_path)
+    home = tmp_path / "home"
+    r = llamadesk("import", str(folder), "--name", "tiny", home=home)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and "\r" not in r.stderr and "\x1b" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == "Converting hf" and lines[1].startswith("Installed tiny:source in ")
+    assert lines[2:4] == ["Packing tiny:int8", "Packed tiny:int8 (0 MB)"]
+    assert lines[4] == "Measuring tiny:int8 against tiny:source" and lines[5].startswith("tiny:int8 against tiny:source")
+    assert len(lines) == 6
+
+    r = llamadesk("quantize", "tiny", "--scheme", "int4", home=home)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and "\r" not in r.stderr and "\x1b" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[:2] == ["Packing tiny to int4", "Measuring quality on 2048 tokens of Python's reference text"]
+    assert lines[2].startswith("Packed ") and lines[-1].startswith("Installed tiny:int4 in ")
+
+
+def in_a_terminal(*args, home, env: dict) -> str:
+    """`llamadesk ARGS` with stdout and stderr on a pseudo-terminal: what a user's terminal gets."""
+    import pty
+
+    leader, follower = pty.openpty()
+    environment = dict(os.environ, LLAMADESK_HOME=str(home), TERM="xterm-256color", COLUMNS="120", **env)
+    environment.pop("FORCE_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=follower, env=environment)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=60)
+    os.close(leader)
+    return out.decode("utf-8", "replace")
+
+
+@pytest.mark.e2e
+def test_no_color_means_no_escape_codes_in_a_terminal(tmp_path):
+    from tiny_checkpoints import tiny_checkpoint
+
+    folder, _ = tiny_checkpoint(tmp_path)
+    home = tmp_path / "home"
+    assert llamadesk("import", str(folder), "--name", "tiny", home=home).returncode == 0
+    for args in (("plan",), ("list",), ("show", "tiny"), ("rm", "nope")):
+        coloured = in_a_terminal(*args, home=home, env={})
+        plain = in_a_terminal(*args, home=home, env={"NO_COLOR": "1"})
+        assert "tiny" in plain or "nope" in plain
+        assert "\x1b" not in plain, (args, plain)
+        if args == ("plan",):
+            assert "\x1b[" in coloured  # the table's styles: the check above is not vacuous

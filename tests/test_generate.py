@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model.args import ModelArgs
-from model.generate import EagerDecoder, SamplingParams, decode_one_token, generate, prefill, sample
+from model.generate import (EagerDecoder, SamplingParams, decode_one_token, generate, prefill, prefill_chunk,
+                            sample)
 from model.model import Transformer
 
 
@@ -163,6 +164,57 @@ def test_max_tokens_and_cancel(tiny):
         if len(out) == 3:
             cancel.set()
     assert len(out) == 3
+
+
+class LayerCounter:
+    """Counts the layers a forward runs and sets `cancel` when layer number `stop_at` (from 1,
+    over all chunks) has run: Esc pressed while the model is in the middle of a prompt."""
+
+    def __init__(self, model, cancel: threading.Event, stop_at: int):
+        self.ran, self.ran_after_stop, self.cancel, self.stop_at = 0, 0, cancel, stop_at
+        self.hooks = [layer.register_forward_hook(self.count) for layer in model.layers]
+
+    def count(self, module, args, output) -> None:
+        if self.cancel.is_set():
+            self.ran_after_stop += 1
+        self.ran += 1
+        if self.ran == self.stop_at:
+            self.cancel.set()
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3])  # inside the first chunk, at its end, inside the second
+def test_a_stop_during_the_prompt_lands_before_the_next_layer(tiny, stop_at):
+    cancel = threading.Event()
+    counter = LayerCounter(tiny, cancel, stop_at)
+    try:
+        # 5 chunks of 8 tokens, 2 layers each: without the stop, 10 layer runs
+        assert prefill(tiny, list(range(3, 43)), chunk=8, cancel=cancel) is None
+    finally:
+        counter.remove()
+    assert counter.ran == stop_at and counter.ran_after_stop == 0
+
+
+def test_a_stop_during_the_prompt_ends_generation_with_no_token(tiny):
+    cancel = threading.Event()
+    counter = LayerCounter(tiny, cancel, stop_at=1)
+    try:
+        assert list(generate(tiny, list(range(3, 43)), 10, params=SamplingParams(temperature=0), cancel=cancel)) == []
+    finally:
+        counter.remove()
+    assert counter.ran == 1
+    # the stop's hooks are gone: the next prompt runs whole
+    assert prefill(tiny, [4, 5, 6], cancel=threading.Event()) is not None
+
+
+def test_prefill_chunks_shrink_for_big_layers():
+    smollm2_135m = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536)
+    llama_1b = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=8192)
+    llama_8b = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=14336)
+    assert (prefill_chunk(smollm2_135m), prefill_chunk(llama_1b), prefill_chunk(llama_8b)) == (512, 64, 64)
 
 
 def test_generation_stops_at_the_end_of_the_cache(tiny):

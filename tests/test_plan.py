@@ -322,3 +322,35 @@ def test_parallel_requests_are_planned_with_every_slot_full():
     assert "4 parallel requests" in four.why and "parallel" not in one.why
     cand = replace(installed(dev, {"llama3-8b": ("int4",)})[0], slots=4)
     assert not fits(cand, four.ctx + 256, dev, four.kv_dtype)
+
+
+def test_why_names_the_model_then_its_variant():
+    dev = cpu(16)
+    r = plan_memory(installed(dev, {"smollm2-135m": ("source", "int8", "int4")}), dev)
+    assert r.why.startswith("smollm2-135m is the only model installed and fits in 16.00 GiB of cpu memory, "
+                            "int8 its most precise variant")
+    r = plan_memory(installed(dev, {"smollm2-135m": ALL, "llama3-8b": ("int4",)}), dev)
+    assert r.why.startswith("llama3-8b is the largest of the 2 installed models and fits in 16.00 GiB of cpu memory, "
+                            "int4 its only variant that runs here")
+
+
+def test_when_nothing_fits_the_plan_says_how_much_memory_would():
+    dev = cpu(1)
+    pool = installed(dev, {"smollm2-135m": ("int8", "int4")})
+    r = plan_memory(pool, dev)
+    assert r.chosen is None and "; the least it takes is smollm2-135m:int4 with 2048 tokens of context" in r.why
+    need = parse_bytes(r.why.rsplit(": ", 1)[1].removesuffix(" free"))
+    # what it names is enough, and not much more than enough (it is shown to 0.01 GiB)
+    enough = Device("cpu", "test CPU", need + (6 << 20), need + (6 << 20))
+    assert plan_memory(installed(enough, {"smollm2-135m": ("int8", "int4")}), enough).chosen.ctx >= 2048
+    short = Device("cpu", "test CPU", need - (32 << 20), need - (32 << 20))
+    assert plan_memory(installed(short, {"smollm2-135m": ("int8", "int4")}), short).chosen is None
+
+
+def test_when_only_a_short_context_fits_the_plan_says_which():
+    dev = gpu(6)  # llama3-8b:int4's weights fit, with room for less than 2048 tokens beside them
+    r = plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev, ctx=4096, kv_dtype="bf16")
+    assert r.chosen is None
+    shorter = int(r.why.rsplit("--ctx ", 1)[1])
+    assert r.why.endswith(f"; llama3-8b:int4 would run with --ctx {shorter}") and shorter < 4096
+    assert plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev, ctx=shorter, kv_dtype="bf16").chosen.ctx == shorter

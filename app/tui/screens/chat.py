@@ -3,7 +3,8 @@
 The screen owns the history, the loaded model and the reply in flight. Loading and generating run
 in thread workers. The reply worker puts text pieces on a queue that a timer drains about 30 times
 a second into the reply's Markdown stream, so a fast model costs the UI one update per frame, not
-one per token. Esc sets the reply's cancel event; the engine checks it before every token, a
+one per token. Esc sets the reply's cancel event; the reply worker checks it between its steps, the
+engine before every token and between the layers of a prompt (a stop lands within ~0.1 s), and a
 remote model (app.remote.RemoteChat) before every chunk, closing the stream.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .dialogs import ConfirmDialog
 
 DRAIN_INTERVAL_S = 1 / 30
 NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
-SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar starts hidden
+SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar and the footer start hidden
 
 
 @dataclass
@@ -98,8 +99,12 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_resize(self, event) -> None:
-        # below 80 columns the transcript needs the room: the sidebar folds away (Ctrl+B shows it)
-        self.query_one("#sidebar").display = event.size.width >= SIDEBAR_MIN_WIDTH
+        # below 80 columns the transcript needs the room: the sidebar folds away (Ctrl+B shows it),
+        # and so does the footer, whose keys would be cut (even compact they need 76 columns);
+        # the welcome line names F1 and Ctrl+P, which list every key
+        wide = event.size.width >= SIDEBAR_MIN_WIDTH
+        self.query_one("#sidebar").display = wide
+        self.query_one(Footer).display = wide
 
     async def on_mount(self) -> None:
         self.query_one("#sidebar").border_title = "Chats"
@@ -521,6 +526,9 @@ class ChatScreen(Screen):
                     pieces.put(_Sources([p.to_dict() for p in passages]))
             fitted = fit_to_context(messages, model.count_tokens, model.ctx, room)
             pieces.put(PromptFitted(fitted.prompt_tokens, fitted.dropped, model.ctx))
+            if cancel.is_set():  # Esc while documents were searched or the conversation was counted
+                pieces.put(ReplyEnded(stopped=True, context_used=model.context_used()))
+                return
             for piece in model.stream(fitted.messages, params, settings.max_tokens, cancel):
                 pieces.put(piece)
             stats = model.last

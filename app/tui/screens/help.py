@@ -17,7 +17,9 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         table = Table(box=None, show_header=False, padding=(0, 2, 0, 0), expand=True)
-        table.add_column(style="bold", no_wrap=True)
+        # keys wrap at their commas ("Shift+Enter," over "Ctrl+J"): on a narrow terminal what a key
+        # does needs the room
+        table.add_column(style="bold", max_width=14)
         table.add_column(no_wrap=True)
         table.add_column(style="dim")
         for key, title, why in self.rows:

@@ -47,6 +47,14 @@ class SettingsModal(ModalScreen["ChatSettings | None"]):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
 
+    def on_mount(self) -> None:
+        # focusing the system prompt scrolls a dialog taller than the terminal past its title
+        self.call_after_refresh(self.query_one("#settings").scroll_home, animate=False)
+
+    def on_resize(self, event) -> None:
+        # four knobs a row need ~80 columns; on a narrow terminal two a row keep labels on one line
+        self.set_class(event.size.width < 80, "-narrow")
+
     def _read(self) -> ChatSettings:
         values = {"system": self.query_one("#system", TextArea).text.strip()}
         for name, label, parse in _FIELDS:

@@ -7,18 +7,25 @@ from textual.widget import Widget
 
 
 class StatusLine(Widget):
-    model: reactive[str] = reactive("no model")
-    variant: reactive[str] = reactive("")
-    device: reactive[str] = reactive("")
-    ctx_used: reactive[int] = reactive(0)
-    ctx_total: reactive[int] = reactive(0)
-    ctx_estimated: reactive[bool] = reactive(False)  # a server that reports no context: our own count
-    tokens_per_s: reactive[float | None] = reactive(None)
-    memory_bytes: reactive[int | None] = reactive(None)
-    activity: reactive[str] = reactive("")
-    docs: reactive[str] = reactive("")  # what answers quote: collections, an attached file
+    # layout=True: on a narrow terminal a longer line wraps to a second row, so the height changes
+    model: reactive[str] = reactive("no model", layout=True)
+    variant: reactive[str] = reactive("", layout=True)
+    device: reactive[str] = reactive("", layout=True)
+    ctx_used: reactive[int] = reactive(0, layout=True)
+    ctx_total: reactive[int] = reactive(0, layout=True)
+    ctx_estimated: reactive[bool] = reactive(False, layout=True)  # a server that reports no context: our own count
+    tokens_per_s: reactive[float | None] = reactive(None, layout=True)
+    memory_bytes: reactive[int | None] = reactive(None, layout=True)
+    activity: reactive[str] = reactive("", layout=True)
+    docs: reactive[str] = reactive("", layout=True)  # what answers quote: collections, an attached file
 
     def render(self) -> Text:
+        return self._fit(self.size.width)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return self._fit(width).plain.count("\n") + 1
+
+    def _fit(self, width: int) -> Text:
         parts = [(self.model, "bold")]
         if self.variant:
             parts.append((self.variant, ""))
@@ -33,12 +40,18 @@ class StatusLine(Widget):
             parts.append((f"RSS {self.memory_bytes / 2**20:,.0f} MiB", ""))
         if self.docs:
             parts.append((f"docs: {self.docs}", ""))
-        text = Text(" ")
-        for i, (part, style) in enumerate(parts):
-            if i:
-                text.append(" · ", "dim")
-            text.append(part, style)
         if self.activity:
-            text.append("  ")
-            text.append(self.activity, "italic")
+            parts.append((self.activity, "italic"))
+        # parts go on one line while they fit the width; on a narrow terminal a wrap falls between
+        # two parts, never inside one ("RSS 300" over "MiB")
+        text, used = Text(" "), 1
+        for i, (part, style) in enumerate(parts):
+            if i and used + 3 + len(part) > width:
+                text.append("\n ")
+                used = 1
+            elif i:
+                text.append(" · ", "dim")
+                used += 3
+            text.append(part, style)
+            used += len(part)
         return text
