@@ -98,6 +98,16 @@ class _Steps:
         self.bar.update(self.task, completed=done, total=total, description=what[:48])
 
 
+def _loading(ref: str | None):
+    """A transient "Loading REF" spinner on a terminal's stderr while a model loads (seconds on a
+    large one); nothing off a terminal, where `ask`'s stderr stays for errors."""
+    import contextlib
+
+    from rich.text import Text
+
+    return err.status(Text(f"Loading {ref}" if ref else "Loading the model"), spinner="dots") if err.is_terminal else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------- pull / import / list / rm
 def import_model(path: Path, name: str | None, replace: bool = False, keep_float: bool = False) -> store.ModelEntry:
     """`llamadesk import`: the source, then what makes it ready to chat (packed variants of a
@@ -335,8 +345,9 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
     grounds, prompt = Grounds.pick(prompt, docs, file)
     ref = ensure_model(model)
     pull.compile_decode_step(say)
-    engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
-                         threads=threads, kv_dtype=kv_dtype, chat_format=chat_format)
+    with _loading(ref):
+        engine = Engine.load(ref, ctx=ctx, verify=verbose, say=say if verbose else None, precise=precise,
+                             threads=threads, kv_dtype=kv_dtype, chat_format=chat_format)
     engine.parse_special = parse_special
     _say_guessed_format(engine)
     passages = None
@@ -426,7 +437,8 @@ def chat_plain(model: str | None, system: str | None, params: SamplingParams, ct
     loaded: list[str] = []  # `/set parameter num_ctx` reloads the model the plan chose first
 
     def load(n: int | None):
-        engine = Engine.load(loaded[0] if loaded else ref, ctx=n, kv_dtype=kv_dtype, chat_format=chat_format)
+        with _loading(loaded[0] if loaded else ref):
+            engine = Engine.load(loaded[0] if loaded else ref, ctx=n, kv_dtype=kv_dtype, chat_format=chat_format)
         if not loaded:
             _say_guessed_format(engine)
         loaded[:] = [engine.entry.ref]
