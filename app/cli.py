@@ -69,9 +69,14 @@ def import_with_progress(path: Path, name: str | None, replace: bool = False) ->
 def import_model(path: Path, name: str | None, replace: bool = False, keep_float: bool = False) -> store.ModelEntry:
     """`llamadesk import`: the source, then what makes it ready to chat (packed variants of a
     float source), a float copy of a GGUF's blocks if asked, and one quality line."""
+    return ready_to_chat(import_with_progress(path, name, replace=replace), replace, keep_float)
+
+
+def ready_to_chat(source: store.ModelEntry, replace: bool = False, keep_float: bool = False) -> store.ModelEntry:
+    """After an import or a Hub pull: packed variants of a float source (or a float copy of a
+    GGUF's blocks if asked), and one quality line."""
     from .variants import make_chat_variants, quick_quality, write_float_copy
 
-    source = import_with_progress(path, name, replace=replace)
     if keep_float and source.manifest.get("quant"):
         say(f"Installed {write_float_copy(source, replace=replace).ref} (the file's values as fp32)")
     made = []
@@ -99,14 +104,23 @@ def _fits_twice(source: store.ModelEntry) -> bool:
 
 
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
-    """`llamadesk pull`: app.pull.pull_model with its steps said and a progress bar on stderr."""
+    """`llamadesk pull`: a catalog model (app.pull.pull_model), or a Hub repo (app.hub) made
+    ready to chat as an import is; its steps said and a progress bar on stderr."""
+    from .hub import parse_hub_ref, pull_from_hub
+
+    ref = parse_hub_ref(name) if name else None
     with _progress() as bar:
         task = bar.add_task("Pulling", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what[:48])
 
-        return pull.pull_model(name, replace, say=say, progress=progress)
+        if ref is None:
+            return pull.pull_model(name, replace, say=say, progress=progress)
+        source = pull_from_hub(ref, replace, say=say, progress=progress)
+    say(f"Installed {source.ref} in {source.path} ({source.size_bytes / 1e6:.0f} MB); "
+        f"`--model {ref.alias}` names it")
+    return ready_to_chat(source, replace)
 
 
 def ensure_model(ref: str | None) -> str | None:
@@ -576,8 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", type=Path, help="answer from this file (all of it if it fits, else its best parts)")
 
     default_model, catalog = pull.load_catalog()
-    p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("name", nargs="?", help=f"a catalog model: {', '.join(catalog)} (default {default_model})")
+    p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct) "
+                       "or a model from the Hugging Face Hub")
+    p.add_argument("name", nargs="?", help=f"a catalog model: {', '.join(catalog)} (default {default_model}); "
+                   "hf.co/OWNER/REPO[:QUANT] for a GGUF repo's file of that quant (default Q4_K_M); OWNER/REPO "
+                   "for a safetensors repo (a gated one needs HF_TOKEN)")
     p.add_argument("--force", action="store_true", help="reinstall even if installed")
 
     p = sub.add_parser("import", help="import a Hugging Face folder, Meta folder or GGUF file")
