@@ -38,8 +38,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, *loaded)
 
 
-def _progress():
-    """A transient progress bar on stderr: description, bar, done/total, elapsed."""
+def _progress(lines_off_terminal: bool = False):
+    """A transient progress bar on stderr: description, bar, done/total, elapsed. Off a terminal
+    (a log, a pipe) with `lines_off_terminal`: _StepLines, plain lines on stderr instead."""
+    if lines_off_terminal and not err.is_terminal:
+        return _StepLines()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # the description names files and models: data, never markup
@@ -49,6 +52,42 @@ def _progress():
 
 def say(msg: str) -> None:
     err.print(msg, markup=False)
+
+
+class _StepLines:
+    """Progress as lines on stderr, for a log: one when a step begins (the description up to its
+    colon: "Packing", "Measuring quality") and one every LINE_EVERY_S seconds within a long step,
+    with done/total and the seconds since the start. rich.progress's add_task/update subset."""
+
+    LINE_EVERY_S = 10.0
+
+    def __init__(self):
+        import time
+
+        self._clock = time.monotonic
+        self._start = self._last = self._clock()
+        self._step = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: int | None = None) -> int:
+        self.update(0, completed=0, total=total, description=description)
+        return 0
+
+    def update(self, task: int, completed: int | None = None, total: int | None = None,
+               description: str | None = None) -> None:
+        if description is None:
+            return
+        step, now = description.split(":")[0], self._clock()
+        if step == self._step and now - self._last < self.LINE_EVERY_S:
+            return
+        self._step, self._last = step, now
+        count = f" {completed}/{total}" if total else ""
+        say(f"{description}{count} [{now - self._start:.0f} s]")
 
 
 # ---------------------------------------------------------------- pull / import / list / rm
@@ -159,7 +198,7 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
         opts = QuantOptions(scheme, group_size=group_size, head=head, embeddings=embeddings)
     except ValueError as e:
         raise UserError(str(e)) from None
-    with _progress() as bar:
+    with _progress(lines_off_terminal=True) as bar:
         task = bar.add_task("Packing", total=None)
 
         packing = {"done": False}
@@ -193,7 +232,7 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
 def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     from .variants import eval_model
 
-    with _progress() as bar:
+    with _progress(lines_off_terminal=True) as bar:
         task = bar.add_task(f"Loading {ref}", total=None)
         entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: bar.update(
             task, completed=done, total=total, description=f"Scoring tokens ({what})"))

@@ -83,26 +83,43 @@ def compare(reference, candidate, ids: list[int], window: int = 512) -> Comparis
 def compare_all(reference, candidates: list, ids: list[int], window: int = 512,
                 progress: Progress = lambda d, t, w: None) -> list[Comparison]:
     """`compare` for several candidates against one reference, which runs once per window."""
-    nll_ref, n = 0.0, 0
-    nll, kl, agree = [0.0] * len(candidates), [0.0] * len(candidates), [0] * len(candidates)
+    scores = Agreement(len(candidates))
     chunks = list(windows(ids, window))
     total = sum(c.shape[1] - 1 for c in chunks)
     for chunk in chunks:
-        progress(n, total, "perplexity, KL, top-1")
-        targets = chunk[0, 1:]
-        ref = window_logits(reference, chunk)[:-1]  # (T-1, V)
-        nll_ref += F.cross_entropy(ref, targets, reduction="sum").item()
-        ref_logp, ref_top = F.log_softmax(ref, -1), ref.argmax(-1)
-        del ref
+        progress(scores.tokens, total, "perplexity, KL, top-1")
+        scores.reference(chunk[0, 1:], window_logits(reference, chunk)[:-1])
         for i, candidate in enumerate(candidates):
-            cand = window_logits(candidate, chunk)[:-1]
-            nll[i] += F.cross_entropy(cand, targets, reduction="sum").item()
-            kl[i] += F.kl_div(F.log_softmax(cand, -1), ref_logp, log_target=True, reduction="sum").item()
-            agree[i] += int((ref_top == cand.argmax(-1)).sum())
-        n += len(targets)
-    progress(n, total, "perplexity, KL, top-1")
-    return [Comparison(n, math.exp(nll_ref / n), math.exp(nll[i] / n), kl[i] / n, agree[i] / n)
-            for i in range(len(candidates))]
+            scores.candidate(i, window_logits(candidate, chunk)[:-1])
+    progress(scores.tokens, total, "perplexity, KL, top-1")
+    return scores.results()
+
+
+class Agreement:
+    """Perplexity, KL and top-1 agreement of candidates against a reference, summed window by
+    window: give each window's reference logits, then each candidate's, (T-1, V) fp32 each, so
+    only one candidate's logits are held beside the reference's log-probabilities."""
+
+    def __init__(self, candidates: int):
+        self.tokens, self.nll_ref = 0, 0.0
+        self.nll, self.kl, self.agree = [0.0] * candidates, [0.0] * candidates, [0] * candidates
+        self._targets = self._ref_logp = self._ref_top = None
+
+    def reference(self, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        self._targets = targets
+        self.nll_ref += F.cross_entropy(logits, targets, reduction="sum").item()
+        self._ref_logp, self._ref_top = F.log_softmax(logits, -1), logits.argmax(-1)
+        self.tokens += len(targets)
+
+    def candidate(self, i: int, logits: torch.Tensor) -> None:
+        self.nll[i] += F.cross_entropy(logits, self._targets, reduction="sum").item()
+        self.kl[i] += F.kl_div(F.log_softmax(logits, -1), self._ref_logp, log_target=True, reduction="sum").item()
+        self.agree[i] += int((self._ref_top == logits.argmax(-1)).sum())
+
+    def results(self) -> list[Comparison]:
+        n = self.tokens
+        return [Comparison(n, math.exp(self.nll_ref / n), math.exp(self.nll[i] / n), self.kl[i] / n,
+                           self.agree[i] / n) for i in range(len(self.nll))]
 
 
 # ---------------------------------------------------------------- the weights alone
