@@ -121,31 +121,31 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], args: ModelArgs) -> 
 
 @torch.inference_mode()
 def compare_blockwise(source: store.ModelEntry, packed: store.ModelEntry, ids: list[int], window: int = 512,
-                      progress: Progress = lambda d, t, w: None) -> tuple[Comparison, Comparison]:
-    """(the variant as it runs, its weights alone) against the source, on `ids` in windows of
-    `window` tokens: quant.quality.compare_all's figures, with one block in memory at a time."""
-    runs = [BlockByBlock(source), BlockByBlock(packed), BlockByBlock(packed, unpacked=True)]
+                      progress: Progress = lambda d, t, w: None, weights_only: bool = True) -> list[Comparison]:
+    """[the variant as it runs, and with `weights_only` its weights alone] against the source, on
+    `ids` in windows of `window` tokens: quant.quality.compare_all's figures, with one block in
+    memory at a time."""
+    runs = [BlockByBlock(source), BlockByBlock(packed)] + ([BlockByBlock(packed, unpacked=True)] if weights_only else [])
     args = runs[0].args
     chunks = list(windows(ids, window))
     groups = [torch.cat([c for c in chunks if c.shape[1] == T]) for T in sorted({c.shape[1] for c in chunks})]  # (B, T)
-    steps = 3 * args.n_layers + 2
+    steps = len(runs) * args.n_layers + 2
     progress(0, steps, "embedding")
     hidden = [[run.embed(tokens) for tokens in groups] for run in runs]
     for i in range(args.n_layers):
         for r, run in enumerate(runs):
-            progress(1 + 3 * i + r, steps, f"block {i + 1}/{args.n_layers}")
+            progress(1 + len(runs) * i + r, steps, f"block {i + 1}/{args.n_layers}")
             block = run.block(i)
             hidden[r] = run_block(block, hidden[r], args)
             del block
             release_freed_memory()
     progress(steps - 1, steps, "logits")
-    scores = Agreement(2)
+    scores = Agreement(len(runs) - 1)
     heads = [run.head() for run in runs]
     for g, tokens in enumerate(groups):
         for b in range(tokens.shape[0]):
             scores.reference(tokens[b, 1:], heads[0](hidden[0][g][b])[:-1])
-            for r in (1, 2):
+            for r in range(1, len(runs)):
                 scores.candidate(r - 1, heads[r](hidden[r][g][b])[:-1])
     progress(steps, steps, "logits")
-    as_run, weights_only = scores.results()
-    return as_run, weights_only
+    return scores.results()

@@ -118,28 +118,25 @@ def ready_to_chat(source: store.ModelEntry, replace: bool = False, keep_float: b
 
     if keep_float and source.manifest.get("quant"):
         say(f"Installed {write_float_copy(source, replace=replace).ref} (the file's values as fp32)")
-    made = []
-    for entry in make_chat_variants(source, replace=replace):
-        say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
-        made.append(entry)
-    if made and _fits_twice(source):
-        q = quick_quality(source, made[-1])
+    if source.manifest.get("quant"):  # a GGUF's blocks: packed already, and exactly the file's values
+        return source
+    with _progress(lines_off_terminal=True) as bar:
+        task = bar.add_task("Packing", total=None)
+        step = {"name": "Packing"}
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{step['name']}: {what[:40]}")
+
+        made = make_chat_variants(source, replace=replace, progress=progress)
+        for entry in made:
+            say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
+        if made:  # block by block (app.blockwise): one block in memory, tokens bounded by the size
+            step["name"] = "Measuring quality"
+            q = quick_quality(source, made[-1], progress=progress)
+    if made:
         say(f"{made[-1].ref} against {source.ref} on {q['tokens']} tokens: perplexity {q['ppl_reference']:.3f} -> "
             f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), top-1 agreement {q['top1_agreement'] * 100:.1f}%")
     return source
-
-
-def _fits_twice(source: store.ModelEntry) -> bool:
-    """Whether the quality line can load the source in fp32 beside a variant; says why not."""
-    import psutil
-    from model.args import ModelArgs
-
-    need = ModelArgs.from_dict(source.manifest["args"]).n_params * 4 * 3 // 2
-    if need < psutil.virtual_memory().available:
-        return True
-    say(f"Quality not measured: {source.ref} in fp32 needs more RAM than is free; "
-        f"`llamadesk eval` measures each variant on its own")
-    return False
 
 
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:

@@ -141,7 +141,8 @@ def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512,
 
 # ---------------------------------------------------------------- what an import adds
 FLOAT_COPY = "float"
-QUICK_TOKENS = 256  # the import's quality line: a few seconds on a small model, under 2 min on an 8B
+QUICK_TOKENS = 256  # the import's quality line: at most this many tokens of the reference text,
+QUICK_TOKEN_PARAMS = 4e11  # and at most this many tokens x parameters (see quick_tokens)
 
 
 def write_float_copy(source: store.ModelEntry, replace: bool = False,
@@ -182,15 +183,21 @@ def make_chat_variants(source: store.ModelEntry, replace: bool = False,
             for s in chat_variants(args)]
 
 
-def quick_quality(source: store.ModelEntry, packed: store.ModelEntry, tokens: int = QUICK_TOKENS) -> dict:
-    """The variant as it runs against its source on `tokens` tokens of the reference text, one
-    model pair in memory: perplexity both ways, KL, top-1 (quant.quality.Comparison.to_dict)."""
-    from .engine import load_model
+def quick_tokens(args: ModelArgs) -> int:
+    """How many tokens the import's quality line scores: its cost is about tokens x parameters
+    (each block is read once and runs every token), so a bigger model gets fewer, 64 at least:
+    256 up to 1.56B parameters, 64 for an 8B."""
+    return max(64, min(QUICK_TOKENS, int(QUICK_TOKEN_PARAMS / args.n_params)))
 
+
+def quick_quality(source: store.ModelEntry, packed: store.ModelEntry, tokens: int | None = None,
+                  progress: Progress = lambda d, t, w: None) -> dict:
+    """The variant as it runs against its source on `tokens` (default quick_tokens) tokens of
+    the reference text, in one window, block by block (app.blockwise): perplexity both ways, KL,
+    top-1 (quant.quality.Comparison.to_dict)."""
+    from .blockwise import compare_blockwise
+
+    tokens = tokens or quick_tokens(ModelArgs.from_dict(source.manifest["args"]))
     ids = text_ids(source, None, tokens)
-    window = min(tokens, len(ids))
-    ref_model = load_model(source, window)
-    runtime = load_model(packed, window)
-    with torch.inference_mode():
-        (result,) = compare_all(ref_model, [runtime], ids, window)
+    (result,) = compare_blockwise(source, packed, ids, len(ids), progress, weights_only=False)
     return result.to_dict()

@@ -90,3 +90,23 @@ def test_quantize_and_eval_off_a_terminal_say_each_step_on_stderr(tmp_path, monk
     out, err = capsys.readouterr()
     assert [line.split(" ")[0] for line in err.splitlines()] == ["Loading", "Scoring"]
     assert out.startswith("tiny:int8: perplexity ")  # the answer alone on stdout
+
+
+def test_the_import_quality_line_scores_fewer_tokens_on_bigger_models():
+    from app.variants import quick_tokens
+
+    smollm2 = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536, tie_embeddings=True)
+    issue_1_2b = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=49152, ffn_dim=8192)
+    llama3_8b = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=14336)
+    assert [quick_tokens(a) for a in (smollm2, issue_1_2b, llama3_8b)] == [256, 256, 64]
+
+
+def test_import_of_a_float_source_ends_with_one_quality_line(tmp_path, monkeypatch, capsys):
+    from app.cli import main
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path / "home"))
+    path, _ = tiny_checkpoint(tmp_path, "hf")
+    assert main(["import", str(path), "--name", "tiny"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "perplexity" in line]
+    # 256 tokens in one window: 255 predictions
+    assert len(lines) == 1 and lines[0].startswith("tiny:int8 against tiny:source on 255 tokens: perplexity ")
