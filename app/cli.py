@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default="int8", help="embedding table precision: int8 (default) or fp32")
     p.add_argument("--force", action="store_true", help="replace an existing variant of that name")
     p.add_argument("--no-report", action="store_true",
-                   help="skip the perplexity/KL/top-1 report (it loads source and variant together)")
+                   help="skip the perplexity/KL/top-1 report (source and variant over 2048 tokens, block by block)")
 
     p = sub.add_parser("eval", help="perplexity of an installed model on a text")
     p.add_argument("ref", help="installed model, NAME or NAME:VARIANT")

@@ -18,9 +18,10 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import store
 from .errors import UserError
@@ -36,6 +37,7 @@ HF_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "t
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 _QUANT = re.compile(r"^[a-z0-9_]+$", re.IGNORECASE)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_QUANT_IN_NAME = re.compile(r"[-._]((?:i?q\d|bf16|f16|f32)\w*?)(?:-\d{5}-of-\d{5})?\.gguf$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,14 @@ def pick_gguf(files: list[str], ref: HubRef) -> str:
                         f"supported, pick a quant kept in one file")
     if not ggufs:
         raise UserError(f"{ref.repo} holds no GGUF file; for a safetensors repo write `llamadesk pull {ref.repo}`")
-    quants = sorted({m.group(1).upper() for f in ggufs if (m := re.search(r"[-._]((?:i?q\d|f16|bf16|f32)[\w]*?)(?:-\d{5}-of-\d{5})?\.gguf$", f, re.I))})
-    raise UserError(f"{ref.repo} has no {ref.quant} GGUF (it has: {', '.join(quants) or ', '.join(ggufs)})")
+    quants = sorted({q for f in ggufs if (q := _quant_named(f))}) or ggufs
+    raise UserError(f"{ref.repo} has no {ref.quant} GGUF (it has: {', '.join(quants)})")
+
+
+def _quant_named(fname: str) -> str | None:
+    """The quant a GGUF's name ends with, upper-case: 'Llama-3.2-1B-Q4_K_M.gguf' -> 'Q4_K_M'."""
+    m = _QUANT_IN_NAME.search(fname)
+    return m.group(1).upper() if m else None
 
 
 def pick_hf_folder(files: list[str], ref: HubRef) -> list[str]:
@@ -220,36 +228,30 @@ def _bytes_reporter(progress: Progress, what: str, before: int, total: int):
     return BytesReporter
 
 
-class _hub_errors:
-    """The library's exceptions as one line each (a context manager around Hub calls)."""
+@contextmanager
+def _hub_errors(ref: HubRef, url: str) -> Iterator[None]:
+    """The library's exceptions, raised inside, as one UserError line each."""
+    import httpx2
+    from huggingface_hub import errors
 
-    def __init__(self, ref: HubRef, url: str):
-        self.ref, self.url = ref, url
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None or isinstance(error, UserError):
-            return False
-        import httpx2
-        from huggingface_hub import errors
-
-        where = f"{self.url}/{self.ref.repo}"
-        if isinstance(error, errors.GatedRepoError):
-            raise UserError(f"{where} is gated: accept its terms on the Hub while logged in, then set HF_TOKEN "
-                            f"to an access token of that account") from None
-        if isinstance(error, errors.RepositoryNotFoundError):
-            raise UserError(f"{where}: no such repo (or it is private: set HF_TOKEN to a token that can read it)") from None
-        if isinstance(error, (errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError)):
-            raise UserError(f"{where}: a file it lists is missing on the Hub ({_first_line(error)})") from None
-        if isinstance(error, (httpx2.TransportError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-            raise UserError(f"cannot reach {self.url} ({_first_line(error)}); check the network, or HF_ENDPOINT") from None
-        if isinstance(error, errors.HfHubHTTPError):
-            raise UserError(f"{where}: the Hub answered {_first_line(error)}") from None
-        if isinstance(error, OSError) and "Consistency check failed" in str(error):
-            raise UserError(f"{where}: the download kept being cut; run the pull again") from None
-        return False
+    where = f"{url}/{ref.repo}"
+    try:
+        yield
+    except errors.GatedRepoError:
+        raise UserError(f"{where} is gated: accept its terms on the Hub while logged in, then set HF_TOKEN "
+                        f"to an access token of that account") from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(f"{where}: no such repo (or it is private: set HF_TOKEN to a token that can read it)") from None
+    except (errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError) as e:
+        raise UserError(f"{where}: a file it lists is missing on the Hub ({_first_line(e)})") from None
+    except (httpx2.TransportError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
+        raise UserError(f"cannot reach {url} ({_first_line(e)}); check the network, or HF_ENDPOINT") from None
+    except errors.HfHubHTTPError as e:
+        raise UserError(f"{where}: the Hub answered {_first_line(e)}") from None
+    except OSError as e:
+        if "Consistency check failed" not in str(e):  # http_get's words for a download that stayed short
+            raise
+        raise UserError(f"{where}: the download kept being cut; run the pull again") from None
 
 
 def _first_line(error: BaseException) -> str:
