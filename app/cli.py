@@ -180,8 +180,9 @@ def list_models() -> None:
         from model.args import ModelArgs
 
         n = ModelArgs.from_dict(e.manifest["args"]).n_params
-        src = e.manifest.get("source", {}).get("format", "?")
-        print(f"{e.ref:40} {e.size_bytes / 1e6:7.0f}MB  {n / 1e6:6.0f}M  {src}")
+        source = e.manifest.get("source", {})
+        pulled = f" ({source['hub']['alias']})" if "hub" in source else ""  # what --model also takes
+        print(f"{e.ref:40} {e.size_bytes / 1e6:7.0f}MB  {n / 1e6:6.0f}M  {source.get('format', '?')}{pulled}")
 
 
 # ---------------------------------------------------------------- quantize / eval

@@ -182,13 +182,15 @@ def test_pull_picks_the_default_quant_resumes_a_cut_and_answers(hub, tmp_path, c
         assert capsys.readouterr().out.strip()
 
 
-def test_pull_takes_a_named_quant_in_any_case(hub, tmp_path):
+def test_pull_takes_a_named_quant_in_any_case(hub, tmp_path, capsys):
     hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
     assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF:q8_0"]) == 0
     (entry,) = store.list_entries()
     assert entry.name == "tiny-gguf-q8_0"
     assert entry.manifest["quant"]["layout"]["layers.0.attention.wq"]["scheme"] == "q8_0"
     assert store.find("hf.co/testorg/tiny-gguf:Q8_0").ref == entry.ref
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("gguf (hf.co/testorg/tiny-gguf:q8_0)")
 
 
 def test_a_wrong_hash_is_deleted_and_nothing_is_stored(hub, tmp_path, capsys):
