@@ -31,6 +31,7 @@ from .engine import activation_dtype, prepare_loaded
 
 Progress = Callable[[int, int, str], None]
 HEAD_ROWS = 8192  # a float head is applied this many vocabulary rows at a time (bounded fp32 copies)
+LOGIT_ROWS = 128  # positions whose logits are made at once: (128, V) fp32, 25 MB for a 49152 vocabulary
 
 
 class BlockByBlock:
@@ -64,7 +65,7 @@ class BlockByBlock:
         return self._ready(block)
 
     def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """(T, dim) final hidden states -> (T, V) fp32 logits."""
+        """(rows, dim) final hidden states -> (rows, V) fp32 logits."""
         skeleton = self._skeleton()
         norm = self._load(skeleton.norm, "norm.")
         prefix = "output." if any(k.startswith("output.") for k in self.files) else "tok_embeddings."  # tied
@@ -144,8 +145,11 @@ def compare_blockwise(source: store.ModelEntry, packed: store.ModelEntry, ids: l
     heads = [run.head() for run in runs]
     for g, tokens in enumerate(groups):
         for b in range(tokens.shape[0]):
-            scores.reference(tokens[b, 1:], heads[0](hidden[0][g][b])[:-1])
-            for r in range(1, len(runs)):
-                scores.candidate(r - 1, heads[r](hidden[r][g][b])[:-1])
+            # positions score independently: LOGIT_ROWS at a time bounds the (rows, V) logits
+            for p in range(0, tokens.shape[1] - 1, LOGIT_ROWS):
+                rows = slice(p, min(p + LOGIT_ROWS, tokens.shape[1] - 1))  # predicting tokens p+1..
+                scores.reference(tokens[b, rows.start + 1 : rows.stop + 1], heads[0](hidden[0][g][b, rows]))
+                for r in range(1, len(runs)):
+                    scores.candidate(r - 1, heads[r](hidden[r][g][b, rows]))
     progress(steps, steps, "logits")
     return scores.results()

@@ -126,26 +126,37 @@ class Agreement:
 class UnpackedLinear(nn.Module):
     """A packed layer run as F.linear on its unpacked fp32 weight, as the source runs.
 
-    The weight is unpacked at each call, so only one layer's fp32 copy is ever in memory."""
+    The weight is unpacked at each call, so only one layer's fp32 copy is ever in memory, and of
+    a layer with more than ROWS outputs (a vocabulary-sized head) only ROWS rows at a time: a
+    49152 x 2048 head is 400 MB in fp32, twice that while unpacking."""
+
+    ROWS = 8192
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer  # loaded, not prepared: it still holds the portable tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), unpacked_weight(self.layer)).to(x.dtype)
+        N = self.layer.out_features
+        if N <= self.ROWS or isinstance(self.layer, NF4Linear):  # NF4's blocks run across rows
+            return F.linear(x.float(), unpacked_weight(self.layer)).to(x.dtype)
+        parts = [F.linear(x.float(), unpacked_weight(self.layer, slice(r, r + self.ROWS))) for r in range(0, N, self.ROWS)]
+        return torch.cat(parts, -1).to(x.dtype)
 
 
-def unpacked_weight(layer: nn.Module) -> torch.Tensor:
-    """The fp32 (N, K) weight of a loaded, unprepared packed layer."""
-    shape = (layer.out_features, layer.in_features)
+def unpacked_weight(layer: nn.Module, rows: slice = slice(None)) -> torch.Tensor:
+    """The fp32 (N, K) weight of a loaded, unprepared packed layer, or the `rows` of it (int8,
+    int4 and fp16 keep their tensors row by row; NF4 takes the whole weight only)."""
     if isinstance(layer, Fp16Linear):
-        return layer.weight.float()
+        return layer.weight[rows].float()
     if isinstance(layer, Int8Linear):
-        return unpack(Packed("int8", shape, layer.group_size, {"qweight": layer.qweight, "scales": layer.scales}))
+        qweight, scales = layer.qweight[rows], layer.scales[rows]
+        return unpack(Packed("int8", (qweight.shape[0], layer.in_features), layer.group_size,
+                             {"qweight": qweight, "scales": scales}))
     if isinstance(layer, Int4Linear):
-        tensors = {"qweight": layer.qweight, "scales": layer.scales, "mins": layer.mins}
-        return unpack(Packed("int4", shape, layer.group_size, tensors))
+        tensors = {"qweight": layer.qweight[rows], "scales": layer.scales[rows], "mins": layer.mins[rows]}
+        return unpack(Packed("int4", (tensors["qweight"].shape[0], layer.in_features), layer.group_size, tensors))
+    shape = (layer.out_features, layer.in_features)
     if isinstance(layer, NF4Linear):
         tensors = {"qweight": layer.qweight, **layer.quant_state.as_dict(packed=True)}
         return unpack(Packed("nf4", shape, layer.quant_state.blocksize, tensors))

@@ -158,8 +158,19 @@ def quantize_step(ref: str, scheme: str, group_size: int, report_tokens: int, wh
     return {"ref": entry.ref, "files": len(entry.manifest["weights"]), "size": entry.size_bytes}
 
 
-STEPS = {"write-checkpoint": write_checkpoint, "import": import_step, "quantize": quantize_step}
-PRELOAD = {"write-checkpoint": ("torch",), "import": ("app.importer",), "quantize": ("app.variants",)}
+def quick_line_step(ref: str, variant: str) -> dict:
+    """The quality line `llamadesk import` prints for a float source (app.variants.quick_quality)."""
+    import app.variants
+    from app import store
+
+    q = app.variants.quick_quality(store.find(f"{ref}:source"), store.find(f"{ref}:{variant}"))
+    return {"tokens": q["tokens"], "ppl_change": q["ppl_change"], "top1_agreement": q["top1_agreement"]}
+
+
+STEPS = {"write-checkpoint": write_checkpoint, "import": import_step, "quantize": quantize_step,
+         "quick-line": quick_line_step}
+PRELOAD = {"write-checkpoint": ("torch",), "import": ("app.importer",), "quantize": ("app.variants",),
+           "quick-line": ("app.variants",)}
 
 
 # ---------------------------------------------------------------- the parent: run the steps, print the table
@@ -174,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32)")
     parser.add_argument("--report-tokens", type=int, default=0,
                         help="quality report tokens (default 0: packing only; the CLI uses 2048)")
+    parser.add_argument("--quick-line", action="store_true",
+                        help="also time the import's quality line (source against the first scheme's variant)")
     parser.add_argument("--what-if", action="store_true",
                         help="also quantize the 1B checkpoint to int4 with malloc_trim after each tensor "
                              "(a bench-only patch)")
@@ -215,6 +228,9 @@ def bench_1b(workdir: Path, args) -> list[tuple[str, str, StepResult]]:
     for scheme in args.schemes.split(","):
         step = {"ref": BIG, "scheme": scheme, "group_size": args.group_size, "report_tokens": args.report_tokens}
         out.append((BIG, f"quantize {scheme}", run_step(__file__, "quantize", step, env)))
+    if args.quick_line:
+        step = {"ref": BIG, "variant": args.schemes.split(",")[0]}
+        out.append((BIG, "import's quality line", run_step(__file__, "quick-line", step, env)))
     if args.what_if:
         step = {"ref": BIG, "scheme": "int4", "group_size": args.group_size, "report_tokens": args.report_tokens}
         r = run_step(__file__, "quantize", dict(step, what_if=["trim"]), env)
