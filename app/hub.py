@@ -244,6 +244,9 @@ def _hub_errors(ref: HubRef, url: str) -> Iterator[None]:
         raise UserError(f"{where}: no such repo (or it is private: set HF_TOKEN to a token that can read it)") from None
     except (errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError) as e:
         raise UserError(f"{where}: a file it lists is missing on the Hub ({_first_line(e)})") from None
+    except (httpx2.RemoteProtocolError, httpx2.ReadError) as e:  # after the library's own resumed tries
+        raise UserError(f"{where}: the download was cut again and again ({_first_line(e)}); run the pull "
+                        f"again") from None
     except (httpx2.TransportError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
         raise UserError(f"cannot reach {url} ({_first_line(e)}); check the network, or HF_ENDPOINT") from None
     except errors.HfHubHTTPError as e:

@@ -33,6 +33,7 @@ class StandInHub(ThreadingHTTPServer):
         self.repos: dict[str, dict[str, bytes]] = {}
         self.gated: set[str] = set()
         self.cut_once: set[str] = set()  # files whose first GET stops half-way
+        self.cut_always: set[str] = set()  # files whose every GET does
         self.wrong_etag: set[str] = set()
         self.size_claim: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
@@ -86,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
         part = content[start:]
-        if body and fname in hub.cut_once:
+        if body and (fname in hub.cut_once or fname in hub.cut_always):
             hub.cut_once.discard(fname)
             self._send(206 if start else 200, headers, part[: len(part) // 2], len(part))
             self.close_connection = True  # the client sees the body end early
@@ -220,6 +221,15 @@ def test_what_cannot_be_pulled_is_one_line_and_nothing_stored(hub, tmp_path, cap
     assert expected in one_error_line(capsys)
     assert store_is_empty()
     assert [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p] == []
+
+
+def test_a_download_cut_every_time_is_one_line_and_nothing_stored(hub, tmp_path, capsys):
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    hub.cut_always.add("Tiny-Q4_K_M.gguf")
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    assert "Tiny-GGUF: the download was cut again and again (peer closed connection" in one_error_line(capsys)
+    assert len(hub.downloads("Tiny-Q4_K_M.gguf")) == 6  # the library's first try and its 5 resumptions
+    assert store_is_empty() and not [p for p in (tmp_path / "cache").rglob("*.incomplete")]
 
 
 def test_too_little_disk_is_said_before_any_download(hub, tmp_path, capsys):
