@@ -51,7 +51,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _progress():
-    """A transient progress bar on stderr: description, bar, done/total, elapsed."""
+    """A transient progress bar on stderr: description, bar, done/total, elapsed (see _Steps for
+    what a long command shows off a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # the description names files and models: data, never markup
@@ -64,14 +65,20 @@ def say(msg: str) -> None:
 
 
 class _Steps:
-    """A long command's steps on stderr. Each step is said once, on its own line, and off a
-    terminal that is all there is (a log gets one line per step, nothing redrawn); on a terminal
-    a transient bar under the lines shows the running step's progress and its elapsed time, so a
-    step without progress (compiling) still shows that it is running."""
+    """A long command's steps on stderr. Each step is said once, on its own line. On a terminal a
+    transient bar under the lines shows the running step's progress and its elapsed time, so a step
+    without progress (compiling) still shows that it is running; off a terminal (a log, a pipe) a
+    long step adds a line with done/total every LINE_EVERY_S seconds, and nothing is redrawn."""
+
+    LINE_EVERY_S = 10.0
 
     def __init__(self) -> None:
+        import time
+
         self.bar = _progress() if err.is_terminal else None
         self.task = None
+        self._clock = time.monotonic
+        self._step_start = self._last_line = self._clock()
 
     def __enter__(self) -> "_Steps":
         if self.bar is not None:
@@ -85,6 +92,7 @@ class _Steps:
     def say(self, line: str) -> None:
         """A new step (or a result): said once; the bar restarts under it, with its own clock."""
         say(line)
+        self._step_start = self._last_line = self._clock()
         if self.bar is not None:
             if self.task is not None:
                 self.bar.remove_task(self.task)
@@ -92,6 +100,10 @@ class _Steps:
 
     def progress(self, done: int, total: int, what: str) -> None:
         if self.bar is None:
+            now = self._clock()
+            if now - self._last_line >= self.LINE_EVERY_S:
+                self._last_line = now
+                say(f"  {what[:60]} {done}/{total} [{now - self._step_start:.0f} s]")
             return
         if self.task is None:
             self.task = self.bar.add_task(what[:48], total=None)
@@ -113,47 +125,52 @@ def import_model(path: Path, name: str | None, replace: bool = False, keep_float
     """`llamadesk import`: the source, then what makes it ready to chat (packed variants of a
     float source), a float copy of a GGUF's blocks if asked, and one quality line."""
     from .importer import import_checkpoint
-    from .variants import make_chat_variants, quick_quality, write_float_copy
 
     with _Steps() as steps:
         steps.say(f"Converting {path.name}")
         source = import_checkpoint(path, name=name, replace=replace,
                                    progress=lambda d, t, w: steps.progress(d, t, f"Converting {w}"))
         steps.say(f"Installed {source.ref} in {source.path} ({source.size_bytes / 1e6:.0f} MB)")
-        if keep_float and source.manifest.get("quant"):
-            steps.say(f"Writing {source.name}:float (the file's values as fp32)")
-            steps.say(f"Installed {write_float_copy(source, replace=replace, progress=steps.progress).ref}")
-        made = make_chat_variants(source, replace=replace, say=steps.say,
-                                  progress=lambda d, t, w: steps.progress(d, t, f"Packing {w}"))
-        for entry in made:
-            say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
-        if made and _fits_twice(source):
-            steps.say(f"Measuring {made[-1].ref} against {source.ref}")
-            q = quick_quality(source, made[-1])
-            say(f"{made[-1].ref} against {source.ref} on {q['tokens']} tokens: perplexity {q['ppl_reference']:.3f} -> "
-                f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), "
-                f"top-1 agreement {q['top1_agreement'] * 100:.1f}%")
+        return ready_to_chat(source, steps, replace, keep_float)
+
+
+def ready_to_chat(source: store.ModelEntry, steps: _Steps, replace: bool = False,
+                  keep_float: bool = False) -> store.ModelEntry:
+    """After an import or a Hub pull: packed variants of a float source (or a float copy of a
+    GGUF's blocks if asked), and one quality line."""
+    from .variants import make_chat_variants, quick_quality, write_float_copy
+
+    if keep_float and source.manifest.get("quant"):
+        steps.say(f"Writing {source.name}:float (the file's values as fp32)")
+        steps.say(f"Installed {write_float_copy(source, replace=replace, progress=steps.progress).ref}")
+    if source.manifest.get("quant"):  # a GGUF's blocks: packed already, and exactly the file's values
+        return source
+    made = make_chat_variants(source, replace=replace, say=steps.say,
+                              progress=lambda d, t, w: steps.progress(d, t, f"Packing {w}"))
+    for entry in made:
+        say(f"Packed {entry.ref} ({entry.size_bytes / 1e6:.0f} MB)")
+    if made:  # block by block (app.blockwise): one block in memory, tokens bounded by the size
+        steps.say(f"Measuring {made[-1].ref} against {source.ref}")
+        q = quick_quality(source, made[-1], progress=lambda d, t, w: steps.progress(d, t, f"Measuring {w}"))
+        say(f"{made[-1].ref} against {source.ref} on {q['tokens']} tokens: perplexity {q['ppl_reference']:.3f} -> "
+            f"{q['ppl_candidate']:.3f} ({q['ppl_change'] * 100:+.2f}%), top-1 agreement {q['top1_agreement'] * 100:.1f}%")
     return source
 
 
-def _fits_twice(source: store.ModelEntry) -> bool:
-    """Whether the quality line can load the source in fp32 beside a variant; says why not."""
-    import psutil
-    from model.args import ModelArgs
-
-    need = ModelArgs.from_dict(source.manifest["args"]).n_params * 4 * 3 // 2
-    if need < psutil.virtual_memory().available:
-        return True
-    say(f"Quality not measured: {source.ref} in fp32 needs more RAM than is free; "
-        f"`llamadesk eval` measures each variant on its own")
-    return False
-
-
 def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEntry:
-    """`llamadesk pull`: app.pull.pull_model with each step said on stderr (and, on a terminal,
-    its progress and elapsed time)."""
+    """`llamadesk pull`: a catalog model (app.pull.pull_model), or a Hub repo (app.hub) made
+    ready to chat as an import is; each step said on stderr (and, on a terminal, its progress and
+    elapsed time)."""
+    from .hub import parse_hub_ref, pull_from_hub
+
+    ref = parse_hub_ref(name) if name else None
     with _Steps() as steps:
-        return pull.pull_model(name, replace, say=steps.say, progress=steps.progress)
+        if ref is None:
+            return pull.pull_model(name, replace, say=steps.say, progress=steps.progress)
+        source = pull_from_hub(ref, replace, say=steps.say, progress=steps.progress)
+        steps.say(f"Installed {source.ref} in {source.path} ({source.size_bytes / 1e6:.0f} MB); "
+                  f"`--model {ref.alias}` names it")
+        return ready_to_chat(source, steps, replace)
 
 
 def ensure_model(ref: str | None) -> str | None:
@@ -177,8 +194,9 @@ def list_models() -> None:
         from model.args import ModelArgs
 
         n = ModelArgs.from_dict(e.manifest["args"]).n_params
-        src = e.manifest.get("source", {}).get("format", "?")
-        print(f"{e.ref:40} {e.size_bytes / 1e6:7.0f}MB  {n / 1e6:6.0f}M  {src}")
+        source = e.manifest.get("source", {})
+        pulled = f" ({source['hub']['alias']})" if "hub" in source else ""  # what --model also takes
+        print(f"{e.ref:40} {e.size_bytes / 1e6:7.0f}MB  {n / 1e6:6.0f}M  {source.get('format', '?')}{pulled}")
 
 
 # ---------------------------------------------------------------- quantize / eval
@@ -227,10 +245,10 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
 def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     from .variants import eval_model
 
-    with _progress() as bar:
-        task = bar.add_task(f"Loading {ref}", total=None)
-        entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: bar.update(
-            task, completed=done, total=total, description=f"Scoring tokens ({what})"))
+    with _Steps() as steps:
+        steps.say(f"Scoring {ref} on {tokens} tokens")
+        entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: steps.progress(
+            done, total, f"Scoring tokens ({what})"))
     print(f"{entry.ref}: perplexity {ppl:.4f} over {n} tokens ({window}-token windows)")
     return 0
 
@@ -653,8 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --remote and --docs/--file: allow sending the passages found to the server")
 
     default_model, catalog = pull.load_catalog()
-    p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("name", nargs="?", help=f"a catalog model: {', '.join(catalog)} (default {default_model})")
+    p = sub.add_parser("pull", help="download and install a catalog model (default: SmolLM2-135M-Instruct) "
+                       "or a model from the Hugging Face Hub")
+    p.add_argument("name", nargs="?", help=f"a catalog model: {', '.join(catalog)} (default {default_model}); "
+                   "hf.co/OWNER/REPO[:QUANT] for a GGUF repo's file of that quant (default Q4_K_M); OWNER/REPO "
+                   "for a safetensors repo (a gated one needs HF_TOKEN)")
     p.add_argument("--force", action="store_true", help="reinstall even if installed")
 
     p = sub.add_parser("import", help="import a Hugging Face folder, Meta folder or GGUF file")
@@ -674,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default="int8", help="embedding table precision: int8 (default) or fp32")
     p.add_argument("--force", action="store_true", help="replace an existing variant of that name")
     p.add_argument("--no-report", action="store_true",
-                   help="skip the perplexity/KL/top-1 report (it loads source and variant together)")
+                   help="skip the perplexity/KL/top-1 report (source and variant over 2048 tokens, block by block)")
 
     p = sub.add_parser("eval", help="perplexity of an installed model on a text")
     p.add_argument("ref", help="installed model, NAME or NAME:VARIANT")

@@ -114,19 +114,28 @@ def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Ten
     # on a GPU the table stays in CPU RAM, as llama.cpp does and as the plan counts: a lookup
     # needs one row per token, not VRAM (a table tied to the head is the head's weight)
     table = "cpu" if str(device).startswith("cuda") and not (args.tie_embeddings and not layout) else device
-    if layout:
-        repack_for_device(model, device, precise, elsewhere={"tok_embeddings": table})
-        _float_to(model, device, dtype, table)
-    else:
-        for name, child in model.named_children():
-            child.to(device=table if name == "tok_embeddings" else device, dtype=dtype)
-    model = model.eval()
+    prepare_loaded(model, bool(layout), device, dtype, precise, table)
     if mapped:
         _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
     state.clear()
     model.setup_caches(ctx, dtype=dtype, device=device, kv_dtype=KV_TORCH_DTYPES[kv_dtype] if kv_dtype else None)
     reuse_freed_memory()
     return model
+
+
+def prepare_loaded(model: torch.nn.Module, packed: bool, device, dtype, precise: bool = False,
+                   table_device=None) -> torch.nn.Module:
+    """A loaded model, or a loaded part of one (a block, the head), as it runs: packed modules in
+    `device`'s kernel layout, the rest in the activations' `dtype`; the token table on
+    `table_device` (default: `device`)."""
+    table_device = table_device or device
+    if packed:
+        repack_for_device(model, device, precise, elsewhere={"tok_embeddings": table_device})
+        _float_to(model, device, dtype, table_device)
+    else:
+        for name, child in dict(model.named_children()).items() or [("", model)]:  # a bare norm has no children
+            child.to(device=table_device if name == "tok_embeddings" else device, dtype=dtype)
+    return model.eval()
 
 
 def _float_to(model: torch.nn.Module, device, dtype, table_device) -> None:

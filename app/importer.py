@@ -26,12 +26,15 @@ Progress = Callable[[int, int, str], None]
 
 
 def import_checkpoint(path: Path, name: str | None = None, replace: bool = False,
-                      progress: Progress = lambda done, total, what: None) -> store.ModelEntry:
+                      progress: Progress = lambda done, total, what: None,
+                      hub: dict | None = None) -> store.ModelEntry:
     """Install a checkpoint as `name:source`, every tensor as the file holds it.
 
     Floats keep their own dtype (bf16 stays bf16); a GGUF's block types (Q4_K, Q6_K, ...) keep
     their own bytes as packed schemes of quant.ggml, so the entry is about the file's size and
-    its values are exactly the file's. Raises UserError for a checkpoint it cannot take.
+    its values are exactly the file's. `hub` ({"alias", "url", "repo", "commit", "files"}) says where
+    `llamadesk pull` fetched it; `--model` then takes the alias. Raises UserError for a
+    checkpoint it cannot take.
     """
     path = Path(path).expanduser()
     ckpt = open_checkpoint(path)
@@ -50,10 +53,11 @@ def import_checkpoint(path: Path, name: str | None = None, replace: bool = False
             "args": ckpt.args.to_dict(),
             "weights": weight_files,
             "source": {
-                "path": str(path.resolve()),
+                "path": hub["url"] if hub else str(path.resolve()),  # a pull's copy is gone afterwards
                 "format": ckpt.format,
                 "fingerprint": ckpt.fingerprint(),
                 "types": ckpt.source_types,
+                **({"hub": hub} if hub else {}),
             },
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -76,11 +76,37 @@ class ModelEntry:
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
+    """(name, variant or None) of `name[:variant]`; a Hub alias (`hf.co/OWNER/REPO[:QUANT]`, as
+    `llamadesk pull` took it) is the installed model pulled from there, with no variant."""
+    if ref.strip().lower().startswith(HUB_PREFIXES):
+        return _pulled_from(ref), None
     name, _, variant = ref.strip().partition(":")
     name = name.lower()
     if not _NAME.match(name) or (variant and not _NAME.match(variant)):
         raise UserError(f"{ref!r} is not a model name (letters, digits, '.', '-', '_', optionally ':variant')")
     return name, variant or None
+
+
+# ---------------------------------------------------------------- Hub aliases
+HUB_PREFIXES = ("hf.co/", "huggingface.co/")
+HUB_DEFAULT_QUANT = "q4_k_m"  # Ollama's: `hf.co/OWNER/REPO` alone means this GGUF
+
+
+def hub_alias(repo: str, quant: str | None) -> str:
+    """The canonical, lower-case alias of a pull: `hf.co/owner/repo:q4_k_m`, or `hf.co/owner/repo`
+    for a safetensors repo. Kept in the source's manifest as source.hub.alias."""
+    return f"hf.co/{repo.lower()}" + (f":{quant.lower()}" if quant else "")
+
+
+def _pulled_from(ref: str) -> str:
+    """The store name of the model pulled as `ref` (any case, either host, quant or not)."""
+    rest = ref.strip().split("/", 1)[1]
+    repo, _, quant = rest.partition(":")
+    wanted = {hub_alias(repo, quant or None)} if quant else {hub_alias(repo, None), hub_alias(repo, HUB_DEFAULT_QUANT)}
+    for e in list_entries():
+        if e.manifest.get("source", {}).get("hub", {}).get("alias") in wanted:
+            return e.name
+    raise UserError(f"{ref.strip()} is not installed; `llamadesk pull {ref.strip()}` fetches it")
 
 
 def name_from_path(path: Path) -> str:

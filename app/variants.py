@@ -11,12 +11,10 @@ import torch
 from safetensors import safe_open
 
 from model.args import ModelArgs
-from model.model import Transformer
 from model.tokenizer import load_tokenizer
 from quant.formats import FORMAT_VERSION
 from quant.ggml import dequantize_rows
-from quant.linear import swap_linears
-from quant.quality import compare_all, default_text, perplexity, run_unpacked
+from quant.quality import compare_all, default_text, perplexity
 from quant.quantize import QuantOptions, ShardWriter, quantize_stream, write_packed
 
 from . import store
@@ -109,33 +107,17 @@ def quality_report(source: store.ModelEntry, packed: store.ModelEntry, tokens: i
                    progress: Progress = lambda d, t, w: None) -> dict:
     """The variant as it runs (bf16 kernels) against its source, and under it, as `weights_only`,
     the variant's own weights run with the source's fp32 arithmetic: what quantizing them costs.
+    Run block by block (app.blockwise): one block's weights in memory, never a model.
 
     Measured on SmolLM2-135M (Q4_1 source): int4's exact weights agree with the source on 99.85%
     of top-1 tokens (100% but for the fp16 head), and its bf16 kernels bring that to ~98.5%; int8's
     per-row weights alone give ~97%, its kernels add nothing measurable.
     """
-    from .engine import load_model
+    from .blockwise import compare_blockwise
 
     ids = text_ids(source, None, tokens)
-    ref_model = load_model(source, window)
-    runtime = load_model(packed, window)
-    weights = load_unpacked(packed, window)
-    as_run, weights_only = compare_all(ref_model, [runtime, weights], ids, window, progress)
+    as_run, weights_only = compare_blockwise(source, packed, ids, window, progress)
     return dict(as_run.to_dict(), weights_only=weights_only.to_dict())
-
-
-def load_unpacked(entry: store.ModelEntry, ctx: int) -> Transformer:
-    """A packed variant whose layers run their unpacked fp32 weights (see quant.quality.run_unpacked)."""
-    args = ModelArgs.from_dict(entry.manifest["args"])
-    layout = entry.manifest["quant"]["layout"]
-    with torch.device("meta"):
-        model = Transformer(args)
-    swap_linears(model, {m: w["scheme"] for m, w in layout.items()},
-                 group_size={m: w["group_size"] for m, w in layout.items() if "group_size" in w})
-    model.load_state_dict(dict(source_tensors(entry)), assign=True, strict=True)
-    run_unpacked(model).eval()
-    model.setup_caches(ctx)
-    return model
 
 
 def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512,
@@ -159,7 +141,8 @@ def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512,
 
 # ---------------------------------------------------------------- what an import adds
 FLOAT_COPY = "float"
-QUICK_TOKENS = 256  # the import's quality line: a few seconds on a small model, under 2 min on an 8B
+QUICK_TOKENS = 256  # the import's quality line: at most this many tokens of the reference text,
+QUICK_TOKEN_PARAMS = 4e11  # and at most this many tokens x parameters (see quick_tokens)
 
 
 def write_float_copy(source: store.ModelEntry, replace: bool = False,
@@ -204,15 +187,21 @@ def make_chat_variants(source: store.ModelEntry, replace: bool = False, say: Cal
     return made
 
 
-def quick_quality(source: store.ModelEntry, packed: store.ModelEntry, tokens: int = QUICK_TOKENS) -> dict:
-    """The variant as it runs against its source on `tokens` tokens of the reference text, one
-    model pair in memory: perplexity both ways, KL, top-1 (quant.quality.Comparison.to_dict)."""
-    from .engine import load_model
+def quick_tokens(args: ModelArgs) -> int:
+    """How many tokens the import's quality line scores: its cost is about tokens x parameters
+    (each block is read once and runs every token), so a bigger model gets fewer, 64 at least:
+    256 up to 1.56B parameters, 64 for an 8B."""
+    return max(64, min(QUICK_TOKENS, int(QUICK_TOKEN_PARAMS / args.n_params)))
 
+
+def quick_quality(source: store.ModelEntry, packed: store.ModelEntry, tokens: int | None = None,
+                  progress: Progress = lambda d, t, w: None) -> dict:
+    """The variant as it runs against its source on `tokens` (default quick_tokens) tokens of
+    the reference text, in one window, block by block (app.blockwise): perplexity both ways, KL,
+    top-1 (quant.quality.Comparison.to_dict)."""
+    from .blockwise import compare_blockwise
+
+    tokens = tokens or quick_tokens(ModelArgs.from_dict(source.manifest["args"]))
     ids = text_ids(source, None, tokens)
-    window = min(tokens, len(ids))
-    ref_model = load_model(source, window)
-    runtime = load_model(packed, window)
-    with torch.inference_mode():
-        (result,) = compare_all(ref_model, [runtime], ids, window)
+    (result,) = compare_blockwise(source, packed, ids, len(ids), progress, weights_only=False)
     return result.to_dict()

@@ -83,52 +83,80 @@ def compare(reference, candidate, ids: list[int], window: int = 512) -> Comparis
 def compare_all(reference, candidates: list, ids: list[int], window: int = 512,
                 progress: Progress = lambda d, t, w: None) -> list[Comparison]:
     """`compare` for several candidates against one reference, which runs once per window."""
-    nll_ref, n = 0.0, 0
-    nll, kl, agree = [0.0] * len(candidates), [0.0] * len(candidates), [0] * len(candidates)
+    scores = Agreement(len(candidates))
     chunks = list(windows(ids, window))
     total = sum(c.shape[1] - 1 for c in chunks)
     for chunk in chunks:
-        progress(n, total, "perplexity, KL, top-1")
-        targets = chunk[0, 1:]
-        ref = window_logits(reference, chunk)[:-1]  # (T-1, V)
-        nll_ref += F.cross_entropy(ref, targets, reduction="sum").item()
-        ref_logp, ref_top = F.log_softmax(ref, -1), ref.argmax(-1)
-        del ref
+        progress(scores.tokens, total, "perplexity, KL, top-1")
+        scores.reference(chunk[0, 1:], window_logits(reference, chunk)[:-1])
         for i, candidate in enumerate(candidates):
-            cand = window_logits(candidate, chunk)[:-1]
-            nll[i] += F.cross_entropy(cand, targets, reduction="sum").item()
-            kl[i] += F.kl_div(F.log_softmax(cand, -1), ref_logp, log_target=True, reduction="sum").item()
-            agree[i] += int((ref_top == cand.argmax(-1)).sum())
-        n += len(targets)
-    progress(n, total, "perplexity, KL, top-1")
-    return [Comparison(n, math.exp(nll_ref / n), math.exp(nll[i] / n), kl[i] / n, agree[i] / n)
-            for i in range(len(candidates))]
+            scores.candidate(i, window_logits(candidate, chunk)[:-1])
+    progress(scores.tokens, total, "perplexity, KL, top-1")
+    return scores.results()
+
+
+class Agreement:
+    """Perplexity, KL and top-1 agreement of candidates against a reference, summed window by
+    window: give each window's reference logits, then each candidate's, (T-1, V) fp32 each, so
+    only one candidate's logits are held beside the reference's log-probabilities."""
+
+    def __init__(self, candidates: int):
+        self.tokens, self.nll_ref = 0, 0.0
+        self.nll, self.kl, self.agree = [0.0] * candidates, [0.0] * candidates, [0] * candidates
+        self._targets = self._ref_logp = self._ref_top = None
+
+    def reference(self, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        self._targets = targets
+        self.nll_ref += F.cross_entropy(logits, targets, reduction="sum").item()
+        self._ref_logp, self._ref_top = F.log_softmax(logits, -1), logits.argmax(-1)
+        self.tokens += len(targets)
+
+    def candidate(self, i: int, logits: torch.Tensor) -> None:
+        self.nll[i] += F.cross_entropy(logits, self._targets, reduction="sum").item()
+        self.kl[i] += F.kl_div(F.log_softmax(logits, -1), self._ref_logp, log_target=True, reduction="sum").item()
+        self.agree[i] += int((self._ref_top == logits.argmax(-1)).sum())
+
+    def results(self) -> list[Comparison]:
+        n = self.tokens
+        return [Comparison(n, math.exp(self.nll_ref / n), math.exp(self.nll[i] / n), self.kl[i] / n,
+                           self.agree[i] / n) for i in range(len(self.nll))]
 
 
 # ---------------------------------------------------------------- the weights alone
 class UnpackedLinear(nn.Module):
     """A packed layer run as F.linear on its unpacked fp32 weight, as the source runs.
 
-    The weight is unpacked at each call, so only one layer's fp32 copy is ever in memory."""
+    The weight is unpacked at each call, so only one layer's fp32 copy is ever in memory, and of
+    a layer with more than ROWS outputs (a vocabulary-sized head) only ROWS rows at a time: a
+    49152 x 2048 head is 400 MB in fp32, twice that while unpacking."""
+
+    ROWS = 8192
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer  # loaded, not prepared: it still holds the portable tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), unpacked_weight(self.layer)).to(x.dtype)
+        N = self.layer.out_features
+        if N <= self.ROWS or isinstance(self.layer, NF4Linear):  # NF4's blocks run across rows
+            return F.linear(x.float(), unpacked_weight(self.layer)).to(x.dtype)
+        parts = [F.linear(x.float(), unpacked_weight(self.layer, slice(r, r + self.ROWS))) for r in range(0, N, self.ROWS)]
+        return torch.cat(parts, -1).to(x.dtype)
 
 
-def unpacked_weight(layer: nn.Module) -> torch.Tensor:
-    """The fp32 (N, K) weight of a loaded, unprepared packed layer."""
-    shape = (layer.out_features, layer.in_features)
+def unpacked_weight(layer: nn.Module, rows: slice = slice(None)) -> torch.Tensor:
+    """The fp32 (N, K) weight of a loaded, unprepared packed layer, or the `rows` of it (int8,
+    int4 and fp16 keep their tensors row by row; NF4 takes the whole weight only)."""
     if isinstance(layer, Fp16Linear):
-        return layer.weight.float()
+        return layer.weight[rows].float()
     if isinstance(layer, Int8Linear):
-        return unpack(Packed("int8", shape, layer.group_size, {"qweight": layer.qweight, "scales": layer.scales}))
+        qweight, scales = layer.qweight[rows], layer.scales[rows]
+        return unpack(Packed("int8", (qweight.shape[0], layer.in_features), layer.group_size,
+                             {"qweight": qweight, "scales": scales}))
     if isinstance(layer, Int4Linear):
-        tensors = {"qweight": layer.qweight, "scales": layer.scales, "mins": layer.mins}
-        return unpack(Packed("int4", shape, layer.group_size, tensors))
+        tensors = {"qweight": layer.qweight[rows], "scales": layer.scales[rows], "mins": layer.mins[rows]}
+        return unpack(Packed("int4", (tensors["qweight"].shape[0], layer.in_features), layer.group_size, tensors))
+    shape = (layer.out_features, layer.in_features)
     if isinstance(layer, NF4Linear):
         tensors = {"qweight": layer.qweight, **layer.quant_state.as_dict(packed=True)}
         return unpack(Packed("nf4", shape, layer.quant_state.blocksize, tensors))

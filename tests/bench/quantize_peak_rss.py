@@ -42,11 +42,14 @@ LLAMA_32_1B = {
                      "original_max_position_embeddings": 8192},
     "tie_word_embeddings": True, "torch_dtype": "bfloat16",
 }
+# the issue's 1.2B model (issue 12): Llama-3.2-1B's blocks, SmolLM2's 49152-token vocabulary, an untied head
+LLAMA_1_2B = dict(LLAMA_32_1B, vocab_size=49152, tie_word_embeddings=False, rope_scaling=None)
+SHAPES = {"llama-3.2-1b": LLAMA_32_1B, "1.2b": LLAMA_1_2B}
 
 
 # ---------------------------------------------------------------- the steps, each run in a child
-def write_checkpoint(folder: str, seed: int = 0) -> dict:
-    """A random Llama-3.2-1B-shaped checkpoint in Hugging Face layout, one ~500 MB shard in memory at a time."""
+def write_checkpoint(folder: str, seed: int = 0, shape: str = "llama-3.2-1b") -> dict:
+    """A random checkpoint of SHAPES[shape] in Hugging Face layout, one ~500 MB shard in memory at a time."""
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -56,7 +59,7 @@ def write_checkpoint(folder: str, seed: int = 0) -> dict:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    shapes = hf_shapes(LLAMA_32_1B)
+    shapes = hf_shapes(SHAPES[shape])
     shards = shard_plan(shapes, 2)  # bf16: 2 bytes a weight
     weight_map, total = {}, 0
     for n, names in enumerate(shards, start=1):
@@ -71,7 +74,7 @@ def write_checkpoint(folder: str, seed: int = 0) -> dict:
         print(f"wrote {fname} ({len(names)} tensors)", file=sys.stderr, flush=True)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = dict(LLAMA_32_1B, bos_token_id=TOKENS.index("<|begin_of_text|>"),
+    config = dict(SHAPES[shape], bos_token_id=TOKENS.index("<|begin_of_text|>"),
                   eos_token_id=TOKENS.index("<|end_of_text|>"))
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     write_hf_tokenizer(partial)  # a 320-token byte-level BPE: the importer only needs a readable one
@@ -155,8 +158,19 @@ def quantize_step(ref: str, scheme: str, group_size: int, report_tokens: int, wh
     return {"ref": entry.ref, "files": len(entry.manifest["weights"]), "size": entry.size_bytes}
 
 
-STEPS = {"write-checkpoint": write_checkpoint, "import": import_step, "quantize": quantize_step}
-PRELOAD = {"write-checkpoint": ("torch",), "import": ("app.importer",), "quantize": ("app.variants",)}
+def quick_line_step(ref: str, variant: str) -> dict:
+    """The quality line `llamadesk import` prints for a float source (app.variants.quick_quality)."""
+    import app.variants
+    from app import store
+
+    q = app.variants.quick_quality(store.find(f"{ref}:source"), store.find(f"{ref}:{variant}"))
+    return {"tokens": q["tokens"], "ppl_change": q["ppl_change"], "top1_agreement": q["top1_agreement"]}
+
+
+STEPS = {"write-checkpoint": write_checkpoint, "import": import_step, "quantize": quantize_step,
+         "quick-line": quick_line_step}
+PRELOAD = {"write-checkpoint": ("torch",), "import": ("app.importer",), "quantize": ("app.variants",),
+           "quick-line": ("app.variants",)}
 
 
 # ---------------------------------------------------------------- the parent: run the steps, print the table
@@ -164,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--workdir", type=Path, help="where the checkpoint and stores go (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (the 1B checkpoint is then reused)")
+    parser.add_argument("--shape", choices=SHAPES, default="llama-3.2-1b",
+                        help="the random checkpoint's shape: Llama-3.2-1B's (default), or 1.2b: its blocks with "
+                             "a 49152-token vocabulary and an untied head, issue 12's 1.2B model")
     parser.add_argument("--schemes", default="int4,int8", help="schemes for the 1B checkpoint (default: int4,int8)")
     parser.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32)")
     parser.add_argument("--report-tokens", type=int, default=0,
                         help="quality report tokens (default 0: packing only; the CLI uses 2048)")
+    parser.add_argument("--quick-line", action="store_true",
+                        help="also time the import's quality line (source against the first scheme's variant)")
     parser.add_argument("--what-if", action="store_true",
                         help="also quantize the 1B checkpoint to int4 with malloc_trim after each tensor "
                              "(a bench-only patch)")
@@ -198,16 +217,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_1b(workdir: Path, args) -> list[tuple[str, str, StepResult]]:
-    ckpt = workdir / "random-llama-1b-hf"
+    ckpt = workdir / ("random-llama-1b-hf" if args.shape == "llama-3.2-1b" else f"random-llama-{args.shape}-hf")
     out = []
     if not (ckpt / "config.json").exists():
-        print(f"writing the random 1B checkpoint to {ckpt}", file=sys.stderr)
-        out.append((BIG, "write HF checkpoint", run_step(__file__, "write-checkpoint", {"folder": str(ckpt)})))
+        print(f"writing the random {args.shape} checkpoint to {ckpt}", file=sys.stderr)
+        step = {"folder": str(ckpt), "shape": args.shape}
+        out.append((BIG, "write HF checkpoint", run_step(__file__, "write-checkpoint", step)))
     env = {"LLAMADESK_HOME": str(workdir / "home")}
     out.append((BIG, "import", run_step(__file__, "import", {"path": str(ckpt), "name": BIG}, env)))
     for scheme in args.schemes.split(","):
         step = {"ref": BIG, "scheme": scheme, "group_size": args.group_size, "report_tokens": args.report_tokens}
         out.append((BIG, f"quantize {scheme}", run_step(__file__, "quantize", step, env)))
+    if args.quick_line:
+        step = {"ref": BIG, "variant": args.schemes.split(",")[0]}
+        out.append((BIG, "import's quality line", run_step(__file__, "quick-line", step, env)))
     if args.what_if:
         step = {"ref": BIG, "scheme": "int4", "group_size": args.group_size, "report_tokens": args.report_tokens}
         r = run_step(__file__, "quantize", dict(step, what_if=["trim"]), env)

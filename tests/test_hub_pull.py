@@ -1,0 +1,291 @@
+"""`llamadesk pull` from the Hugging Face Hub, against a stand-in of the Hub's file API on 127.0.0.1.
+
+The stand-in answers the calls the pinned huggingface_hub makes: GET /api/models/{repo}/revision/main
+(the file list and commit), HEAD and GET /{repo}/resolve/{commit}/{file} with X-Repo-Commit,
+ETag, X-Linked-Etag (an LFS file's sha256), X-Linked-Size and Range, and the Hub's error headers
+(X-Error-Code: GatedRepo, RepoNotFound). It can cut a file's first download half-way, or lie
+about a hash or a size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+
+from app import cli, pull, store
+from app.errors import UserError
+from app.hub import HubRef, parse_hub_ref, pick_gguf
+from tiny_checkpoints import tiny_hf_model, write_hf, write_random_blocks_gguf
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LFS = (".gguf", ".safetensors")
+
+
+class StandInHub(ThreadingHTTPServer):
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.gated: set[str] = set()
+        self.cut_once: set[str] = set()  # files whose first GET stops half-way
+        self.cut_always: set[str] = set()  # files whose every GET does
+        self.wrong_etag: set[str] = set()
+        self.size_claim: dict[str, int] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def downloads(self, fname: str) -> list[str | None]:
+        """The Range header of each GET of `fname` (None: from the start)."""
+        return [r for m, p, r in self.requests if m == "GET" and p.endswith("/" + fname)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: StandInHub
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._answer(body=True)
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def _answer(self, body: bool):
+        hub = self.server
+        hub.requests.append((self.command, self.path, self.headers.get("Range")))
+        api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/main(\?.*)?", self.path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path)
+        asked = (api or resolve).group(1).lower() if (api or resolve) else None
+        repo = next((r for r in hub.repos if r.lower() == asked), None)  # the Hub's repo ids ignore case
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found", body)
+        if repo in hub.gated:
+            return self._error(403, "GatedRepo", f"Access to model {repo} is restricted", body)
+        files = hub.repos[repo]
+        if api:
+            data = json.dumps({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}).encode()
+            return self._send(200, {"Content-Type": "application/json"}, data if body else b"", len(data))
+        fname = resolve.group(3)
+        if fname not in files:
+            return self._error(404, "EntryNotFound", f"{fname} does not exist", body)
+        content = files[fname]
+        headers = {"X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes",
+                   "ETag": '"%s"' % hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()}
+        if fname.endswith(LFS):
+            oid = hashlib.sha256(content + (b"x" if fname in hub.wrong_etag else b"")).hexdigest()
+            headers.update({"X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(hub.size_claim.get(fname, len(content)))})
+        start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
+        part = content[start:]
+        if body and (fname in hub.cut_once or fname in hub.cut_always):
+            hub.cut_once.discard(fname)
+            self._send(206 if start else 200, headers, part[: len(part) // 2], len(part))
+            self.close_connection = True  # the client sees the body end early
+            return
+        self._send(206 if start else 200, headers, part if body else b"", len(part))
+
+    def _error(self, status: int, code: str, message: str, body: bool):
+        data = json.dumps({"error": message}).encode()
+        self._send(status, {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
+                   data if body else b"", len(data))
+
+    def _send(self, status: int, headers: dict, data: bytes, length: int):
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    server = StandInHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token file of the machine's user
+    monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path / "home"))
+    machine_cache = pull.cache_dir()
+    monkeypatch.setenv("LLAMADESK_CACHE", str(tmp_path / "cache"))  # the Hub's downloads land here
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(machine_cache / "kernels", target_is_directory=True)  # built once
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def gguf_repo(tmp_path: Path) -> dict[str, bytes]:
+    """A GGUF repo as people publish them: one file per quant, a README, an IQ file."""
+    q4k = write_random_blocks_gguf(tmp_path / "q4k.gguf", "Q4_K", seed=1).read_bytes()
+    q8 = write_random_blocks_gguf(tmp_path / "q8.gguf", "Q8_0", seed=2).read_bytes()
+    return {"README.md": b"# Tiny\n", "Tiny-Q4_K_M.gguf": q4k, "Tiny-Q8_0.gguf": q8,
+            "Tiny-IQ4_XS.gguf": b"not read", "Tiny-Q4_K_S.gguf": b"not read either"}
+
+
+def hf_repo(tmp_path: Path) -> dict[str, bytes]:
+    folder = write_hf(tiny_hf_model(), tmp_path / "hf")
+    (folder / "original").mkdir()
+    (folder / "original" / "consolidated.00.pth").write_bytes(b"Meta's copy, not read")
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def store_is_empty() -> bool:
+    root = store.models_root()
+    return store.list_entries() == [] and not any(root.glob(".*")) if root.exists() else True
+
+
+def one_error_line(capsys) -> str:
+    """The error: one line, the last on stderr (after the steps said before it)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line.lower()]
+    assert errors == err[-1:] and err[-1].startswith("llamadesk: error: "), err
+    return err[-1]
+
+
+# ---------------------------------------------------------------- GGUF repos
+def test_pull_picks_the_default_quant_resumes_a_cut_and_answers(hub, tmp_path, capsys, monkeypatch):
+    hub.repos["TestOrg/Tiny-GGUF"] = files = gguf_repo(tmp_path)
+    hub.cut_once.add("Tiny-Q4_K_M.gguf")
+    # the library keeps what it received in whole chunks (10 MB); a small chunk lets a small file resume
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)
+
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 0
+
+    # the cut download went on from the last whole chunk, with a Range request, and nothing else was fetched
+    kept = len(files["Tiny-Q4_K_M.gguf"]) // 2 // (1 << 16) * (1 << 16)
+    assert kept > 0 and hub.downloads("Tiny-Q4_K_M.gguf") == [None, f"bytes={kept}-"]
+    assert [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p and "Q4_K_M" not in p] == []
+    (entry,) = store.list_entries()
+    assert entry.ref == "tiny-gguf-q4_k_m:source"
+    assert entry.manifest["source"]["hub"]["alias"] == "hf.co/testorg/tiny-gguf:q4_k_m"
+    assert entry.manifest["source"]["hub"]["files"] == ["Tiny-Q4_K_M.gguf"]
+    assert entry.manifest["quant"]["layout"]["layers.0.attention.wq"]["scheme"] == "q4_k"
+    assert not list((tmp_path / "cache" / "huggingface").glob("models--*/blobs/*"))  # the store holds it now
+    capsys.readouterr()
+
+    # the alias names it, in any case, with or without the quant
+    for alias in ("hf.co/TestOrg/Tiny-GGUF:Q4_K_M", "hf.co/testorg/tiny-gguf"):
+        assert cli.main(["ask", "--model", alias, "--temperature", "0", "--max-tokens", "4", "Hello"]) == 0
+        assert capsys.readouterr().out.strip()
+
+
+def test_pull_takes_a_named_quant_in_any_case(hub, tmp_path, capsys):
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF:q8_0"]) == 0
+    (entry,) = store.list_entries()
+    assert entry.name == "tiny-gguf-q8_0"
+    assert entry.manifest["quant"]["layout"]["layers.0.attention.wq"]["scheme"] == "q8_0"
+    assert store.find("hf.co/testorg/tiny-gguf:Q8_0").ref == entry.ref
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("gguf (hf.co/testorg/tiny-gguf:q8_0)")
+
+
+def test_a_wrong_hash_is_deleted_and_nothing_is_stored(hub, tmp_path, capsys):
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    hub.wrong_etag.add("Tiny-Q4_K_M.gguf")
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    line = one_error_line(capsys)
+    assert "Tiny-Q4_K_M.gguf: the download's hash is" in line and "nothing was installed" in line
+    assert store_is_empty()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.stat().st_size > 1000]
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ("hf.co/TestOrg/Tiny-GGUF:Q5_K_M", "has no Q5_K_M GGUF (it has: IQ4_XS, Q4_K_M, Q4_K_S, Q8_0)"),
+    ("hf.co/TestOrg/Tiny-GGUF:IQ4_XS", "IQ types are not supported"),
+    ("hf.co/TestOrg/Split-GGUF", "the Q4_K_M GGUF is split"),
+    ("hf.co/TestOrg/Nope", "no such repo"),
+    ("hf.co/TestOrg/Gated", "is gated: accept its terms on the Hub while logged in, then set HF_TOKEN"),
+    ("TestOrg/Tiny-GGUF", "has no *.safetensors at its top level; it holds GGUFs: `llamadesk pull hf.co/TestOrg/Tiny-GGUF`"),
+])
+def test_what_cannot_be_pulled_is_one_line_and_nothing_stored(hub, tmp_path, capsys, ref, expected):
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    hub.repos["TestOrg/Split-GGUF"] = {"Big-Q4_K_M-00001-of-00002.gguf": b"a", "Big-Q4_K_M-00002-of-00002.gguf": b"b"}
+    hub.repos["TestOrg/Gated"] = {"Tiny-Q4_K_M.gguf": b"secret"}
+    hub.gated.add("TestOrg/Gated")
+    assert cli.main(["pull", ref]) == 1
+    assert expected in one_error_line(capsys)
+    assert store_is_empty()
+    assert [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p] == []
+
+
+def test_a_download_cut_every_time_is_one_line_and_nothing_stored(hub, tmp_path, capsys):
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    hub.cut_always.add("Tiny-Q4_K_M.gguf")
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    assert "Tiny-GGUF: the download was cut again and again (peer closed connection" in one_error_line(capsys)
+    assert len(hub.downloads("Tiny-Q4_K_M.gguf")) == 6  # the library's first try and its 5 resumptions
+    assert store_is_empty() and not [p for p in (tmp_path / "cache").rglob("*.incomplete")]
+
+
+def test_too_little_disk_is_said_before_any_download(hub, tmp_path, capsys):
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    hub.size_claim["Tiny-Q4_K_M.gguf"] = 10**17  # 100 PB: more than any disk here
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    assert "needs about 300000000.0 GB free" in one_error_line(capsys)
+    assert hub.downloads("Tiny-Q4_K_M.gguf") == [] and store_is_empty()
+
+
+def test_an_unreachable_hub_is_one_line(hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # port 9 on loopback refuses every connection
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    assert "cannot reach http://127.0.0.1:9" in one_error_line(capsys)
+    assert store_is_empty()
+
+
+# ---------------------------------------------------------------- safetensors repos
+def test_pull_a_safetensors_repo_imports_it_ready_to_chat(hub, tmp_path, capsys):
+    hub.repos["TestOrg/Tiny-Llama"] = files = hf_repo(tmp_path)
+    assert cli.main(["pull", "TestOrg/Tiny-Llama"]) == 0
+    assert [e.ref for e in store.list_entries()] == ["tiny-llama:int8", "tiny-llama:source"]
+    source = store.find("hf.co/testorg/tiny-llama")
+    hub_info = source.manifest["source"]["hub"]
+    assert hub_info["alias"] == "hf.co/testorg/tiny-llama" and hub_info["commit"] == COMMIT
+    assert set(hub_info["files"]) == {f for f in files if "/" not in f}  # never original/consolidated.00.pth
+    assert "perplexity" in capsys.readouterr().err  # the import's quality line
+    assert cli.main(["ask", "--model", "hf.co/TestOrg/Tiny-Llama", "--temperature", "0", "--max-tokens", "4", "Hi"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_a_pulled_name_is_not_pulled_twice(hub, tmp_path, capsys):
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF:Q8_0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["pull", "hf.co/testorg/tiny-gguf:q8_0"]) == 1
+    assert "already installed as tiny-gguf-q8_0; `--force` pulls it again" in one_error_line(capsys)
+    assert cli.main(["pull", "--force", "hf.co/testorg/tiny-gguf:q8_0"]) == 0
+
+
+# ---------------------------------------------------------------- names
+def test_refs_and_store_names():
+    assert parse_hub_ref("smollm2-135m-instruct") is None  # a catalog name
+    assert parse_hub_ref("hf.co/Org/Repo-GGUF") == HubRef("Org/Repo-GGUF", "Q4_K_M")
+    assert parse_hub_ref("huggingface.co/Org/Repo-GGUF:q6_k") == HubRef("Org/Repo-GGUF", "Q6_K")
+    assert parse_hub_ref("Org/Repo").store_name == "repo"
+    assert HubRef("Org/Llama-3.2-1B-Instruct-GGUF", "Q4_K_M").store_name == "llama-3.2-1b-instruct-gguf-q4_k_m"
+    for bad in ("hf.co/Org", "Org/Repo:Q4_K_M", "hf.co/Org/Repo/x", "hf.co/Org/Repo:Q4 K"):
+        with pytest.raises(UserError):
+            parse_hub_ref(bad)
+
+
+def test_a_quant_is_matched_as_a_whole_word():
+    files = ["M-Q4_K_M.gguf", "M-Q4_K_S.gguf", "M.Q4_0.gguf", "M-Q4_K.gguf", "sub/M-Q8_0.gguf", "M-IQ4_XS.gguf"]
+    assert pick_gguf(files, HubRef("O/M", "Q4_K")) == "M-Q4_K.gguf"
+    assert pick_gguf(files, HubRef("O/M", "Q4_K_M")) == "M-Q4_K_M.gguf"
+    assert pick_gguf(files, HubRef("O/M", "Q4_0")) == "M.Q4_0.gguf"
+    with pytest.raises(UserError, match="has no Q8_0 GGUF"):
+        pick_gguf(files, HubRef("O/M", "Q8_0"))  # not at the top level
