@@ -245,8 +245,7 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
 def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     from .variants import eval_model
 
-    with _Steps() as steps:
-        steps.say(f"Scoring {ref} on {tokens} tokens")
+    with _Steps() as steps:  # a bar on a terminal; off one, a line every 10 s of a long run
         entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: steps.progress(
             done, total, f"Scoring tokens ({what})"))
     print(f"{entry.ref}: perplexity {ppl:.4f} over {n} tokens ({window}-token windows)")
