@@ -142,3 +142,44 @@ def test_a_model_of_gguf_blocks_decodes_through_the_step_as_the_dequantized_mode
     step = forced_logits(model, prompt, answer, decoder)
     assert_agree(reference, step, 1e-3)
     assert reference.std() > 0.1  # logits that tell tokens apart, not a model gone flat
+
+
+@torch.inference_mode()
+def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weights(ext, monkeypatch):
+    """What `quantize --scheme int8` makes (one fp16 scale per 32, the head too) runs in the step
+    as kind "int8_group" and follows the eager model over its dequantized weights."""
+    from agreement import assert_agree, forced_logits, greedy_answer
+    from app.engine import choose_decoder
+    from model.args import ModelArgs
+    from model.model import Transformer
+    from quant import decode_cpu
+    from quant.formats import pack_int8
+    from quant.linear import Int8Linear, fuse_projections, int8_dequant_linear, prepared_weights, repack_for_device, swap_linears
+
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=256)
+    torch.manual_seed(0)
+    reference = Transformer(args)
+    for name, p in reference.named_parameters():
+        torch.nn.init.normal_(p, std=0.1) if p.dim() == 2 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    state, precision = dict(reference.state_dict()), {}
+    for name in [k[: -len(".weight")] for k, v in reference.state_dict().items() if v.dim() == 2]:
+        if name != "tok_embeddings":
+            precision[name] = "int8"
+            state.update(pack_int8(state.pop(f"{name}.weight"), 32)[0].state_dict(name))
+    with torch.device("meta"):
+        model = Transformer(args)
+    swap_linears(model, precision, group_size={name: 32 for name in precision})
+    model.load_state_dict(state, assign=True)
+    fuse_projections(model)
+    repack_for_device(model, "cpu")
+    model.setup_caches(64)
+    assert prepared_weights(model.layers[0].attention.wqkv).kind == "int8_group"
+    assert prepared_weights(model.output).kind == "int8_group"
+    prompt = [5, 17, 99, 3, 250]
+    monkeypatch.setattr(Int8Linear, "_grouped", lambda self, x: int8_dequant_linear(x, self.qweight, self.scales))
+    answer = greedy_answer(model, prompt, 24)
+    expected = forced_logits(model, prompt, answer)
+    monkeypatch.undo()
+    decoder = choose_decoder(model, "now")
+    assert isinstance(decoder, decode_cpu.CpuStepDecoder) and len(set(answer)) > 3
+    assert_agree(expected, forced_logits(model, prompt, answer, decoder), 1e-3)

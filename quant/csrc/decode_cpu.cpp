@@ -486,7 +486,7 @@ struct Linear {
   void apply(const float* x, float* y) {
     const int64_t K = k_in;
     if (kind == GGUF) {
-      block_gemv(gguf, a.data_ptr<uint8_t>(), b.defined() ? b.data_ptr<float>() : nullptr, x, 1, n_out, K, y);
+      block_gemv(gguf, static_cast<const uint8_t*>(a.data_ptr()), b.defined() ? b.data_ptr<float>() : nullptr, x, 1, n_out, K, y);
       return;
     }
     if (kind == ROWS) {
