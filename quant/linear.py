@@ -459,17 +459,22 @@ class GGUFLinear(nn.Module):
         if not self.kernel:
             raise RuntimeError(_NOT_PREPARED.format("GGUFLinear"))
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
-        if x2.shape[0] <= self.NATIVE_ROWS and self.scheme in NATIVE_GGUF_SCHEMES and x2.device.type == "cpu":
+        ext = None
+        if self.scheme in NATIVE_GGUF_SCHEMES and x2.device.type == "cpu":
             from .extension import loaded_extension
 
             ext = loaded_extension()
-            if ext is not None:
-                y = ext.gguf_linear(x2.float(), self.blocks, self.scheme)
-                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if ext is not None and x2.shape[0] <= self.NATIVE_ROWS:
+            y = ext.gguf_linear(x2.float(), self.blocks, self.scheme)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.precise:
             x2 = x2.float()
+        if ext is not None:  # the same values as dequantize_rows, ~20x faster than its torch ops
+            tile = lambda b: ext.gguf_dequantize_rows(b, self.scheme, self.in_features)
+        else:
+            tile = lambda b: dequantize_rows(b, self.scheme)
         rows = max(1, self.ROW_BLOCK_BYTES // (self.in_features * 4))
-        parts = [F.linear(x2, dequantize_rows(self.blocks[i : i + rows], self.scheme).to(x2.dtype))
+        parts = [F.linear(x2, tile(self.blocks[i : i + rows]).to(x2.dtype))
                  for i in range(0, self.out_features, rows)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B*T, N)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -183,3 +183,16 @@ def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weight
     decoder = choose_decoder(model, "now")
     assert isinstance(decoder, decode_cpu.CpuStepDecoder) and len(set(answer)) > 3
     assert_agree(expected, forced_logits(model, prompt, answer, decoder), 1e-3)
+
+
+@pytest.mark.parametrize("qtype", NATIVE)
+@torch.inference_mode()
+def test_prefill_tiles_dequantize_as_gguf_does(ext, qtype):
+    """The tiles a prefill multiplies (GGUFLinear past NATIVE_ROWS rows) hold gguf-py's values:
+    the same products and sums; a compiler may fuse one product and sum (Q4_1's d q + m, Q4_K's
+    d q - m) into one rounding, hence a few fp32 ulps, not bits."""
+    rng = np.random.default_rng(11)
+    blocks = random_blocks(rng, qtype, (37, 512))
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]))
+    got = ext.gguf_dequantize_rows(torch.from_numpy(blocks), qtype.lower(), 512)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

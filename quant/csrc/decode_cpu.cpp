@@ -1031,6 +1031,18 @@ at::Tensor gguf_linear(at::Tensor x, at::Tensor blocks, const std::string& schem
   return y;
 }
 
+// (N, K) fp32 values of N rows of a GGUF file's blocks of `scheme` (a native type): what
+// gguf.quants.dequantize gives, for prefill tiles (a matmul over many rows of x).
+at::Tensor gguf_dequantize_rows(at::Tensor blocks, const std::string& scheme, int64_t K) {
+  const GgufType type = gguf_type(scheme);
+  TORCH_CHECK(type != GGUF_NONE, "no native kernel for GGUF blocks of type ", scheme);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.size(1) == block_row_bytes(type, K), "blocks must be contiguous uint8 (N, row bytes of K)");
+  auto out = at::empty({blocks.size(0), K}, at::kFloat);
+  gguf_dequantize(type, blocks.data_ptr<uint8_t>(), K, 0, blocks.size(0), out.data_ptr<float>());
+  return out;
+}
+
 // y (M, n_out) = x (M, K) @ W^T for an int4 layer in torch's CPU layout (what the decode step
 // runs), fp32 in and out; `portable` forces the plain C++ kernel (tests). One weight read a row.
 at::Tensor int4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales_and_zeros, int64_t group, int64_t n_out,
@@ -1079,6 +1091,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::call_guard<py::gil_scoped_release>());
   m.def("int8_group_linear", &int8_group_linear, py::arg("x"), py::arg("q"), py::arg("scales"),
         py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("gguf_dequantize_rows", &gguf_dequantize_rows, py::call_guard<py::gil_scoped_release>());
   m.def("gguf_linear", &gguf_linear, py::arg("x"), py::arg("blocks"), py::arg("scheme"), py::arg("portable") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales_and_zeros"), py::arg("group"),

@@ -42,6 +42,9 @@ struct Portable {
     for (int i = 0; i < W; ++i) r.v[i] = p[i];
     return r;
   }
+  static void store(float* p, V a) {
+    for (int i = 0; i < W; ++i) p[i] = a.v[i];
+  }
   static float sum(V a) {
     float s = 0.f;
     for (int i = 0; i < W; ++i) s += a.v[i];
@@ -121,88 +124,99 @@ inline float gguf_f16(const uint8_t* p) {
 
 // ---------------------------------------------------------------- one block type each
 // A block decoder reads block i of a row (and of the row's own scales, for grouped int8) and its
-// scales when built; chunk(c, w) writes values 32c..32c+31 of the block as 32 / S::W fp32
-// vectors. QK values in BYTES bytes, as gguf's GGML_QUANT_SIZES.
+// scales when built. For chunk c (values 32c..32c+31 of the block): codes(c, q) writes the codes
+// as 32 / S::W fp32 vectors, offset included (q - 8 for Q4_0); scale(c, j) is the scale of its
+// j-th run of SUB values; min(c) what every value adds (Q4_1's m, Q4_K's -m; 0 where the grid is
+// symmetric). A value is scale * code + min, gguf's own arithmetic. QK values in BYTES bytes, as
+// gguf's GGML_QUANT_SIZES.
 template <class S>
 struct Q4_0 {
-  static constexpr int QK = 32, BYTES = 18;
+  static constexpr int QK = 32, BYTES = 18, SUB = 32;
   using V = typename S::V;
   const uint8_t* b;
-  V d;
-  Q4_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(S::set1(gguf_f16(b))) {}
-  void chunk(int, V* w) const {  // values 0-15: low nibbles of the 16 bytes, 16-31: high
+  float d;
+  Q4_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(gguf_f16(b)) {}
+  void codes(int, V* q) const {  // values 0-15: low nibbles of the 16 bytes, 16-31: high
     for (int i = 0; i < 32 / S::W; ++i) {
       const int j = S::W * i;
-      const V q = Codes<S>::field(b + 2 + j % 16, j < 16 ? 0 : 4, 15);
-      w[i] = S::mul(d, S::add(q, S::set1(-8.f)));
+      q[i] = S::add(Codes<S>::field(b + 2 + j % 16, j < 16 ? 0 : 4, 15), S::set1(-8.f));
     }
   }
+  float scale(int, int) const { return d; }
+  float min(int) const { return 0.f; }
 };
 
 template <class S>
 struct Q4_1 {
-  static constexpr int QK = 32, BYTES = 20;
+  static constexpr int QK = 32, BYTES = 20, SUB = 32;
   using V = typename S::V;
   const uint8_t* b;
-  V d, m;
-  Q4_1(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(S::set1(gguf_f16(b))), m(S::set1(gguf_f16(b + 2))) {}
-  void chunk(int, V* w) const {
+  float d, m;
+  Q4_1(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(gguf_f16(b)), m(gguf_f16(b + 2)) {}
+  void codes(int, V* q) const {
     for (int i = 0; i < 32 / S::W; ++i) {
       const int j = S::W * i;
-      w[i] = S::add(S::mul(d, Codes<S>::field(b + 4 + j % 16, j < 16 ? 0 : 4, 15)), m);
+      q[i] = Codes<S>::field(b + 4 + j % 16, j < 16 ? 0 : 4, 15);
     }
   }
+  float scale(int, int) const { return d; }
+  float min(int) const { return m; }
 };
 
 template <class S>
 struct Q5_0 {
-  static constexpr int QK = 32, BYTES = 22;
+  static constexpr int QK = 32, BYTES = 22, SUB = 32;
   using V = typename S::V;
   const uint8_t* b;
-  V d;
+  float d;
   uint32_t qh;  // bit j: the fifth bit of value j
-  Q5_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(S::set1(gguf_f16(b))) { std::memcpy(&qh, b + 2, 4); }
-  void chunk(int, V* w) const {
+  Q5_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(gguf_f16(b)) { std::memcpy(&qh, b + 2, 4); }
+  void codes(int, V* q) const {
     for (int i = 0; i < 32 / S::W; ++i) {
       const int j = S::W * i;
       const V lo = Codes<S>::field(b + 6 + j % 16, j < 16 ? 0 : 4, 15);
-      const V q = S::add(S::add(lo, S::mul(Codes<S>::bits(qh, j), S::set1(16.f))), S::set1(-16.f));
-      w[i] = S::mul(d, q);
+      q[i] = S::add(S::add(lo, S::mul(Codes<S>::bits(qh, j), S::set1(16.f))), S::set1(-16.f));
     }
   }
+  float scale(int, int) const { return d; }
+  float min(int) const { return 0.f; }
 };
 
 template <class S>
 struct Q8_0 {
-  static constexpr int QK = 32, BYTES = 34;
+  static constexpr int QK = 32, BYTES = 34, SUB = 32;
   using V = typename S::V;
   const uint8_t* b;
-  V d;
-  Q8_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(S::set1(gguf_f16(b))) {}
-  void chunk(int, V* w) const {
-    for (int i = 0; i < 32 / S::W; ++i) w[i] = S::mul(Codes<S>::int8(b + 2 + S::W * i), d);
+  float d;
+  Q8_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(gguf_f16(b)) {}
+  void codes(int, V* q) const {
+    for (int i = 0; i < 32 / S::W; ++i) q[i] = Codes<S>::int8(b + 2 + S::W * i);
   }
+  float scale(int, int) const { return d; }
+  float min(int) const { return 0.f; }
 };
 
 // quant.linear's grouped int8: 32 int8 codes a group, the group's fp32 scale in its own array
 // (Q8_0's values with the scale kept apart; a Q8_0 table's fp16 scales widen to it exactly).
 template <class S>
 struct Int8Group {
-  static constexpr int QK = 32, BYTES = 32;
+  static constexpr int QK = 32, BYTES = 32, SUB = 32;
   using V = typename S::V;
   const uint8_t* b;
-  V d;
-  Int8Group(const uint8_t* row, const float* scales, int64_t i) : b(row + i * BYTES), d(S::set1(scales[i])) {}
-  void chunk(int, V* w) const {
-    for (int i = 0; i < 32 / S::W; ++i) w[i] = S::mul(Codes<S>::int8(b + S::W * i), d);
+  float d;
+  Int8Group(const uint8_t* row, const float* scales, int64_t i) : b(row + i * BYTES), d(scales[i]) {}
+  void codes(int, V* q) const {
+    for (int i = 0; i < 32 / S::W; ++i) q[i] = Codes<S>::int8(b + S::W * i);
   }
+  float scale(int, int) const { return d; }
+  float min(int) const { return 0.f; }
 };
 
 // Q4_K: 8 chunks of 32 values, each with its 6-bit scale and min times the block's fp16 d, dmin;
 // chunk c reads the low (even c) or high (odd c) nibbles of bytes 32 (c / 2) ... of qs.
 template <class S>
 struct Q4_K {
-  static constexpr int QK = 256, BYTES = 144;
+  static constexpr int QK = 256, BYTES = 144, SUB = 32;
   using V = typename S::V;
   const uint8_t* b;
   float dl[8], ml[8];
@@ -216,11 +230,12 @@ struct Q4_K {
       ml[j + 4] = dmin * static_cast<float>((s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30));
     }
   }
-  void chunk(int c, V* w) const {
-    const V d = S::set1(dl[c]), minus_m = S::set1(-ml[c]);  // d q - m, as gguf rounds it
-    const uint8_t* q = b + 16 + 32 * (c / 2);
-    for (int i = 0; i < 32 / S::W; ++i) w[i] = S::add(S::mul(d, Codes<S>::field(q + S::W * i, (c & 1) * 4, 15)), minus_m);
+  void codes(int c, V* q) const {
+    const uint8_t* p = b + 16 + 32 * (c / 2);
+    for (int i = 0; i < 32 / S::W; ++i) q[i] = Codes<S>::field(p + S::W * i, (c & 1) * 4, 15);
   }
+  float scale(int c, int) const { return dl[c]; }
+  float min(int c) const { return -ml[c]; }  // d q - m, as gguf rounds it
 };
 
 // Q6_K: 16 sub-blocks of 16 values with int8 scales times the fp16 d; value = 4 low bits from
@@ -228,7 +243,7 @@ struct Q4_K {
 // nibbles for i < 2, high ones after) and qh bytes 32h, bits 2i and 2i + 1.
 template <class S>
 struct Q6_K {
-  static constexpr int QK = 256, BYTES = 210;
+  static constexpr int QK = 256, BYTES = 210, SUB = 16;
   using V = typename S::V;
   const uint8_t* b;
   float dl[16];
@@ -236,7 +251,7 @@ struct Q6_K {
     const float d = gguf_f16(b + 208);
     for (int j = 0; j < 16; ++j) dl[j] = d * static_cast<float>(static_cast<int8_t>(b[192 + j]));
   }
-  void chunk(int c, V* w) const {
+  void codes(int c, V* q) const {
     const int h = c / 4, i4 = c % 4;
     const uint8_t* ql = b + 64 * h + 32 * (i4 % 2);
     const uint8_t* qh = b + 128 + 32 * h;
@@ -244,44 +259,66 @@ struct Q6_K {
       const int j = S::W * i;
       const V lo = Codes<S>::field(ql + j, (i4 / 2) * 4, 15);
       const V hi = Codes<S>::field(qh + j, 2 * i4, 3);
-      const V q = S::add(S::add(lo, S::mul(hi, S::set1(16.f))), S::set1(-32.f));
-      w[i] = S::mul(S::set1(dl[2 * c + j / 16]), q);
+      q[i] = S::add(S::add(lo, S::mul(hi, S::set1(16.f))), S::set1(-32.f));
     }
   }
+  float scale(int c, int j) const { return dl[2 * c + j]; }
+  float min(int) const { return 0.f; }
 };
+
+// Values 32c..32c+31 of a block as fp32 vectors: scale * code + min, gguf's own arithmetic.
+template <class S, class T>
+inline void decode_chunk(const T& t, int c, typename S::V* w) {
+  constexpr int VS = T::SUB / S::W;  // vectors a scale
+  t.codes(c, w);
+  const typename S::V m = S::set1(t.min(c));
+  for (int i = 0; i < 32 / S::W; ++i) w[i] = S::add(S::mul(S::set1(t.scale(c, i / VS)), w[i]), m);
+}
 
 // ---------------------------------------------------------------- the GEMV
 // Rows n0..n1-1 of W (row_bytes each; `scales`: K / 32 fp32 a row, grouped int8 only) against
-// B rows of x (B, K): y (B, N).
+// B rows of x (B, K): y (B, N). Per run of SUB values sharing a scale: the codes times x summed
+// in a vector, then times the scale once; a chunk's min times the chunk's sum of x (xsum, B x
+// K / 32) once. So a weight costs its decode and one FMA per row of x.
 template <class S, template <class> class T, int B>
-void gguf_rows(const uint8_t* W, const float* scales, int64_t row_bytes, const float* x, int64_t K, int64_t N,
-               int64_t n0, int64_t n1, float* y) {
+void gguf_rows(const uint8_t* W, const float* scales, int64_t row_bytes, const float* x, const float* xsum,
+               int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
   using V = typename S::V;
-  constexpr int P = 32 / S::W;      // vectors a chunk
-  constexpr int C = T<S>::QK / 32;  // chunks a block
+  constexpr int P = 32 / S::W;          // vectors a chunk
+  constexpr int VS = T<S>::SUB / S::W;  // vectors a scale
+  constexpr int C = T<S>::QK / 32;      // chunks a block
   const int64_t nblk = K / T<S>::QK;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = W + n * row_bytes;
     const float* row_scales = scales ? scales + n * (K / 32) : nullptr;
     V acc[B][P];
+    float mins[B] = {0.f};
     for (int r = 0; r < B; ++r) {
       for (int i = 0; i < P; ++i) acc[r][i] = S::zero();
     }
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const T<S> t(row, row_scales, blk);
       for (int c = 0; c < C; ++c) {
-        V w[P];
-        t.chunk(c, w);
-        const float* xc = x + blk * T<S>::QK + 32 * c;
+        V q[P];
+        t.codes(c, q);
+        const int64_t k0 = blk * T<S>::QK + 32 * c;
+        const float m = t.min(c);
         for (int r = 0; r < B; ++r) {
-          for (int i = 0; i < P; ++i) acc[r][i] = S::fma(w[i], S::load(xc + r * K + S::W * i), acc[r][i]);
+          const float* xc = x + r * K + k0;
+          for (int j = 0; j < P / VS; ++j) {  // each run of SUB values: sum q x, then scale
+            V dot = S::mul(q[j * VS], S::load(xc + S::W * j * VS));
+            for (int v = 1; v < VS; ++v) dot = S::fma(q[j * VS + v], S::load(xc + S::W * (j * VS + v)), dot);
+            const int a = (c * (P / VS) + j) % P;  // P independent sums: FMA latency hidden
+            acc[r][a] = S::fma(dot, S::set1(t.scale(c, j)), acc[r][a]);
+          }
+          mins[r] += m * xsum[r * (K / 32) + k0 / 32];
         }
       }
     }
     for (int r = 0; r < B; ++r) {
       V a = acc[r][0];
       for (int i = 1; i < P; ++i) a = S::add(a, acc[r][i]);
-      y[r * N + n] = S::sum(a);
+      y[r * N + n] = S::sum(a) + mins[r];
     }
   }
 }
@@ -290,6 +327,12 @@ template <class S, template <class> class T>
 void gguf_gemv_as(const uint8_t* W, const float* scales, const float* x, int64_t B, int64_t N, int64_t K,
                   float* y) {
   const int64_t row_bytes = K / T<S>::QK * T<S>::BYTES;
+  std::vector<float> xsum(B * (K / 32));  // each chunk's sum of x, for the mins
+  for (int64_t i = 0; i < B * (K / 32); ++i) {
+    float sum = 0.f;
+    for (int k = 0; k < 32; ++k) sum += x[i * 32 + k];
+    xsum[i] = sum;
+  }
   // below ~16 KiB of weights a thread, waking the other costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / row_bytes);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -299,10 +342,10 @@ void gguf_gemv_as(const uint8_t* W, const float* scales, const float* x, int64_t
       const float* xr = x + r * K;
       float* yr = y + r * N;
       switch (std::min<int64_t>(4, B - r)) {
-        case 1: gguf_rows<S, T, 1>(W, scales, row_bytes, xr, K, N, n0, n1, yr); break;
-        case 2: gguf_rows<S, T, 2>(W, scales, row_bytes, xr, K, N, n0, n1, yr); break;
-        case 3: gguf_rows<S, T, 3>(W, scales, row_bytes, xr, K, N, n0, n1, yr); break;
-        default: gguf_rows<S, T, 4>(W, scales, row_bytes, xr, K, N, n0, n1, yr); break;
+        case 1: gguf_rows<S, T, 1>(W, scales, row_bytes, xr, xsum.data() + r * (K / 32), K, N, n0, n1, yr); break;
+        case 2: gguf_rows<S, T, 2>(W, scales, row_bytes, xr, xsum.data() + r * (K / 32), K, N, n0, n1, yr); break;
+        case 3: gguf_rows<S, T, 3>(W, scales, row_bytes, xr, xsum.data() + r * (K / 32), K, N, n0, n1, yr); break;
+        default: gguf_rows<S, T, 4>(W, scales, row_bytes, xr, xsum.data() + r * (K / 32), K, N, n0, n1, yr); break;
       }
     }
   });
@@ -345,6 +388,45 @@ inline void block_gemv(GgufType type, const uint8_t* W, const float* scales, con
 #endif
   (void)portable;
   block_gemv_with<Portable>(type, W, scales, x, B, N, K, y);
+}
+
+// Rows n0..n1-1 of W as fp32 values (out: (n1 - n0, K)): the same decoders as the GEMV, for
+// prefill, where a tile of dequantized rows and a matmul beat a weight pass per 4 rows.
+template <class S, template <class> class T>
+void dequantize_rows_as(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, float* out) {
+  using V = typename S::V;
+  constexpr int P = 32 / S::W;
+  const int64_t row_bytes = K / T<S>::QK * T<S>::BYTES;
+  at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t blk = 0; blk < K / T<S>::QK; ++blk) {
+        const T<S> t(W + n * row_bytes, nullptr, blk);
+        for (int c = 0; c < T<S>::QK / 32; ++c) {
+          V w[P];
+          decode_chunk<S>(t, c, w);
+          float* o = out + (n - n0) * K + blk * T<S>::QK + 32 * c;
+          for (int i = 0; i < P; ++i) S::store(o + S::W * i, w[i]);
+        }
+      }
+    }
+  });
+}
+
+inline void gguf_dequantize(GgufType type, const uint8_t* W, int64_t K, int64_t n0, int64_t n1, float* out) {
+#ifdef LLAMADESK_VEC
+  using S = Vec;
+#else
+  using S = Portable;
+#endif
+  switch (type) {
+    case GGUF_Q4_0: return dequantize_rows_as<S, Q4_0>(W, K, n0, n1, out);
+    case GGUF_Q4_1: return dequantize_rows_as<S, Q4_1>(W, K, n0, n1, out);
+    case GGUF_Q5_0: return dequantize_rows_as<S, Q5_0>(W, K, n0, n1, out);
+    case GGUF_Q8_0: return dequantize_rows_as<S, Q8_0>(W, K, n0, n1, out);
+    case GGUF_Q4_K: return dequantize_rows_as<S, Q4_K>(W, K, n0, n1, out);
+    case GGUF_Q6_K: return dequantize_rows_as<S, Q6_K>(W, K, n0, n1, out);
+    default: TORCH_CHECK(false, "no native kernel for this GGUF type");
+  }
 }
 
 // Bytes of one K-long row of `type`, or -1 when K is not a whole number of its blocks.
