@@ -15,9 +15,10 @@ the device it will run on.
 
 Kernels, measured on a 2-core CPU (torch 2.13): the CPU int8 and int4 kernels are 10-20x faster with
 bf16 activations than fp32, so the layers cast activations to bf16 for the kernel and back to
-the input's dtype. The CPU int8 kernel gives wrong results or crashes for K % 16 != 0 when more
-than one row comes in, so such weights (and grouped int8 from GGUF Q8_0, which the kernel cannot
-express) run as a dense fp32 weight on CPU: exact, but 4x the memory of int8. The CPU int4
+the input's dtype. Grouped int8 (one scale per 32, the quantizer's default, and a GGUF Q8_0
+table) runs the extension's own kernel (csrc/gguf_gemv.h), fp32. The CPU int8 kernel gives
+wrong results or crashes for K % 16 != 0 when more than one row comes in, so such per-row weights
+run as a dense fp32 weight on CPU: exact, but 4x the memory of int8. The CPU int4
 kernel needs N % 16 == 0 (CUDA: N % 8 == 0); other N are padded with zero rows.
 """
 from __future__ import annotations

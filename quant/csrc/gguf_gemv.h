@@ -4,10 +4,11 @@
 // Avx2 as Vec, LLAMADESK_VEC); it includes nothing itself. quant/ggml.py documents the layouts.
 //
 // y[r, n] = sum_k W[n, k] x[r, k] for B <= 8 activation rows x (B, K): each 32-value chunk of
-// a weight row is decoded once into fp32 vectors (the same products and sums as
-// gguf.quants.dequantize: a scale times a code, then the min) and multiplied into all B rows,
-// so B tokens cost one pass over the weights. llama.cpp instead rounds x to Q8 and takes
-// integer dot products; fp32 x keeps the exact dequantized arithmetic, up to summation order.
+// a weight row is decoded once into fp32 code vectors and multiplied into all B rows (up to 4 a
+// pass), so B tokens cost one pass over the weights; codes times x are summed over each run of
+// values sharing a scale, then scaled once, and a chunk's min enters through its sum of x.
+// llama.cpp instead rounds x to Q8 and takes integer dot products; fp32 x keeps the exact
+// dequantized values (quant.ggml), up to summation order.
 //
 // One kernel, three vector types: AVX-512 (16 floats), AVX2 (8), and Portable, plain C++ arrays
 // of 8 floats that the compiler maps to whatever the target has (SSE2, NEON). Vector builds also

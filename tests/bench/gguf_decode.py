@@ -2,13 +2,16 @@
 against its `:int4` (the int4 packing of the same Q4_0 values), and the types without a native
 kernel through their per-layer dequantize path.
 
-    python tests/bench/gguf_decode.py [DIM [LAYERS [TOKENS]]]      (defaults 1024 8 32)
+    python tests/bench/gguf_decode.py [DIM [LAYERS [TOKENS [TYPES]]]]   (defaults 1024 8 32 all)
+
+TYPES: a comma-separated subset of int4,q4_0,q4_1,q5_0,q8_0,q4_k,q6_k,q2_k,q3_k,q5_1,q5_k.
 
 The model: DIM wide, FFN 2.75 DIM rounded to 256, DIM/64 heads of 64, a quarter as many KV
 heads, a 4096-token vocabulary (a small head, so the layers decide), weights random blocks with
 finite fp16 scales (tests/tiny_checkpoints.random_blocks). The table and head are Q8_0 for the
-GGUF variants and grouped int8 for int4 (the same kernel). Each figure: TOKENS decode steps after
-an 8-token prefill, the best of 3 runs; GB/s is the layers' bytes read per second.
+GGUF variants and grouped int8 for int4 (the same kernel). First one (4096 x 4096) layer's GEMV
+alone, best of 30 calls; then the model. Each figure: TOKENS decode steps after
+an 8-token prefill, the best of 5 runs; GB/s is the layers' bytes read per second.
 """
 import sys
 import time
@@ -76,9 +79,44 @@ def build(args: ModelArgs, scheme: str) -> tuple[Transformer, int]:
 
 
 @torch.inference_mode()
+def gemv_table(n: int, k: int, rounds: int = 30) -> None:
+    """One layer's GEMV, (n, k), best of `rounds` calls (robust to a shared machine's load):
+    int4 in torch's packing through the step's own kernel, against each native GGUF type."""
+    ext = extension.loaded_extension()
+    rng = np.random.default_rng(1)
+    x = torch.randn(1, k)
+    print(f"\n| GEMV ({n} x {k}, 1 row) | us | GB/s |")
+    print("| --- | --- | --- |")
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    q4 = torch.from_numpy(random_blocks(rng, "Q4_0", (n, k), TYPE_SCALE["Q4_0"]))
+    packed = pack_int4(dequantize_rows(q4, "q4_0"), 32, symmetric=True)[0]
+    from quant.linear import Int4Linear
+
+    layer = Int4Linear(k, n, 32, device="meta")
+    layer.load_state_dict({key.lstrip("."): v for key, v in packed.state_dict("").items()}, assign=True)
+    layer.prepare("cpu")
+    nbytes = sum(t.numel() * t.element_size() for t in packed.tensors.values())
+    t = best(lambda: ext.int4_linear(x, layer.packed, layer.scales_and_zeros, 32, n))
+    print(f"| int4 (step's kernel) | {t * 1e6:.0f} | {nbytes / t / 1e9:.1f} |", flush=True)
+    for qtype in ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"):
+        blocks = torch.from_numpy(random_blocks(rng, qtype, (n, k), TYPE_SCALE[qtype]))
+        t = best(lambda: ext.gguf_linear(x, blocks, qtype.lower()))
+        print(f"| {qtype.lower()} | {t * 1e6:.0f} | {blocks.numel() / t / 1e9:.1f} |", flush=True)
+
+
+@torch.inference_mode()
 def tok_per_s(model: Transformer, decoder, tokens: int) -> float:
     best = 0.0
-    for _ in range(3):
+    for _ in range(5):
         prompt = list(range(1, 9))
         prefill(model, prompt)
         t, start = 9, time.perf_counter()
@@ -92,15 +130,19 @@ def main() -> None:
     dim = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     layers = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+    wanted = sys.argv[4].lower().split(",") if len(sys.argv) > 4 else None
     ffn = (int(dim * 2.75) + 255) // 256 * 256
     args = ModelArgs(dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=max(1, dim // 256), vocab_size=4096,
                      ffn_dim=ffn)
     extension.load_extension(pull.cache_dir())
     print(f"dim {dim}, {layers} layers, ffn {ffn}, {args.n_params / 1e6:.0f}M parameters; isa "
           f"{extension.chosen_isa()}, {torch.get_num_threads()} threads")
-    print("| layers | path | decode tok/s | layers' MB | GB/s |")
+    gemv_table(4096, 4096)
+    print("\n| layers | path | decode tok/s | layers' MB | GB/s |")
     print("| --- | --- | --- | --- | --- |")
     for scheme in ("int4", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q2_K", "Q3_K", "Q5_1", "Q5_K"):
+        if wanted and scheme.lower() not in wanted:
+            continue
         model, nbytes = build(args, scheme)
         decoder = choose_decoder(model, "now")
         native = not isinstance(decoder, EagerDecoder)
