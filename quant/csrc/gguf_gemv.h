@@ -58,6 +58,16 @@ struct Portable {
 template <class S>
 struct Codes;
 
+// Values 0-15 of a 32-value chunk from the low nibbles of 16 bytes, 16-31 from the high ones,
+// minus `offset` (Q4_0's 8): through field(), for the vector types without a faster way.
+template <class S>
+inline void nibbles_by_field(const uint8_t* p, float offset, typename S::V* q) {
+  for (int i = 0; i < 32 / S::W; ++i) {
+    const int j = S::W * i;
+    q[i] = S::add(Codes<S>::field(p + j % 16, j < 16 ? 0 : 4, 15), S::set1(-offset));
+  }
+}
+
 template <>
 struct Codes<Portable> {
   using V = Portable::V;
@@ -75,7 +85,7 @@ struct Codes<Portable> {
     V r;
     for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>((word >> (from + i)) & 1u);
     return r;
-  }
+  }  static void nibbles(const uint8_t* p, float offset, V* q) { nibbles_by_field<Portable>(p, offset, q); }
 };
 
 #if defined(__AVX512F__)
@@ -85,9 +95,21 @@ struct Codes<Avx512> {
   static __m512i widen(const uint8_t* p) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  // 0..15 minus offset, as fp32: vpermps reads only the low 4 bits of each index, so a table
+  // permute turns a nibble into its value without a mask or a conversion
+  static V nibble_table(float offset) {
+    return _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(offset));
+  }
   static V field(const uint8_t* p, int shift, int mask) {
     const __m512i v = _mm512_srl_epi32(widen(p), _mm_cvtsi32_si128(shift));
+    if (mask == 15) return _mm512_permutexvar_ps(v, nibble_table(0.f));
     return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(mask)));
+  }
+  static void nibbles(const uint8_t* p, float offset, V* q) {  // one load for both halves
+    const __m512i v = widen(p);
+    const V table = nibble_table(offset);
+    q[0] = _mm512_permutexvar_ps(v, table);
+    q[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
   }
   static V int8(const uint8_t* p) { return Avx512::load(reinterpret_cast<const int8_t*>(p)); }
   static V bits(uint32_t word, int from) {
@@ -113,14 +135,18 @@ struct Codes<Avx2> {
     const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(from), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), at);
     return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(1)));
-  }
+  }  static void nibbles(const uint8_t* p, float offset, V* q) { nibbles_by_field<Avx2>(p, offset, q); }
 };
 #endif
 
 inline float gguf_f16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  return static_cast<float>(c10::detail::fp16_ieee_to_fp32_value(h));
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // one instruction where the bit-twiddling below is ~15, once per block
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
 }
 
 // ---------------------------------------------------------------- one block type each
@@ -128,21 +154,17 @@ inline float gguf_f16(const uint8_t* p) {
 // scales when built. For chunk c (values 32c..32c+31 of the block): codes(c, q) writes the codes
 // as 32 / S::W fp32 vectors, offset included (q - 8 for Q4_0); scale(c, j) is the scale of its
 // j-th run of SUB values; min(c) what every value adds (Q4_1's m, Q4_K's -m; 0 where the grid is
-// symmetric). A value is scale * code + min, gguf's own arithmetic. QK values in BYTES bytes, as
+// symmetric, HAS_MIN false). A value is scale * code + min, gguf's own arithmetic. QK values in BYTES bytes, as
 // gguf's GGML_QUANT_SIZES.
 template <class S>
 struct Q4_0 {
   static constexpr int QK = 32, BYTES = 18, SUB = 32;
+  static constexpr bool HAS_MIN = false;
   using V = typename S::V;
   const uint8_t* b;
   float d;
   Q4_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(gguf_f16(b)) {}
-  void codes(int, V* q) const {  // values 0-15: low nibbles of the 16 bytes, 16-31: high
-    for (int i = 0; i < 32 / S::W; ++i) {
-      const int j = S::W * i;
-      q[i] = S::add(Codes<S>::field(b + 2 + j % 16, j < 16 ? 0 : 4, 15), S::set1(-8.f));
-    }
-  }
+  void codes(int, V* q) const { Codes<S>::nibbles(b + 2, 8.f, q); }  // 0-15: low nibbles, 16-31: high
   float scale(int, int) const { return d; }
   float min(int) const { return 0.f; }
 };
@@ -150,16 +172,12 @@ struct Q4_0 {
 template <class S>
 struct Q4_1 {
   static constexpr int QK = 32, BYTES = 20, SUB = 32;
+  static constexpr bool HAS_MIN = true;
   using V = typename S::V;
   const uint8_t* b;
   float d, m;
   Q4_1(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(gguf_f16(b)), m(gguf_f16(b + 2)) {}
-  void codes(int, V* q) const {
-    for (int i = 0; i < 32 / S::W; ++i) {
-      const int j = S::W * i;
-      q[i] = Codes<S>::field(b + 4 + j % 16, j < 16 ? 0 : 4, 15);
-    }
-  }
+  void codes(int, V* q) const { Codes<S>::nibbles(b + 4, 0.f, q); }
   float scale(int, int) const { return d; }
   float min(int) const { return m; }
 };
@@ -167,17 +185,15 @@ struct Q4_1 {
 template <class S>
 struct Q5_0 {
   static constexpr int QK = 32, BYTES = 22, SUB = 32;
+  static constexpr bool HAS_MIN = false;
   using V = typename S::V;
   const uint8_t* b;
   float d;
   uint32_t qh;  // bit j: the fifth bit of value j
   Q5_0(const uint8_t* row, const float*, int64_t i) : b(row + i * BYTES), d(gguf_f16(b)) { std::memcpy(&qh, b + 2, 4); }
   void codes(int, V* q) const {
-    for (int i = 0; i < 32 / S::W; ++i) {
-      const int j = S::W * i;
-      const V lo = Codes<S>::field(b + 6 + j % 16, j < 16 ? 0 : 4, 15);
-      q[i] = S::add(S::add(lo, S::mul(Codes<S>::bits(qh, j), S::set1(16.f))), S::set1(-16.f));
-    }
+    Codes<S>::nibbles(b + 6, 16.f, q);  // the low 4 bits minus 16, then the fifth bit's 16
+    for (int i = 0; i < 32 / S::W; ++i) q[i] = S::add(q[i], S::mul(Codes<S>::bits(qh, S::W * i), S::set1(16.f)));
   }
   float scale(int, int) const { return d; }
   float min(int) const { return 0.f; }
@@ -186,6 +202,7 @@ struct Q5_0 {
 template <class S>
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34, SUB = 32;
+  static constexpr bool HAS_MIN = false;
   using V = typename S::V;
   const uint8_t* b;
   float d;
@@ -202,6 +219,7 @@ struct Q8_0 {
 template <class S>
 struct Int8Group {
   static constexpr int QK = 32, BYTES = 32, SUB = 32;
+  static constexpr bool HAS_MIN = false;
   using V = typename S::V;
   const uint8_t* b;
   float d;
@@ -218,6 +236,7 @@ struct Int8Group {
 template <class S>
 struct Q4_K {
   static constexpr int QK = 256, BYTES = 144, SUB = 32;
+  static constexpr bool HAS_MIN = true;
   using V = typename S::V;
   const uint8_t* b;
   float dl[8], ml[8];
@@ -245,6 +264,7 @@ struct Q4_K {
 template <class S>
 struct Q6_K {
   static constexpr int QK = 256, BYTES = 210, SUB = 16;
+  static constexpr bool HAS_MIN = false;
   using V = typename S::V;
   const uint8_t* b;
   float dl[16];
@@ -312,7 +332,7 @@ void gguf_rows(const uint8_t* W, const float* scales, int64_t row_bytes, const f
             const int a = (c * (P / VS) + j) % P;  // P independent sums: FMA latency hidden
             acc[r][a] = S::fma(dot, S::set1(t.scale(c, j)), acc[r][a]);
           }
-          mins[r] += m * xsum[r * (K / 32) + k0 / 32];
+          if (T<S>::HAS_MIN) mins[r] += m * xsum[r * (K / 32) + k0 / 32];
         }
       }
     }
