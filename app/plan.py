@@ -126,6 +126,9 @@ class Candidate:
     args: ModelArgs
     weight_bytes: int  # resident on the device after load
     bits: float
+    # a source kept as a GGUF file's blocks, all of types the compiled CPU step multiplies
+    # natively (native_gguf_blocks): on a CPU as fast per byte as a packed variant
+    native_blocks: bool = False
     slots: int = 1  # KV-cache rows of the planned context: a server's parallel requests, all full at once
 
     @property
@@ -301,9 +304,11 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
 def _slow_float(c: Candidate, device: Device) -> bool:
     """A variant that runs slower than a packed one of the same model: any float copy of a
     GGUF's blocks (variant "float"), and on a CPU the source, whether float (its fp32 matmuls read
-    2-4x the bytes of int8 per token) or a GGUF's own blocks (dequantized in torch at every step,
-    no native kernel yet: ~30x slower than int4 on the default model)."""
-    return c.variant == "float" or (device.kind == "cpu" and c.variant == "source")
+    2-4x the bytes of int8 per token) or a GGUF's blocks of a type without a native kernel (Q2_K,
+    Q3_K, Q5_1, Q5_K: dequantized in torch at every step). A GGUF source whose blocks the CPU step
+    multiplies natively (a Q4_K_M, Q6_K or Q8_0 file) is not slow: it reads its file's bytes per
+    token, fewer than int8's, and then ranks by its bits like any variant."""
+    return c.variant == "float" or (device.kind == "cpu" and c.variant == "source" and not c.native_blocks)
 
 
 def _rank(c: Candidate, device: Device) -> tuple:
@@ -462,12 +467,11 @@ def estimated_weight_bytes(args: ModelArgs, variant: str, device: Device, group_
         if on_gpu and not args.tie_embeddings:
             resident -= emb
         return resident * activation_bytes(device) + norms
-    int8_rows = args.vocab_size * 4  # one fp32 scale per row
-    # int8 output head, plus the int8 embedding unless it stays in CPU RAM
-    head_bytes = (1 if on_gpu else 2) * (emb + int8_rows)
+    # int8 output head, plus the int8 embedding unless it stays in CPU RAM: one fp16 scale per 32
+    # weights, as every int8 tensor the quantizer writes (quant.quantize.INT8_GROUP)
+    head_bytes = (1 if on_gpu else 2) * (emb + emb // 32 * 2)
     if variant == "int8":
-        rows = args.n_layers * (args.n_heads * args.head_dim * 2 + args.n_kv_heads * args.head_dim * 2 + 3 * args.ffn_dim)
-        return body + rows * 4 + head_bytes + norms
+        return body + body // 32 * 2 + head_bytes + norms
     if variant == "int4":
         return body // 2 + body // group_size * 4 + head_bytes + norms
     if variant == "nf4":
@@ -532,8 +536,21 @@ def installed_candidates(device: Device, damaged: dict[str, UserError] | None = 
                 raise
             damaged[e.ref] = error
             continue
-        out.append(Candidate(e.name, e.variant, args, weight_bytes, variant_bits(e.manifest, sources.get(e.name, 16))))
+        out.append(Candidate(e.name, e.variant, args, weight_bytes, variant_bits(e.manifest, sources.get(e.name, 16)),
+                             native_gguf_blocks(e.manifest)))
     return out
+
+
+# quant.linear.NATIVE_GGUF_SCHEMES, here without importing torch (test_plan checks they agree)
+NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
+
+
+def native_gguf_blocks(manifest: dict) -> bool:
+    """Whether a variant keeps GGUF blocks whose every type the compiled CPU step runs natively
+    (in its matmuls: the token table is looked up, a few rows a token, whatever its type)."""
+    quant = manifest.get("quant") or {}
+    schemes = {w.get("scheme") for m, w in (quant.get("layout") or {}).items() if m != "tok_embeddings"}
+    return quant.get("scheme") == "gguf" and bool(schemes) and schemes <= set(NATIVE_GGUF_SCHEMES)
 
 
 def variant_bits(manifest: dict, source: int) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"  # includes the other files of csrc/
 _lock = threading.Lock()
 _extension = None
 _failed: str | None = None
@@ -86,7 +86,9 @@ def _flag_sets() -> list[tuple[list[str], list[str]]]:
 
 
 def _extension_name(flags: list[str]) -> str:
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
+    # every file of csrc/ (the headers decode_cpu.cpp includes): a change to any one rebuilds
+    sources = b"".join(p.name.encode() + p.read_bytes() for p in sorted(SOURCE.parent.iterdir()) if p.is_file())
+    key = sources + torch.__version__.encode() + " ".join(flags).encode()
     return f"llamadesk_decode_{hashlib.sha256(key).hexdigest()[:12]}"
 
 

@@ -152,7 +152,9 @@ def _check_weight(w: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- int8
 def pack_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[Packed, PackError]:
-    """Symmetric int8, one fp32 scale per output row (or per `group_size` weights along K)."""
+    """Symmetric int8: one fp32 scale per output row, or one fp16 scale per `group_size` weights
+    along K (llama.cpp's Q8_0 with 32: 8.5 bits a weight). A group's codes are taken against its
+    scale as stored (fp16-rounded), so they come back as the nearest values on that grid."""
     w = _check_weight(w)
     N, K = w.shape
     g = K if group_size is None else group_size
@@ -160,7 +162,9 @@ def pack_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[Packed, P
         raise ValueError(f"int8 group_size={g} does not divide K={K}")
     wf = w.float().reshape(N, K // g, g)  # (N, G, g)
     scales = wf.abs().amax(-1) / 127  # (N, G)
-    safe = torch.where(scales > 0, scales, 1.0)
+    if group_size is not None:
+        scales = scales.to(torch.float16)
+    safe = torch.where(scales > 0, scales.float(), 1.0)
     q = torch.round(wf / safe[..., None]).clamp(-127, 127).to(torch.int8).reshape(N, K)
     p = Packed("int8", (N, K), g, {"qweight": q, "scales": scales.contiguous()})
     return p, pack_error(w, unpack_int8(p))

@@ -15,9 +15,10 @@ the device it will run on.
 
 Kernels, measured on a 2-core CPU (torch 2.13): the CPU int8 and int4 kernels are 10-20x faster with
 bf16 activations than fp32, so the layers cast activations to bf16 for the kernel and back to
-the input's dtype. The CPU int8 kernel gives wrong results or crashes for K % 16 != 0 when more
-than one row comes in, so such weights (and grouped int8 from GGUF Q8_0, which the kernel cannot
-express) run as a dense fp32 weight on CPU: exact, but 4x the memory of int8. The CPU int4
+the input's dtype. Grouped int8 (one scale per 32, the quantizer's default, and a GGUF Q8_0
+table) runs the extension's own kernel (csrc/gguf_gemv.h), fp32. The CPU int8 kernel gives
+wrong results or crashes for K % 16 != 0 when more than one row comes in, so such per-row weights
+run as a dense fp32 weight on CPU: exact, but 4x the memory of int8. The CPU int4
 kernel needs N % 16 == 0 (CUDA: N % 8 == 0); other N are padded with zero rows.
 """
 from __future__ import annotations
@@ -377,14 +378,21 @@ class PreparedWeights:
       "int4"   weight uint8 torch's CPU int4 packing (N_pad, K/2), scales bf16 (K/group_size, N_pad, 2)
                (scale, zero) pairs, as _weight_int4pack_mm_for_cpu takes them; N_pad >= N
       "int8"   weight int8 (N, K), scales bf16 (N,) one per row, as _weight_int8pack_mm takes them
+      "int8_group"  weight int8 (N, K), scales fp32 (N, K / 32): one scale per 32 along a row
+      "gguf"   weight uint8 (N, row bytes): a GGUF file's blocks of `scheme` (quant.ggml), one of
+               NATIVE_GGUF_SCHEMES
+      "rows"   weight None; `parts`, records whose outputs follow one another (wqkv of a GGUF
+               file whose wv is another block type than wq, wk)
     """
 
     kind: str
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     scales: torch.Tensor | None
     group_size: int
     out_features: int
     in_features: int
+    scheme: str = ""
+    parts: tuple["PreparedWeights", ...] = ()
 
 
 def prepared_weights(mod: nn.Module) -> PreparedWeights:
@@ -402,7 +410,15 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
             return PreparedWeights("int8", mod.qweight, mod.kernel_scales, mod.group_size, N, K)
         if mod.kernel == "dense":
             return PreparedWeights("dense", mod.dense_weight.float().contiguous(), None, K, N, K)
+        if mod.kernel == "int8group":
+            return PreparedWeights("int8_group", mod.qweight, mod.scales, 32, N, K)
         raise ValueError(f"int8 kernel {mod.kernel or 'unprepared'}")
+    if isinstance(mod, GGUFLinear):
+        if mod.scheme not in NATIVE_GGUF_SCHEMES or mod.blocks.device.type != "cpu":
+            raise ValueError(f"{mod.scheme} blocks run in Python (no native kernel)")
+        return PreparedWeights("gguf", mod.blocks, None, GGUF_SCHEMES[mod.scheme][0], N, K, mod.scheme)
+    if isinstance(mod, StackedRows):
+        return PreparedWeights("rows", None, None, K, N, K, parts=tuple(prepared_weights(m) for m in mod.parts))
     if isinstance(mod, Fp16Linear):
         return PreparedWeights("fp16", mod.weight.detach().contiguous(), None, K, N, K)
     if type(mod) is nn.Linear:
@@ -411,14 +427,22 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
         return PreparedWeights("dense", mod.weight.detach().contiguous(), None, K, N, K)
     raise ValueError(f"{type(mod).__name__} has no fused kernel")
 # ---------------------------------------------------------------- GGUF block types
+# the block types the compiled step multiplies natively (csrc/gguf_gemv.h): those of Q4_K_M,
+# Q6_K, Q8_0 and Q4_0/Q4_1/Q5_0 files; the others dequantize a block of rows at a time
+NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
+
+
 class GGUFLinear(nn.Module):
     """y = x W^T with W kept as a GGUF file's own blocks (quant.ggml: "q4_k", "q6_k", ...).
 
-    No native kernel yet: each call dequantizes the weight a block of rows at a time into the
-    activations' dtype (fp32 when precise) and multiplies, so memory stays one block of rows.
+    Up to 8 rows of x (decode, the last token of a prefill) with a native type and the compiled
+    extension loaded: its GEMV over the blocks, fp32 (csrc/gguf_gemv.h). Otherwise (prefill,
+    the other types, no compiler): the weight is dequantized a block of rows at a time into the
+    activations' dtype (fp32 when precise) and multiplied, so memory stays one block of rows.
     """
 
     ROW_BLOCK_BYTES = 16 << 20  # the dequantized rows held at once
+    NATIVE_ROWS = 8  # past this many rows, dequantized tiles and a matmul beat a weight pass per 4 rows
 
     def __init__(self, in_features: int, out_features: int, scheme: str, device=None):
         super().__init__()
@@ -436,16 +460,44 @@ class GGUFLinear(nn.Module):
         if not self.kernel:
             raise RuntimeError(_NOT_PREPARED.format("GGUFLinear"))
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+        ext = None
+        if self.scheme in NATIVE_GGUF_SCHEMES and x2.device.type == "cpu":
+            from .extension import loaded_extension
+
+            ext = loaded_extension()
+        if ext is not None and x2.shape[0] <= self.NATIVE_ROWS:
+            y = ext.gguf_linear(x2.float(), self.blocks, self.scheme)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.precise:
             x2 = x2.float()
+        if ext is not None:  # the same values as dequantize_rows, ~20x faster than its torch ops
+            tile = lambda b: ext.gguf_dequantize_rows(b, self.scheme, self.in_features)
+        else:
+            tile = lambda b: dequantize_rows(b, self.scheme)
         rows = max(1, self.ROW_BLOCK_BYTES // (self.in_features * 4))
-        parts = [F.linear(x2, dequantize_rows(self.blocks[i : i + rows], self.scheme).to(x2.dtype))
+        parts = [F.linear(x2, tile(self.blocks[i : i + rows]).to(x2.dtype))
                  for i in range(0, self.out_features, rows)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B*T, N)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}"
+
+
+class StackedRows(nn.Module):
+    """Layers with the same input whose outputs follow one another: y = cat(part(x) for part).
+
+    fuse_projections makes one of q, k, v (or w1, w3) kept in different GGUF block types (a
+    Q4_K_M file holds some layers' wv in Q6_K), so that the block still runs one fused call."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 class GGUFEmbedding(nn.Module):
@@ -600,4 +652,23 @@ def _concat_rows(mods: list[nn.Module]) -> nn.Module | None:
             if hasattr(mods[0], name) and getattr(mods[0], name) is not None:
                 setattr(out, name, torch.cat([getattr(m, name) for m in mods]))
         return out
+    if kind is GGUFLinear:
+        if any(m.kernel for m in mods):
+            return None
+        if len({m.scheme for m in mods}) != 1:  # rows of each type stay in their own blocks
+            return StackedRows([same[0] if len(same) == 1 else _concat_rows(same) for same in _runs_of_scheme(mods)])
+        out = GGUFLinear(K, N, mods[0].scheme, device="meta")
+        out.blocks = torch.cat([m.blocks for m in mods])
+        return out
     return None
+
+
+def _runs_of_scheme(mods: list[nn.Module]) -> list[list[nn.Module]]:
+    """Neighbouring modules of the same GGUF block type, in order: [q4_k, q4_k, q6_k] -> 2 runs."""
+    runs: list[list[nn.Module]] = []
+    for m in mods:
+        if runs and runs[-1][0].scheme == m.scheme:
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+    return runs

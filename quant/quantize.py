@@ -22,6 +22,7 @@ from .formats import (FORMAT_VERSION, GGUF_BLOCK, INT4_GROUP_SIZES, SCHEMES, Pac
 
 SHARD_BYTES = 128 << 20  # an output shard is held in memory until written
 ROW_BLOCK_ELEMS = 4 << 20  # pack at most this many weights at once: bounded fp32 temporaries
+INT8_GROUP = 32  # int8 weights per fp16 scale, as llama.cpp's Q8_0
 Progress = Callable[[int, int, str], None]
 
 
@@ -30,9 +31,7 @@ class QuantOptions:
     scheme: str  # int8 | int4 | nf4: the transformer blocks' linear layers
     group_size: int = 32  # int4 only
     embeddings: str = "int8"  # int8 | fp32: the token embedding table
-    # the output projection: int8 | int4 | fp16 | fp32, or "auto": int8, in groups of 32 when the
-    # source's table was a GGUF Q8_0 (its own grid, exact; one scale per row would lose 1% of it,
-    # +0.3% perplexity on SmolLM2)
+    # the output projection: int8 | int4 | fp16 | fp32, or "auto": int8
     head: str = "auto"
     double_quant: bool = True  # nf4 only: quantize the absmax statistics too
 
@@ -71,8 +70,7 @@ class QuantReport:
 
 
 def precision_map(args: ModelArgs, opts: QuantOptions) -> dict[str, str]:
-    """Module name -> scheme; norms are absent (they stay fp32). (The source's types decide groups,
-    in quantize_stream: a Q8_0 table keeps its grid as the embedding and as an "auto" head.)"""
+    """Module name -> scheme; norms are absent (they stay fp32)."""
     linear = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
     out = {f"layers.{i}.{m}": opts.scheme for i in range(args.n_layers) for m in linear}
@@ -91,7 +89,6 @@ def _in_features(args: ModelArgs, module: str) -> int:
 
 
 def pack_tensor(name: str, w: torch.Tensor, scheme: str, opts: QuantOptions, args: ModelArgs,
-                exact_rows: bool = False,
                 source_type: str | None = None) -> tuple[str, Packed | torch.Tensor, TensorReport]:
     """Pack one weight; returns the scheme used (after fallbacks), the result and its report row.
 
@@ -117,10 +114,10 @@ def pack_tensor(name: str, w: torch.Tensor, scheme: str, opts: QuantOptions, arg
         symmetric = source_type == "Q4_0" and group == GGUF_BLOCK
         packed, sq, rel = _pack_in_row_blocks(w, lambda b: pack_int4(b, group, symmetric))
     elif scheme == "int8":
-        # a per-32 scale keeps a GGUF Q8_0 table exact: the embedding is only looked up, and the
-        # head runs a grouped kernel of its own; other linear layers take the int8 kernel's one
-        # scale per row
-        g = 32 if exact_rows and w.shape[1] % 32 == 0 else None
+        # one fp16 scale per 32 weights, as llama.cpp's Q8_0 (a Q8_0 source comes back exactly;
+        # one scale per row loses ~1% of top-1 on SmolLM2); the CPU step and the GPU have grouped
+        # kernels. A row that 32 does not divide keeps one scale per row.
+        g = INT8_GROUP if w.shape[1] % INT8_GROUP == 0 else None
         packed, sq, rel = _pack_in_row_blocks(w, lambda b: pack_int8(b, g))
     else:
         packed, err = pack_nf4(w.float(), compress_statistics=opts.double_quant)
@@ -161,8 +158,6 @@ def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], args: ModelArgs
     """
     pmap = precision_map(args, opts)
     types = source_types or {}
-    table = types.get("output.weight") or types.get("tok_embeddings.weight" if args.tie_embeddings else "")
-    exact = {"tok_embeddings"} | ({"output"} if opts.head == "auto" and table == "Q8_0" else set())
     done = 0
     for name, w in tensors:
         progress(done, total, name)
@@ -175,7 +170,6 @@ def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], args: ModelArgs
                 targets.append("output")
             for target in targets:
                 scheme, packed, row = pack_tensor(f"{target}.weight", w, pmap[target], opts, args,
-                                                  exact_rows=target in exact,
                                                   source_type=types.get(name))
                 row.name = target
                 if isinstance(packed, torch.Tensor):

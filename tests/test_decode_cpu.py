@@ -367,7 +367,7 @@ def test_every_path_this_cpu_runs_passes_the_fast_path_tests(isa):
     capability = {"AVX512": "avx512", "AVX2": "avx2", "DEFAULT": "default"}[extension.TORCH_CAPABILITY[isa]]
     env = dict(os.environ, LLAMADESK_ISA=isa, ATEN_CPU_CAPABILITY=capability)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "tests/test_decode_cpu.py", "tests/test_fast_path.py"],
+                          "tests/test_decode_cpu.py", "tests/test_gguf_kernels.py", "tests/test_fast_path.py"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout.strip().splitlines()[-1]

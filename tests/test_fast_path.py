@@ -64,3 +64,25 @@ def test_fast_path_follows_the_python_blocks_on_packed_variants(default_home, mo
     answer = greedy_answer(model, ids, 48, decoder)
     assert isinstance(decoder, CpuStepDecoder) and len(answer) >= 16
     assert_agree(forced_logits(model, ids, answer), forced_logits(model, ids, answer, decoder), PACKED_TOL)
+
+
+def test_the_gguf_source_runs_its_own_blocks_through_the_fast_path(default_home, monkeypatch):
+    """The source itself: the file's Q4_1 blocks and its tied Q8_0 table, multiplied natively by
+    the step's GGUF kernels (fp32) and by GGUFLinear for the head, against the eager model over
+    the same blocks, dequantized (one causal pass), by the fp32 rule."""
+    from quant.linear import GGUFLinear, prepared_weights
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    entry = store.find("smollm2-135m-instruct:source")
+    ids = load_tokenizer(entry.path).encode(PROMPT)
+    model = load_model(entry, 256)
+    assert isinstance(model.output, GGUFLinear) and model.output.scheme == "q8_0"
+    assert prepared_weights(model.layers[0].feed_forward.w13).scheme == "q4_1"
+    decoder = choose_decoder(model)
+    assert isinstance(decoder, CpuStepDecoder)
+    answer = greedy_answer(model, ids, 48, decoder)
+    assert len(answer) >= 16
+    eager = load_model(entry, 256, fuse=False)
+    with torch.inference_mode():
+        reference = eager(torch.tensor([ids + answer[:-1]]), 0)[0, len(ids) - 1:].float()  # (N, V)
+    assert_agree(reference, forced_logits(model, ids, answer, decoder), FP32_TOL)

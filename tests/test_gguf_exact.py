@@ -27,6 +27,15 @@ GGUF_TO_META = {"token_embd": "tok_embeddings", "blk.0.attn_q": "layers.0.attent
                 "output": "output"}
 
 
+@pytest.fixture(autouse=True)
+def dequantized_layers(monkeypatch):
+    """The values, not the kernel: GGUF layers dequantize and multiply as the fp32 reference does
+    (the native GEMV sums in another order; test_gguf_kernels.py checks it)."""
+    from quant.linear import GGUFLinear
+
+    monkeypatch.setattr(GGUFLinear, "NATIVE_ROWS", 0)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path / "home"))

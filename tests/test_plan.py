@@ -71,7 +71,7 @@ def test_margins_follow_llama_cpp_on_a_gpu_and_are_documented_on_the_cpu():
 def test_packed_sizes_are_a_quarter_and_half_of_bf16():
     dev = gpu(80)
     src, int8, int4 = (estimated_weight_bytes(LLAMA3_8B, v, dev) for v in ("source", "int8", "int4"))
-    assert 0.49 < int8 / src < 0.52
+    assert 0.52 < int8 / src < 0.54  # 8.5 bits a weight: an fp16 scale per 32, as Q8_0
     assert 0.30 < int4 / src < 0.34  # the int8 head keeps int4 above a quarter
 
 
@@ -91,7 +91,7 @@ def test_sizes_parse_like_people_write_them():
     (cpu(1.5), {"smollm2-135m": ("source", "int8", "int4")}, {}, ("smollm2-135m:int8", 8192)),
     (cpu(24), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int8", 8192)),
     (cpu(64), {"llama3-8b": ALL}, {}, ("llama3-8b:int8", 8192)),
-    (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 6400)),
+    (cpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 6144)),
     # 6-9: small GPUs
     (gpu(4), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("smollm2-135m:source", 8192)),
     (gpu(8), {"llama3-8b": ALL, "smollm2-135m": ALL}, {}, ("llama3-8b:int4", 8192)),
@@ -100,7 +100,7 @@ def test_sizes_parse_like_people_write_them():
     # 10-13: large GPUs prefer the larger model, then the most bits
     (gpu(24), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-8b:source", 8192)),
     (gpu(48), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192)),
-    (gpu(80), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:int8", 8192)),
+    (gpu(80), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:int4", 8192)),  # int8: 8.5 bits, 75 GB
     (gpu(160), {"llama3-70b": ALL}, {}, ("llama3-70b:source", 8192)),
     # 14-16: the trained context caps the target; Llama 2 stops at 4096
     (gpu(24), {"llama2-7b": ALL}, {}, ("llama2-7b:source", 4096)),
@@ -112,7 +112,7 @@ def test_sizes_parse_like_people_write_them():
     (gpu(24), {"llama3-8b": ALL}, {"ctx": 4096}, ("llama3-8b:source", 4096)),
     (cpu(24), {"smollm2-135m": ALL}, {"ctx": 2048}, ("smollm2-135m:int8", 2048)),
     # 21-22: the CPU skips NF4, which bitsandbytes runs ~8x slower than int4 there
-    (cpu(7), {"llama3-8b": ("int4", "nf4")}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 2816)),
+    (cpu(7), {"llama3-8b": ("int4", "nf4")}, {"kv_dtype": "fp32"}, ("llama3-8b:int4", 2560)),
     (cpu(24), {"llama3-8b": ("nf4",)}, {}, (None, "no installed model can run on cpu")),
 ])
 def test_the_plan_picks(device, spec, fixed, expected):
@@ -178,14 +178,14 @@ def planned(device, spec, **fixed):
 
 
 @pytest.mark.parametrize("device, spec, fixed, expected", [
-    # a longer context: the bf16 cache stops int4 at 5376 tokens, int8 reaches 8192
+    # a longer context: the bf16 cache stops int4 at 4864 tokens, int8 reaches 8192
     (cpu(7), {"llama3-8b": ("int4", "nf4")}, {}, ("llama3-8b:int4", 8192, "int8")),
-    (cpu(6.5), {"llama3-8b": ("int4",)}, {}, ("llama3-8b:int4", 3840, "int8")),  # bf16: 2048
+    (cpu(6.5), {"llama3-8b": ("int4",)}, {}, ("llama3-8b:int4", 2816, "int8")),  # bf16: 2048
     (gpu(6), {"llama2-7b": ALL}, {}, ("llama2-7b:nf4", 3840, "int8")),  # bf16: 2048
     (gpu(44), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192, "int8")),  # bf16: 6400
     # a larger model: with bf16 keys and values the 7B and 70B stay below 2048 tokens
     (gpu(5.5), {"llama2-7b": ALL, "smollm2-135m": ALL}, {}, ("llama2-7b:nf4", 2048, "int8")),
-    (gpu(42), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 2560, "int8")),
+    (gpu(42), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 2304, "int8")),
     # an asked context that only an int8 cache holds
     (gpu(6.5), {"llama2-7b": ALL}, {"ctx": 4096}, ("llama2-7b:int4", 4096, "int8")),
     # not needed: the largest model reaches its target with a bf16 cache (fp32 would not: 6400)
@@ -206,10 +206,10 @@ def test_why_and_the_table_say_when_the_kv_cache_is_int8():
     dev = cpu(7)
     r = plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev)
     assert r.chosen.kv_dtype == "int8"
-    assert r.why.endswith("; an int8 KV cache lets it reach 8192 tokens, where bf16 would allow only 5376")
+    assert r.why.endswith("; an int8 KV cache lets it reach 8192 tokens, where bf16 would allow only 4864")
     assert r.candidates[0].kv_dtype == "int8"
     assert r.candidates[0].kv_bytes_per_token == kv_bytes_per_token(LLAMA3_8B, "int8")
-    assert r.candidates[0].verdict == "fits up to 8192 tokens with an int8 KV cache (5376 with bf16)"
+    assert r.candidates[0].verdict == "fits up to 8192 tokens with an int8 KV cache (4864 with bf16)"
     assert r.chosen.bytes["kv_cache"] == 8192 * kv_bytes_per_token(LLAMA3_8B, "int8")
     assert r.to_dict()["chosen"]["kv_dtype"] == "int8"
 
@@ -225,7 +225,7 @@ def test_a_fixed_float_kv_cache_that_cannot_fit_says_int8_would():
     r = plan_memory(installed(dev, {"llama3-8b": ALL}), dev, variant="int4", ctx=8192, kv_dtype="fp32")
     assert r.chosen is None
     assert r.why == ("nothing installed fits a 8192-token context with the KV cache in fp32 in 8.00 GiB of cpu "
-                     "memory; llama3-8b:int4 would fit with up to 6400 tokens; with --kv-dtype int8, "
+                     "memory; llama3-8b:int4 would fit with up to 6144 tokens; with --kv-dtype int8, "
                      "llama3-8b:int4 would fit with up to 8192 tokens")
 
 
@@ -296,6 +296,39 @@ def test_an_exact_repack_of_a_4_bit_source_wins_over_the_source():
     assert plan_memory(without_int4, gpu(16)).chosen.ref == "smollm2:source"  # int8 of a 4-bit source lost some
     r = plan_memory(without_int4, dev)  # but on a CPU the source runs much slower: packed first
     assert r.chosen.ref == "smollm2:int8" and "(source runs slower on the cpu)" in r.why
+
+
+def test_on_a_cpu_a_gguf_source_of_native_blocks_is_chosen_as_downloaded():
+    """A Q4_K_M file kept as its blocks (Q4_K, Q6_K: 6 bits by its best layers, ~4.9 bits a weight
+    read per token) runs natively in the CPU step: it is not slow, so it ranks by its bits and
+    wins over the int8 made from it (which re-grids its values: 5.5) and its int4 (4). A file of
+    types without a native kernel (Q3_K) still runs slower than a packed variant."""
+    from app.plan import Candidate
+
+    dev = cpu(16)
+    weights = {"source": 105 << 20, "int8": 186 << 20, "int4": 148 << 20}
+    bits = {"source": 6, "int8": 5.5, "int4": 4}
+    pool = [Candidate("smollm2", v, SMOLLM2_135M, weights[v], bits[v], native_blocks=v == "source")
+            for v in ("source", "int8", "int4")]
+    r = plan_memory(pool, dev)
+    assert r.chosen.ref == "smollm2:source" and "slower" not in r.why
+    slow = [Candidate(c.model, c.variant, c.args, c.weight_bytes, c.bits) for c in pool]  # Q3_K blocks
+    r = plan_memory(slow, dev)
+    assert r.chosen.ref == "smollm2:int8" and "(source runs slower on the cpu)" in r.why
+
+
+def test_native_gguf_blocks_are_those_the_step_runs():
+    from app.plan import NATIVE_GGUF_SCHEMES, native_gguf_blocks
+    from quant import linear
+
+    assert NATIVE_GGUF_SCHEMES == linear.NATIVE_GGUF_SCHEMES
+    q4_k_m = {"layers.0.attention.wq": {"scheme": "q4_k"}, "layers.0.attention.wv": {"scheme": "q6_k"},
+              "output": {"scheme": "q6_k"}, "tok_embeddings": {"scheme": "q3_k"}}  # a table is only looked up
+    assert native_gguf_blocks({"quant": {"scheme": "gguf", "exact": True, "layout": q4_k_m}})
+    q3_k = dict(q4_k_m, **{"layers.0.feed_forward.w2": {"scheme": "q3_k"}})
+    assert not native_gguf_blocks({"quant": {"scheme": "gguf", "exact": True, "layout": q3_k}})
+    assert not native_gguf_blocks({"quant": {"scheme": "int4", "layout": {"output": {"scheme": "int4"}}}})
+    assert not native_gguf_blocks({"source": {"format": "hf"}})
 
 
 def test_on_a_cpu_a_packed_variant_wins_over_the_float_source_and_says_why():

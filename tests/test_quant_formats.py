@@ -66,8 +66,11 @@ def test_int8_grouped_is_at_least_as_good_as_per_row():
     w = weight(64, 256)
     _, per_row = pack_int8(w)
     p, grouped = pack_int8(w, group_size=32)
-    assert p.tensors["scales"].shape == (64, 8)
+    assert p.tensors["scales"].shape == (64, 8) and p.tensors["scales"].dtype == torch.float16  # as Q8_0
     assert grouped.sqnr_db > per_row.sqnr_db
+    # codes are taken against the stored fp16 scale: each weight is within half a step of it
+    step = p.tensors["scales"].float().repeat_interleave(32, 1)
+    assert ((w - unpack(p)).abs() <= step * 0.5 * (1 + 1e-5)).all()
 
 
 # ---------------------------------------------------------------- int4

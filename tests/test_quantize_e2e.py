@@ -26,8 +26,11 @@ def variants(default_home):
             quant = have[scheme].manifest["quant"] if scheme in have else {}
             quality = (quant.get("report") or {}).get("quality") or {}
             head = quant.get("layout", {}).get("output", {})
-            # made before the report's `weights_only`, or before the Q8_0 table's own grid as head
-            if "weights_only" not in quality or head.get("scheme") == "fp16":
+            wq = quant.get("layout", {}).get("layers.0.attention.wq", {})
+            # made before the report's `weights_only`, before the Q8_0 table's own grid as head,
+            # or before int8 was grouped (one scale per 32)
+            if ("weights_only" not in quality or head.get("scheme") == "fp16"
+                    or (scheme == "int8" and wq.get("group_size") != 32)):
                 quantize_variant("smollm2-135m-instruct", QuantOptions(scheme), replace=True)
         if "float" not in have:  # the source's Q4_1 values in fp32: the reference that runs fast
             write_float_copy(store.find("smollm2-135m-instruct:source"))
@@ -71,8 +74,9 @@ def test_int8_costs_under_half_a_percent_of_perplexity(variants):
 
 
 def test_int8_top1_comes_from_its_weights_not_its_kernels(variants):
-    """Per-row int8 rounds a Q4_1 source at ~41 dB SQNR: ~97% top-1 with fp32 arithmetic and about
-    the same through the bf16 kernels. A guard against regressions, not the acceptance bound."""
+    """int8 with one fp16 scale per 32 (as Q8_0) re-grids a Q4_1 source: ~97.9% top-1 over 4096
+    tokens, as llama.cpp's own Q8_0 of it (97.97%, tests/bench/int8_vs_q8_0.py); its kernel is
+    fp32, so as it runs it predicts as its weights do. A guard against regressions."""
     quality = _quality(variants, "int8")
     assert quality["weights_only"]["top1_agreement"] > 0.965
     assert abs(quality["top1_agreement"] - quality["weights_only"]["top1_agreement"]) < 0.01

@@ -341,14 +341,14 @@ FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0
                "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-def random_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, int]) -> np.ndarray:
-    """(N, K) of `qtype` as random bytes, its fp16 scales replaced by finite ones (~0.01)."""
+def random_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, int], scale: float = 0.01) -> np.ndarray:
+    """(N, K) of `qtype` as random bytes, its fp16 scales replaced by finite ones (~`scale`)."""
     t = gguf.GGMLQuantizationType[qtype]
     block, size = gguf.GGML_QUANT_SIZES[t]
     N, K = shape
     raw = rng.integers(0, 256, size=(N * K // block, size), dtype=np.uint8)
     for off in FP16_FIELDS[qtype]:
-        raw[:, off : off + 2] = rng.normal(0, 0.01, size=N * K // block).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, off : off + 2] = rng.normal(0, scale, size=N * K // block).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw.reshape(N, K // block * size)
 
 

@@ -114,6 +114,8 @@ using Vec = Avx2;
 #define LLAMADESK_VEC 1
 #endif
 
+#include "gguf_gemv.h"  // GGUF block GEMV (Q4_0 ... Q6_K) on these vector types
+
 // ---------------------------------------------------------------- int4 GEMV
 // y = W x for one token, read straight from the tensors torch's CPU int4 kernel takes: no copy
 // of the weight. torch's own kernel (_weight_int4pack_mm_for_cpu) rounds x to bf16 and
@@ -605,7 +607,7 @@ bool int4_gemv_fits(const at::Tensor& packed, const at::Tensor& sz, int64_t grou
 }
 
 // The kernels a linear layer runs here, from the `kind` of its quant.linear.PreparedWeights record.
-enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, FP16 = 3 };
+enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, FP16 = 3, GGUF = 4, INT8_GROUP = 5, ROWS = 6 };
 
 struct Linear {
   int64_t kind;
@@ -615,11 +617,30 @@ struct Linear {
   int64_t k_in;
   at::Tensor x_in;  // (1, K) input buffer in the kernel's activation dtype
   bool own_int4 = false;  // INT4 read by int4_gemv
+  GgufType gguf = GGUF_NONE;  // GGUF (and INT8_GROUP): the block type of `a`'s rows
+  std::vector<Linear> parts;  // ROWS: layers whose outputs follow one another (q, k, v in two types)
+  std::vector<float> part_out;  // ROWS: one part's outputs for M rows
 
-  // y[m, 0:n_out] = W x[m] for M rows (x: M x k_in, y: M x n_out), fp32. Our int4 kernel reads the
-  // weight once for all rows; torch's kernels run a row at a time, since their blocking (and so
-  // their sums' order) may change with the number of rows: a row's values never depend on M.
+  // y[m, 0:n_out] = W x[m] for M rows (x: M x k_in, y: M x n_out), fp32. Our kernels (int4, GGUF
+  // blocks, grouped int8) read the weight once for all rows; torch's kernels run a row at a time,
+  // since their blocking (and so their sums' order) may change with the number of rows: a row's
+  // values never depend on M.
   void apply(const float* x, float* y, int64_t M = 1) {
+    if (kind == GGUF) {
+      block_gemv(gguf, static_cast<const uint8_t*>(a.data_ptr()), b.defined() ? b.data_ptr<float>() : nullptr, x, M,
+                 n_out, k_in, y);
+      return;
+    }
+    if (kind == ROWS) {  // each part over all M rows, then its columns into each row's output
+      int64_t off = 0;
+      for (auto& p : parts) {
+        part_out.resize(M * p.n_out);
+        p.apply(x, part_out.data(), M);
+        for (int64_t r = 0; r < M; ++r) std::copy_n(part_out.data() + r * p.n_out, p.n_out, y + r * n_out + off);
+        off += p.n_out;
+      }
+      return;
+    }
     if (own_int4 && !g_int4_torch.load(std::memory_order_relaxed)) {
       int4_gemv(int4_layout(), x, a.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(b.data_ptr()), k_in,
                 group, a.size(0), n_out, y, false, M);
@@ -671,13 +692,45 @@ Linear make_linear(const py::object& w) {
     kind = INT8;
   } else if (name == "fp16") {
     kind = FP16;
+  } else if (name == "gguf") {
+    kind = GGUF;
+  } else if (name == "int8_group") {
+    kind = INT8_GROUP;
+  } else if (name == "rows") {
+    kind = ROWS;
   } else {
     TORCH_CHECK(false, "no kernel for prepared weights of kind '", name, "'");
   }
-  const py::object scales = w.attr("scales");
-  Linear l{kind, w.attr("weight").cast<at::Tensor>(), scales.is_none() ? at::Tensor() : scales.cast<at::Tensor>(),
-           w.attr("group_size").cast<int64_t>(), w.attr("out_features").cast<int64_t>(),
-           w.attr("in_features").cast<int64_t>(), {}};
+  const py::object weight = w.attr("weight"), scales = w.attr("scales");
+  Linear l{kind, weight.is_none() ? at::Tensor() : weight.cast<at::Tensor>(),
+           scales.is_none() ? at::Tensor() : scales.cast<at::Tensor>(), w.attr("group_size").cast<int64_t>(),
+           w.attr("out_features").cast<int64_t>(), w.attr("in_features").cast<int64_t>(), {}};
+  if (kind == GGUF) {
+    l.gguf = gguf_type(w.attr("scheme").cast<std::string>());
+    TORCH_CHECK(l.gguf != GGUF_NONE, "no native kernel for GGUF blocks of type ", w.attr("scheme").cast<std::string>());
+    TORCH_CHECK(l.a.scalar_type() == at::kByte && l.a.is_contiguous() && l.a.dim() == 2 && l.a.size(0) == l.n_out &&
+                    l.a.size(1) == block_row_bytes(l.gguf, l.k_in), "GGUF blocks do not fit the layer's shape");
+    return l;
+  }
+  if (kind == INT8_GROUP) {  // run as GGUF blocks of 32 int8 codes with their scales apart
+    TORCH_CHECK(l.a.scalar_type() == at::kChar && l.a.is_contiguous() && l.b.scalar_type() == at::kFloat &&
+                    l.b.is_contiguous() && l.group == 32 && l.b.numel() * 32 == l.a.numel() &&
+                    l.a.size(0) == l.n_out && l.a.size(1) == l.k_in,
+                "grouped int8 takes contiguous (N, K) int8 codes and (N, K / 32) fp32 scales");
+    l.kind = GGUF;
+    l.gguf = INT8_GROUP32;
+    return l;
+  }
+  if (kind == ROWS) {
+    int64_t n = 0;
+    for (const auto& part : w.attr("parts")) {
+      l.parts.push_back(make_linear(py::reinterpret_borrow<py::object>(part)));
+      TORCH_CHECK(l.parts.back().k_in == l.k_in && l.parts.back().kind != ROWS, "stacked layers must share K");
+      n += l.parts.back().n_out;
+    }
+    TORCH_CHECK(n == l.n_out, "stacked layers do not add up to the layer's rows");
+    return l;
+  }
   auto dtype = l.kind == DENSE ? at::kFloat : l.kind == FP16 ? at::kHalf : at::kBFloat16;
   l.x_in = at::empty({1, l.k_in}, at::TensorOptions().dtype(dtype));
   l.own_int4 = l.kind == INT4 && int4_gemv_fits(l.a, l.b, l.group, l.n_out, l.k_in);
@@ -1122,127 +1175,50 @@ class Decoder {
   std::vector<float> xn_, qkv_, att_, o_, h13_, act_, scores_, part_o_, part_ml_;
 };
 
-// sum over groups j of s[j] * (q_j . x_j), 32 values a group
-inline float group_dot(const float* x, const int8_t* q, const float* s, int64_t G) {
-#ifdef LLAMADESK_VEC
-  // the compiler's own vectorization picks 256-bit halves and two-step widening: ~2x slower
-  // on AVX-512. Two groups an iteration: twice the independent sums hide the FMA latency.
-  using S = Vec;
-  constexpr int P = 32 / S::W;  // vectors a group
-  S::V acc[2 * P];
-  for (int i = 0; i < 2 * P; ++i) acc[i] = S::zero();
-  auto one = [&](int64_t g, S::V* a) {
-    const S::V sg = S::set1(s[g]);
-    for (int i = 0; i < P; ++i) {
-      a[i] = S::fma(S::mul(S::load(q + g * 32 + S::W * i), S::load(x + g * 32 + S::W * i)), sg, a[i]);
-    }
-  };
-  int64_t j = 0;
-  for (; j + 1 < G; j += 2) {
-    one(j, acc);
-    one(j + 1, acc + P);
-  }
-  if (j < G) one(j, acc);
-  for (int w = P; w > 0; w /= 2) {
-    for (int i = 0; i < w; ++i) acc[i] = S::add(acc[i], acc[i + w]);
-  }
-  return S::sum(acc[0]);
-#else
-  float acc[32] = {0.f};
-  for (int64_t j = 0; j < G; ++j) {
-    const float sj = s[j];
-#pragma omp simd
-    for (int64_t k = 0; k < 32; ++k) acc[k] += sj * (static_cast<float>(q[j * 32 + k]) * x[j * 32 + k]);
-  }
-  float sum = 0.f;
-  for (int64_t k = 0; k < 32; ++k) sum += acc[k];
-  return sum;
-#endif
-}
-
-#ifdef LLAMADESK_VEC
-// group_dot for R rows of x (R x K) against one weight row, each int8 code converted once for all
-// R rows: a row's sums are group_dot's, operation for operation, so its value is the single-row one.
-template <int R>
-inline void group_dot_rows(const float* x, int64_t K, const int8_t* q, const float* s, int64_t G, float* out) {
-  using S = Vec;
-  constexpr int P = 32 / S::W;
-  S::V acc[R][2 * P];
-  for (int r = 0; r < R; ++r) {
-    for (int i = 0; i < 2 * P; ++i) acc[r][i] = S::zero();
-  }
-  auto one = [&](int64_t g, int half) {
-    const S::V sg = S::set1(s[g]);
-    for (int i = 0; i < P; ++i) {
-      const S::V w = S::load(q + g * 32 + S::W * i);
-      for (int r = 0; r < R; ++r) {
-        acc[r][half * P + i] = S::fma(S::mul(w, S::load(x + r * K + g * 32 + S::W * i)), sg, acc[r][half * P + i]);
-      }
-    }
-  };
-  int64_t j = 0;
-  for (; j + 1 < G; j += 2) {
-    one(j, 0);
-    one(j + 1, 1);
-  }
-  if (j < G) one(j, 0);
-  for (int r = 0; r < R; ++r) {
-    for (int w = P; w > 0; w /= 2) {
-      for (int i = 0; i < w; ++i) acc[r][i] = S::add(acc[r][i], acc[r][i + w]);
-    }
-    out[r] = S::sum(acc[r][0]);
-  }
-}
-#endif
-
-// y (M, N) = x (M, K) @ W^T with W = q (N, K) int8 times scales (N, K / g) fp32, one scale per
-// group of g along each row: a GGUF Q8_0 table, exactly. PyTorch's int8 kernel takes one scale
-// per row, which re-rounds such a table (+0.3% perplexity on SmolLM2's head); fp16 holds it to
-// 2^-11 in twice the bytes. Rows go to threads; lanes run along a group, so a row sums its
-// groups into one vector and reduces it once.
-at::Tensor int8_group_linear(at::Tensor x, at::Tensor q, at::Tensor scales) {
+// y (M, N) = x (M, K) @ W^T with W = q (N, K) int8 times scales (N, K / 32) fp32, one scale per
+// group of 32 along each row: quant.linear's grouped int8 and a GGUF Q8_0 table, exactly.
+// PyTorch's int8 kernel takes one scale per row, which re-rounds such a table (+0.3% perplexity
+// on SmolLM2's head). One pass over the weights per 4 rows of x (gguf_gemv.h).
+at::Tensor int8_group_linear(at::Tensor x, at::Tensor q, at::Tensor scales, bool portable) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous (N, K) int8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales must be contiguous fp32");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = scales.size(1);
-  TORCH_CHECK(q.size(1) == K && scales.size(0) == N && G > 0 && K % G == 0, "shapes do not match");
-  const int64_t g = K / G;
-  TORCH_CHECK(g == 32, "int8_group_linear takes groups of 32, not ", g);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.size(1) == K && scales.dim() == 2 && scales.size(0) == N && scales.size(1) * 32 == K,
+              "int8_group_linear takes groups of 32: q (N, K), scales (N, K / 32)");
   x = x.contiguous();
   auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(16, 256 / M), [&](int64_t n0, int64_t n1) {
-#ifdef LLAMADESK_VEC
-    // rows 4 or 2 at a time where the registers hold their sums (AVX-512), one by one otherwise
-    constexpr int R = 4 * (32 / Vec::W) <= Vec::kRegs / 2 ? 4 : 1;
-    if (R > 1 && M > 1) {
-      float out[4];
-      for (int64_t n = n0; n < n1; ++n) {
-        int64_t m = 0;
-        for (; m + 4 <= M && R == 4; m += 4) {
-          group_dot_rows<4>(xp + m * K, K, qp + n * K, sp + n * G, G, out);
-          for (int r = 0; r < 4; ++r) yp[(m + r) * N + n] = out[r];
-        }
-        for (; m + 2 <= M; m += 2) {
-          group_dot_rows<2>(xp + m * K, K, qp + n * K, sp + n * G, G, out);
-          for (int r = 0; r < 2; ++r) yp[(m + r) * N + n] = out[r];
-        }
-        for (; m < M; ++m) yp[m * N + n] = group_dot(xp + m * K, qp + n * K, sp + n * G, G);
-      }
-      return;
-    }
-#endif
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = xp + m * K;
-      for (int64_t n = n0; n < n1; ++n) {
-        yp[m * N + n] = group_dot(xm, qp + n * K, sp + n * G, G);
-      }
-    }
-  });
+  block_gemv(INT8_GROUP32, reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), scales.data_ptr<float>(),
+             x.data_ptr<float>(), M, N, K, y.data_ptr<float>(), portable);
   return y;
+}
+
+// y (M, N) = x (M, K) @ W^T for W as N rows of a GGUF file's blocks of `scheme` (q4_0, q4_1,
+// q5_0, q8_0, q4_k, q6_k): (N, K / QK * type_size) uint8. One pass over the weights per 4 rows
+// of x; `portable` forces the plain C++ kernel (tests).
+at::Tensor gguf_linear(at::Tensor x, at::Tensor blocks, const std::string& scheme, bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
+  const GgufType type = gguf_type(scheme);
+  TORCH_CHECK(type != GGUF_NONE, "no native kernel for GGUF blocks of type ", scheme);
+  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.size(1) == block_row_bytes(type, K), "blocks must be contiguous uint8 (N, row bytes of K)");
+  x = x.contiguous();
+  auto y = at::empty({M, N}, x.options());
+  block_gemv(type, blocks.data_ptr<uint8_t>(), nullptr, x.data_ptr<float>(), M, N, K, y.data_ptr<float>(), portable);
+  return y;
+}
+
+// (N, K) fp32 values of N rows of a GGUF file's blocks of `scheme` (a native type): what
+// gguf.quants.dequantize gives, for prefill tiles (a matmul over many rows of x).
+at::Tensor gguf_dequantize_rows(at::Tensor blocks, const std::string& scheme, int64_t K) {
+  const GgufType type = gguf_type(scheme);
+  TORCH_CHECK(type != GGUF_NONE, "no native kernel for GGUF blocks of type ", scheme);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.size(1) == block_row_bytes(type, K), "blocks must be contiguous uint8 (N, row bytes of K)");
+  auto out = at::empty({blocks.size(0), K}, at::kFloat);
+  gguf_dequantize(type, blocks.data_ptr<uint8_t>(), K, 0, blocks.size(0), out.data_ptr<float>());
+  return out;
 }
 
 // y (M, n_out) = x (M, K) @ W^T for an int4 layer in torch's CPU layout (what the decode step
@@ -1291,7 +1267,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("step_rows", &Decoder::step_rows, py::arg("x"), py::arg("positions"), py::arg("rows"),
            py::call_guard<py::gil_scoped_release>());
-  m.def("int8_group_linear", &int8_group_linear, py::call_guard<py::gil_scoped_release>());
+  m.def("int8_group_linear", &int8_group_linear, py::arg("x"), py::arg("q"), py::arg("scales"),
+        py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("gguf_dequantize_rows", &gguf_dequantize_rows, py::call_guard<py::gil_scoped_release>());
+  m.def("gguf_linear", &gguf_linear, py::arg("x"), py::arg("blocks"), py::arg("scheme"), py::arg("portable") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales_and_zeros"), py::arg("group"),
         py::arg("n_out"), py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_packing", &int4_packing);

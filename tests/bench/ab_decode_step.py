@@ -35,8 +35,9 @@ def build(src: str):
     name = f"ab_{h}"
     d = Path("/tmp/llamadesk-ab-build") / name
     d.mkdir(parents=True, exist_ok=True)
+    # the headers decode_cpu.cpp includes (gguf_gemv.h) come from the repository's csrc/
     return cpp_extension.load(name=name, sources=[src], build_directory=str(d), extra_cflags=flags,
-                              extra_ldflags=ld, verbose=False)
+                              extra_ldflags=ld, extra_include_paths=[str(extension.SOURCE.parent)], verbose=False)
 
 
 def decoder(ext, model):

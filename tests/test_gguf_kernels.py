@@ -1,0 +1,198 @@
+"""The compiled step's GEMV over GGUF blocks and grouped int8 (quant/csrc/gguf_gemv.h) against an
+independent oracle: gguf-py's own dequantization (the format's reference in Python) times x, in
+float64. Random blocks with finite fp16 scales in 256-aligned shapes; the kernel of this build's
+vector path and the plain C++ one, 1 to 9 activation rows (one weight pass per 4 rows).
+test_decode_cpu.py's ISA matrix reruns this file on every path the CPU has.
+"""
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from app import pull
+from quant import extension
+from tiny_checkpoints import random_blocks
+
+NATIVE = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
+# (N, K): one K-quant super-block, a few, N not a multiple of anything; enough rows to thread
+SHAPES = [(16, 256), (100, 512), (3, 768), (576, 1536)]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    built = extension.load_extension(pull.cache_dir())
+    if not built:
+        pytest.fail("the decode kernel did not compile on this machine (a C++ compiler is needed for tests)")
+    return built
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("qtype", NATIVE)
+@torch.inference_mode()
+def test_gguf_gemv_equals_gguf_dequantize_times_x(ext, qtype, n, k, rows, portable):
+    rng = np.random.default_rng(n * k + rows)
+    blocks = random_blocks(rng, qtype, (n, k))  # (N, row bytes)
+    w = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])  # (N, K) fp32, the reference
+    assert np.isfinite(w).all() and np.abs(w).max() > 0
+    x = torch.from_numpy(rng.normal(size=(rows, k)).astype(np.float32))
+    expected = x.double() @ torch.from_numpy(w).double().T  # (rows, N)
+    got = ext.gguf_linear(x, torch.from_numpy(blocks), qtype.lower(), portable)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    # fp32 sums of K products in another order than float64's: ~1e-6 of the largest output
+    assert relative_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("n, k", [(64, 96), (300, 576)])
+@torch.inference_mode()
+def test_grouped_int8_gemv_equals_codes_times_scales(ext, n, k, rows, portable):
+    gen = torch.Generator().manual_seed(n + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scales = torch.rand(n, k // 32, generator=gen) * 1e-3
+    x = torch.randn(rows, k, generator=gen)
+    w = q.double().view(n, k // 32, 32) * scales.double()[..., None]  # (N, G, 32)
+    expected = x.double() @ w.view(n, k).T
+    got = ext.int8_group_linear(x, q, scales, portable)
+    assert got.shape == (rows, n)
+    assert relative_error(got, expected) < 1e-5
+
+
+def test_types_without_a_kernel_and_misshapen_blocks_are_refused(ext):
+    x = torch.randn(1, 256)
+    blocks = torch.from_numpy(random_blocks(np.random.default_rng(0), "Q4_K", (4, 256)))
+    with pytest.raises(RuntimeError, match="no native kernel for GGUF blocks of type q2_k"):
+        ext.gguf_linear(x, blocks, "q2_k")
+    with pytest.raises(RuntimeError, match="row bytes"):
+        ext.gguf_linear(torch.randn(1, 512), blocks, "q4_k")
+
+
+# ---------------------------------------------------------------- a model of GGUF blocks, decoded
+# Fp16 scales per type that keep random weights near 0.2 (a code times a sub-scale can reach
+# 63 * 15 in Q4_K, 127 * 32 in Q6_K): activations in range, and greedy answers that vary
+# (at a quarter of these the tied table's own token wins every step).
+TYPE_SCALE = {"Q4_0": 0.036, "Q4_1": 0.024, "Q5_0": 0.018, "Q8_0": 2.4e-3, "Q4_K": 6e-4, "Q6_K": 9e-5}
+# A Q4_K_M-like mix (wv and w2 in Q6_K: the fused q, k, v run as two stacked types) and the
+# other types; the table Q8_0 and the head Q6_K, as llama.cpp writes them.
+GGUF_LAYERS = [
+    {"wq": "Q4_K", "wk": "Q4_K", "wv": "Q6_K", "wo": "Q4_K", "w1": "Q4_K", "w3": "Q4_K", "w2": "Q6_K"},
+    {"wq": "Q4_0", "wk": "Q4_0", "wv": "Q4_0", "wo": "Q4_1", "w1": "Q5_0", "w3": "Q5_0", "w2": "Q8_0"},
+]
+
+
+def tiny_gguf_model(ctx: int = 128) -> "Transformer":
+    from model.args import ModelArgs
+    from model.model import Transformer
+    from quant.linear import fuse_projections, repack_for_device, swap_linears, tie_output
+
+    args = ModelArgs(dim=256, n_layers=len(GGUF_LAYERS), n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=512)
+    with torch.device("meta"):
+        model = Transformer(args)
+    rng = np.random.default_rng(7)
+    precision = {"tok_embeddings": "q8_0"}  # a tied head: the output reads the table's Q8_0 blocks
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.dim() == 1:  # the norms
+            state[name] = torch.from_numpy(rng.uniform(0.5, 1.5, size=tuple(t.shape)).astype(np.float32))
+    shapes = {"wq": (256, 256), "wk": (128, 256), "wv": (128, 256), "wo": (256, 256), "w1": (512, 256),
+              "w3": (512, 256), "w2": (256, 512)}
+    for i, layer in enumerate(GGUF_LAYERS):
+        for short, qtype in layer.items():
+            name = f"layers.{i}.{'attention' if short in ('wq', 'wk', 'wv', 'wo') else 'feed_forward'}.{short}"
+            precision[name] = qtype.lower()
+            state[f"{name}.blocks"] = torch.from_numpy(random_blocks(rng, qtype, shapes[short], TYPE_SCALE[qtype]))
+    state["tok_embeddings.blocks"] = torch.from_numpy(random_blocks(rng, "Q8_0", (512, 256), 3e-4))
+    precision["output"] = "q8_0"
+    tie_output(state)
+    swap_linears(model, precision)
+    model.load_state_dict(state, assign=True)
+    fuse_projections(model)
+    repack_for_device(model, "cpu")
+    model.setup_caches(ctx)
+    return model.eval()
+
+
+@torch.inference_mode()
+def test_a_model_of_gguf_blocks_decodes_through_the_step_as_the_dequantized_model(ext, monkeypatch):
+    """The step (every block in C++, the GGUF GEMV for each layer, the native head) against the
+    eager model over dequantized weights (GGUFLinear's tiles: NATIVE_ROWS = 0), by
+    tests/agreement.py's rule."""
+    from agreement import assert_agree, forced_logits, greedy_answer
+    from app.engine import choose_decoder
+    from quant import decode_cpu
+    from quant.linear import GGUFLinear, StackedRows
+
+    model = tiny_gguf_model()
+    assert isinstance(model.layers[0].attention.wqkv, StackedRows)  # q, k in Q4_K, v in Q6_K
+    assert isinstance(model.layers[1].attention.wqkv, GGUFLinear)
+    assert decode_cpu.unsupported(model) is None
+    prompt = [5, 17, 99, 3, 250]
+    monkeypatch.setattr(GGUFLinear, "NATIVE_ROWS", 0)  # the reference: dequantized weights, fp32 matmul
+    answer = greedy_answer(model, prompt, 24)
+    reference = forced_logits(model, prompt, answer)
+    monkeypatch.undo()
+    decoder = choose_decoder(model, "now")
+    assert isinstance(decoder, decode_cpu.CpuStepDecoder) and len(set(answer)) > 3
+    step = forced_logits(model, prompt, answer, decoder)
+    assert_agree(reference, step, 1e-3)
+    assert reference.std() > 0.1  # logits that tell tokens apart, not a model gone flat
+
+
+@torch.inference_mode()
+def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weights(ext, monkeypatch):
+    """What `quantize --scheme int8` makes (one fp16 scale per 32, the head too) runs in the step
+    as kind "int8_group" and follows the eager model over its dequantized weights."""
+    from agreement import assert_agree, forced_logits, greedy_answer
+    from app.engine import choose_decoder
+    from model.args import ModelArgs
+    from model.model import Transformer
+    from quant import decode_cpu
+    from quant.formats import pack_int8
+    from quant.linear import Int8Linear, fuse_projections, int8_dequant_linear, prepared_weights, repack_for_device, swap_linears
+
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=256)
+    torch.manual_seed(0)
+    reference = Transformer(args)
+    for name, p in reference.named_parameters():
+        torch.nn.init.normal_(p, std=0.1) if p.dim() == 2 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    state, precision = dict(reference.state_dict()), {}
+    for name in [k[: -len(".weight")] for k, v in reference.state_dict().items() if v.dim() == 2]:
+        if name != "tok_embeddings":
+            precision[name] = "int8"
+            state.update(pack_int8(state.pop(f"{name}.weight"), 32)[0].state_dict(name))
+    with torch.device("meta"):
+        model = Transformer(args)
+    swap_linears(model, precision, group_size={name: 32 for name in precision})
+    model.load_state_dict(state, assign=True)
+    fuse_projections(model)
+    repack_for_device(model, "cpu")
+    model.setup_caches(64)
+    assert prepared_weights(model.layers[0].attention.wqkv).kind == "int8_group"
+    assert prepared_weights(model.output).kind == "int8_group"
+    prompt = [5, 17, 99, 3, 250]
+    monkeypatch.setattr(Int8Linear, "_grouped", lambda self, x: int8_dequant_linear(x, self.qweight, self.scales))
+    answer = greedy_answer(model, prompt, 24)
+    expected = forced_logits(model, prompt, answer)
+    monkeypatch.undo()
+    decoder = choose_decoder(model, "now")
+    assert isinstance(decoder, decode_cpu.CpuStepDecoder) and len(set(answer)) > 3
+    assert_agree(expected, forced_logits(model, prompt, answer, decoder), 1e-3)
+
+
+@pytest.mark.parametrize("qtype", NATIVE)
+@torch.inference_mode()
+def test_prefill_tiles_dequantize_as_gguf_does(ext, qtype):
+    """The tiles a prefill multiplies (GGUFLinear past NATIVE_ROWS rows) hold gguf-py's values:
+    the same products and sums; a compiler may fuse one product and sum (Q4_1's d q + m, Q4_K's
+    d q - m) into one rounding, hence a few fp32 ulps, not bits."""
+    rng = np.random.default_rng(11)
+    blocks = random_blocks(rng, qtype, (37, 512))
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]))
+    got = ext.gguf_dequantize_rows(torch.from_numpy(blocks), qtype.lower(), 512)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
