@@ -26,7 +26,10 @@ _extension = None
 _failed: str | None = None
 
 
-BASE_FLAGS = ["-O3", "-fopenmp-simd"]
+# -ffp-contract=off: plain C++ arithmetic is done as written on every path, never fused into an FMA
+# in one inlined copy of a kernel and not in another, so a row's values do not depend on how many
+# rows share its weight pass (batch invariance); the vector kernels choose their FMAs explicitly
+BASE_FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off"]
 # The vector paths in csrc/decode_cpu.cpp, best first, with the compiler flags that turn each on.
 # x86-64-v3 is AVX2 + FMA + F16C (Haswell, Zen 1-3); "generic" is the plain C++ every CPU runs
 # (on x86 the SSE2 baseline, on ARM the compiler's NEON auto-vectorization).

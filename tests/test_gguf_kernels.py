@@ -46,6 +46,9 @@ def test_gguf_gemv_equals_gguf_dequantize_times_x(ext, qtype, n, k, rows, portab
     assert got.shape == (rows, n) and got.dtype == torch.float32
     # fp32 sums of K products in another order than float64's: ~1e-6 of the largest output
     assert relative_error(got, expected) < 1e-5
+    # batch invariance (the server's promise): a row's values are exactly what it gets alone
+    for r in range(rows):
+        assert torch.equal(ext.gguf_linear(x[r : r + 1], torch.from_numpy(blocks), qtype.lower(), portable), got[r : r + 1])
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
@@ -62,6 +65,8 @@ def test_grouped_int8_gemv_equals_codes_times_scales(ext, n, k, rows, portable):
     got = ext.int8_group_linear(x, q, scales, portable)
     assert got.shape == (rows, n)
     assert relative_error(got, expected) < 1e-5
+    for r in range(rows):
+        assert torch.equal(ext.int8_group_linear(x[r : r + 1], q, scales, portable), got[r : r + 1])
 
 
 def test_types_without_a_kernel_and_misshapen_blocks_are_refused(ext):
