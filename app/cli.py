@@ -689,8 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", required=True, help="int8, int4 or nf4")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
     p.add_argument("--out", help="variant name (default: the scheme)")
-    p.add_argument("--head", default="auto", help="output head precision: auto (default: int8, one scale per 32 "
-                   "values for a GGUF Q8_0 table, its own grid, else per row), int8, int4, fp16 or fp32")
+    p.add_argument("--head", default="auto", help="output head precision: auto (default: int8, one fp16 scale per 32 "
+                   "values as Q8_0; per row where 32 does not divide the width), int8, int4, fp16 or fp32")
     p.add_argument("--embeddings", default="int8", help="embedding table precision: int8 (default) or fp32")
     p.add_argument("--force", action="store_true", help="replace an existing variant of that name")
     p.add_argument("--no-report", action="store_true",
