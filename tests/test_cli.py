@@ -180,7 +180,7 @@ def test_bench_json_reports_every_installed_variant_it_runs(default_home):
         assert "avx2" in d["cpu_flags"] or chosen_isa() == "generic"
     by_variant = {d["variant"]: d for d in results}
     assert by_variant["int4"]["isa"] == chosen_isa()  # the compiled step runs it
-    assert by_variant["source"]["isa"] == ""  # a GGUF's own blocks have no native kernel yet: the eager blocks
+    assert by_variant["source"]["isa"] == chosen_isa()  # its Q4_1 blocks run natively in the step too
 
 
 HEAVY = ("torch", "textual", "rich.progress")
