@@ -177,8 +177,10 @@ def test_ctrl_c_during_a_reply_exits_130_in_one_line(default_home):
     import signal
 
     env = dict(os.environ, LLAMADESK_HOME=str(default_home))
-    p = subprocess.Popen([sys.executable, "-m", "app.cli", "ask", "Write a long story about a dragon.",
-                          "--max-tokens", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # a reply that runs long whatever the sampling (a sampled story sometimes ended before the signal)
+    p = subprocess.Popen([sys.executable, "-m", "app.cli", "ask", "Count from 1 to 1000, separated by commas: 1, 2, 3,",
+                          "--temperature", "0", "--max-tokens", "2000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert p.stdout.read(1)  # the reply has started
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
