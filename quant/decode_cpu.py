@@ -44,11 +44,12 @@ class CpuStepDecoder:
         return self._head(h)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D) -> logits (B, V). The grouped int8 head (a Q8_0 table's) runs up to 8 rows on
-        one weight read with a row's sums independent of the others; torch's kernels may block
-        their sums by the number of rows, so any other head runs a row at a time."""
+        """(B, 1, D) -> logits (B, V). A head run by our kernels (grouped int8, a GGUF type with a
+        native kernel) takes up to 8 rows on one weight read, a row's sums independent of the
+        others; torch's kernels may block their sums by the number of rows, so any other head
+        runs a row at a time."""
         norm, output = self.model.norm, self.model.output
-        rows = 8 if getattr(output, "kernel", "") == "int8group" else 1
+        rows = getattr(output, "invariant_rows", 1)
         return torch.cat([output(norm(h[i : i + rows]))[:, -1] for i in range(0, h.shape[0], rows)])  # (B, V)
 
 

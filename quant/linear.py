@@ -115,6 +115,16 @@ class Int8Linear(nn.Module):
             raise RuntimeError(_NOT_PREPARED.format("Int8Linear"))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    @property
+    def invariant_rows(self) -> int:
+        """Rows one call takes with each row's values independent of the others (decode batches):
+        8 for the compiled grouped kernel; 1 for torch's kernels, whose blocking may depend on rows."""
+        if self.kernel != "int8group":
+            return 1
+        from .extension import loaded_extension
+
+        return 8 if loaded_extension() is not None else 1
+
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         from .extension import loaded_extension
 
@@ -455,6 +465,17 @@ class GGUFLinear(nn.Module):
         self.precise = precise
         self.blocks = self.blocks.to(device)
         self.kernel = "dequant"
+
+    @property
+    def invariant_rows(self) -> int:
+        """Rows one call takes with each row's values independent of the others (decode batches):
+        the native kernel's NATIVE_ROWS; 1 where a matmul runs (its blocking may depend on rows)."""
+        native = self.scheme in NATIVE_GGUF_SCHEMES and self.blocks.device.type == "cpu"
+        if native:
+            from .extension import loaded_extension
+
+            native = loaded_extension() is not None
+        return self.NATIVE_ROWS if native else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.kernel:

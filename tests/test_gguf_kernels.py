@@ -201,3 +201,36 @@ def test_prefill_tiles_dequantize_as_gguf_does(ext, qtype):
     want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]))
     got = ext.gguf_dequantize_rows(torch.from_numpy(blocks), qtype.lower(), 512)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@torch.inference_mode()
+def test_gguf_rows_decode_together_each_as_alone(ext):
+    """Three sequences in KV-cache rows 0-2 of the Q4_K_M-like model, stepped together: every
+    layer (stacked Q4_K/Q6_K q, k, v included) and the Q8_0 head take the three rows on one
+    weight read, and each row's logits are bit for bit what it gets stepped alone."""
+    from model.generate import prefill
+    from quant import decode_cpu
+
+    model = tiny_gguf_model()
+    assert model.output.invariant_rows == 8  # the head runs the batch in one call
+    model.setup_caches(128, batch=3)
+    decoder = decode_cpu.build_decoder(model, pull.cache_dir())
+    assert decoder is not None
+    prompts = [[5, 17, 99], [3, 250, 7, 41], [200]]
+
+    def run(rows):
+        for r in rows:
+            prefill(model, prompts[r], cache_row=r)
+        tokens = torch.tensor([prompts[r][-1] for r in rows])
+        positions = torch.tensor([len(prompts[r]) for r in rows])
+        out = []
+        for _ in range(8):
+            logits = decoder.decode(tokens, positions, torch.tensor(rows))  # (B, V)
+            out.append(logits)
+            tokens, positions = logits.argmax(-1), positions + 1
+        return torch.stack(out, 1)  # (B, steps, V)
+
+    together = run([0, 1, 2])
+    for r in range(3):
+        assert torch.equal(run([r])[0], together[r])
+    assert not torch.equal(together[0], together[1])
