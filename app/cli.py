@@ -12,8 +12,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from typing import TYPE_CHECKING
-
 from rich.console import Console
 
 from model.chat_format import BUILT_IN
@@ -24,7 +22,6 @@ from .plan import KV_DTYPES
 
 if TYPE_CHECKING:
     from model.generate import SamplingParams
-
 
 
 def _console(stderr: bool = False, **options) -> Console:
@@ -246,6 +243,7 @@ def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
     from .variants import eval_model
 
     with _Steps() as steps:  # a bar on a terminal; off one, a line every 10 s of a long run
+        steps.progress(0, 0, f"Loading {ref}")  # on a terminal only: the bar shows while it loads
         entry, n, ppl = eval_model(ref, text, tokens, window, progress=lambda done, total, what: steps.progress(
             done, total, f"Scoring tokens ({what})"))
     print(f"{entry.ref}: perplexity {ppl:.4f} over {n} tokens ({window}-token windows)")
@@ -407,9 +405,11 @@ def ask_remote(url: str, prompt: str, model: str | None, system: str | None, max
     from .docs.attach import Grounds
     from .remote import ASSUMED_CTX, Remote, estimate_tokens, read_key
 
-    remote = Remote.connect(url, read_key(key_file))
+    key = read_key(key_file)
     grounds, prompt = Grounds.pick(prompt, docs, file)
+    remote = Remote.connect(url, key)  # after the checks above: nothing to close when they refuse
     if grounds and not send_docs:
+        remote.close()
         raise UserError(f"answering from {grounds.describe()} through --remote would send passages of your "
                         f"documents to {remote.where()}; add --send-docs to allow it")
     passages = None

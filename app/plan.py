@@ -290,7 +290,9 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
     if not pool:
         what = " ".join(x for x in (model and f"model {model}", variant and f"variant {variant}") if x)
         return PlanResult(device, None, rows, f"no installed {what or 'model'} can run on {device.kind}"), pool
-    chosen = _choose(pool, device, ctx, kv_dtype if asked else None)
+    # the models named in the why: every installed one, unless the user asked for one
+    n_models = 0 if model else len({r.model for r in rows})
+    chosen = _choose(pool, device, ctx, kv_dtype if asked else None, n_models)
     if isinstance(chosen, str):
         why = chosen + _alternative(rows, ctx, asked)
         if asked:
@@ -316,7 +318,7 @@ def _rank(c: Candidate, device: Device) -> tuple:
     return (_slow_float(c, device), -c.bits)
 
 
-def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan | str:
+def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None, n_models: int) -> Plan | str:
     biggest = max(c.args.n_params for c, _, _ in pool)
     free = format_bytes(device.free_bytes) + (f" (bounded by {device.limit})" if device.limit else "")
     # models from the largest down; for each, variants from the most bits down
@@ -336,7 +338,7 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
                 # the target, not all that fits: a 128k-token cache would cost memory every load and,
                 # on a GPU, time every token (the CUDA-graph step reads the whole cache); --ctx asks for more
                 return _plan(c, target, device, kv, _why(c, target, same_model, n_params < biggest, free, device,
-                                                         longest, len({x.model for x, _, _ in pool}))
+                                                         longest, n_models)
                              + _kv_why(c, target, kv, kv_asked, device))
         # no variant of this model reaches its target: take the most precise that reaches the floor,
         # of equally precise ones the longest context
@@ -355,11 +357,14 @@ def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None) -> Plan
 
 def _why(c: Candidate, ctx: int, same_model, smaller: bool, free: str, device: Device, longest: int,
          n_models: int) -> str:
-    """Why `c`: first the model (among `n_models` installed ones), then its variant."""
+    """Why `c`: first the model (among `n_models` installed ones; 0: the one the user asked
+    for), then its variant."""
     more_bits = [x for x, _, _ in same_model if x.bits > c.bits and not _slow_float(x, device)]
     slow = [x for x, _, _ in same_model if x.bits > c.bits and _slow_float(x, device)]
     where = f"in {free} of {device.kind} memory"
-    if smaller:
+    if n_models == 0:
+        parts = [f"{c.model}, as asked, fits {where},"]
+    elif smaller:
         parts = [f"{c.model} is the largest model that fits {where},"]
     elif n_models == 1:
         parts = [f"{c.model} is the only model installed and fits {where},"]
@@ -469,9 +474,11 @@ def estimated_weight_bytes(args: ModelArgs, variant: str, device: Device, group_
         return resident * activation_bytes(device) + norms
     # int8 output head, plus the int8 embedding unless it stays in CPU RAM: one fp16 scale per 32
     # weights, as every int8 tensor the quantizer writes (quant.quantize.INT8_GROUP)
-    head_bytes = (1 if on_gpu else 2) * (emb + emb // 32 * 2)
+    # on the CPU the grouped int8 kernel holds the linear layers' scales in fp32 (Int8Linear.prepare)
+    scale_bytes = 2 if on_gpu else 4
+    head_bytes = (1 if on_gpu else 2) * emb + emb // 32 * 2 + (0 if on_gpu else emb // 32 * scale_bytes)
     if variant == "int8":
-        return body + body // 32 * 2 + head_bytes + norms
+        return body + body // 32 * scale_bytes + head_bytes + norms
     if variant == "int4":
         return body // 2 + body // group_size * 4 + head_bytes + norms
     if variant == "nf4":
@@ -509,8 +516,12 @@ def stored_weight_bytes(entry, device: Device) -> int:
                     continue  # stays in CPU RAM
                 floating = dtype in ("F32", "F16", "BF16")
                 is_norm = key.endswith("norm.weight")
-                if floating and not is_norm and key.endswith(".weight") and key[: -len(".weight")] not in layout:
+                module = key.rsplit(".", 1)[0]
+                if floating and not is_norm and key.endswith(".weight") and module not in layout:
                     total += n * act  # full-precision weights run in the activation dtype
+                elif (device.kind == "cpu" and key.endswith(".scales") and dtype == "F16"
+                      and (layout.get(module) or {}).get("scheme") == "int8" and not module.startswith("tok_")):
+                    total += n * 4  # grouped int8's kernel holds its scales in fp32 (Int8Linear.prepare)
                 else:
                     total += n * _DTYPE_BYTES.get(dtype, 4)
     return total

@@ -14,7 +14,7 @@ from model.args import ModelArgs
 from model.tokenizer import load_tokenizer
 from quant.formats import FORMAT_VERSION
 from quant.ggml import dequantize_rows
-from quant.quality import compare_all, default_text, perplexity
+from quant.quality import default_text, perplexity
 from quant.quantize import QuantOptions, ShardWriter, quantize_stream, write_packed
 
 from . import store

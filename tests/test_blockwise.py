@@ -3,7 +3,6 @@
 The oracle is the report as it was made before (quant.quality.compare_all over the source, the
 variant and the variant's unpacked weights, each loaded whole): same text, same windows.
 """
-import re
 
 import pytest
 import torch

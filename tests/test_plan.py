@@ -178,9 +178,9 @@ def planned(device, spec, **fixed):
 
 
 @pytest.mark.parametrize("device, spec, fixed, expected", [
-    # a longer context: the bf16 cache stops int4 at 4864 tokens, int8 reaches 8192
+    # a longer context: the bf16 cache stops int4 at 4608 tokens, int8 reaches 8192
     (cpu(7), {"llama3-8b": ("int4", "nf4")}, {}, ("llama3-8b:int4", 8192, "int8")),
-    (cpu(6.5), {"llama3-8b": ("int4",)}, {}, ("llama3-8b:int4", 2816, "int8")),  # bf16: 2048
+    (cpu(6.5), {"llama3-8b": ("int4",)}, {}, ("llama3-8b:int4", 2304, "int8")),  # bf16: 1280
     (gpu(6), {"llama2-7b": ALL}, {}, ("llama2-7b:nf4", 3840, "int8")),  # bf16: 2048
     (gpu(44), {"llama3-8b": ALL, "llama3-70b": ALL}, {}, ("llama3-70b:nf4", 8192, "int8")),  # bf16: 6400
     # a larger model: with bf16 keys and values the 7B and 70B stay below 2048 tokens
@@ -206,10 +206,10 @@ def test_why_and_the_table_say_when_the_kv_cache_is_int8():
     dev = cpu(7)
     r = plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev)
     assert r.chosen.kv_dtype == "int8"
-    assert r.why.endswith("; an int8 KV cache lets it reach 8192 tokens, where bf16 would allow only 4864")
+    assert r.why.endswith("; an int8 KV cache lets it reach 8192 tokens, where bf16 would allow only 4608")
     assert r.candidates[0].kv_dtype == "int8"
     assert r.candidates[0].kv_bytes_per_token == kv_bytes_per_token(LLAMA3_8B, "int8")
-    assert r.candidates[0].verdict == "fits up to 8192 tokens with an int8 KV cache (4864 with bf16)"
+    assert r.candidates[0].verdict == "fits up to 8192 tokens with an int8 KV cache (4608 with bf16)"
     assert r.chosen.bytes["kv_cache"] == 8192 * kv_bytes_per_token(LLAMA3_8B, "int8")
     assert r.to_dict()["chosen"]["kv_dtype"] == "int8"
 
@@ -365,6 +365,8 @@ def test_why_names_the_model_then_its_variant():
     r = plan_memory(installed(dev, {"smollm2-135m": ALL, "llama3-8b": ("int4",)}), dev)
     assert r.why.startswith("llama3-8b is the largest of the 2 installed models and fits in 16.00 GiB of cpu memory, "
                             "int4 its only variant that runs here")
+    r = plan_memory(installed(dev, {"smollm2-135m": ALL, "llama3-8b": ("int4",)}), dev, model="smollm2-135m")
+    assert r.why.startswith("smollm2-135m, as asked, fits in 16.00 GiB of cpu memory")
 
 
 def test_when_nothing_fits_the_plan_says_how_much_memory_would():

@@ -159,7 +159,7 @@ async def test_esc_closes_a_stream_that_sends_nothing_more(home):  # noqa: F811
             t0 = time.monotonic()
             await pilot.press("escape")
             await until(pilot, lambda: app.chat.reply is None)
-            assert time.monotonic() - t0 < 2  # not the 30 s the server would otherwise hold the read
+            assert time.monotonic() - t0 < 10  # not the 30 s the server would hold the read (loose: a busy CI)
             assert handler.hung_up.wait(5)  # the server sees the client gone
             saved = app.history.messages(app.chat.conversation.id)[-1]
             assert (saved.content, saved.stopped) == ("Thinking", True)

@@ -3,7 +3,8 @@
 // The same arithmetic as model/model.py's blocks with quant/linear.py's layers, written as
 // plain loops around the matmul kernels: for a 135M model, a Python decode step spends more
 // time dispatching ~45 small ops per block than in the matmuls themselves. Here each block is
-// four kernel calls and loops over fixed buffers, with no allocation but the kernels' outputs.
+// four kernel calls and loops over buffers sized once for the batch (the torch kernels and the
+// GGUF kernels' per-call sums of x allocate their own).
 //
 // Residual stream, norms, RoPE, the KV cache and attention are fp32, as in the eager model.
 #include <torch/extension.h>

@@ -3,7 +3,7 @@
 // Included by decode_cpu.cpp inside its anonymous namespace, after its vector types (Avx512 or
 // Avx2 as Vec, LLAMADESK_VEC); it includes nothing itself. quant/ggml.py documents the layouts.
 //
-// y[r, n] = sum_k W[n, k] x[r, k] for B <= 8 activation rows x (B, K): each 32-value chunk of
+// y[r, n] = sum_k W[n, k] x[r, k] for B activation rows x (B, K): each 32-value chunk of
 // a weight row is decoded once into fp32 code vectors and multiplied into all B rows (up to 4 a
 // pass), so B tokens cost one pass over the weights; codes times x are summed over each run of
 // values sharing a scale, then scaled once, and a chunk's min enters through its sum of x.
@@ -85,7 +85,8 @@ struct Codes<Portable> {
     V r;
     for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>((word >> (from + i)) & 1u);
     return r;
-  }  static void nibbles(const uint8_t* p, float offset, V* q) { nibbles_by_field<Portable>(p, offset, q); }
+  }
+  static void nibbles(const uint8_t* p, float offset, V* q) { nibbles_by_field<Portable>(p, offset, q); }
 };
 
 #if defined(__AVX512F__)
@@ -135,7 +136,8 @@ struct Codes<Avx2> {
     const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(from), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), at);
     return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(1)));
-  }  static void nibbles(const uint8_t* p, float offset, V* q) { nibbles_by_field<Avx2>(p, offset, q); }
+  }
+  static void nibbles(const uint8_t* p, float offset, V* q) { nibbles_by_field<Avx2>(p, offset, q); }
 };
 #endif
 

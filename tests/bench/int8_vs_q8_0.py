@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from app import store  # noqa: E402
 from app.engine import load_model  # noqa: E402
 from app.importer import import_checkpoint  # noqa: E402
 from app.variants import quantize_variant, text_ids  # noqa: E402
