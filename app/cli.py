@@ -906,11 +906,6 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["chat", *argv]  # `llamadesk --remote URL` opens the chat app against a server
     try:
         return run(argv)
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise
-        say(f"llamadesk: error: {e}")
-        return 1
     except KeyboardInterrupt:
         say("llamadesk: interrupted")
         return 130
@@ -923,7 +918,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a file the user's machine refused: named, with what to do, not a traceback
         say(f"llamadesk: error: {_os_error(e)}")
         return 1
-    except Exception as e:  # a bug: one line still, the traceback on request
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            say(f"llamadesk: error: {e}")
+            return 1
+        # a bug: one line still, the traceback on request
         if os.environ.get("LLAMADESK_DEBUG"):
             raise
         say(f"llamadesk: error: {type(e).__name__}: {e} (a bug in llamadesk; LLAMADESK_DEBUG=1 shows where)")

@@ -180,7 +180,10 @@ def test_ctrl_c_during_a_reply_exits_130_in_one_line(default_home):
     # a reply that runs long whatever the sampling (a sampled story sometimes ended before the signal)
     p = subprocess.Popen([sys.executable, "-m", "app.cli", "ask", "Count from 1 to 1000, separated by commas: 1, 2, 3,",
                           "--temperature", "0", "--max-tokens", "2000"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         # a child inherits an ignored SIGINT (Python then installs no handler for
+                         # it); a user's terminal delivers Ctrl-C with the default action
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.read(1)  # the reply has started
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
