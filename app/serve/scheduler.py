@@ -108,10 +108,14 @@ class _Row:
         # the reply's own tokens: the repeat penalty counts these, as the chat and ask do (counting
         # the prompt's words pushed small models out of the prompt's language)
         self.history: list[int] = []
-        self.last = job.prompt[-1]  # the token the next step feeds
         self.generator = torch.Generator().manual_seed(job.params.seed) if job.params.seed is not None else None
         self.text = _StopText(StreamDecoder(tokenizer), job.stop)
         self.logits: torch.Tensor | None = None
+
+    @property
+    def last(self) -> int:
+        """The token the next step feeds: the reply's latest, else the prompt's last."""
+        return self.history[-1] if self.history else self.job.prompt[-1]
 
     def take(self, token: int) -> str | None:
         """Account for a sampled token; the finish reason when this row is done, else None."""
@@ -120,7 +124,6 @@ class _Row:
             return "stop"
         job.completion_tokens += 1
         self.history.append(token)
-        self.last = token
         piece, hit = self.text.push(token)
         if piece:
             job.emit("text", piece)
