@@ -49,6 +49,22 @@ def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- int8
+# rows of x an r16 call takes with each row independent of the others: any number (a bound
+# for callers that batch by it)
+R16_ROWS = 1 << 16
+
+
+def repack_r16(weights: torch.Tensor, scheme: str, in_features: int,
+               scales: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`weights` (GGUF q4_0/q4_1/q8_0 blocks, or grouped int8 codes with their fp32 `scales`) in
+    csrc/r16_gemm.h's r16 layout: a copy of the same bytes, 16 rows interleaved. None while the
+    compiled extension is not loaded."""
+    from .extension import loaded_extension
+
+    ext = loaded_extension()
+    return None if ext is None else ext.r16_repack(weights, scheme, in_features, scales)
+
+
 class Int8Linear(nn.Module):
     """y = x W^T with W = qweight * scales, int8 per output row (or per group of K)."""
 
@@ -84,6 +100,7 @@ class Int8Linear(nn.Module):
             # kernel (quant/csrc) once loaded, else dequantized a block of rows at a time
             self.kernel = "int8group"
             self.qweight, self.scales = qweight.contiguous(), scales.float().contiguous()
+            self.r16: torch.Tensor | None = None
         elif device.type == "cpu":
             self.kernel = "dense"
             shape = (self.out_features, self.in_features)
@@ -115,19 +132,33 @@ class Int8Linear(nn.Module):
             raise RuntimeError(_NOT_PREPARED.format("Int8Linear"))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def r16_weights(self) -> torch.Tensor | None:
+        """Grouped int8 in csrc/r16_gemm.h's r16 layout (int8 activations), repacked on the first
+        call that can; None where that kernel does not run (precise, other kernels)."""
+        if self.kernel == "int8group" and self.r16 is None and not self.precise:
+            self.r16 = repack_r16(self.qweight, "int8_group", self.in_features, self.scales)
+            if self.r16 is not None:  # the copy replaces them
+                self.qweight = self.scales = None
+        return getattr(self, "r16", None)
+
     @property
     def invariant_rows(self) -> int:
         """Rows one call takes with each row's values independent of the others (decode batches):
-        8 for the compiled grouped kernel; 1 for torch's kernels, whose blocking may depend on rows."""
+        any number for the r16 kernel, 8 for the compiled grouped one; 1 for torch's kernels,
+        whose blocking may depend on rows."""
         if self.kernel != "int8group":
             return 1
         from .extension import loaded_extension
 
-        return 8 if loaded_extension() is not None else 1
+        if loaded_extension() is None:
+            return 1
+        return R16_ROWS if self.r16_weights() is not None else 8
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         from .extension import loaded_extension
 
+        if self.r16_weights() is not None:
+            return loaded_extension().r16_linear(x, self.r16, "int8_group", self.out_features)
         ext = loaded_extension()
         if ext is not None and x.shape[0] <= 8:  # decode and last-token prefill: one weight read
             return ext.int8_group_linear(x, self.qweight, self.scales)
@@ -388,9 +419,10 @@ class PreparedWeights:
       "int4"   weight uint8 torch's CPU int4 packing (N_pad, K/2), scales bf16 (K/group_size, N_pad, 2)
                (scale, zero) pairs, as _weight_int4pack_mm_for_cpu takes them; N_pad >= N
       "int8"   weight int8 (N, K), scales bf16 (N,) one per row, as _weight_int8pack_mm takes them
-      "int8_group"  weight int8 (N, K), scales fp32 (N, K / 32): one scale per 32 along a row
       "gguf"   weight uint8 (N, row bytes): a GGUF file's blocks of `scheme` (quant.ggml), one of
                NATIVE_GGUF_SCHEMES
+      "r16"    weight uint8, `scheme`'s weights (q4_0, q4_1, q8_0 blocks or int8_group) in
+               csrc/r16_gemm.h's r16 layout: 16 rows interleaved, run with int8 activations
       "rows"   weight None; `parts`, records whose outputs follow one another (wqkv of a GGUF
                file whose wv is another block type than wq, wk)
     """
@@ -421,9 +453,13 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
         if mod.kernel == "dense":
             return PreparedWeights("dense", mod.dense_weight.float().contiguous(), None, K, N, K)
         if mod.kernel == "int8group":
-            return PreparedWeights("int8_group", mod.qweight, mod.scales, 32, N, K)
+            if mod.r16_weights() is None:
+                raise ValueError("grouped int8 runs in Python until the extension is loaded")
+            return PreparedWeights("r16", mod.r16, None, 32, N, K, "int8_group")
         raise ValueError(f"int8 kernel {mod.kernel or 'unprepared'}")
     if isinstance(mod, GGUFLinear):
+        if mod.r16_weights() is not None:
+            return PreparedWeights("r16", mod.r16, None, 32, N, K, mod.scheme)
         if mod.scheme not in NATIVE_GGUF_SCHEMES or mod.blocks.device.type != "cpu":
             raise ValueError(f"{mod.scheme} blocks run in Python (no native kernel)")
         return PreparedWeights("gguf", mod.blocks, None, GGUF_SCHEMES[mod.scheme][0], N, K, mod.scheme)
@@ -440,15 +476,21 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
 # the block types the compiled step multiplies natively (csrc/gguf_gemv.h): those of Q4_K_M,
 # Q6_K, Q8_0 and Q4_0/Q4_1/Q5_0 files; the others dequantize a block of rows at a time
 NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
+# those also run as 16-row groups times int8 activations (csrc/r16_gemm.h), unless precise
+R16_SCHEMES = ("q4_0", "q4_1", "q8_0")
 
 
 class GGUFLinear(nn.Module):
     """y = x W^T with W kept as a GGUF file's own blocks (quant.ggml: "q4_k", "q6_k", ...).
 
-    Up to 8 rows of x (decode, the last token of a prefill) with a native type and the compiled
-    extension loaded: its GEMV over the blocks, fp32 (csrc/gguf_gemv.h). Otherwise (prefill,
-    the other types, no compiler): the weight is dequantized a block of rows at a time into the
-    activations' dtype (fp32 when precise) and multiplied, so memory stays one block of rows.
+    Q4_0, Q4_1 and Q8_0 with the compiled extension loaded, not precise: the blocks are repacked once
+    (on first use, the same bytes with 16 rows interleaved: `r16`) and any number of rows of x
+    is rounded to int8 per 32 values and multiplied in integers, llama.cpp's arithmetic
+    (csrc/r16_gemm.h). Otherwise up to 8 rows of x (decode, the last token of a prefill) with a
+    native type: the extension's GEMV over the blocks, fp32 (csrc/gguf_gemv.h); and the rest
+    (prefill, the other types, no compiler): the weight is dequantized a block of rows at a time
+    into the activations' dtype (fp32 when precise) and multiplied, so memory stays one block
+    of rows.
     """
 
     ROW_BLOCK_BYTES = 16 << 20  # the dequantized rows held at once
@@ -460,16 +502,31 @@ class GGUFLinear(nn.Module):
         self.register_buffer("blocks", torch.empty(out_features, row_bytes(scheme, in_features),
                                                    dtype=torch.uint8, device=device))
         self.kernel = ""  # set by prepare: "dequant"
+        self.r16: torch.Tensor | None = None  # the blocks in the r16 layout, once repacked
 
     def prepare(self, device, precise: bool = False) -> None:
         self.precise = precise
         self.blocks = self.blocks.to(device)
         self.kernel = "dequant"
+        self.r16: torch.Tensor | None = None
+
+    def r16_weights(self) -> torch.Tensor | None:
+        """The blocks in csrc/r16_gemm.h's r16 layout, repacked on the first call that can (the
+        extension may finish building after load); None where that kernel does not run."""
+        if self.r16 is None and self.kernel and not self.precise and self.scheme in R16_SCHEMES \
+                and self.blocks.device.type == "cpu":
+            self.r16 = repack_r16(self.blocks, self.scheme, self.in_features)
+            if self.r16 is not None:  # the copy replaces them (a tied table keeps its own reference)
+                self.blocks = None
+        return self.r16
 
     @property
     def invariant_rows(self) -> int:
         """Rows one call takes with each row's values independent of the others (decode batches):
-        the native kernel's NATIVE_ROWS; 1 where a matmul runs (its blocking may depend on rows)."""
+        any number for the r16 kernel, the native GEMV's NATIVE_ROWS; 1 where a matmul runs (its
+        blocking may depend on rows)."""
+        if self.r16_weights() is not None:
+            return R16_ROWS
         native = self.scheme in NATIVE_GGUF_SCHEMES and self.blocks.device.type == "cpu"
         if native:
             from .extension import loaded_extension
@@ -481,6 +538,12 @@ class GGUFLinear(nn.Module):
         if not self.kernel:
             raise RuntimeError(_NOT_PREPARED.format("GGUFLinear"))
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+        r16 = self.r16_weights() if x2.device.type == "cpu" else None
+        if r16 is not None:
+            from .extension import loaded_extension
+
+            y = loaded_extension().r16_linear(x2.float(), r16, self.scheme, self.out_features)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         ext = None
         if self.scheme in NATIVE_GGUF_SCHEMES and x2.device.type == "cpu":
             from .extension import loaded_extension

@@ -196,9 +196,14 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
         assert not (build_dir / "lock").exists()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 7, 20])  # decode, a few rows, a window (dequantized in blocks)
+@pytest.mark.parametrize("precise", [True, False], ids=["precise", "int8-activations"])
+@pytest.mark.parametrize("rows", [1, 3, 7, 20])  # decode, a few rows, a window
 @torch.inference_mode()
-def test_a_q8_0_grid_head_runs_packed_and_exact(cache, rows):
+def test_a_q8_0_grid_head_runs_packed(cache, rows, precise):
+    """Precise: the fp32 kernel, exact up to summation order (a window: dequantized in blocks).
+    Otherwise the r16 kernel, x rounded to int8 per 32 values (llama.cpp's arithmetic): within
+    that rounding of the exact product. Either way no dense copy, and a decode batch's rows are
+    exactly what each gets alone."""
     from quant.formats import unpack
     from quant.linear import Int8Linear
 
@@ -206,14 +211,18 @@ def test_a_q8_0_grid_head_runs_packed_and_exact(cache, rows):
     packed = pack_int8(w, group_size=32)[0]  # one scale per 32 along a row: GGUF Q8_0's layout
     layer = Int8Linear(96, 1000, 32, device="meta")
     layer.load_state_dict({k.lstrip("."): v for k, v in packed.state_dict("").items()}, assign=True)
-    layer.prepare("cpu")
+    layer.prepare("cpu", precise=precise)
     assert layer.kernel == "int8group" and layer.qweight.dtype == torch.int8  # no dense copy
+    assert (layer.r16_weights() is None) == precise
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(6))
     expected = x.double() @ unpack(packed).double().T
     got = layer(x)
     assert got.shape == (rows, 1000)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    if rows <= 8:  # a decode batch: a row's logits are exactly what it gets alone
+    if precise:
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert (got.double() - expected).abs().max() < 0.01 * expected.abs().max()
+    if rows <= 8 or not precise:  # a decode batch: a row's logits are exactly what it gets alone
         for m in range(rows):
             assert torch.equal(layer(x[m : m + 1]), got[m : m + 1])
 

@@ -16,6 +16,9 @@ PROMPT = "<|im_start|>user\nList three facts about the Moon.<|im_end|>\n<|im_sta
 # Both runtimes run fp32 arithmetic over the same weights and differ only in summation order:
 # logits agree to ~1e-4 (measured on AVX-512 and AVX2 builds); the bound leaves a margin.
 FP32_TOL = 2e-3
+# The r16 kernels (Q4_0, Q4_1, Q8_0 blocks, grouped int8) round x to 15-bit integers per 32
+# values: logits move by up to 0.033 on the source (docs/BENCHMARKS.md); the bound leaves a margin.
+X15_TOL = 0.1
 # The bf16 kernels round their input, so fp32 noise in a norm's sum can move one value to the
 # next bf16 step: 2% of the logits' ~32 span, as before (measured up to 0.3).
 PACKED_TOL = 0.65
@@ -68,8 +71,8 @@ def test_fast_path_follows_the_python_blocks_on_packed_variants(default_home, mo
 
 def test_the_gguf_source_runs_its_own_blocks_through_the_fast_path(default_home, monkeypatch):
     """The source itself: the file's Q4_1 blocks and its tied Q8_0 table, multiplied natively by
-    the step's GGUF kernels (fp32) and by GGUFLinear for the head, against the eager model over
-    the same blocks, dequantized (one causal pass), by the fp32 rule."""
+    the step's r16 kernels and by GGUFLinear for the head, against the eager model over the same
+    blocks, dequantized (one causal pass), by the rule with x's 15-bit rounding."""
     from quant.linear import GGUFLinear, prepared_weights
 
     monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
@@ -78,11 +81,12 @@ def test_the_gguf_source_runs_its_own_blocks_through_the_fast_path(default_home,
     model = load_model(entry, 256)
     assert isinstance(model.output, GGUFLinear) and model.output.scheme == "q8_0"
     assert prepared_weights(model.layers[0].feed_forward.w13).scheme == "q4_1"
+    assert prepared_weights(model.layers[0].feed_forward.w13).kind == "r16"
     decoder = choose_decoder(model)
     assert isinstance(decoder, CpuStepDecoder)
     answer = greedy_answer(model, ids, 48, decoder)
     assert len(answer) >= 16
-    eager = load_model(entry, 256, fuse=False)
+    eager = load_model(entry, 256, fuse=False, precise=True)  # fp32 x: the exact reference
     with torch.inference_mode():
         reference = eager(torch.tensor([ids + answer[:-1]]), 0)[0, len(ids) - 1:].float()  # (N, V)
-    assert_agree(reference, forced_logits(model, ids, answer, decoder), FP32_TOL)
+    assert_agree(reference, forced_logits(model, ids, answer, decoder), X15_TOL)

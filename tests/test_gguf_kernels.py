@@ -152,7 +152,8 @@ def test_a_model_of_gguf_blocks_decodes_through_the_step_as_the_dequantized_mode
 @torch.inference_mode()
 def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weights(ext, monkeypatch):
     """What `quantize --scheme int8` makes (one fp16 scale per 32, the head too) runs in the step
-    as kind "int8_group" and follows the eager model over its dequantized weights."""
+    as kind "r16" (x as 15-bit integers) and follows the eager model over its dequantized
+    weights (a precise model: its layers run in Python)."""
     from agreement import assert_agree, forced_logits, greedy_answer
     from app.engine import choose_decoder
     from model.args import ModelArgs
@@ -171,23 +172,30 @@ def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weight
         if name != "tok_embeddings":
             precision[name] = "int8"
             state.update(pack_int8(state.pop(f"{name}.weight"), 32)[0].state_dict(name))
-    with torch.device("meta"):
-        model = Transformer(args)
-    swap_linears(model, precision, group_size={name: 32 for name in precision})
-    model.load_state_dict(state, assign=True)
-    fuse_projections(model)
-    repack_for_device(model, "cpu")
-    model.setup_caches(64)
-    assert prepared_weights(model.layers[0].attention.wqkv).kind == "int8_group"
-    assert prepared_weights(model.output).kind == "int8_group"
-    prompt = [5, 17, 99, 3, 250]
+
+    def build(precise: bool) -> Transformer:
+        with torch.device("meta"):
+            model = Transformer(args)
+        swap_linears(model, precision, group_size={name: 32 for name in precision})
+        model.load_state_dict(state, assign=True)
+        fuse_projections(model)
+        repack_for_device(model, "cpu", precise)
+        model.setup_caches(64)
+        return model
+
+    exact = build(precise=True)  # the eager blocks over the dequantized weights: the reference
     monkeypatch.setattr(Int8Linear, "_grouped", lambda self, x: int8_dequant_linear(x, self.qweight, self.scales))
-    answer = greedy_answer(model, prompt, 24)
-    expected = forced_logits(model, prompt, answer)
+    prompt = [5, 17, 99, 3, 250]
+    answer = greedy_answer(exact, prompt, 24)
+    expected = forced_logits(exact, prompt, answer)
     monkeypatch.undo()
+    model = build(precise=False)
+    assert prepared_weights(model.layers[0].attention.wqkv).kind == "r16"
+    assert prepared_weights(model.output).kind == "r16"
     decoder = choose_decoder(model, "now")
     assert isinstance(decoder, decode_cpu.CpuStepDecoder) and len(set(answer)) > 3
-    assert_agree(expected, forced_logits(model, prompt, answer, decoder), 1e-3)
+    # x's 15-bit rounding: ~1e-4 of the logits' ~10 span
+    assert_agree(expected, forced_logits(model, prompt, answer, decoder), 1e-2)
 
 
 @pytest.mark.parametrize("qtype", NATIVE)
@@ -212,7 +220,7 @@ def test_gguf_rows_decode_together_each_as_alone(ext):
     from quant import decode_cpu
 
     model = tiny_gguf_model()
-    assert model.output.invariant_rows == 8  # the head runs the batch in one call
+    assert model.output.invariant_rows >= 3  # the head runs the batch in one call
     model.setup_caches(128, batch=3)
     decoder = decode_cpu.build_decoder(model, pull.cache_dir())
     assert decoder is not None
@@ -234,3 +242,69 @@ def test_gguf_rows_decode_together_each_as_alone(ext):
     for r in range(3):
         assert torch.equal(run([r])[0], together[r])
     assert not torch.equal(together[0], together[1])
+
+
+# ---------------------------------------------------------------- Q4_0 / Q4_1 times int8 x (r16)
+def x15_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) fp32 as the r16 kernels take it: per 32 values the integers
+    v = round-half-even(x * (16319 / max|x|)) and the step d = max|x| / 16319, both in fp32."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(16319) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return np.rint(blocks * inv), (amax / np.float32(16319)).astype(np.float32)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("n, k", [(16, 64), (40, 256), (576, 1536)])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "int8_group"])
+@torch.inference_mode()
+def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k, rows, portable):
+    """The weights are the source's exactly; x is rounded to 15-bit integers per 32 values,
+    except that Q4_1's mins meet the exact sum of x. Oracle: gguf's dequantization (grouped
+    int8: codes times scales) times that x in float64. The kernel's integer sums are exact; only
+    its fp32 scaling rounds."""
+    rng = np.random.default_rng(n + k + rows)
+    if qtype == "int8_group":
+        codes = rng.integers(-128, 128, (n, k), dtype=np.int8)
+        scales = (rng.random((n, k // 32)) * 1e-3).astype(np.float32)
+        w = (codes.reshape(n, -1, 32).astype(np.float64) * scales[..., None]).reshape(n, k)
+        src, extra = torch.from_numpy(codes), torch.from_numpy(scales)
+    else:
+        blocks = random_blocks(rng, qtype, (n, k))
+        w = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).astype(np.float64)  # (N, K)
+        src, extra = torch.from_numpy(blocks), None
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by it
+    q, d = x15_activations(x)
+    xq = (q * d).reshape(rows, k).astype(np.float64)
+    if qtype == "Q4_1":  # value = d q + m: the mins times the exact sum of x, the rest times x's int8
+        m = blocks.reshape(n, k // 32, 20)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)  # (N, G)
+        w_dq = w - np.repeat(m, 32, axis=1)
+        expected = xq @ w_dq.T + x.reshape(rows, -1, 32).sum(axis=2, dtype=np.float64) @ m.T
+    else:
+        expected = xq @ w.T
+    scheme = qtype.lower()
+    packed = ext.r16_repack(src, scheme, k, extra)
+    source_bytes = src.numel() + (extra.numel() * 4 if extra is not None else 0)
+    assert packed.numel() == -(-n // 16) * 16 * source_bytes // n  # the source's bytes, rows padded to 16
+    got = ext.r16_linear(torch.from_numpy(x), packed, scheme, n, portable)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert relative_error(got, torch.from_numpy(expected)) < 1e-5
+    # and within x's rounding (1/16319 of a block's largest value) of the exact fp32 product,
+    # what --precise runs; llama.cpp's 8-bit x gives ~1e-2 here
+    exact = x.astype(np.float64) @ w.T
+    assert relative_error(got, torch.from_numpy(exact)) < 2e-4
+    for r in range(rows):  # batch invariance
+        assert torch.equal(ext.r16_linear(torch.from_numpy(x[r : r + 1]), packed, scheme, n, portable), got[r : r + 1])
+
+
+def test_r16_refuses_other_weights_and_shapes(ext):
+    blocks = torch.from_numpy(random_blocks(np.random.default_rng(0), "Q6_K", (16, 256)))
+    with pytest.raises(RuntimeError, match="q4_0, q4_1, q8_0 or int8_group"):
+        ext.r16_repack(blocks, "q6_k", 256)
+    with pytest.raises(RuntimeError, match="scales fp32"):
+        ext.r16_repack(torch.zeros(16, 64, dtype=torch.int8), "int8_group", 64)
+    packed = ext.r16_repack(torch.from_numpy(random_blocks(np.random.default_rng(0), "Q4_0", (16, 64))), "q4_0", 64)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ext.r16_linear(torch.zeros(1, 96), packed, "q4_0", 16)

@@ -63,8 +63,9 @@ def test_packed_layer_matches_linear_on_the_unpacked_weight(scheme, shape):
     for x in (torch.randn(1, 1, K), torch.randn(2, 7, K)):  # one decode token; a prefill
         y = layer(x)
         assert y.shape == (*x.shape[:-1], N) and y.dtype == torch.float32
-        # the CPU int kernels run bf16 activations: ~0.3-0.6% here; a layout bug gives ~100%
-        tolerance = 1e-2 if layer.kernel in ("int8pack", "cpu") else 1e-5
+        # the CPU int kernels run bf16 activations: ~0.3-0.6% here; the r16 kernel (grouped
+        # int8 once the extension is loaded) x as 15-bit integers: ~3e-5; a layout bug gives ~100%
+        tolerance = 1e-2 if layer.kernel in ("int8pack", "cpu") else 2e-4 if getattr(layer, "r16", None) is not None else 1e-5
         assert rel_err(y, F.linear(x, w)) < tolerance
 
 

@@ -477,6 +477,8 @@ inline void in_row_chunks(int64_t M, F f) {
   for (; m < M; ++m) f(std::integral_constant<int, 1>{}, m);
 }
 
+#include "r16_gemm.h"  // Q4_0, Q4_1, Q8_0, grouped int8 in 16-row groups, integer dot products
+
 // y[m, 0:n_out] = W x[m] for M rows (x: M x K, y: M x n_out). packed: uint8 (N_pad, K/2) in
 // `layout`; sz: bf16 (K/gs, N_pad, 2) as 32-bit words. Work goes to threads in 32-row halves of
 // blocks, so 576 rows split 288/288, not 320/256. Each block is read from memory once and run for
@@ -608,7 +610,7 @@ bool int4_gemv_fits(const at::Tensor& packed, const at::Tensor& sz, int64_t grou
 }
 
 // The kernels a linear layer runs here, from the `kind` of its quant.linear.PreparedWeights record.
-enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, FP16 = 3, GGUF = 4, INT8_GROUP = 5, ROWS = 6 };
+enum Kind : int64_t { DENSE = 0, INT4 = 1, INT8 = 2, FP16 = 3, GGUF = 4, ROWS = 5, R16 = 6 };
 
 struct Linear {
   int64_t kind;
@@ -618,15 +620,20 @@ struct Linear {
   int64_t k_in;
   at::Tensor x_in;  // (1, K) input buffer in the kernel's activation dtype
   bool own_int4 = false;  // INT4 read by int4_gemv
-  GgufType gguf = GGUF_NONE;  // GGUF (and INT8_GROUP): the block type of `a`'s rows
+  GgufType gguf = GGUF_NONE;  // GGUF: the block type of `a`'s rows
+  int r16 = -1;               // R16: the R16Type of `a`'s bytes
   std::vector<Linear> parts;  // ROWS: layers whose outputs follow one another (q, k, v in two types)
   std::vector<float> part_out;  // ROWS: one part's outputs for M rows
 
   // y[m, 0:n_out] = W x[m] for M rows (x: M x k_in, y: M x n_out), fp32. Our kernels (int4, GGUF
-  // blocks, grouped int8) read the weight once for all rows; torch's kernels run a row at a time,
+  // blocks, r16) read the weight once for all rows; torch's kernels run a row at a time,
   // since their blocking (and so their sums' order) may change with the number of rows: a row's
   // values never depend on M.
   void apply(const float* x, float* y, int64_t M = 1) {
+    if (kind == R16) {
+      r16_gemm(r16, a.data_ptr<uint8_t>(), n_out, k_in, x, M, y);
+      return;
+    }
     if (kind == GGUF) {
       block_gemv(gguf, static_cast<const uint8_t*>(a.data_ptr()), b.defined() ? b.data_ptr<float>() : nullptr, x, M,
                  n_out, k_in, y);
@@ -695,10 +702,10 @@ Linear make_linear(const py::object& w) {
     kind = FP16;
   } else if (name == "gguf") {
     kind = GGUF;
-  } else if (name == "int8_group") {
-    kind = INT8_GROUP;
   } else if (name == "rows") {
     kind = ROWS;
+  } else if (name == "r16") {
+    kind = R16;
   } else {
     TORCH_CHECK(false, "no kernel for prepared weights of kind '", name, "'");
   }
@@ -713,13 +720,11 @@ Linear make_linear(const py::object& w) {
                     l.a.size(1) == block_row_bytes(l.gguf, l.k_in), "GGUF blocks do not fit the layer's shape");
     return l;
   }
-  if (kind == INT8_GROUP) {  // run as GGUF blocks of 32 int8 codes with their scales apart
-    TORCH_CHECK(l.a.scalar_type() == at::kChar && l.a.is_contiguous() && l.b.scalar_type() == at::kFloat &&
-                    l.b.is_contiguous() && l.group == 32 && l.b.numel() * 32 == l.a.numel() &&
-                    l.a.size(0) == l.n_out && l.a.size(1) == l.k_in,
-                "grouped int8 takes contiguous (N, K) int8 codes and (N, K / 32) fp32 scales");
-    l.kind = GGUF;
-    l.gguf = INT8_GROUP32;
+  if (kind == R16) {
+    l.r16 = r16_type(w.attr("scheme").cast<std::string>());
+    TORCH_CHECK(l.r16 >= 0, "no r16 layout for ", w.attr("scheme").cast<std::string>());
+    TORCH_CHECK(l.a.scalar_type() == at::kByte && l.a.is_contiguous() && l.k_in % 32 == 0 &&
+                    l.a.numel() == r16_bytes(l.r16, l.n_out, l.k_in), "r16 bytes do not fit the layer's shape");
     return l;
   }
   if (kind == ROWS) {
@@ -1238,6 +1243,44 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales_and_ze
   return y;
 }
 
+// A source's rows in the r16 layout of r16_gemm.h, uint8 (r16_bytes,): GGUF q4_0 / q4_1 / q8_0
+// blocks (N, row bytes of K), or scheme "int8_group": codes int8 (N, K) and `scales` fp32
+// (N, K / 32). The same values, 16 rows interleaved.
+at::Tensor r16_repack(at::Tensor src, const std::string& scheme, int64_t K, c10::optional<at::Tensor> scales) {
+  const int type = r16_type(scheme);
+  TORCH_CHECK(type >= 0, "the r16 layout holds q4_0, q4_1, q8_0 or int8_group weights, not ", scheme);
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && K % 32 == 0, "weights must be contiguous (N, ...)");
+  const int64_t N = src.size(0);
+  const float* sc = nullptr;
+  if (type == R16_I8G) {
+    TORCH_CHECK(src.scalar_type() == at::kChar && src.size(1) == K && scales.has_value() &&
+                    scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == N * (K / 32),
+                "int8_group takes codes int8 (N, K) and scales fp32 (N, K / 32)");
+    sc = scales->data_ptr<float>();
+  } else {
+    TORCH_CHECK(src.scalar_type() == at::kByte && src.size(1) == block_row_bytes(gguf_type(scheme), K),
+                "blocks must be contiguous uint8 (N, row bytes of K)");
+  }
+  auto out = at::empty({r16_bytes(type, N, K)}, at::kByte);
+  repack_r16(type, static_cast<const uint8_t*>(src.data_ptr()), sc, N, K, out.data_ptr<uint8_t>());
+  return out;
+}
+
+// y (M, N) = x (M, K) @ W^T for W in the r16 layout (r16_repack), x rounded to int8 per 32
+// values (r16_gemm.h); `portable` forces the plain C++ kernel (tests).
+at::Tensor r16_linear(at::Tensor x, at::Tensor packed, const std::string& scheme, int64_t N, bool portable) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
+  const int type = r16_type(scheme);
+  TORCH_CHECK(type >= 0, "the r16 layout holds q4_0, q4_1, q8_0 or int8_group weights, not ", scheme);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 32 == 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == r16_bytes(type, N, K), "r16 bytes do not fit (N, K)");
+  x = x.contiguous();
+  auto y = at::empty({M, N}, x.options());
+  r16_gemm(type, packed.data_ptr<uint8_t>(), N, K, x.data_ptr<float>(), M, y.data_ptr<float>(), portable);
+  return y;
+}
+
 // (block rows, split halves) of torch's int4 CPU packing as detected; block 0 if unknown
 std::tuple<int64_t, bool> int4_packing() { return {int4_layout().block, int4_layout().split}; }
 
@@ -1275,6 +1318,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales_and_zeros"), py::arg("group"),
         py::arg("n_out"), py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("r16_repack", &r16_repack, py::arg("src"), py::arg("scheme"), py::arg("k"), py::arg("scales") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("r16_linear", &r16_linear, py::arg("x"), py::arg("packed"), py::arg("scheme"), py::arg("n_out"),
+        py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_packing", &int4_packing);
   m.def("isa", &isa);
   m.def("set_int4_kernel", &set_int4_kernel);

@@ -1,0 +1,420 @@
+// Blocks of 32 weights (Q4_0, Q4_1, Q8_0, grouped int8) times activations as integers, on a
+// layout whose vector lanes are 16 weight rows, for decode (a few rows of x) and prefill (many).
+//
+// Included by decode_cpu.cpp inside its anonymous namespace, after gguf_gemv.h.
+//
+// Why: gguf_gemv.h multiplies fp32 x into each decoded code, one FMA per weight and row of x,
+// and reduces each weight row across its vector lanes. Here each 32 values of x become 15-bit
+// integers v = round(x * 16319 / max|x|), split as v = 128 h + l into two int8 halves, and a
+// weight's code meets each half in an integer dot product: AVX-512 VNNI's vpdpbusd does 64
+// multiply-adds an instruction, AVX2's vpmaddubsw 32 (4-bit codes summed in int16, exact:
+// |15 * 128 * 2 * 8| < 2^15; 8-bit codes as |w| times x with w's sign, widened at once). Two dot
+// products a weight instead of llama.cpp's one (it rounds x to 8 bits, Q8_0): x keeps 1/16319 of
+// its block's largest value where 8 bits keep 1/127, so the logits stay within ~0.1 of exact
+// fp32 arithmetic (llama.cpp's way moved them by up to 3 on SmolLM2: see docs/BENCHMARKS.md).
+// The integer sums are exact, so a block's dot product does not depend on the instruction set;
+// its fp32 scaling does only by rounding.
+//
+// Layout ("r16", made once at load by repack_r16 from a GGUF file's rows or grouped int8's codes
+// and scales): N padded to 16; per group of 16 rows, the K / 32 blocks one after another, each
+//   codes  4-bit: 256 bytes, 4 runs of 64, run L holding for row r (bytes 4r .. 4r + 3) the codes
+//          of k = 8L + j in the low nibbles and k = 8L + 4 + j in the high ones (j = 0..3), so
+//          that a nibble mask gives 16 rows x 4 consecutive k, what one vpdpbusd lane sums;
+//          8-bit: 512 bytes, 8 runs of 64, run L holding row r's codes of k = 4L .. 4L + 3 plus
+//          128 (unsigned, as vpdpbusd takes them);
+//   d      16 scales: fp16 (the file's own), fp32 for grouped int8;
+//   m      16 fp16 mins (Q4_1 only; the file's own).
+// The same bytes as the source's (18 a row and block for Q4_0, 20 for Q4_1, 34 for Q8_0, 36 for
+// grouped int8), rows interleaved. A value is d (q - 8) (Q4_0), d q + m (Q4_1) or d q (8-bit),
+// gguf's arithmetic.
+
+// ---------------------------------------------------------------- x as 15-bit integers
+// M rows of K values in blocks of 32: v = 128 h + l, h (M, K) in [-127, 127], l (M, K) in
+// [-64, 63]; d (M, K / 32) the block's step (x = v d), s its sum of v (for the codes' offsets)
+// and xs its exact fp32 sum of x (for Q4_1's mins).
+struct XInt15 {
+  std::vector<int8_t> h, l;
+  std::vector<float> d, xs;
+  std::vector<int32_t> s;
+  int64_t K = 0;
+};
+
+constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays within [-127, 127]
+
+inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const float* xb = x + 32 * g;
+    float amax = 0.f, sum = 0.f;
+    for (int i = 0; i < 32; ++i) {
+      amax = std::max(amax, std::fabs(xb[i]));
+      sum += xb[i];
+    }
+    const float inv = amax > 0.f ? X15_MAX / amax : 0.f;
+    int32_t vs = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // |v| <= 16319
+      const int hi = (v + 64) >> 7;                                   // floor: l = v - 128 hi in [-64, 63]
+      h[32 * g + i] = static_cast<int8_t>(hi);
+      l[32 * g + i] = static_cast<int8_t>(v - 128 * hi);
+      vs += v;
+    }
+    d[g] = amax / X15_MAX;
+    s[g] = vs;
+    xs[g] = sum;
+  }
+}
+
+inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out) {
+  const int64_t G = K / 32;
+  out.K = K;
+  out.h.resize(M * K);
+  out.l.resize(M * K);
+  out.d.resize(M * G);
+  out.s.resize(M * G);
+  out.xs.resize(M * G);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_x15_row(x + m * K, K, out.h.data() + m * K, out.l.data() + m * K, out.d.data() + m * G,
+                       out.s.data() + m * G, out.xs.data() + m * G);
+  });
+}
+
+// ---------------------------------------------------------------- the layout
+enum R16Type : int { R16_Q4_0 = 0, R16_Q4_1, R16_Q8_0, R16_I8G };
+
+template <int T>
+struct R16Format {
+  static constexpr bool FOUR = T == R16_Q4_0 || T == R16_Q4_1;  // else 8-bit codes
+  static constexpr bool MIN = T == R16_Q4_1;
+  static constexpr bool F32_SCALE = T == R16_I8G;
+  static constexpr int64_t CODES = FOUR ? 256 : 512, SCALES = CODES, MINS = SCALES + (F32_SCALE ? 64 : 32);
+  static constexpr int64_t BYTES = MINS + (MIN ? 32 : 0);
+  // what the integer sum of a block adds per unit of x's sum of q: Q4_0's codes are q + 8, the
+  // 8-bit ones w + 128
+  static constexpr int32_t OFFSET = T == R16_Q4_0 ? 8 : FOUR ? 0 : 128;
+};
+
+inline int64_t r16_block_bytes(int type) {
+  const int64_t bytes[] = {R16Format<0>::BYTES, R16Format<1>::BYTES, R16Format<2>::BYTES, R16Format<3>::BYTES};
+  return bytes[type];
+}
+
+inline int64_t r16_bytes(int type, int64_t N, int64_t K) { return (N + 15) / 16 * (K / 32) * r16_block_bytes(type); }
+
+// src: N rows of the source's blocks: GGUF Q4_0 / Q4_1 / Q8_0 rows, or grouped int8's (N, K)
+// codes with `scales` (N, K / 32) fp32. out: r16_bytes(T, N, K); padding rows are zeros (scale
+// 0: their outputs are 0, whatever their codes).
+template <int T>
+void repack_r16_as(const uint8_t* src, const float* scales, int64_t N, int64_t K, uint8_t* out) {
+  using F = R16Format<T>;
+  const int64_t G = K / 32;
+  const int64_t src_bytes = T == R16_Q4_0 ? 18 : T == R16_Q4_1 ? 20 : T == R16_Q8_0 ? 34 : 32;
+  const int64_t hdr = T == R16_Q4_0 ? 2 : T == R16_Q4_1 ? 4 : T == R16_Q8_0 ? 2 : 0;
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t g = 0; g < G; ++g) {
+        uint8_t* o = out + (t * G + g) * F::BYTES;
+        std::memset(o, 0, F::BYTES);
+        for (int r = 0; r < 16; ++r) {
+          const int64_t n = 16 * t + r;
+          if (n >= N) break;
+          const uint8_t* b = src + (n * G + g) * src_bytes;
+          const uint8_t* qs = b + hdr;
+          if (F::FOUR) {
+            auto code = [&](int k) { return k < 16 ? qs[k] & 15 : qs[k - 16] >> 4; };
+            for (int L = 0; L < 4; ++L) {
+              for (int j = 0; j < 4; ++j)
+                o[64 * L + 4 * r + j] = static_cast<uint8_t>(code(8 * L + j) | (code(8 * L + 4 + j) << 4));
+            }
+          } else {
+            for (int L = 0; L < 8; ++L) {
+              for (int j = 0; j < 4; ++j) o[64 * L + 4 * r + j] = static_cast<uint8_t>(qs[4 * L + j] ^ 0x80);
+            }
+          }
+          if (F::F32_SCALE) {
+            std::memcpy(o + F::SCALES + 4 * r, scales + n * G + g, 4);
+          } else {
+            std::memcpy(o + F::SCALES + 2 * r, b, 2);  // d
+          }
+          if (F::MIN) std::memcpy(o + F::MINS + 2 * r, b + 2, 2);  // m
+        }
+      }
+    }
+  });
+}
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int T>
+inline float r16_scale(const uint8_t* b, int n) {
+  using F = R16Format<T>;
+  if (F::F32_SCALE) {
+    float d;
+    std::memcpy(&d, b + F::SCALES + 4 * n, 4);
+    return d;
+  }
+  return gguf_f16(b + F::SCALES + 2 * n);
+}
+
+// ---------------------------------------------------------------- one group of 16 rows
+// out[r][0..15] = the group's 16 rows times activation rows m0 .. m0 + R - 1 of x.
+// Per block and row of x: the integer dot product of each weight row's 32 codes with x's 32
+// int8 values (the codes' offset taken off through x's sum of q), then acc += isum * (d * dx),
+// and for Q4_1 acc += m * sum(x). The same operations in the same order for every row of x,
+// whatever R: a row's values never depend on the rows beside it (batch invariance).
+template <int T, int R>
+inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
+  using F = R16Format<T>;
+  const int64_t K = x.K;
+  float acc[R][16] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* b = grp + g * F::BYTES;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xh = x.h.data() + (m0 + r) * K + 32 * g;
+      const int8_t* xl = x.l.data() + (m0 + r) * K + 32 * g;
+      const int64_t gi = (m0 + r) * G + g;
+      const float dx = x.d[gi];
+      for (int n = 0; n < 16; ++n) {
+        int32_t sh = 0, sl = 0;
+        if (F::FOUR) {
+          for (int L = 0; L < 4; ++L) {
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t byte = b[64 * L + 4 * n + j];
+              const int lo = byte & 15, hi = byte >> 4, k0 = 8 * L + j, k1 = 8 * L + 4 + j;
+              sh += lo * xh[k0] + hi * xh[k1];
+              sl += lo * xl[k0] + hi * xl[k1];
+            }
+          }
+        } else {
+          for (int L = 0; L < 8; ++L) {
+            for (int j = 0; j < 4; ++j) {
+              const int c = b[64 * L + 4 * n + j];
+              sh += c * xh[4 * L + j];
+              sl += c * xl[4 * L + j];
+            }
+          }
+        }
+        const int32_t isum = 128 * sh + sl - F::OFFSET * x.s[gi];
+        acc[r][n] += static_cast<float>(isum) * (r16_scale<T>(b, n) * dx);
+        if (F::MIN) acc[r][n] += gguf_f16(b + F::MINS + 2 * n) * x.xs[gi];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) std::copy_n(acc[r], 16, out[r]);
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// 16 rows as two halves of 8 (bytes 32h .. 32h + 31 of each run), one after the other so that a
+// half's sums fit AVX2's 16 registers; the second reads the group's blocks again from cache.
+// 4-bit: vpmaddubsw's int16 pair sums are added in int16 over a block (8 of them: at most
+// 30720), then widened once. 8-bit: |w| times x with w's sign (vpsignb; x's halves are never
+// -128), each widened at once (a pair reaches 32512).
+template <int T, int R>
+inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
+  using F = R16Format<T>;
+  const int64_t K = x.K;
+  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* b = grp + g * F::BYTES;
+      __m256i sh[R], sl[R];  // int32 sums of the codes times h and times l
+      if (F::FOUR) {
+        __m256i h16[R], l16[R];
+        for (int r = 0; r < R; ++r) h16[r] = l16[r] = _mm256_setzero_si256();
+        for (int L = 0; L < 4; ++L) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * L + 32 * half));
+          const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+          for (int r = 0; r < R; ++r) {
+            const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
+            const int8_t *xh = x.h.data() + at, *xl = x.l.data() + at;
+            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xh))));
+            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xh + 4))));
+            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xl))));
+            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xl + 4))));
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          sh[r] = _mm256_madd_epi16(h16[r], ones);
+          sl[r] = _mm256_madd_epi16(l16[r], ones);
+        }
+      } else {
+        for (int r = 0; r < R; ++r) sh[r] = sl[r] = _mm256_setzero_si256();
+        for (int L = 0; L < 8; ++L) {
+          const __m256i w = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * L + 32 * half)), flip);  // signed codes
+          const __m256i aw = _mm256_abs_epi8(w);
+          for (int r = 0; r < R; ++r) {
+            const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
+            const __m256i ph = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x.h.data() + at)), w));
+            const __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x.l.data() + at)), w));
+            sh[r] = _mm256_add_epi32(sh[r], _mm256_madd_epi16(ph, ones));
+            sl[r] = _mm256_add_epi32(sl[r], _mm256_madd_epi16(pl, ones));
+          }
+        }
+      }
+      __m256 d;
+      if (F::F32_SCALE) {
+        d = _mm256_loadu_ps(reinterpret_cast<const float*>(b + F::SCALES) + 8 * half);
+      } else {
+        d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::SCALES + 16 * half)));
+      }
+      __m256 m = _mm256_setzero_ps();
+      if (F::MIN) m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::MINS + 16 * half)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t gi = (m0 + r) * G + g;
+        // 8-bit codes here are signed already: no offset
+        const int32_t offset = F::FOUR ? -F::OFFSET * x.s[gi] : 0;
+        const __m256i isum = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(sh[r], 7), sl[r]),
+                                              _mm256_set1_epi32(offset));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])), acc[r]);
+        if (F::MIN) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xs[gi]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * half, acc[r]);
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// u8 codes (16 rows x 4 k a lane) times 4 int8 values of x broadcast, summed into int32 lanes.
+// Without VNNI only for 4-bit codes (vpmaddubsw's int16 pairs hold 15 * 128 * 2).
+inline __m512i dot_u8_i8(__m512i acc, __m512i codes, int32_t x4) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x4));
+#else
+  const __m512i pairs = _mm512_maddubs_epi16(codes, _mm512_set1_epi32(x4));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+#endif
+}
+
+template <int T, int R>
+inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
+  using F = R16Format<T>;
+  const int64_t K = x.K;
+  const __m512i mask = _mm512_set1_epi8(15);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* b = grp + g * F::BYTES;
+    if (g + 2 < G) _mm_prefetch(reinterpret_cast<const char*>(b + 2 * F::BYTES), _MM_HINT_T0);
+    __m512i sh[R], sl[R];  // the codes times h and times l: two chains a row
+    for (int r = 0; r < R; ++r) sh[r] = sl[r] = _mm512_setzero_si512();
+    if (F::FOUR) {
+      for (int L = 0; L < 4; ++L) {
+        const __m512i v = _mm512_loadu_si512(b + 64 * L);
+        const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
+          const int8_t *xh = x.h.data() + at, *xl = x.l.data() + at;
+          sh[r] = dot_u8_i8(dot_u8_i8(sh[r], lo, load_i32(xh)), hi, load_i32(xh + 4));
+          sl[r] = dot_u8_i8(dot_u8_i8(sl[r], lo, load_i32(xl)), hi, load_i32(xl + 4));
+        }
+      }
+    } else {
+      for (int L = 0; L < 8; ++L) {
+        const __m512i v = _mm512_loadu_si512(b + 64 * L);
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
+          sh[r] = dot_u8_i8(sh[r], v, load_i32(x.h.data() + at));
+          sl[r] = dot_u8_i8(sl[r], v, load_i32(x.l.data() + at));
+        }
+      }
+    }
+    __m512 d;
+    if (F::F32_SCALE) {
+      d = _mm512_loadu_ps(b + F::SCALES);
+    } else {
+      d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::SCALES)));
+    }
+    __m512 m = _mm512_setzero_ps();
+    if (F::MIN) m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::MINS)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t gi = (m0 + r) * G + g;
+      const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(sh[r], 7), sl[r]),
+                                            _mm512_set1_epi32(-F::OFFSET * x.s[gi]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(x.d[gi])), acc[r]);
+      if (F::MIN) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.xs[gi]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], acc[r]);
+}
+#endif
+
+template <int T, int R>
+inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16], bool portable) {
+  if (!portable) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    return r16_group_avx512<T, R>(grp, G, x, m0, out);
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+    if (R16Format<T>::FOUR) return r16_group_avx512<T, R>(grp, G, x, m0, out);
+    return r16_group_avx2<T, R>(grp, G, x, m0, out);
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    // 4 rows' sums would spill AVX2's 16 registers: two rows at a time, the block from cache
+    if (R == 4) {
+      r16_group_avx2<T, 2>(grp, G, x, m0, out);
+      return r16_group_avx2<T, 2>(grp, G, x, m0 + 2, out + 2);
+    }
+    return r16_group_avx2<T, R>(grp, G, x, m0, out);
+#endif
+  }
+  r16_group_portable<T, R>(grp, G, x, m0, out);
+}
+
+// ---------------------------------------------------------------- the GEMM
+// y (M, N) = x (M, K) W^T for W in the r16 layout (packed: its bytes; N its true rows). Threads
+// take groups of 16 rows; each group's blocks (K / 32 * 288 to 576 bytes) stay in cache while
+// every row of x, 4 at a time, goes through them: one pass over the weights for any M.
+template <int T>
+void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t M, float* y, bool portable) {
+  const int64_t G = K / 32, groups = (N + 15) / 16, bb = R16Format<T>::BYTES;
+  XInt15 xi;
+  quantize_x15(x, M, K, xi);
+  // below ~16 KiB of weights a thread, waking the other costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, (16 << 10) / (G * bb * std::max<int64_t>(1, M)));
+  at::parallel_for(0, groups, grain, [&](int64_t t0, int64_t t1) {
+    float out[4][16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* grp = packed + t * G * bb;
+      const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
+      in_row_chunks(M, [&](auto rows, int64_t m) {
+        constexpr int R = decltype(rows)::value;
+        r16_group<T, R>(grp, G, xi, m, out, portable);
+        for (int r = 0; r < R; ++r) std::copy_n(out[r], nn, y + (m + r) * N + n0);
+      });
+    }
+  });
+}
+
+inline void r16_gemm(int type, const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t M, float* y,
+                     bool portable = false) {
+  switch (type) {
+    case R16_Q4_0: return r16_gemm_as<R16_Q4_0>(packed, N, K, x, M, y, portable);
+    case R16_Q4_1: return r16_gemm_as<R16_Q4_1>(packed, N, K, x, M, y, portable);
+    case R16_Q8_0: return r16_gemm_as<R16_Q8_0>(packed, N, K, x, M, y, portable);
+    default: return r16_gemm_as<R16_I8G>(packed, N, K, x, M, y, portable);
+  }
+}
+
+inline void repack_r16(int type, const uint8_t* src, const float* scales, int64_t N, int64_t K, uint8_t* out) {
+  switch (type) {
+    case R16_Q4_0: return repack_r16_as<R16_Q4_0>(src, scales, N, K, out);
+    case R16_Q4_1: return repack_r16_as<R16_Q4_1>(src, scales, N, K, out);
+    case R16_Q8_0: return repack_r16_as<R16_Q8_0>(src, scales, N, K, out);
+    default: return repack_r16_as<R16_I8G>(src, scales, N, K, out);
+  }
+}
+
+// The r16 type of a scheme name ("q4_0", "q4_1", "q8_0", "int8_group"), -1 for others.
+inline int r16_type(const std::string& scheme) {
+  const char* names[] = {"q4_0", "q4_1", "q8_0", "int8_group"};
+  for (int i = 0; i < 4; ++i) {
+    if (scheme == names[i]) return i;
+  }
+  return -1;
+}
