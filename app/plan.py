@@ -314,8 +314,10 @@ def _slow_float(c: Candidate, device: Device) -> bool:
 
 
 def _rank(c: Candidate, device: Device) -> tuple:
-    """How the policy orders the variants of one model: packed before slow floats, then most bits."""
-    return (_slow_float(c, device), -c.bits)
+    """How the policy orders the variants of one model: packed before slow floats, then most bits,
+    then on a CPU fewer bytes (a Q4_0 or Q4_1 source before the int4 that re-packs its values
+    exactly: it reads 74% of the bytes a token, and its r16 kernel is as fast per byte)."""
+    return (_slow_float(c, device), -c.bits, c.weight_bytes if device.kind == "cpu" else 0)
 
 
 def _choose(pool, device: Device, ctx: int | None, kv_asked: str | None, n_models: int) -> Plan | str:

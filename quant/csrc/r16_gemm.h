@@ -373,7 +373,11 @@ inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0
 template <int T>
 void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t M, float* y, bool portable) {
   const int64_t G = K / 32, groups = (N + 15) / 16, bb = R16Format<T>::BYTES;
-  XInt15 xi;
+  // kept between calls, so a decode step's small layers pay no allocation; named through a local
+  // reference, which the threads' lambda captures (a thread_local it named itself would be each
+  // worker's own, empty one)
+  static thread_local XInt15 buffer;
+  XInt15& xi = buffer;
   quantize_x15(x, M, K, xi);
   // below ~16 KiB of weights a thread, waking the other costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (G * bb * std::max<int64_t>(1, M)));
