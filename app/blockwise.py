@@ -37,12 +37,13 @@ LOGIT_ROWS = 128  # positions whose logits are made at once: (128, V) fp32, 25 M
 class BlockByBlock:
     """An installed variant built a part at a time: the token lookup, block i, the head.
 
-    `unpacked`: a packed variant's layers run their unpacked fp32 weights, as load_unpacked's."""
+    `unpacked`: a packed variant's layers run their unpacked fp32 weights, as load_unpacked's.
+    `precise`: packed layers (a GGUF source's blocks) in fp32 arithmetic, the reference's."""
 
-    def __init__(self, entry: store.ModelEntry, unpacked: bool = False):
+    def __init__(self, entry: store.ModelEntry, unpacked: bool = False, precise: bool = False):
         self.args = ModelArgs.from_dict(entry.manifest["args"])
         self.layout = (entry.manifest.get("quant") or {}).get("layout") or None
-        self.unpacked = unpacked
+        self.unpacked, self.precise = unpacked, precise
         self.dtype = activation_dtype("cpu")
         self.files: dict[str, Path] = {}
         for fname in entry.manifest["weights"]:
@@ -100,7 +101,7 @@ class BlockByBlock:
         if self.unpacked:  # run_unpacked swaps children: hold the part as one so it can be swapped too
             holder = nn.ModuleDict({"part": module})
             return run_unpacked(holder)["part"].eval()
-        return prepare_loaded(module, bool(self.layout), "cpu", self.dtype)
+        return prepare_loaded(module, bool(self.layout), "cpu", self.dtype, self.precise)
 
     def _mapped(self, name: str, use: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`use` of a float tensor read in place from its file (only the pages it touches)."""
@@ -126,7 +127,7 @@ def compare_blockwise(source: store.ModelEntry, packed: store.ModelEntry, ids: l
     """[the variant as it runs, and with `weights_only` its weights alone] against the source, on
     `ids` in windows of `window` tokens: quant.quality.compare_all's figures, with one block in
     memory at a time."""
-    runs = [BlockByBlock(source), BlockByBlock(packed)] + ([BlockByBlock(packed, unpacked=True)] if weights_only else [])
+    runs = [BlockByBlock(source, precise=True), BlockByBlock(packed)] + ([BlockByBlock(packed, unpacked=True)] if weights_only else [])
     args = runs[0].args
     chunks = list(windows(ids, window))
     groups = [torch.cat([c for c in chunks if c.shape[1] == T]) for T in sorted({c.shape[1] for c in chunks})]  # (B, T)

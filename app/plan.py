@@ -500,7 +500,7 @@ def stored_weight_bytes(entry, device: Device) -> int:
     args = ModelArgs.from_dict(entry.manifest["args"])
     act = activation_bytes(device)
     layout = (entry.manifest.get("quant") or {}).get("layout", {})  # packed modules run as stored
-    total = 0
+    total = table_bytes = 0
     for fname in entry.manifest["weights"]:
         try:
             f = safe_open(str(entry.path / fname), framework="numpy")  # headers only: no torch import
@@ -526,6 +526,11 @@ def stored_weight_bytes(entry, device: Device) -> int:
                     total += n * 4  # grouped int8's kernel holds its scales in fp32 (Int8Linear.prepare)
                 else:
                     total += n * _DTYPE_BYTES.get(dtype, 4)
+                if key.startswith("tok_embeddings."):
+                    table_bytes += n * _DTYPE_BYTES.get(dtype, 4)
+    table = layout.get("tok_embeddings") or {}
+    if device.kind == "cpu" and args.tie_embeddings and table.get("scheme") in R16_SCHEMES:
+        total += table_bytes  # the head's r16 copy of the tied table, beside the table it looks up
     return total
 
 
@@ -556,6 +561,8 @@ def installed_candidates(device: Device, damaged: dict[str, UserError] | None = 
 
 # quant.linear.NATIVE_GGUF_SCHEMES, here without importing torch (test_plan checks they agree)
 NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
+# quant.linear.R16_SCHEMES: the types the CPU repacks into a copy at load (r16)
+R16_SCHEMES = ("q4_0", "q4_1", "q8_0")
 
 
 def native_gguf_blocks(manifest: dict) -> bool:

@@ -52,10 +52,11 @@ def test_keep_float_writes_the_exact_values_of_a_quantized_gguf(tmp_path, home, 
     got = dict(source_tensors(copy))
     assert want.keys() == got.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
-    # eval reads either; the same values give the same perplexity
+    # eval reads either; the same values give the same perplexity, up to the source's r16 kernel
+    # taking x as 15-bit integers (~1e-5 here; a wrong value moves it by far more)
     _, n, ppl_source = eval_model("q40:source", None, 64, 32)
     _, _, ppl_copy = eval_model("q40:float", None, 64, 32)
-    assert n == 64 and ppl_source == pytest.approx(ppl_copy, rel=1e-5)
+    assert n == 64 and ppl_source == pytest.approx(ppl_copy, rel=1e-4)
 
 
 def test_the_tokenizer_check_is_a_user_error(tmp_path, home, capsys):

@@ -318,10 +318,11 @@ def test_on_a_cpu_a_gguf_source_of_native_blocks_is_chosen_as_downloaded():
 
 
 def test_native_gguf_blocks_are_those_the_step_runs():
-    from app.plan import NATIVE_GGUF_SCHEMES, native_gguf_blocks
+    from app.plan import NATIVE_GGUF_SCHEMES, R16_SCHEMES, native_gguf_blocks
     from quant import linear
 
     assert NATIVE_GGUF_SCHEMES == linear.NATIVE_GGUF_SCHEMES
+    assert R16_SCHEMES == linear.R16_SCHEMES
     q4_k_m = {"layers.0.attention.wq": {"scheme": "q4_k"}, "layers.0.attention.wv": {"scheme": "q6_k"},
               "output": {"scheme": "q6_k"}, "tok_embeddings": {"scheme": "q3_k"}}  # a table is only looked up
     assert native_gguf_blocks({"quant": {"scheme": "gguf", "exact": True, "layout": q4_k_m}})

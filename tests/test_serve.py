@@ -464,9 +464,10 @@ def test_another_installed_model_is_swapped_in(swapping):
     c = ollama.Client(host=base)
     options = {"temperature": 0, "num_predict": 4}
     first = served.ref
-    r = c.chat(model=f"{MODEL}:source", messages=HELLO, options=options)
-    assert r.model == f"{MODEL}:source" and r.message.content
-    assert [m.model for m in c.ps().models] == [f"{MODEL}:source"] and "loaded smollm2-135m-instruct:source" in lines
+    other = f"{MODEL}:int4" if first != f"{MODEL}:int4" else f"{MODEL}:source"
+    r = c.chat(model=other, messages=HELLO, options=options)
+    assert r.model == other and r.message.content
+    assert [m.model for m in c.ps().models] == [other] and f"loaded {other}" in lines
     back = c.chat(model=first, messages=HELLO, options=options)
     assert back.model == first and [m.model for m in c.ps().models] == [first]
 

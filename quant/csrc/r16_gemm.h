@@ -143,11 +143,18 @@ void repack_r16_as(const uint8_t* src, const float* scales, int64_t N, int64_t K
   });
 }
 
-inline int32_t load_i32(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
+// 4 int8 values of x in every 32-bit lane, straight from memory (vbroadcastss m32: a load, not a
+// shuffle on the one port that runs them)
+#if defined(__AVX2__)
+inline __m256i bcast4_256(const int8_t* p) {
+  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
 }
+#endif
+#if defined(__AVX512F__)
+inline __m512i bcast4_512(const int8_t* p) {
+  return _mm512_castps_si512(_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(p))));
+}
+#endif
 
 template <int T>
 inline float r16_scale(const uint8_t* b, int n) {
@@ -209,7 +216,8 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // 16 rows as two halves of 8 (bytes 32h .. 32h + 31 of each run), one after the other so that a
-// half's sums fit AVX2's 16 registers; the second reads the group's blocks again from cache.
+// half's integer sums for 4 rows of x fit AVX2's 16 registers (the fp32 ones stay in `out`); the
+// second half reads the group's blocks again from cache.
 // 4-bit: vpmaddubsw's int16 pair sums are added in int16 over a block (8 of them: at most
 // 30720), then widened once. 8-bit: |w| times x with w's sign (vpsignb; x's halves are never
 // -128), each widened at once (a pair reaches 32512).
@@ -218,9 +226,8 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
   using F = R16Format<T>;
   const int64_t K = x.K;
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
+  for (int r = 0; r < R; ++r) std::fill_n(out[r], 16, 0.f);
   for (int half = 0; half < 2; ++half) {
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       const uint8_t* b = grp + g * F::BYTES;
       __m256i sh[R], sl[R];  // int32 sums of the codes times h and times l
@@ -233,10 +240,10 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           for (int r = 0; r < R; ++r) {
             const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
             const int8_t *xh = x.h.data() + at, *xl = x.l.data() + at;
-            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xh))));
-            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xh + 4))));
-            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xl))));
-            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xl + 4))));
+            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(lo, bcast4_256(xh)));
+            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(hi, bcast4_256(xh + 4)));
+            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(lo, bcast4_256(xl)));
+            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(hi, bcast4_256(xl + 4)));
           }
         }
         for (int r = 0; r < R; ++r) {
@@ -251,8 +258,8 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           const __m256i aw = _mm256_abs_epi8(w);
           for (int r = 0; r < R; ++r) {
             const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
-            const __m256i ph = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x.h.data() + at)), w));
-            const __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x.l.data() + at)), w));
+            const __m256i ph = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(x.h.data() + at), w));
+            const __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(x.l.data() + at), w));
             sh[r] = _mm256_add_epi32(sh[r], _mm256_madd_epi16(ph, ones));
             sl[r] = _mm256_add_epi32(sl[r], _mm256_madd_epi16(pl, ones));
           }
@@ -272,11 +279,14 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
         const int32_t offset = F::FOUR ? -F::OFFSET * x.s[gi] : 0;
         const __m256i isum = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(sh[r], 7), sl[r]),
                                               _mm256_set1_epi32(offset));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])), acc[r]);
-        if (F::MIN) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xs[gi]), acc[r]);
+        // the fp32 sums live in `out` (L1): registers hold the integer sums of 4 rows of x
+        float* o = out[r] + 8 * half;
+        __m256 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])),
+                                     _mm256_loadu_ps(o));
+        if (F::MIN) acc = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xs[gi]), acc);
+        _mm256_storeu_ps(o, acc);
       }
     }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * half, acc[r]);
   }
 }
 #endif
@@ -284,11 +294,11 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // u8 codes (16 rows x 4 k a lane) times 4 int8 values of x broadcast, summed into int32 lanes.
 // Without VNNI only for 4-bit codes (vpmaddubsw's int16 pairs hold 15 * 128 * 2).
-inline __m512i dot_u8_i8(__m512i acc, __m512i codes, int32_t x4) {
+inline __m512i dot_u8_i8(__m512i acc, __m512i codes, const int8_t* x4) {
 #if defined(__AVX512VNNI__)
-  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x4));
+  return _mm512_dpbusd_epi32(acc, codes, bcast4_512(x4));
 #else
-  const __m512i pairs = _mm512_maddubs_epi16(codes, _mm512_set1_epi32(x4));
+  const __m512i pairs = _mm512_maddubs_epi16(codes, bcast4_512(x4));
   return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
 #endif
 }
@@ -312,8 +322,8 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
         for (int r = 0; r < R; ++r) {
           const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
           const int8_t *xh = x.h.data() + at, *xl = x.l.data() + at;
-          sh[r] = dot_u8_i8(dot_u8_i8(sh[r], lo, load_i32(xh)), hi, load_i32(xh + 4));
-          sl[r] = dot_u8_i8(dot_u8_i8(sl[r], lo, load_i32(xl)), hi, load_i32(xl + 4));
+          sh[r] = dot_u8_i8(dot_u8_i8(sh[r], lo, xh), hi, xh + 4);
+          sl[r] = dot_u8_i8(dot_u8_i8(sl[r], lo, xl), hi, xl + 4);
         }
       }
     } else {
@@ -321,8 +331,8 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
         const __m512i v = _mm512_loadu_si512(b + 64 * L);
         for (int r = 0; r < R; ++r) {
           const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
-          sh[r] = dot_u8_i8(sh[r], v, load_i32(x.h.data() + at));
-          sl[r] = dot_u8_i8(sl[r], v, load_i32(x.l.data() + at));
+          sh[r] = dot_u8_i8(sh[r], v, x.h.data() + at);
+          sl[r] = dot_u8_i8(sl[r], v, x.l.data() + at);
         }
       }
     }
@@ -355,11 +365,6 @@ inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0
     if (R16Format<T>::FOUR) return r16_group_avx512<T, R>(grp, G, x, m0, out);
     return r16_group_avx2<T, R>(grp, G, x, m0, out);
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    // 4 rows' sums would spill AVX2's 16 registers: two rows at a time, the block from cache
-    if (R == 4) {
-      r16_group_avx2<T, 2>(grp, G, x, m0, out);
-      return r16_group_avx2<T, 2>(grp, G, x, m0 + 2, out + 2);
-    }
     return r16_group_avx2<T, R>(grp, G, x, m0, out);
 #endif
   }

@@ -1,0 +1,70 @@
+"""The r16 kernels (csrc/r16_gemm.h: 16 interleaved rows, x as 15-bit integers) against the fp32
+GGUF kernels they replace (csrc/gguf_gemv.h), one layer at a time, same process, same blocks.
+
+    python tests/bench/r16_gemm.py [--threads 1] [--types Q4_0 Q4_1 Q8_0] [--rows 1 4 64]
+    LLAMADESK_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 python tests/bench/r16_gemm.py   # the AVX2 path
+
+Shapes: the 1.2B model's w13 (16384 x 2048) and w2 (2048 x 8192), SmolLM2's head (49152 x 576).
+Each figure is the best of `--rounds` calls (robust to a shared machine's load); rows = 1 is a
+decode step, 4 a server's batch, 64 a prefill chunk. GB/s: the layer's bytes over the time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from app import pull  # noqa: E402
+from quant import extension  # noqa: E402
+from tiny_checkpoints import random_blocks  # noqa: E402
+
+SHAPES = [(16384, 2048), (2048, 8192), (49152, 576)]
+
+
+def best(fn, rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 4, 64])
+    ap.add_argument("--rounds", type=int, default=20)
+    a = ap.parse_args()
+    ext = extension.load_extension(pull.cache_dir())
+    if ext is None:
+        raise SystemExit("the kernels did not compile here")
+    torch.set_num_threads(a.threads)
+    print(f"path {ext.isa()}, {a.threads} thread(s)\n")
+    print("| type | N x K | rows | fp32 kernel us | r16 us | x | r16 GB/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    rng = np.random.default_rng(0)
+    for qtype in a.types:
+        for n, k in SHAPES:
+            blocks = torch.from_numpy(random_blocks(rng, qtype, (n, k)))
+            packed = ext.r16_repack(blocks, qtype.lower(), k)
+            for m in a.rows:
+                x = torch.randn(m, k)
+                rounds = a.rounds if m <= 4 else max(3, a.rounds // 4)
+                t_fp32 = best(lambda: ext.gguf_linear(x, blocks, qtype.lower()), rounds)
+                t_r16 = best(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
+                print(f"| {qtype} | {n} x {k} | {m} | {t_fp32 * 1e6:.0f} | {t_r16 * 1e6:.0f} | {t_fp32 / t_r16:.2f} "
+                      f"| {blocks.numel() / t_r16 / 1e9:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
