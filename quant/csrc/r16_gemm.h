@@ -143,6 +143,20 @@ void repack_r16_as(const uint8_t* src, const float* scales, int64_t N, int64_t K
   });
 }
 
+// A decode step streams every weight from DRAM once; the blocks PREFETCH_AHEAD further on (each
+// of their cache lines: a block is 5 to 9 lines) are asked for while this one is multiplied,
+// past the group's end too (a prefetch past the weights is harmless). One line a block, or
+// none, left the kernel waiting on memory: 7.5 GB/s from DRAM against 30 from cache.
+constexpr int64_t PREFETCH_AHEAD = 16;
+
+inline void prefetch_block(const uint8_t* b, int64_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(b + i);
+#else
+  (void)b, (void)bytes;
+#endif
+}
+
 // 4 int8 values of x in every 32-bit lane, straight from memory (vbroadcastss m32: a load, not a
 // shuffle on the one port that runs them)
 #if defined(__AVX2__)
@@ -230,6 +244,7 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
   for (int half = 0; half < 2; ++half) {
     for (int64_t g = 0; g < G; ++g) {
       const uint8_t* b = grp + g * F::BYTES;
+      if (half == 0) prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
       __m256i sh[R], sl[R];  // int32 sums of the codes times h and times l
       if (F::FOUR) {
         __m256i h16[R], l16[R];
@@ -312,7 +327,7 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* b = grp + g * F::BYTES;
-    if (g + 2 < G) _mm_prefetch(reinterpret_cast<const char*>(b + 2 * F::BYTES), _MM_HINT_T0);
+    prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
     __m512i sh[R], sl[R];  // the codes times h and times l: two chains a row
     for (int r = 0; r < R; ++r) sh[r] = sl[r] = _mm512_setzero_si512();
     if (F::FOUR) {
