@@ -928,6 +928,11 @@ inline void merge_attention(const float* o, const float* m, const float* l, int6
 }
 
 class Decoder {
+  // attention's scratch for one row
+  struct AttnScratch {
+    std::vector<float> scores, part_o, part_ml;
+  };
+
  public:
   Decoder(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden,
           double eps, at::Tensor rope_cos_sin)
@@ -975,23 +980,36 @@ class Decoder {
     o_.resize(B * dim_);
     h13_.resize(B * 2 * hidden_);
     act_.resize(B * hidden_);
+    if (static_cast<int64_t>(scratch_.size()) < B) scratch_.resize(B);
+    threads_ = std::max<int64_t>(1, at::get_num_threads());
     at::Tensor h = x.contiguous().clone().view({B, 1, dim_});
     float* hp = h.data_ptr<float>();
     for (auto& b : blocks_) {
       // attention: h += wo(attend(rope(q), rope(k), v))
       for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, b.attention_norm.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
       b.wqkv.apply(xn_.data(), qkv_.data(), B);
-      for (int64_t r = 0; r < B; ++r) {
-        float* q = qkv_.data() + r * qkv;
-        float* k = q + nh_ * hd_;
-        float* v = k + nkv_ * hd_;
-        rope(q, rope_.data_ptr<float>() + positions[r] * hd_, nh_ + nkv_, hd_);  // q and k sit next to each other
-        float* out = att_.data() + r * nh_ * hd_;
-        switch (b.k_cache.scalar_type()) {
-          case at::kFloat: attend_block<float>(b, q, k, v, positions[r], rows[r], out); break;
-          case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, positions[r], rows[r], out); break;
-          default: attend_block<int8_t>(b, q, k, v, positions[r], rows[r], out); break;
+      auto attend_rows = [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* q = qkv_.data() + r * qkv;
+          float* k = q + nh_ * hd_;
+          float* v = k + nkv_ * hd_;
+          rope(q, rope_.data_ptr<float>() + positions[r] * hd_, nh_ + nkv_, hd_);  // q and k sit next to each other
+          float* out = att_.data() + r * nh_ * hd_;
+          AttnScratch& sc = scratch_[r];
+          switch (b.k_cache.scalar_type()) {
+            case at::kFloat: attend_block<float>(b, q, k, v, positions[r], rows[r], out, sc); break;
+            case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, positions[r], rows[r], out, sc); break;
+            default: attend_block<int8_t>(b, q, k, v, positions[r], rows[r], out, sc); break;
+          }
         }
+      };
+      // rows on the threads at once (each its own cache row and scratch); a row's arithmetic is
+      // what it does alone, since its key ranges follow threads_, not the region it runs in.
+      // An fp32 cache's long rows run torch's matmul: one row at a time.
+      if (B > 1 && b.k_cache.scalar_type() != at::kFloat) {
+        at::parallel_for(0, B, 1, attend_rows);
+      } else {
+        attend_rows(0, B);
       }
       b.wo.apply(att_.data(), o_.data(), B);
       for (int64_t i = 0; i < B * dim_; ++i) hp[i] += o_[i];
@@ -1021,7 +1039,8 @@ class Decoder {
   // Store this token's k, v (nkv * hd each) at `pos` as the cache holds them (as the Python
   // KVCache.update does), then attend; writes out (nh * hd).
   template <typename T>
-  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos, int64_t row, float* out) {
+  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos, int64_t row, float* out,
+                    AttnScratch& sc) {
     const int64_t S = b.k_cache.size(2);
     const int64_t first = row * nkv_ * S;  // this row's first vector
     T* kc = b.k_cache.data_ptr<T>() + first * hd_;
@@ -1034,13 +1053,13 @@ class Decoder {
       store(v + g * hd_, vc + at_pos * hd_, vs ? vs + at_pos : nullptr);
     }
 #ifdef LLAMADESK_VEC
-    if (hd_ == 64) return attend_fast<T, 64 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out);
-    if (hd_ == 128) return attend_fast<T, 128 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out);
+    if (hd_ == 64) return attend_fast<T, 64 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out, sc);
+    if (hd_ == 128) return attend_fast<T, 128 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out, sc);
 #endif
     if (std::is_same<T, float>::value && pos + 1 > kLoopKeys) {
       attend_matmul(q, b.k_cache.narrow(0, row, 1), b.v_cache.narrow(0, row, 1), pos + 1, out);
     } else {
-      attend(q, kc, vc, ks, vs, S, pos + 1, out);
+      attend(q, kc, vc, ks, vs, S, pos + 1, out, sc);
     }
   }
 
@@ -1049,22 +1068,21 @@ class Decoder {
   // on their own and merged by their softmax maxima and sums, as flash-decoding does.
   template <typename T, int NC>
   void attend_fast(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L,
-                   float* out) {
+                   float* out, AttnScratch& sc) {
     const int64_t rep = nh_ / nkv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
-    const int64_t parts = L >= g_parallel_keys.load(std::memory_order_relaxed)
-                              ? std::max<int64_t>(1, at::get_num_threads()) : 1;
+    const int64_t parts = L >= g_parallel_keys.load(std::memory_order_relaxed) ? threads_ : 1;
     const int64_t chunk = ((L + parts - 1) / parts + 15) / 16 * 16;
     const int64_t units = nkv_ * parts;
-    if (static_cast<int64_t>(scores_.size()) < units * rep * chunk) scores_.resize(units * rep * chunk);
-    if (static_cast<int64_t>(part_o_.size()) < units * rep * hd_) part_o_.resize(units * rep * hd_);
-    if (static_cast<int64_t>(part_ml_.size()) < 2 * units * rep) part_ml_.resize(2 * units * rep);
-    float* pm = part_ml_.data();
+    if (static_cast<int64_t>(sc.scores.size()) < units * rep * chunk) sc.scores.resize(units * rep * chunk);
+    if (static_cast<int64_t>(sc.part_o.size()) < units * rep * hd_) sc.part_o.resize(units * rep * hd_);
+    if (static_cast<int64_t>(sc.part_ml.size()) < 2 * units * rep) sc.part_ml.resize(2 * units * rep);
+    float* pm = sc.part_ml.data();
     float* pl = pm + units * rep;
     auto run = [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t g = u / parts, t0 = (u % parts) * chunk, t1 = std::min(L, t0 + chunk);
-        float* o = part_o_.data() + u * rep * hd_;
+        float* o = sc.part_o.data() + u * rep * hd_;
         if (t0 >= t1) {
           std::fill(o, o + rep * hd_, 0.f);
           std::fill(pm + u * rep, pm + (u + 1) * rep, -INFINITY);
@@ -1073,7 +1091,7 @@ class Decoder {
         }
         const int64_t head = g * S;
         attend_range<Vec, T, NC>(q + g * rep * hd_, kc + head * hd_, vc + head * hd_, ks ? ks + head : nullptr,
-                            vs ? vs + head : nullptr, t0, t1, rep, scale, scores_.data() + u * rep * chunk, o,
+                            vs ? vs + head : nullptr, t0, t1, rep, scale, sc.scores.data() + u * rep * chunk, o,
                             pm + u * rep, pl + u * rep);
       }
     };
@@ -1083,7 +1101,7 @@ class Decoder {
       run(0, units);
     }
     for (int64_t g = 0; g < nkv_; ++g) {
-      merge_attention(part_o_.data() + g * parts * rep * hd_, pm + g * parts * rep, pl + g * parts * rep, parts,
+      merge_attention(sc.part_o.data() + g * parts * rep * hd_, pm + g * parts * rep, pl + g * parts * rep, parts,
                       rep, hd_, out + g * rep * hd_);
     }
   }
@@ -1126,16 +1144,16 @@ class Decoder {
   // KV head read each key and value once. KV heads go to threads once the context is long.
   template <typename T>
   void attend(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L,
-              float* out) {
+              float* out, AttnScratch& sc) {
     const int64_t rep = nh_ / nkv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
-    if (static_cast<int64_t>(scores_.size()) < nh_ * L) scores_.resize(nh_ * L);
+    if (static_cast<int64_t>(sc.scores.size()) < nh_ * L) sc.scores.resize(nh_ * L);
     auto heads = [&](int64_t g0, int64_t g1) {
       std::vector<float> row(hd_);
       for (int64_t g = g0; g < g1; ++g) {
         const T* keys = kc + g * S * hd_;
         const T* vals = vc + g * S * hd_;
-        float* p = scores_.data() + g * rep * L;  // (rep, L)
+        float* p = sc.scores.data() + g * rep * L;  // (rep, L)
         for (int64_t t = 0; t < L; ++t) {
           const T* kt = keys + t * hd_;
           for (int64_t d = 0; d < hd_; ++d) row[d] = as_float(kt[d]);
@@ -1178,7 +1196,9 @@ class Decoder {
   double eps_;
   at::Tensor rope_;  // (S, hd/2, 2) fp32
   std::vector<Block> blocks_;
-  std::vector<float> xn_, qkv_, att_, o_, h13_, act_, scores_, part_o_, part_ml_;
+  std::vector<float> xn_, qkv_, att_, o_, h13_, act_;
+  std::vector<AttnScratch> scratch_;  // one per row of a batch: rows attend on the threads at once
+  int64_t threads_ = 1;  // at::get_num_threads() outside the rows' parallel region
 };
 
 // y (M, N) = x (M, K) @ W^T with W = q (N, K) int8 times scales (N, K / 32) fp32, one scale per
