@@ -508,8 +508,9 @@ class GGUFLinear(nn.Module):
 class StackedRows(nn.Module):
     """Layers with the same input whose outputs follow one another: y = cat(part(x) for part).
 
-    fuse_projections makes one of q, k, v (or w1, w3) kept in different GGUF block types (a
-    Q4_K_M file holds some layers' wv in Q6_K), so that the block still runs one fused call."""
+    fuse_projections makes one of GGUF q, k, v (or w1, w3), which keep their own blocks (each
+    in its type: a Q4_K_M file holds some layers' wv in Q6_K) where the store's file mapped
+    them, so that the block still runs one fused call without a copy of the weights."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -676,20 +677,7 @@ def _concat_rows(mods: list[nn.Module]) -> nn.Module | None:
     if kind is GGUFLinear:
         if any(m.kernel for m in mods):
             return None
-        if len({m.scheme for m in mods}) != 1:  # rows of each type stay in their own blocks
-            return StackedRows([same[0] if len(same) == 1 else _concat_rows(same) for same in _runs_of_scheme(mods)])
-        out = GGUFLinear(K, N, mods[0].scheme, device="meta")
-        out.blocks = torch.cat([m.blocks for m in mods])
-        return out
+        # the blocks stay where they were loaded (the store file's mapping, read in place):
+        # concatenated, they would be a copy beside the mapped pages already read to make it
+        return StackedRows(mods)
     return None
-
-
-def _runs_of_scheme(mods: list[nn.Module]) -> list[list[nn.Module]]:
-    """Neighbouring modules of the same GGUF block type, in order: [q4_k, q4_k, q6_k] -> 2 runs."""
-    runs: list[list[nn.Module]] = []
-    for m in mods:
-        if runs and runs[-1][0].scheme == m.scheme:
-            runs[-1].append(m)
-        else:
-            runs.append([m])
-    return runs

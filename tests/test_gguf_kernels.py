@@ -83,7 +83,7 @@ def test_types_without_a_kernel_and_misshapen_blocks_are_refused(ext):
 # 63 * 15 in Q4_K, 127 * 32 in Q6_K): activations in range, and greedy answers that vary
 # (at a quarter of these the tied table's own token wins every step).
 TYPE_SCALE = {"Q4_0": 0.036, "Q4_1": 0.024, "Q5_0": 0.018, "Q8_0": 2.4e-3, "Q4_K": 6e-4, "Q6_K": 9e-5}
-# A Q4_K_M-like mix (wv and w2 in Q6_K: the fused q, k, v run as two stacked types) and the
+# A Q4_K_M-like mix (wv and w2 in Q6_K: the fused q, k, v stack two types) and the
 # other types; the table Q8_0 and the head Q6_K, as llama.cpp writes them.
 GGUF_LAYERS = [
     {"wq": "Q4_K", "wk": "Q4_K", "wv": "Q6_K", "wo": "Q4_K", "w1": "Q4_K", "w3": "Q4_K", "w2": "Q6_K"},
@@ -134,8 +134,10 @@ def test_a_model_of_gguf_blocks_decodes_through_the_step_as_the_dequantized_mode
     from quant.linear import GGUFLinear, StackedRows
 
     model = tiny_gguf_model()
-    assert isinstance(model.layers[0].attention.wqkv, StackedRows)  # q, k in Q4_K, v in Q6_K
-    assert isinstance(model.layers[1].attention.wqkv, GGUFLinear)
+    # each projection keeps its own blocks (q, k in Q4_K, v in Q6_K in layer 0), one fused call
+    for layer in model.layers:
+        assert isinstance(layer.attention.wqkv, StackedRows) and isinstance(layer.feed_forward.w13, StackedRows)
+    assert [p.scheme for p in model.layers[0].attention.wqkv.parts] == ["q4_k", "q4_k", "q6_k"]
     assert decode_cpu.unsupported(model) is None
     prompt = [5, 17, 99, 3, 250]
     monkeypatch.setattr(GGUFLinear, "NATIVE_ROWS", 0)  # the reference: dequantized weights, fp32 matmul
