@@ -644,7 +644,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
     One matmul over the concatenated rows instead of three (or two): fewer kernel calls, the
     main cost of a decode step on a small model. Only modules of the same kind and group are
-    merged; NF4 keeps its separate QuantStates.
+    merged; NF4 keeps its separate QuantStates; GGUF blocks are stacked, not copied (StackedRows:
+    the compiled step runs the parts in one call).
     """
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
