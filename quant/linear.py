@@ -453,6 +453,12 @@ class GGUFLinear(nn.Module):
 
     ROW_BLOCK_BYTES = 16 << 20  # the dequantized rows held at once
     NATIVE_ROWS = 8  # past this many rows, dequantized tiles and a matmul beat a weight pass per 4 rows
+    # ... unless the layer's fp32 weight outgrows one tile: its tiles then go out to DRAM and back
+    # (8 bytes per weight, Q4_0 reads 0.56), and a short prompt's rows run faster through the
+    # native kernel, NATIVE_ROWS at a time, up to this many. Measured (docs/BENCHMARKS.md, 2
+    # cores): a 1.2B Q4_0 model's 35-token prefill 1.8 s in tiles, 0.63 s native, even at ~100
+    # rows; the 135M default's layers fit a tile and stay faster dequantized past 16 rows.
+    NATIVE_PREFILL_ROWS = 64
 
     def __init__(self, in_features: int, out_features: int, scheme: str, device=None):
         super().__init__()
@@ -486,8 +492,10 @@ class GGUFLinear(nn.Module):
             from .extension import loaded_extension
 
             ext = loaded_extension()
-        if ext is not None and x2.shape[0] <= self.NATIVE_ROWS:
-            y = ext.gguf_linear(x2.float(), self.blocks, self.scheme)
+        if ext is not None and (x2.shape[0] <= self.NATIVE_ROWS or self._native_prefill(x2.shape[0])):
+            x2 = x2.float()
+            y = torch.cat([ext.gguf_linear(x2[i : i + self.NATIVE_ROWS], self.blocks, self.scheme)
+                           for i in range(0, x2.shape[0], self.NATIVE_ROWS)])  # (B*T, N)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.precise:
             x2 = x2.float()
@@ -500,6 +508,10 @@ class GGUFLinear(nn.Module):
                  for i in range(0, self.out_features, rows)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B*T, N)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _native_prefill(self, rows: int) -> bool:
+        tiled = self.out_features * self.in_features * 4 > self.ROW_BLOCK_BYTES
+        return 0 < self.NATIVE_ROWS and rows <= self.NATIVE_PREFILL_ROWS and tiled
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}"

@@ -236,3 +236,28 @@ def test_gguf_rows_decode_together_each_as_alone(ext):
     for r in range(3):
         assert torch.equal(run([r])[0], together[r])
     assert not torch.equal(together[0], together[1])
+
+
+@torch.inference_mode()
+def test_a_short_prefill_through_a_tiled_layer_runs_each_row_as_its_decode_step(ext, monkeypatch):
+    """A layer whose fp32 weight outgrows one dequantized tile takes a short prompt's rows through
+    the native kernel, NATIVE_ROWS at a time (GGUFLinear.NATIVE_PREFILL_ROWS): every row's output
+    is bit for bit the one it gets alone, as a decode step, and follows gguf-py's values times x.
+    Past NATIVE_PREFILL_ROWS rows the tiles and a matmul run (another summation order)."""
+    from quant.linear import GGUFLinear
+
+    rng = np.random.default_rng(3)
+    blocks = random_blocks(rng, "Q4_0", (256, 512))
+    layer = GGUFLinear(512, 256, "q4_0")
+    layer.blocks = torch.from_numpy(blocks)
+    layer.prepare("cpu")
+    monkeypatch.setattr(GGUFLinear, "ROW_BLOCK_BYTES", 64 << 10)  # 256 x 512 fp32 = 512 KiB: 8 tiles
+    x = torch.from_numpy(rng.normal(size=(35, 512)).astype(np.float32))  # (T, K)
+    prefill = layer(x)
+    assert torch.equal(prefill, torch.cat([layer(x[i : i + 1]) for i in range(35)]))
+    expected = torch.from_numpy(x.double().numpy() @ gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0).T)
+    assert relative_error(prefill, expected) < 1e-5
+
+    monkeypatch.setattr(GGUFLinear, "NATIVE_PREFILL_ROWS", 34)
+    tiles = layer(x)
+    assert not torch.equal(tiles, prefill) and relative_error(tiles, expected) < 1e-5
