@@ -61,18 +61,19 @@ def load_model(entry: store.ModelEntry, ctx: int, device: str = "cpu", dtype=Non
     if quant:
         check_format_version(entry)
     release_freed_memory()
-    state = {}
+    state, files = {}, []
     for fname in entry.manifest["weights"]:
         path = entry.path / fname
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
+            with safe_open(str(path), framework="pt") as f:  # maps the file; each tensor a view of it
+                files.append(list(f.keys()))
+                for k in files[-1]:
                     state[k] = f.get_tensor(k)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise UserError(f"{path}: cannot read the weights ({e}); remove and re-import the model") from None
     try:
         return build_model(args, quant["layout"] if quant else None, state, ctx, device, dtype, precise, fuse,
-                           kv_dtype, mapped=True)
+                           kv_dtype, mapped_files=files)
     except _StateMismatch as e:
         raise UserError(f"{entry.path}: the stored weights do not match the model ({e}); "
                         f"the files were changed or are damaged: remove and re-create {entry.ref}") from None
@@ -84,7 +85,7 @@ class _StateMismatch(Exception):
 
 def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Tensor], ctx: int,
                 device: str = "cpu", dtype=None, precise: bool = False, fuse: bool = True,
-                kv_dtype: str | None = None, mapped: bool = False) -> Transformer:
+                kv_dtype: str | None = None, mapped_files: list[list[str]] = ()) -> Transformer:
     """Build the model on the meta device, swap in packed layers, assign `state`'s tensors.
 
     `layout` is a packed variant's per-module {"scheme", "group_size"} (None: full precision).
@@ -92,8 +93,8 @@ def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Ten
     at fp32-level accuracy for ~3x their matmul time. `kv_dtype` is the plan's name for the KV
     cache's dtype (None: the activations'). `fuse` merges projections (one matmul for q, k, v
     and one for w1, w3), which the fast decoders need (see choose_decoder); fuse=False is the
-    plain eager model. `mapped`: the tensors are views of files, to be copied
-    where still used as they are.
+    plain eager model. `mapped_files`: the keys of `state` each mapped file holds (see
+    _own_mapped_tensors).
     """
     dtype = dtype or activation_dtype(device)
     with torch.device("meta"):
@@ -115,8 +116,7 @@ def build_model(args: ModelArgs, layout: dict | None, state: dict[str, torch.Ten
     # needs one row per token, not VRAM (a table tied to the head is the head's weight)
     table = "cpu" if str(device).startswith("cuda") and not (args.tie_embeddings and not layout) else device
     prepare_loaded(model, bool(layout), device, dtype, precise, table)
-    if mapped:
-        _own_mapped_tensors(model, {t.data_ptr() for t in state.values()})
+    _own_mapped_tensors(model, [[state[k] for k in keys] for keys in mapped_files])
     state.clear()
     model.setup_caches(ctx, dtype=dtype, device=device, kv_dtype=KV_TORCH_DTYPES[kv_dtype] if kv_dtype else None)
     reuse_freed_memory()
@@ -221,22 +221,30 @@ def static_decoder(model: Transformer, compile: bool = True, say=None) -> Decode
     return EagerDecoder(model)
 
 
-def _own_mapped_tensors(model: torch.nn.Module, mapped: set[int]) -> None:
-    # `mapped` holds data pointers: load_state_dict(assign=True) wraps tensors in new Parameters
-    """Copy the tensors still on the files' mappings (those neither fused nor repacked).
+def _own_mapped_tensors(model: torch.nn.Module, files: list[list[torch.Tensor]]) -> None:
+    """Keep a file mapped where the model reads all of its tensors in place; elsewhere copy the
+    tensors still on the mapping (those neither fused nor repacked), and let it go.
 
-    One live tensor keeps its whole file mapped, and every page read stays resident: the weights
-    already copied by fusing and repacking would then count twice. Copying the rest, and only
-    the rest, leaves each weight in RAM once and nothing freed behind in the heap.
+    `files` holds each mapped file's tensors as read (safe_open maps a file whole; each tensor
+    is a view of it). Mapped, a weight's pages are the page cache's, read from disk once and
+    shared, as llama.cpp maps a GGUF. But one live tensor keeps its whole file mapped, and
+    every page read stays resident: where fusing or repacking already copied some weights,
+    their pages would count twice, so the rest is copied too and the file unmapped.
     """
+    held = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    to_copy: set[int] = set()
+    for tensors in files:
+        ptrs = {t.data_ptr() for t in tensors}
+        if not ptrs <= held:
+            to_copy |= ptrs
     copies: dict[int, torch.Tensor] = {}  # a tied table stays one tensor
     for module in model.modules():
         for name, t in list(module._parameters.items()):
-            if t is not None and t.data_ptr() in mapped:
+            if t is not None and t.data_ptr() in to_copy:
                 own = copies.setdefault(t.data_ptr(), t.detach().clone())
                 module._parameters[name] = torch.nn.Parameter(own, requires_grad=False)
         for name, t in list(module._buffers.items()):
-            if t is not None and t.data_ptr() in mapped:
+            if t is not None and t.data_ptr() in to_copy:
                 module._buffers[name] = copies.setdefault(t.data_ptr(), t.clone())
 
 
@@ -312,9 +320,6 @@ class Engine:
         tokenizer = load_tokenizer(entry.path)
         chat_format, chat_source = choose_chat_format(tokenizer, entry.name, chat_format_flag,
                                                       store.settings(entry.name).get("chat-format"))
-        with torch.device("meta"):
-            # the first model built on meta imports ~800 modules (75 MiB): runtime, not the model
-            Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, ffn_dim=8))
         trim_heap()  # what earlier work in this process freed (a pull, a quantize) is not a baseline
         rss0 = _rss()
         model = load_model(entry, plan.ctx, plan.device, precise=precise, kv_dtype=plan.kv_dtype)

@@ -90,7 +90,13 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # nn.Embedding's own N(0, 1) init on the meta device (where every load builds the model)
+        # runs a Python decomposition that imports torch._dynamo: ~1 s and 75 MiB at each start
+        # for values the checkpoint replaces. A real table gets the same init here.
+        table = torch.empty(args.vocab_size, args.dim)
+        if table.device.type != "meta":
+            nn.init.normal_(table)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=table)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

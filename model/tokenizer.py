@@ -542,12 +542,16 @@ def _ranks_from_merges(vocab: dict[str, int], merges: list, ignore_merges: bool,
     that makes the same bytes keeps the first rank, as tiktoken's own GPT-2 conversion does.
     """
     byte_chars = _bytes_to_unicode()
-    to_byte = {ch: b for b, ch in byte_chars.items()}
+    # one str.translate per piece (a per-character loop is most of a load's tokenizer time):
+    # each byte's character becomes the code point of that byte, and a character below 256 that
+    # stands for no byte (a raw space) one above 255, so that latin-1 refuses it as it refuses
+    # any other foreign character
+    to_byte = dict.fromkeys(range(256), 256) | {ord(ch): b for b, ch in byte_chars.items()}
 
     def token_bytes(piece: str) -> bytes:
         try:
-            return bytes(to_byte[ch] for ch in piece)
-        except KeyError:
+            return piece.translate(to_byte).encode("latin-1")
+        except UnicodeEncodeError:
             raise TokenizerError(f"{source}: token {piece!r} is not byte-level BPE") from None
 
     ranks = {bytes([b]): b for b in range(256)}

@@ -65,6 +65,41 @@ def repack_r16(weights: torch.Tensor, scheme: str, in_features: int,
     return None if ext is None else ext.r16_repack(weights, scheme, in_features, scales)
 
 
+def release_file_pages(t: torch.Tensor) -> bool:
+    """Drop the whole pages of `t` from this process's resident memory when `t` lies in a
+    read-only use of a file mapping (a store file safetensors mapped): touching them again maps
+    them back from the page cache, values unchanged. A tensor in anonymous memory is left alone
+    (MADV_DONTNEED would zero it). For a layer that keeps a repacked copy, so that the file's
+    pages the repack read are not counted twice. Linux only; True when pages were dropped."""
+    import sys
+
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    if len(fields) < 6 or not fields[5].strip().startswith("/"):
+                        return False  # anonymous memory
+                    break
+            else:
+                return False
+    except OSError:
+        return False
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED) == 0
+
+
 class Int8Linear(nn.Module):
     """y = x W^T with W = qweight * scales, int8 per output row (or per group of K)."""
 
@@ -495,6 +530,12 @@ class GGUFLinear(nn.Module):
 
     ROW_BLOCK_BYTES = 16 << 20  # the dequantized rows held at once
     NATIVE_ROWS = 8  # past this many rows, dequantized tiles and a matmul beat a weight pass per 4 rows
+    # ... unless the layer's fp32 weight outgrows one tile: its tiles then go out to DRAM and back
+    # (8 bytes per weight, Q4_0 reads 0.56), and a short prompt's rows run faster through the
+    # native kernel, NATIVE_ROWS at a time, up to this many. Measured (docs/BENCHMARKS.md, 2
+    # cores): a 1.2B Q4_0 model's 35-token prefill 1.8 s in tiles, 0.63 s native, even at ~100
+    # rows; the 135M default's layers fit a tile and stay faster dequantized past 16 rows.
+    NATIVE_PREFILL_ROWS = 64
 
     def __init__(self, in_features: int, out_features: int, scheme: str, device=None):
         super().__init__()
@@ -517,6 +558,7 @@ class GGUFLinear(nn.Module):
                 and self.blocks.device.type == "cpu":
             self.r16 = repack_r16(self.blocks, self.scheme, self.in_features)
             if self.r16 is not None:  # the copy replaces them (a tied table keeps its own reference)
+                release_file_pages(self.blocks)
                 self.blocks = None
         return self.r16
 
@@ -549,8 +591,10 @@ class GGUFLinear(nn.Module):
             from .extension import loaded_extension
 
             ext = loaded_extension()
-        if ext is not None and x2.shape[0] <= self.NATIVE_ROWS:
-            y = ext.gguf_linear(x2.float(), self.blocks, self.scheme)
+        if ext is not None and (x2.shape[0] <= self.NATIVE_ROWS or self._native_prefill(x2.shape[0])):
+            x2 = x2.float()
+            y = torch.cat([ext.gguf_linear(x2[i : i + self.NATIVE_ROWS], self.blocks, self.scheme)
+                           for i in range(0, x2.shape[0], self.NATIVE_ROWS)])  # (B*T, N)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.precise:
             x2 = x2.float()
@@ -564,6 +608,10 @@ class GGUFLinear(nn.Module):
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B*T, N)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def _native_prefill(self, rows: int) -> bool:
+        tiled = self.out_features * self.in_features * 4 > self.ROW_BLOCK_BYTES
+        return 0 < self.NATIVE_ROWS and rows <= self.NATIVE_PREFILL_ROWS and tiled
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}"
 
@@ -571,8 +619,9 @@ class GGUFLinear(nn.Module):
 class StackedRows(nn.Module):
     """Layers with the same input whose outputs follow one another: y = cat(part(x) for part).
 
-    fuse_projections makes one of q, k, v (or w1, w3) kept in different GGUF block types (a
-    Q4_K_M file holds some layers' wv in Q6_K), so that the block still runs one fused call."""
+    fuse_projections makes one of GGUF q, k, v (or w1, w3), which keep their own blocks (each
+    in its type: a Q4_K_M file holds some layers' wv in Q6_K) where the store's file mapped
+    them, so that the block still runs one fused call without a copy of the weights."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -706,7 +755,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
     One matmul over the concatenated rows instead of three (or two): fewer kernel calls, the
     main cost of a decode step on a small model. Only modules of the same kind and group are
-    merged; NF4 keeps its separate QuantStates.
+    merged; NF4 keeps its separate QuantStates; GGUF blocks are stacked, not copied (StackedRows:
+    the compiled step runs the parts in one call).
     """
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
@@ -739,20 +789,7 @@ def _concat_rows(mods: list[nn.Module]) -> nn.Module | None:
     if kind is GGUFLinear:
         if any(m.kernel for m in mods):
             return None
-        if len({m.scheme for m in mods}) != 1:  # rows of each type stay in their own blocks
-            return StackedRows([same[0] if len(same) == 1 else _concat_rows(same) for same in _runs_of_scheme(mods)])
-        out = GGUFLinear(K, N, mods[0].scheme, device="meta")
-        out.blocks = torch.cat([m.blocks for m in mods])
-        return out
+        # the blocks stay where they were loaded (the store file's mapping, read in place):
+        # concatenated, they would be a copy beside the mapped pages already read to make it
+        return StackedRows(mods)
     return None
-
-
-def _runs_of_scheme(mods: list[nn.Module]) -> list[list[nn.Module]]:
-    """Neighbouring modules of the same GGUF block type, in order: [q4_k, q4_k, q6_k] -> 2 runs."""
-    runs: list[list[nn.Module]] = []
-    for m in mods:
-        if runs and runs[-1][0].scheme == m.scheme:
-            runs[-1].append(m)
-        else:
-            runs.append([m])
-    return runs

@@ -83,7 +83,7 @@ def test_types_without_a_kernel_and_misshapen_blocks_are_refused(ext):
 # 63 * 15 in Q4_K, 127 * 32 in Q6_K): activations in range, and greedy answers that vary
 # (at a quarter of these the tied table's own token wins every step).
 TYPE_SCALE = {"Q4_0": 0.036, "Q4_1": 0.024, "Q5_0": 0.018, "Q8_0": 2.4e-3, "Q4_K": 6e-4, "Q6_K": 9e-5}
-# A Q4_K_M-like mix (wv and w2 in Q6_K: the fused q, k, v run as two stacked types) and the
+# A Q4_K_M-like mix (wv and w2 in Q6_K: the fused q, k, v stack two types) and the
 # other types; the table Q8_0 and the head Q6_K, as llama.cpp writes them.
 GGUF_LAYERS = [
     {"wq": "Q4_K", "wk": "Q4_K", "wv": "Q6_K", "wo": "Q4_K", "w1": "Q4_K", "w3": "Q4_K", "w2": "Q6_K"},
@@ -134,8 +134,10 @@ def test_a_model_of_gguf_blocks_decodes_through_the_step_as_the_dequantized_mode
     from quant.linear import GGUFLinear, StackedRows
 
     model = tiny_gguf_model()
-    assert isinstance(model.layers[0].attention.wqkv, StackedRows)  # q, k in Q4_K, v in Q6_K
-    assert isinstance(model.layers[1].attention.wqkv, GGUFLinear)
+    # each projection keeps its own blocks (q, k in Q4_K, v in Q6_K in layer 0), one fused call
+    for layer in model.layers:
+        assert isinstance(layer.attention.wqkv, StackedRows) and isinstance(layer.feed_forward.w13, StackedRows)
+    assert [p.scheme for p in model.layers[0].attention.wqkv.parts] == ["q4_k", "q4_k", "q6_k"]
     assert decode_cpu.unsupported(model) is None
     prompt = [5, 17, 99, 3, 250]
     monkeypatch.setattr(GGUFLinear, "NATIVE_ROWS", 0)  # the reference: dequantized weights, fp32 matmul
@@ -308,3 +310,28 @@ def test_r16_refuses_other_weights_and_shapes(ext):
     packed = ext.r16_repack(torch.from_numpy(random_blocks(np.random.default_rng(0), "Q4_0", (16, 64))), "q4_0", 64)
     with pytest.raises(RuntimeError, match="do not fit"):
         ext.r16_linear(torch.zeros(1, 96), packed, "q4_0", 16)
+
+
+@torch.inference_mode()
+def test_a_short_prefill_through_a_tiled_layer_runs_each_row_as_its_decode_step(ext, monkeypatch):
+    """A layer whose fp32 weight outgrows one dequantized tile takes a short prompt's rows through
+    the native kernel, NATIVE_ROWS at a time (GGUFLinear.NATIVE_PREFILL_ROWS): every row's output
+    is bit for bit the one it gets alone, as a decode step, and follows gguf-py's values times x.
+    Past NATIVE_PREFILL_ROWS rows the tiles and a matmul run (another summation order)."""
+    from quant.linear import GGUFLinear
+
+    rng = np.random.default_rng(3)
+    blocks = random_blocks(rng, "Q4_K", (256, 512))  # a type the r16 kernel does not take
+    layer = GGUFLinear(512, 256, "q4_k")
+    layer.blocks = torch.from_numpy(blocks)
+    layer.prepare("cpu")
+    monkeypatch.setattr(GGUFLinear, "ROW_BLOCK_BYTES", 64 << 10)  # 256 x 512 fp32 = 512 KiB: 8 tiles
+    x = torch.from_numpy(rng.normal(size=(35, 512)).astype(np.float32))  # (T, K)
+    prefill = layer(x)
+    assert torch.equal(prefill, torch.cat([layer(x[i : i + 1]) for i in range(35)]))
+    expected = torch.from_numpy(x.double().numpy() @ gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).T)
+    assert relative_error(prefill, expected) < 1e-5
+
+    monkeypatch.setattr(GGUFLinear, "NATIVE_PREFILL_ROWS", 34)
+    tiles = layer(x)
+    assert not torch.equal(tiles, prefill) and relative_error(tiles, expected) < 1e-5

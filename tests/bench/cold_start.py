@@ -8,6 +8,9 @@ and the peak RSS (the child's ru_maxrss) are printed side by side with the same-
     python tests/bench/cold_start.py --model llama-1b:int4 --gguf ~/llama-1b.Q4_0.gguf --ctx 512
 
 The page cache is left as it is (warm after the first round): what a second start costs.
+llama.cpp completes the bare prompt (6 tokens); `ask` wraps it in the model's chat format (35
+tokens with SmolLM2's template and default system prompt). `--raw` makes `ask` send the bare
+prompt too, for the same work on both sides.
 """
 from __future__ import annotations
 
@@ -50,13 +53,15 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--raw", action="store_true", help="ask without the chat format, as llama.cpp completes")
     a = ap.parse_args()
     py = sys.executable
     cmds = {
         "import torch": [py, "-c", "import torch"],
         "llama.cpp": [py, "-c", LLAMACPP, a.gguf, str(a.ctx), str(a.threads)],
         "llamadesk": [py, "-m", "app.cli", "ask", "--model", a.model, "--ctx", str(a.ctx), "--threads",
-                      str(a.threads), "--max-tokens", "16", "--temperature", "0", "The capital of France is"],
+                      str(a.threads), "--max-tokens", "16", "--temperature", "0", *(["--raw"] if a.raw else []),
+                      "The capital of France is"],
     }
     walls: dict[str, list[float]] = {k: [] for k in cmds}
     peaks: dict[str, int] = {}
