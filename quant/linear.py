@@ -168,7 +168,7 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def r16_weights(self) -> torch.Tensor | None:
-        """Grouped int8 in csrc/r16_gemm.h's r16 layout (int8 activations), repacked on the first
+        """Grouped int8 in csrc/r16_gemm.h's r16 layout (x as 15-bit integers), repacked on the first
         call that can; None where that kernel does not run (precise, other kernels)."""
         if self.kernel == "int8group" and self.r16 is None and not self.precise:
             self.r16 = repack_r16(self.qweight, "int8_group", self.in_features, self.scales)
@@ -457,7 +457,7 @@ class PreparedWeights:
       "gguf"   weight uint8 (N, row bytes): a GGUF file's blocks of `scheme` (quant.ggml), one of
                NATIVE_GGUF_SCHEMES
       "r16"    weight uint8, `scheme`'s weights (q4_0, q4_1, q8_0 blocks or int8_group) in
-               csrc/r16_gemm.h's r16 layout: 16 rows interleaved, run with int8 activations
+               csrc/r16_gemm.h's r16 layout: 16 rows interleaved, x taken as 15-bit integers
       "rows"   weight None; `parts`, records whose outputs follow one another (wqkv of a GGUF
                file whose wv is another block type than wq, wk)
     """
@@ -511,7 +511,7 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
 # the block types the compiled step multiplies natively (csrc/gguf_gemv.h): those of Q4_K_M,
 # Q6_K, Q8_0 and Q4_0/Q4_1/Q5_0 files; the others dequantize a block of rows at a time
 NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
-# those also run as 16-row groups times int8 activations (csrc/r16_gemm.h), unless precise
+# those also run as 16-row groups times x as 15-bit integers (csrc/r16_gemm.h), unless precise
 R16_SCHEMES = ("q4_0", "q4_1", "q8_0")
 
 
@@ -520,8 +520,8 @@ class GGUFLinear(nn.Module):
 
     Q4_0, Q4_1 and Q8_0 with the compiled extension loaded, not precise: the blocks are repacked once
     (on first use, the same bytes with 16 rows interleaved: `r16`) and any number of rows of x
-    is rounded to int8 per 32 values and multiplied in integers, llama.cpp's arithmetic
-    (csrc/r16_gemm.h). Otherwise up to 8 rows of x (decode, the last token of a prefill) with a
+    becomes 15-bit integers per 32 values (two int8 halves) multiplied in integers
+    (csrc/r16_gemm.h; llama.cpp rounds x to 8 bits). Otherwise up to 8 rows of x (decode, the last token of a prefill) with a
     native type: the extension's GEMV over the blocks, fp32 (csrc/gguf_gemv.h); and the rest
     (prefill, the other types, no compiler): the weight is dequantized a block of rows at a time
     into the activations' dtype (fp32 when precise) and multiplied, so memory stays one block

@@ -196,13 +196,13 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
         assert not (build_dir / "lock").exists()
 
 
-@pytest.mark.parametrize("precise", [True, False], ids=["precise", "int8-activations"])
+@pytest.mark.parametrize("precise", [True, False], ids=["precise", "r16"])
 @pytest.mark.parametrize("rows", [1, 3, 7, 20])  # decode, a few rows, a window
 @torch.inference_mode()
 def test_a_q8_0_grid_head_runs_packed(cache, rows, precise):
     """Precise: the fp32 kernel, exact up to summation order (a window: dequantized in blocks).
-    Otherwise the r16 kernel, x rounded to int8 per 32 values (llama.cpp's arithmetic): within
-    that rounding of the exact product. Either way no dense copy, and a decode batch's rows are
+    Otherwise the r16 kernel, x rounded to 15-bit integers per 32 values: within that rounding
+    of the exact product. Either way no dense copy, and a decode batch's rows are
     exactly what each gets alone."""
     from quant.formats import unpack
     from quant.linear import Int8Linear

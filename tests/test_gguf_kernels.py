@@ -280,7 +280,7 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
     x[0, :32] = 0  # an all-zero block: scale 0, no division by it
     q, d = x15_activations(x)
     xq = (q * d).reshape(rows, k).astype(np.float64)
-    if qtype == "Q4_1":  # value = d q + m: the mins times the exact sum of x, the rest times x's int8
+    if qtype == "Q4_1":  # value = d q + m: the mins times the exact sum of x, the rest times x's 15-bit integers
         m = blocks.reshape(n, k // 32, 20)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)  # (N, G)
         w_dq = w - np.repeat(m, 32, axis=1)
         expected = xq @ w_dq.T + x.reshape(rows, -1, 32).sum(axis=2, dtype=np.float64) @ m.T

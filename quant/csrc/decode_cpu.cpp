@@ -1286,8 +1286,8 @@ at::Tensor r16_repack(at::Tensor src, const std::string& scheme, int64_t K, c10:
   return out;
 }
 
-// y (M, N) = x (M, K) @ W^T for W in the r16 layout (r16_repack), x rounded to int8 per 32
-// values (r16_gemm.h); `portable` forces the plain C++ kernel (tests).
+// y (M, N) = x (M, K) @ W^T for W in the r16 layout (r16_repack), x rounded to 15-bit integers
+// per 32 values (r16_gemm.h); `portable` forces the plain C++ kernel (tests).
 at::Tensor r16_linear(at::Tensor x, at::Tensor packed, const std::string& scheme, int64_t N, bool portable) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
   const int type = r16_type(scheme);

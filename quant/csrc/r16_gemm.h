@@ -89,7 +89,7 @@ struct R16Format {
   static constexpr bool F32_SCALE = T == R16_I8G;
   static constexpr int64_t CODES = FOUR ? 256 : 512, SCALES = CODES, MINS = SCALES + (F32_SCALE ? 64 : 32);
   static constexpr int64_t BYTES = MINS + (MIN ? 32 : 0);
-  // what the integer sum of a block adds per unit of x's sum of q: Q4_0's codes are q + 8, the
+  // what the integer sum of a block adds per unit of x's sum of v: Q4_0's codes are q + 8, the
   // 8-bit ones w + 128
   static constexpr int32_t OFFSET = T == R16_Q4_0 ? 8 : FOUR ? 0 : 128;
 };
@@ -184,7 +184,8 @@ inline float r16_scale(const uint8_t* b, int n) {
 // ---------------------------------------------------------------- one group of 16 rows
 // out[r][0..15] = the group's 16 rows times activation rows m0 .. m0 + R - 1 of x.
 // Per block and row of x: the integer dot product of each weight row's 32 codes with x's 32
-// int8 values (the codes' offset taken off through x's sum of q), then acc += isum * (d * dx),
+// 15-bit values, as 128 (codes . h) + (codes . l) (the codes' offset taken off through x's sum of
+// v), then acc += isum * (d * dx),
 // and for Q4_1 acc += m * sum(x). The same operations in the same order for every row of x,
 // whatever R: a row's values never depend on the rows beside it (batch invariance).
 template <int T, int R>

@@ -78,6 +78,18 @@ def build(args: ModelArgs, scheme: str) -> tuple[Transformer, int]:
     return model.eval(), layer_bytes
 
 
+def best_of(fn, rounds: int) -> float:
+    """The fastest of `rounds` calls of `fn` after one warm-up, in seconds: robust to a shared
+    machine's load, which only ever slows a call."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 @torch.inference_mode()
 def gemv_table(n: int, k: int, rounds: int = 30) -> None:
     """One layer's GEMV, (n, k), best of `rounds` calls (robust to a shared machine's load):
@@ -87,15 +99,7 @@ def gemv_table(n: int, k: int, rounds: int = 30) -> None:
     x = torch.randn(1, k)
     print(f"\n| GEMV ({n} x {k}, 1 row) | us | GB/s |")
     print("| --- | --- | --- |")
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    best = lambda fn: best_of(fn, rounds)  # noqa: E731
 
     q4 = torch.from_numpy(random_blocks(rng, "Q4_0", (n, k), TYPE_SCALE["Q4_0"]))
     packed = pack_int4(dequantize_rows(q4, "q4_0"), 32, symmetric=True)[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from app import pull  # noqa: E402
+from gguf_decode import best_of  # noqa: E402
 from quant import extension  # noqa: E402
 from tiny_checkpoints import random_blocks  # noqa: E402
 
 SHAPES = [(16384, 2048), (2048, 8192), (49152, 576)]
-
-
-def best(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -60,8 +50,8 @@ def main() -> None:
             for m in a.rows:
                 x = torch.randn(m, k)
                 rounds = a.rounds if m <= 4 else max(3, a.rounds // 4)
-                t_fp32 = best(lambda: ext.gguf_linear(x, blocks, qtype.lower()), rounds)
-                t_r16 = best(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
+                t_fp32 = best_of(lambda: ext.gguf_linear(x, blocks, qtype.lower()), rounds)
+                t_r16 = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
                 print(f"| {qtype} | {n} x {k} | {m} | {t_fp32 * 1e6:.0f} | {t_r16 * 1e6:.0f} | {t_fp32 / t_r16:.2f} "
                       f"| {blocks.numel() / t_r16 / 1e9:.1f} |", flush=True)
 
