@@ -20,6 +20,7 @@ from . import store
 from .engine import choose_decoder, load_model
 from .errors import UserError
 from .plan import float_kv_dtype, installed_candidates
+from .threads import ThreadGovernor
 from .devices import probe
 
 
@@ -53,6 +54,8 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
     # the KV cache the plan gives an unconstrained load, so the figures are the app's
     model = load_model(entry, ctx, device, precise=precise, kv_dtype=float_kv_dtype(probe(device)))
     decoder = choose_decoder(model)
+    if device == "cpu":  # as chat, ask and serve decode: under the thread governor
+        decoder = ThreadGovernor(decoder, torch.get_num_threads())
     ids = prompt_ids(prompt_tokens, model.args.vocab_size)
     ttfts, decodes = [], []
     for run in range(runs + 1):  # the first run warms up caches and kernels, and is dropped
@@ -70,7 +73,8 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
     decode = statistics.median(decodes)
     dev = probe(device)
     weights = next(c.weight_bytes for c in installed_candidates(dev) if (c.model, c.variant) == (entry.name, entry.variant))
-    return BenchResult(entry.name, entry.variant, device, torch.get_num_threads(), ttft, prompt_tokens / ttft,
+    threads = decoder.threads if isinstance(decoder, ThreadGovernor) else torch.get_num_threads()
+    return BenchResult(entry.name, entry.variant, device, threads, ttft, prompt_tokens / ttft,
                        decode, peak_rss(), weights * decode / 1e9, _isa(decoder), dev.features)
 
 
@@ -78,6 +82,7 @@ def _isa(decoder) -> str:
     from quant.decode_cpu import CpuStepDecoder
     from quant.extension import loaded_extension
 
+    decoder = getattr(decoder, "inner", decoder)  # under the thread governor
     return loaded_extension().isa() if isinstance(decoder, CpuStepDecoder) else ""
 
 

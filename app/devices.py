@@ -306,6 +306,14 @@ def inference_threads(requested: int | None = None, ui: bool = False) -> int:
     return max(1, min(requested, idle)) if requested else n
 
 
+def thread_ceiling(requested: int | None = None, ui: bool = False) -> int:
+    """The most threads decoding may move up to later (app/threads.py), whatever the load now:
+    the usable cores (one fewer under the chat app), or `requested` (--threads) if fewer."""
+    cores = usable_cpus()
+    n = max(1, cores - 1) if ui else cores
+    return max(1, min(requested, n)) if requested else n
+
+
 def _own_recent_load() -> float:
     """This process's own part of the 1-minute load average, when it is young enough to tell.
 

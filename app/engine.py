@@ -24,7 +24,9 @@ from quant.formats import FORMAT_VERSION
 from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears, tie_output
 
 from . import pull, store
-from .devices import format_bytes, inference_threads, probe, release_freed_memory, reuse_freed_memory, trim_heap
+from .devices import (format_bytes, inference_threads, probe, release_freed_memory, reuse_freed_memory, thread_ceiling,
+                      trim_heap)
+from .threads import ThreadGovernor
 from .errors import UserError
 from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
 
@@ -257,10 +259,12 @@ def check_format_version(entry: store.ModelEntry) -> None:
 
 class Engine:
     def __init__(self, entry: store.ModelEntry, model: Transformer, tokenizer: Tokenizer,
-                 chat_format: ChatFormat, ctx: int, device: str):
+                 chat_format: ChatFormat, ctx: int, device: str, thread_ceiling: int | None = None):
         self.entry, self.model, self.tokenizer, self.chat_format = entry, model, tokenizer, chat_format
         self.ctx, self.device = ctx, device
-        self.decoder: Decoder = EagerDecoder(model)
+        # on the CPU the decoder runs under the thread governor, which may go up to this many
+        self.thread_ceiling = thread_ceiling or torch.get_num_threads()
+        self.decoder = EagerDecoder(model)
         # a faster decoder compiled in the background waits here until the reply in flight ends
         self._next_decoder: Decoder | None = None
         self.stop_ids = chat_format.stop_ids(tokenizer)
@@ -278,7 +282,7 @@ class Engine:
     def load(cls, ref: str | None = None, ctx: int | None = None, device: str | None = None,
              verify: bool = False, say=None, precise: bool = False, threads: int | None = None,
              kv_dtype: str = "auto", compile_kernel: str = "now", chat_format: str | None = None,
-             slots: int = 1) -> "Engine":
+             slots: int = 1, ui: bool = False) -> "Engine":
         """Load what the memory plan chooses for `ref` (any installed model if None).
 
         `chat_format` (a built-in name) overrides the model's own for this run (see
@@ -293,8 +297,10 @@ class Engine:
         """
         say = say or (lambda msg: None)
         target = probe(device) if device else probe()
-        if target.kind == "cpu":
-            torch.set_num_threads(inference_threads(threads))
+        ceiling = None
+        if target.kind == "cpu":  # the one thread rule (`ui`: the chat app's screen has a core of its own)
+            torch.set_num_threads(inference_threads(threads, ui=ui))
+            ceiling = thread_ceiling(threads, ui=ui)
         result = plan_installed(ref, ctx, kv_dtype, device=target, slots=slots)
         if result.chosen is None:
             raise UserError(result.why)
@@ -302,7 +308,7 @@ class Engine:
         say(f"Plan: {plan.ref}, {plan.ctx}-token context on {plan.device} ({torch.get_num_threads()} threads), "
             f"KV cache {plan.kv_dtype}. {plan.why}")
         try:
-            return cls._load_planned(plan, verify, precise, compile_kernel, say, chat_format)
+            return cls._load_planned(plan, verify, precise, compile_kernel, say, chat_format, ceiling)
         except (torch.OutOfMemoryError, MemoryError) as e:
             smaller = max(min(MIN_CTX, plan.ctx), plan.ctx * 3 // 4 // 256 * 256)
             if ctx is not None or smaller >= plan.ctx:
@@ -311,11 +317,11 @@ class Engine:
             fallback = plan_installed(ref, smaller, kv_dtype, device=target, slots=slots).chosen
             if fallback is None:
                 raise UserError(f"out of memory loading {plan.ref}; nothing smaller fits") from None
-            return cls._load_planned(fallback, verify, precise, compile_kernel, say, chat_format)
+            return cls._load_planned(fallback, verify, precise, compile_kernel, say, chat_format, ceiling)
 
     @classmethod
     def _load_planned(cls, plan: Plan, verify: bool, precise: bool = False, compile_kernel: str = "now",
-                      say=None, chat_format_flag: str | None = None) -> "Engine":
+                      say=None, chat_format_flag: str | None = None, ceiling: int | None = None) -> "Engine":
         entry = store.find(plan.ref)
         tokenizer = load_tokenizer(entry.path)
         chat_format, chat_source = choose_chat_format(tokenizer, entry.name, chat_format_flag,
@@ -323,7 +329,7 @@ class Engine:
         trim_heap()  # what earlier work in this process freed (a pull, a quantize) is not a baseline
         rss0 = _rss()
         model = load_model(entry, plan.ctx, plan.device, precise=precise, kv_dtype=plan.kv_dtype)
-        engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device)
+        engine = cls(entry, model, tokenizer, chat_format, plan.ctx, plan.device, ceiling)
         engine.decoder = choose_decoder(model, compile_kernel, say, on_ready=engine.hand_over)
         engine.plan = plan
         engine.chat_format_source = chat_source
@@ -357,6 +363,16 @@ class Engine:
                                 device=cache.k.device, kv_dtype=cache.k.dtype)
         self.decoder = choose_decoder(self.model, "never")
         self._next_decoder, self._cached = None, []
+
+    @property
+    def decoder(self) -> Decoder:
+        return self._decoder
+
+    @decoder.setter
+    def decoder(self, decoder: Decoder) -> None:
+        if self.device == "cpu" and not isinstance(decoder, ThreadGovernor):
+            decoder = ThreadGovernor(decoder, self.thread_ceiling)
+        self._decoder = decoder
 
     def hand_over(self, decoder: Decoder) -> None:
         """Use `decoder` from the next reply on (a background compile's result; any thread)."""

@@ -56,14 +56,11 @@ def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: s
     def load(ref: str) -> ChatModel:
         from ..engine import Engine
 
-        from ..devices import inference_threads
-
-        # the UI thread renders the reply on a core of its own: torch threads on every core stall
-        # each other's barriers whenever it runs (measured, 2 cores: 2 threads 94 tok/s, 1 thread 135)
-        threads = inference_threads(ui=True)
-        # compiling the decode kernel (once per machine) must not hold up the first reply
+        # the UI thread renders the reply on a core of its own (ui=True): torch threads on every
+        # core stall each other's barriers whenever it runs (measured, 2 cores: 2 threads 94 tok/s,
+        # 1 thread 135). Compiling the decode kernel (once per machine) must not hold up the first reply.
         engine = Engine.load(ref, ctx=ctx, device=device, kv_dtype=kv_dtype, compile_kernel="background",
-                             threads=threads, chat_format=chat_format)
+                             ui=True, chat_format=chat_format)
         # the model's ~100k objects never die: out of the collector's sight, a full collection
         # (which holds the GIL, stopping the reply with the UI) no longer walks them
         gc.freeze()

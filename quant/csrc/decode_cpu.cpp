@@ -194,6 +194,11 @@ std::atomic<bool> g_int4_torch{false};
 // split over them (the vector path) or the KV heads shared out (the plain loops).
 // set_parallel_keys: tests run the split on tiny contexts, benchmarks compare.
 std::atomic<int64_t> g_parallel_keys{256};
+// The vector path's key ranges a KV head splits into past g_parallel_keys, whatever the thread
+// count: the merged softmax then depends on the context's length alone, so a reply's numbers do
+// not change when the thread governor (app/threads.py) moves between counts mid-reply. 8 ranges
+// keep a desktop's threads busy; the merge costs 8 * rep * head_dim adds a head.
+constexpr int64_t KEY_PARTS = 8;
 
 #if defined(__GNUC__) || defined(__clang__)
 #define INT4_PREFETCH(p) __builtin_prefetch(p)
@@ -981,7 +986,6 @@ class Decoder {
     h13_.resize(B * 2 * hidden_);
     act_.resize(B * hidden_);
     if (static_cast<int64_t>(scratch_.size()) < B) scratch_.resize(B);
-    threads_ = std::max<int64_t>(1, at::get_num_threads());
     at::Tensor h = x.contiguous().clone().view({B, 1, dim_});
     float* hp = h.data_ptr<float>();
     for (auto& b : blocks_) {
@@ -1004,7 +1008,7 @@ class Decoder {
         }
       };
       // rows on the threads at once (each its own cache row and scratch); a row's arithmetic is
-      // what it does alone, since its key ranges follow threads_, not the region it runs in.
+      // what it does alone, since its key ranges follow KEY_PARTS, not the region it runs in.
       // An fp32 cache's long rows run torch's matmul: one row at a time.
       if (B > 1 && b.k_cache.scalar_type() != at::kFloat) {
         at::parallel_for(0, B, 1, attend_rows);
@@ -1064,14 +1068,14 @@ class Decoder {
   }
 
 #ifdef LLAMADESK_VEC
-  // Each KV head's keys in `parts` ranges (one per thread once the context is long), attended
-  // on their own and merged by their softmax maxima and sums, as flash-decoding does.
+  // Each KV head's keys in `parts` ranges (KEY_PARTS once the context is long), attended on
+  // their own and merged by their softmax maxima and sums, as flash-decoding does.
   template <typename T, int NC>
   void attend_fast(const float* q, const T* kc, const T* vc, const float* ks, const float* vs, int64_t S, int64_t L,
                    float* out, AttnScratch& sc) {
     const int64_t rep = nh_ / nkv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
-    const int64_t parts = L >= g_parallel_keys.load(std::memory_order_relaxed) ? threads_ : 1;
+    const int64_t parts = L >= g_parallel_keys.load(std::memory_order_relaxed) ? KEY_PARTS : 1;
     const int64_t chunk = ((L + parts - 1) / parts + 15) / 16 * 16;
     const int64_t units = nkv_ * parts;
     if (static_cast<int64_t>(sc.scores.size()) < units * rep * chunk) sc.scores.resize(units * rep * chunk);
@@ -1198,7 +1202,6 @@ class Decoder {
   std::vector<Block> blocks_;
   std::vector<float> xn_, qkv_, att_, o_, h13_, act_;
   std::vector<AttnScratch> scratch_;  // one per row of a batch: rows attend on the threads at once
-  int64_t threads_ = 1;  // at::get_num_threads() outside the rows' parallel region
 };
 
 // y (M, N) = x (M, K) @ W^T with W = q (N, K) int8 times scales (N, K / 32) fp32, one scale per

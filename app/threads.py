@@ -1,0 +1,108 @@
+"""The thread count while decoding: the rule's start value (devices.inference_threads), then
+whatever the cores give, step by step.
+
+The rule reads the load once, at load time. A chat or a server runs for hours, and a program
+that starts on another core later parks one of our threads behind it: every op then ends at an
+OpenMP barrier waiting for that thread (measured, 2 cores, one busy: 2 threads decode ~16x
+slower than 1). So the engine's decoder is wrapped in a governor that times each step and now
+and then tries one step at a neighbouring thread count, keeping whichever is faster.
+
+The step's arithmetic does not depend on the thread count (quant/csrc/decode_cpu.cpp's KEY_PARTS,
+tests/test_decode_cpu.py), so switching mid-reply changes no token.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict, deque
+
+import torch
+
+# a step this many times its thread count's usual time means a core was taken: probe at once
+COLLAPSED = 2.5
+# a probe's count takes over when its step is at most this fraction of the usual one
+BETTER = 0.9
+# seconds between probes: from FIRST_PROBE_S after a change, doubling up to LAST_PROBE_S while
+# nothing better turns up (a probe at the wrong count costs one slow step)
+FIRST_PROBE_S, LAST_PROBE_S = 0.5, 8.0
+RECENT = 8  # steps kept per (threads, rows) for the usual time
+
+
+class ThreadGovernor:
+    """Wraps a Decoder (model/generate.py's seam): decode() as the inner one's, on a thread count
+    between 1 and `ceiling` that it adapts to the step times it measures.
+
+    Times are kept per (threads, rows): a server's batch changes size between steps, and a step
+    of 4 rows is no slower for a taken core than one of 1. The count is set on the calling thread
+    (torch's thread count is per thread), which is the one that decodes.
+    `clock` and `set_threads`/`get_threads` are torch's and time's unless a test fakes them."""
+
+    def __init__(self, inner, ceiling: int, clock=time.perf_counter,
+                 set_threads=torch.set_num_threads, get_threads=torch.get_num_threads):
+        self.inner, self.ceiling = inner, max(1, ceiling)
+        self._clock, self._set, self._get = clock, set_threads, get_threads
+        self._times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=RECENT))
+        self._home: int | None = None  # the count decoding runs at between probes
+        self._probing: int | None = None  # the count this step tries, if a probe
+        self._reference = (0.0, 0)  # the home count's step time the probe must beat, at that many rows
+        self._interval = FIRST_PROBE_S
+        self._next_probe = 0.0
+        self._down = True  # which neighbour the next probe tries
+
+    @property
+    def threads(self) -> int:
+        """The count decoding runs at (between probes)."""
+        return self._home or min(self._get(), self.ceiling)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self._home is None:
+            self._home = min(self._get(), self.ceiling)
+        n, B = self._get(), tokens.numel()
+        t0 = self._clock()
+        logits = self.inner.decode(tokens, positions, rows)
+        now = self._clock()
+        self._after(n, B, now - t0, now)
+        return logits
+
+    def __getattr__(self, name):  # the inner decoder's other attributes (model, blocks, ...)
+        return getattr(self.__dict__["inner"], name)
+
+    def _after(self, n: int, B: int, seconds: float, now: float) -> None:
+        if self._probing is not None:
+            reference, rows = self._reference
+            if B != rows:  # the batch changed size under the probe: compare with that size's usual
+                reference = self._usual(self._home, B)
+            if reference is None:
+                pass  # nothing to compare with: try again after the same interval
+            elif seconds < BETTER * reference:
+                self._home, self._interval = self._probing, FIRST_PROBE_S
+            else:
+                self._interval = min(2 * max(self._interval, FIRST_PROBE_S / 2), LAST_PROBE_S)
+            self._times[(self._probing, B)].append(seconds)
+            self._probing = None
+            self._set(self._home)
+            self._next_probe = now + self._interval
+            return
+        usual = self._usual(n, B)
+        self._times[(n, B)].append(seconds)
+        if self.ceiling == 1 or usual is None:
+            return
+        if seconds > COLLAPSED * usual:  # measured against the step that just collapsed
+            self._down, self._next_probe, usual = True, now, seconds
+        if now >= self._next_probe:
+            self._reference = usual, B
+            self._probe_next()
+
+    def _probe_next(self) -> None:
+        home = self._home
+        down, up = home - 1 >= 1, home + 1 <= self.ceiling
+        self._probing = home - 1 if (self._down and down) or not up else home + 1
+        self._down = not self._down
+        self._set(self._probing)
+
+    def _usual(self, n: int, B: int) -> float | None:
+        """The median of the last steps at n threads and B rows; None before 3 of them."""
+        recent = self._times.get((n, B))
+        if not recent or len(recent) < 3:
+            return None
+        return statistics.median(recent)

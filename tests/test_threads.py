@@ -1,0 +1,107 @@
+"""The thread governor (app/threads.py) on a simulated machine: a decoder whose step time depends
+on the thread count and on whether another program holds a core, with a fake clock.
+
+The figures are this machine's (2 cores, SmolLM2 source): 1 thread ~7 ms a step, 2 threads ~4 ms
+when both cores are free and ~64 ms when another program holds one (tests/bench/busy_core.py).
+"""
+import torch
+
+from app.threads import LAST_PROBE_S, ThreadGovernor
+
+
+class Machine:
+    """Two cores; `busy` says whether another program holds one."""
+
+    def __init__(self):
+        self.now, self.threads, self.busy = 0.0, 2, False
+
+    def clock(self) -> float:
+        return self.now
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+
+    def get_threads(self) -> int:
+        return self.threads
+
+
+class FakeDecoder:
+    def __init__(self, machine: Machine):
+        self.machine, self.steps = machine, 0
+
+    def decode(self, tokens, positions, rows):
+        m = self.machine
+        per_row = {1: 0.007, 2: 0.064 if m.busy else 0.004}[m.threads]
+        m.now += per_row * (1 + 0.3 * (tokens.numel() - 1))
+        self.steps += 1
+        return torch.zeros(tokens.numel(), 4)
+
+
+def run(governor: ThreadGovernor, machine: Machine, seconds: float, rows: int = 1) -> list[int]:
+    """Decode for `seconds` of machine time; the thread count of each step."""
+    counts = []
+    end = machine.now + seconds
+    args = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), torch.arange(rows)
+    while machine.now < end:
+        counts.append(machine.threads)
+        governor.decode(*args)
+    return counts
+
+
+def governed(ceiling: int = 2):
+    machine = Machine()
+    inner = FakeDecoder(machine)
+    return machine, inner, ThreadGovernor(inner, ceiling, machine.clock, machine.set_threads, machine.get_threads)
+
+
+def test_quiet_cores_keep_every_thread_with_few_probes():
+    machine, _, governor = governed()
+    counts = run(governor, machine, 30.0)
+    assert governor.threads == 2
+    # probes at 0.5, 1.5, 3.5, 7.5, ... s: a handful of one-thread steps in thousands
+    assert 0 < counts.count(1) <= 8 and len(counts) > 5000
+
+
+def test_a_program_taking_a_core_mid_reply_costs_a_step_not_the_reply():
+    machine, _, governor = governed()
+    run(governor, machine, 20.0)  # quiet: probes spaced out to the longest interval
+    machine.busy = True
+    before = machine.now
+    counts = run(governor, machine, 5.0)
+    assert governor.threads == 1
+    # one collapsed step, then a probe at one thread that wins at once
+    assert counts[:3] == [2, 1, 1]
+    quiet_one_thread = 1 / 0.007
+    assert len(counts) / (machine.now - before) > 0.5 * quiet_one_thread
+
+
+def test_the_core_coming_back_is_taken_again_within_the_longest_interval():
+    machine, _, governor = governed()
+    machine.threads = 1  # the rule saw the busy core at load
+    machine.busy = True
+    run(governor, machine, 30.0)
+    assert governor.threads == 1
+    machine.busy = False
+    counts = run(governor, machine, LAST_PROBE_S + 1)
+    assert governor.threads == 2 and counts[-1] == 2
+
+
+def test_batches_of_several_rows_are_timed_apart_from_single_rows():
+    machine, _, governor = governed()
+    counts = []
+    for i in range(3000):  # a server: batches of 1 and 4 rows in turn
+        counts += run(governor, machine, 0.001, rows=1 + 3 * (i % 2))
+    assert governor.threads == 2 and counts.count(1) < 20
+
+
+def test_one_core_means_no_probes():
+    machine, inner, governor = governed(ceiling=1)
+    machine.threads = 1
+    machine.busy = True
+    counts = run(governor, machine, 10.0)
+    assert set(counts) == {1}
+
+
+def test_the_inner_decoders_attributes_show_through():
+    machine, inner, governor = governed()
+    assert governor.machine is machine and governor.inner is inner
