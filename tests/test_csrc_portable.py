@@ -35,8 +35,8 @@ def _compile(command: list[str]) -> None:
 def _assert_all_checks_pass(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:] or done.stdout[-4000:]
-    passed, total = map(int, re.search(r"(\d+) of (\d+) checks passed", done.stdout).groups())
-    assert passed == total
+    tally = re.search(r"(\d+) of (\d+) checks passed", done.stdout)
+    assert tally and tally[1] == tally[2], done.stdout[-4000:]
     for kernel in ("dequantize q6_k", "gemv q4_k", "gemv int8_group", "r16 q4_1", "batch r16 int8_group rows=7"):
         assert f"ok   {kernel}" in done.stdout, f"{kernel}: not checked"
 

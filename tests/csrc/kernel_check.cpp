@@ -60,12 +60,12 @@ inline float fp16_ieee_to_fp32_value(uint16_t h) {
 }
 }  // namespace c10::detail
 
-#define TORCH_CHECK(cond, ...)                                      \
-  do {                                                              \
-    if (!(cond)) {                                                  \
+#define TORCH_CHECK(cond, ...)                                        \
+  do {                                                                \
+    if (!(cond)) {                                                    \
       std::fprintf(stderr, "kernel_check: TORCH_CHECK(%s)\n", #cond); \
-      std::exit(2);                                                 \
-    }                                                               \
+      std::exit(2);                                                   \
+    }                                                                 \
   } while (0)
 
 namespace {
