@@ -24,7 +24,6 @@
 #include <cstring>
 #include <random>
 #include <string>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -349,14 +348,22 @@ bool batch_invariant(const std::vector<float>& x, int64_t M, int64_t N, int64_t 
 const int64_t kRows[] = {1, 3, 7};  // activation rows: in_row_chunks' 1; 2 + 1; 4 + 2 + 1
 constexpr int64_t kMostRows = 7;
 
-// run(x, M, y) at 1, 3 and 7 rows of x against reference(m, n) -> (value, tolerance); then each
+struct Expected {
+  double value, tolerance;
+};
+
+// run(x, M, y) at 1, 3 and 7 rows of x against reference(m, n) -> Expected; then each
 // row of the 3- and 7-row results against the same row run alone
 template <class Run, class Reference>
 void check_rows(const std::string& what, const std::vector<float>& x, int64_t N, int64_t K, Run run,
                 Reference reference, Tally& tally) {
   std::vector<double> want(kMostRows * N), tol(kMostRows * N);
   for (int64_t m = 0; m < kMostRows; ++m) {
-    for (int64_t n = 0; n < N; ++n) std::tie(want[m * N + n], tol[m * N + n]) = reference(m, n);
+    for (int64_t n = 0; n < N; ++n) {
+      const Expected e = reference(m, n);
+      want[m * N + n] = e.value;
+      tol[m * N + n] = e.tolerance;
+    }
   }
   for (const int64_t M : kRows) {
     std::vector<float> y = guarded(M * N);
@@ -415,7 +422,7 @@ void check_gemv(const TypeInfo& t, int64_t N, int64_t K, bool exact, Random& rng
       sum += (v.scale * v.code + v.min) * xk;
       magnitude += (std::fabs(v.scale * v.code) + std::fabs(v.min)) * std::fabs(xk);
     }
-    return std::pair{sum, exact ? 0.0 : (K + 64) * kEps * magnitude};
+    return Expected{sum, exact ? 0.0 : (K + 64) * kEps * magnitude};
   }, tally);
 }
 
@@ -493,7 +500,7 @@ void check_r16(const TypeInfo& t, int r16, int64_t N, int64_t K, Random& rng, Ta
       sum += v.scale * dx * static_cast<double>(dot) + v.min * xq.sum[m * G + g];
       magnitude += std::fabs(v.scale * dx * static_cast<double>(dot)) + std::fabs(v.min) * abs_x;
     }
-    return std::pair{sum, (G + 40) * kEps * magnitude};
+    return Expected{sum, (G + 40) * kEps * magnitude};
   }, tally);
 }
 
