@@ -115,6 +115,7 @@ using Vec = Avx2;
 #define LLAMADESK_VEC 1
 #endif
 
+#include "row_chunks.h"  // in_row_chunks: activation rows 4, 2, 1 at a time
 #include "gguf_gemv.h"  // GGUF block GEMV (Q4_0 ... Q6_K) on these vector types
 
 // ---------------------------------------------------------------- int4 GEMV
@@ -471,16 +472,6 @@ inline void int4_half_avx512_rows(const float* x, const float* xsum, const uint8
   for (int i = 0; i < 2 * R; ++i) out[i] = tot[i];
 }
 #endif
-
-// f(R, m) over rows m .. m + R - 1 of M, 4 rows at a time, then 2, then 1; R is a compile-time
-// constant (std::integral_constant) so that the kernels keep R rows' sums in registers.
-template <typename F>
-inline void in_row_chunks(int64_t M, F f) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
-  for (; m + 2 <= M; m += 2) f(std::integral_constant<int, 2>{}, m);
-  for (; m < M; ++m) f(std::integral_constant<int, 1>{}, m);
-}
 
 #include "r16_gemm.h"  // Q4_0, Q4_1, Q8_0, grouped int8 in 16-row groups, integer dot products
 

@@ -1,0 +1,16 @@
+// Rows of activations in chunks whose size the kernels know at compile time.
+//
+// Included by decode_cpu.cpp inside its anonymous namespace, before gguf_gemv.h and r16_gemm.h;
+// like them it includes nothing itself and needs no torch, so tests/csrc/kernel_check.cpp can
+// include all three with only <algorithm>, <cmath>, <cstring>, <string>, <type_traits>, <vector>
+// and shims for at::parallel_for, TORCH_CHECK and c10's fp16 conversion.
+
+// f(R, m) over rows m .. m + R - 1 of M, 4 rows at a time, then 2, then 1; R is a compile-time
+// constant (std::integral_constant) so that the kernels keep R rows' sums in registers.
+template <typename F>
+inline void in_row_chunks(int64_t M, F f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= M; m += 2) f(std::integral_constant<int, 2>{}, m);
+  for (; m < M; ++m) f(std::integral_constant<int, 1>{}, m);
+}
