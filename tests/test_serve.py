@@ -4,6 +4,7 @@ One engine is loaded per module; each server below is a uvicorn in a thread on 1
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import threading
@@ -17,7 +18,7 @@ import pytest
 from app.engine import Engine
 from app.serve import is_loopback
 from app.serve.app import MAX_BODY, Served
-from app.serve.scheduler import EngineRows, Scheduler
+from app.serve.scheduler import EngineRows, Job, Scheduler
 from model.generate import SamplingParams
 from serve_helpers import running
 
@@ -381,13 +382,49 @@ def test_disconnect_while_waiting_for_a_plain_reply_stops_it(url, scheduler, log
     assert any(x.startswith("POST /v1/completions") for x in logs[-2:])
 
 
+def test_a_client_leaving_during_its_prompt_stops_the_prefill(engine, rows):
+    """The client goes while the first layer runs over its 900-token prompt (a hook sets the job's
+    cancel there, as job_events does when it sees the disconnect): no other layer runs, the job
+    ends cancelled and its slot takes the next request."""
+    tight = Scheduler(rows, parallel=1, queue=1)
+    job = Job(list(range(1000, 1900)), SamplingParams(temperature=0), 4)
+    ran = []
+
+    def leave(module, args):
+        ran.append(module)
+        job.cancel.set()
+
+    hooks = [layer.register_forward_pre_hook(leave) for layer in engine.model.layers]
+
+    async def events(j):
+        tight.submit(j)
+        seen = []
+        while not seen or seen[-1][0] not in ("done", "error"):
+            seen.append(await j.events.get())
+        return seen
+
+    try:
+        seen = asyncio.run(events(job))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    try:
+        assert seen == [("done", "cancelled")] and len(ran) == 1
+        after = asyncio.run(events(Job(engine.tokenizer.encode("1, 2, 3,"), SamplingParams(temperature=0), 3)))
+        assert after[-1] == ("done", "length") and after[0][0] == "text"
+    finally:
+        tight.close(grace_s=0)
+
+
 def test_full_queue_is_a_429_with_retry_after(engine, rows):
     tight = Scheduler(rows, parallel=1, queue=0)
     try:
         with running(Served(engine, tight, log=lambda line: None)) as base:
-            body = {"model": MODEL, "messages": HELLO, "max_tokens": 60, "stream": True}
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body) as first:
-                next(first.iter_lines())  # the first request holds the one slot
+            # a count that goes on for 400 tokens: the first request holds the one slot throughout
+            body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400, "stream": True,
+                    "temperature": 0}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body) as first:
+                next(first.iter_lines())
                 c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
                 with pytest.raises(openai.RateLimitError) as e:
                     c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)

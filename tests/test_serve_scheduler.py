@@ -36,7 +36,7 @@ class CountingRows:
         logits[token + 1] = 1.0
         return logits
 
-    def prefill(self, slot, ids):
+    def prefill(self, slot, ids, cancel=None):
         assert slot not in self.slots_in_use and 0 <= slot < self.max_rows
         self.slots_in_use.add(slot)
         self.calls.append(("prefill", slot, len(ids)))

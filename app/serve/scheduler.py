@@ -4,7 +4,7 @@
           ^                           |                                                  |
           +--- job.events (asyncio) <-+---------- sample, detokenize, stop strings <-----+
 
-`Rows` is the seam to the model: `prefill(slot, ids) -> logits (V,)` and
+`Rows` is the seam to the model: `prefill(slot, ids, cancel) -> logits (V,)` (None if cancelled) and
 `step(tokens, positions, slots) -> logits (B, V)`, one row per active request, each with its own
 position and KV-cache slot. `EngineRows` runs them on an `Engine` with `--parallel` cache rows
 through its Decoder.
@@ -83,14 +83,16 @@ class EngineRows:
         self.ctx = engine.ctx  # positions per slot
         self.tokenizer, self.stop_ids = engine.tokenizer, engine.stop_ids
 
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        """Run `ids` (the whole prompt) into `slot`'s cache; the last position's logits (V,)."""
+    def prefill(self, slot: int, ids: list[int], cancel: threading.Event | None = None) -> torch.Tensor | None:
+        """Run `ids` (the whole prompt) into `slot`'s cache; the last position's logits (V,), or
+        None once `cancel` is set (checked before every layer: a client that left waits for one
+        layer over one chunk, not the whole prompt)."""
         from model.generate import prefill
 
         # the engine's record of what its cache holds stays empty while the server uses it, so
         # the engine's own `stream` never reuses what these rows wrote
         self.engine._cached = []
-        return prefill(self.engine.model, ids, 0, cache_row=slot)
+        return prefill(self.engine.model, ids, 0, cache_row=slot, cancel=cancel)
 
     def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """Feed token b at positions[b] into cache slot slots[b]; logits (B, V)."""
@@ -277,9 +279,12 @@ class Scheduler:
     def _prefill(self, row: _Row) -> None:
         row.job.started = time.monotonic()
         try:
-            row.logits = self.rows.prefill(row.slot, row.job.prompt)
+            row.logits = self.rows.prefill(row.slot, row.job.prompt, row.job.cancel)
         except Exception as e:  # one bad request must not take the worker down
             self._drop(row, error=f"{type(e).__name__}: {e}")
+            return
+        if row.logits is None:  # the client left during its prompt
+            self._drop(row, "cancelled")
 
     def _step(self) -> None:
         feed: list[_Row] = []
