@@ -257,7 +257,8 @@ def x15_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
-@pytest.mark.parametrize("rows", [1, 3, 7])
+# 21 rows: a prefill chunk's path (AVX2's wide kernel from 16 rows), whose rows must equal decode's
+@pytest.mark.parametrize("rows", [1, 3, 7, 21])
 @pytest.mark.parametrize("n, k", [(16, 64), (40, 256), (576, 1536)])
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "int8_group"])
 @torch.inference_mode()

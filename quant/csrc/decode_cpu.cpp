@@ -20,6 +20,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -1340,4 +1341,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa);
   m.def("set_int4_kernel", &set_int4_kernel);
   m.def("set_parallel_keys", [](int64_t keys) { return g_parallel_keys.exchange(keys); });
+  m.def("set_r16_wide_rows", [](int64_t rows) { return std::exchange(r16_wide_rows(), rows); });
 }

@@ -34,6 +34,9 @@
 // and xs its exact fp32 sum of x (for Q4_1's mins).
 struct XInt15 {
   std::vector<int8_t> h, l;
+  // v itself block-major (K / 32, M, 32), only for AVX2's wide kernel (r16_gemm_avx2_wide): a
+  // block's M rows are one run of memory, not M rows K apart (a page each)
+  std::vector<int16_t> v;
   std::vector<float> d, xs;
   std::vector<int32_t> s;
   int64_t K = 0;
@@ -41,7 +44,8 @@ struct XInt15 {
 
 constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays within [-127, 127]
 
-inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs) {
+inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs,
+                             int16_t* v16 = nullptr, int64_t v16_block_stride = 0) {
   for (int64_t g = 0; g < K / 32; ++g) {
     const float* xb = x + 32 * g;
     float amax = 0.f, sum = 0.f;
@@ -56,6 +60,7 @@ inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, fl
       const int hi = (v + 64) >> 7;                                   // floor: l = v - 128 hi in [-64, 63]
       h[32 * g + i] = static_cast<int8_t>(hi);
       l[32 * g + i] = static_cast<int8_t>(v - 128 * hi);
+      if (v16) v16[v16_block_stride * g + i] = static_cast<int16_t>(v);
       vs += v;
     }
     d[g] = amax / X15_MAX;
@@ -64,18 +69,19 @@ inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, fl
   }
 }
 
-inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out) {
+inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool with_v = false) {
   const int64_t G = K / 32;
   out.K = K;
   out.h.resize(M * K);
   out.l.resize(M * K);
+  if (with_v) out.v.resize(M * K);
   out.d.resize(M * G);
   out.s.resize(M * G);
   out.xs.resize(M * G);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_x15_row(x + m * K, K, out.h.data() + m * K, out.l.data() + m * K, out.d.data() + m * G,
-                       out.s.data() + m * G, out.xs.data() + m * G);
+                       out.s.data() + m * G, out.xs.data() + m * G, with_v ? out.v.data() + m * 32 : nullptr, M * 32);
   });
 }
 
@@ -148,6 +154,12 @@ void repack_r16_as(const uint8_t* src, const float* scales, int64_t N, int64_t K
 // past the group's end too (a prefetch past the weights is harmless). One line a block, or
 // none, left the kernel waiting on memory: 7.5 GB/s from DRAM against 30 from cache.
 constexpr int64_t PREFETCH_AHEAD = 16;
+
+// From how many rows of x AVX2 builds run 4-bit blocks through r16_gemm_avx2_wide (see there).
+inline int64_t& r16_wide_rows() {
+  static int64_t rows = 16;
+  return rows;
+}
 
 inline void prefetch_block(const uint8_t* b, int64_t bytes) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -307,6 +319,115 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512BW__)
+// 4-bit blocks times many rows of x (a prefill chunk), AVX2 without AVX-512. vpmaddubsw needs two
+// products a weight for 15-bit x (h and l) and an add for each; here a group's block is widened
+// once to int16 codes (16 rows x 32 k, 1 KiB in L1) and every row of x meets it as v itself in
+// vpmaddwd, 16 multiply-adds an instruction plus one add, no halves to join: ~37 vector uops per
+// 256 multiply-adds against ~46. The widening costs ~90 uops a block, paid once for all M rows,
+// so below r16_wide_rows() rows (16; set_r16_wide_rows changes it, for benchmarks and tests) the
+// narrow kernel stays.
+// Exact integer sums (|codes . v| <= 32 * 15 * 16319 < 2^31) and the narrow kernel's fp32 steps
+// in the same order: a row's outputs are bit-identical to r16_group_avx2's (batch invariance
+// across the two).
+
+// codes of one block (16 rows) as int16 pairs: w[kp][half] lane i = row 8 half + i's codes of
+// k = 2 kp and 2 kp + 1 (vpmaddwd's pair)
+template <int T>
+inline void widen_block_avx2(const uint8_t* b, __m256i (*w)[2]) {
+  const __m256i mask = _mm256_set1_epi8(15);
+  // per dword (a row's 4 bytes): bytes 0, 1 (pairs A) or 2, 3 (pairs B) zero-extended to int16
+  const __m256i pa = _mm256_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128, 12, -128, 13, -128,
+                                      0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128, 12, -128, 13, -128);
+  const __m256i pb = _mm256_add_epi8(pa, _mm256_setr_epi8(2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0,
+                                                          2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0));
+  for (int L = 0; L < 4; ++L) {
+    for (int half = 0; half < 2; ++half) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * L + 32 * half));
+      const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      w[4 * L + 0][half] = _mm256_shuffle_epi8(lo, pa);  // k = 8L, 8L + 1
+      w[4 * L + 1][half] = _mm256_shuffle_epi8(lo, pb);  // 8L + 2, 8L + 3
+      w[4 * L + 2][half] = _mm256_shuffle_epi8(hi, pa);  // 8L + 4, 8L + 5
+      w[4 * L + 3][half] = _mm256_shuffle_epi8(hi, pb);  // 8L + 6, 8L + 7
+    }
+  }
+}
+
+// acc += v (int32 lanes) in acc's own register. Written as _mm256_add_epi32, g++ 12 adds into the
+// product's register and copies the sum back every round: a vmovdqa per multiply, which the
+// front end must issue (measured: ~75 instructions per 256 multiply-adds instead of ~40).
+inline void add_into(__m256i& acc, __m256i v) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(v));
+#else
+  acc = _mm256_add_epi32(acc, v);
+#endif
+}
+
+// rows m0 .. m0 + R - 1 of x times block g (widened in w): acc[r] (16 fp32 sums) updated as the
+// narrow kernel does
+// (xv: block g's M rows of v)
+template <int T, int R>
+inline void wide_rows_avx2(const __m256i (*w)[2], const uint8_t* b, int64_t g, int64_t G, const XInt15& x,
+                           const int16_t* xv, int64_t m0, float* acc) {
+  using F = R16Format<T>;
+  __m256i s[R][2];
+  for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+  for (int kp = 0; kp < 16; ++kp) {
+    const __m256i w0 = _mm256_load_si256(&w[kp][0]), w1 = _mm256_load_si256(&w[kp][1]);
+    for (int r = 0; r < R; ++r) {
+      // v's pair (2 kp, 2 kp + 1) in every lane: vbroadcastss from memory is a load, where
+      // vpbroadcastd from a register takes the shuffle port the adds need
+      const __m256i xb = bcast4_256(reinterpret_cast<const int8_t*>(xv + (m0 + r) * 32 + 2 * kp));
+      add_into(s[r][0], _mm256_madd_epi16(w0, xb));
+      add_into(s[r][1], _mm256_madd_epi16(w1, xb));
+    }
+  }
+  for (int half = 0; half < 2; ++half) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::SCALES + 16 * half)));
+    __m256 m = _mm256_setzero_ps();
+    if (F::MIN) m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::MINS + 16 * half)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t gi = (m0 + r) * G + g;
+      const __m256i isum = _mm256_add_epi32(s[r][half], _mm256_set1_epi32(-F::OFFSET * x.s[gi]));
+      float* o = acc + (m0 + r) * 16 + 8 * half;
+      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])),
+                                 _mm256_loadu_ps(o));
+      if (F::MIN) a = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xs[gi]), a);
+      _mm256_storeu_ps(o, a);
+    }
+  }
+}
+
+// y (M, N) = x W^T for 4-bit r16 blocks, M >= r16_wide_rows(): threads take groups of 16 rows; per
+// group, each block is widened once and every row of x goes through it; the M x 16 fp32 sums
+// stay in a per-thread buffer (L1/L2) until the group ends.
+template <int T>
+void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt15& xi, int64_t M, float* y) {
+  using F = R16Format<T>;
+  const int64_t groups = (N + 15) / 16;
+  at::parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
+    alignas(32) __m256i w[16][2];
+    std::vector<float> acc(M * 16);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* grp = packed + t * G * F::BYTES;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* b = grp + g * F::BYTES;
+        prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
+        widen_block_avx2<T>(b, w);
+        const int16_t* xv = xi.v.data() + g * M * 32;
+        in_row_chunks(M, [&](auto rows, int64_t m) {
+          wide_rows_avx2<T, decltype(rows)::value>(w, b, g, G, xi, xv, m, acc.data());
+        });
+      }
+      const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
+      for (int64_t m = 0; m < M; ++m) std::copy_n(acc.data() + m * 16, nn, y + m * N + n0);
+    }
+  });
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // u8 codes (16 rows x 4 k a lane) times 4 int8 values of x broadcast, summed into int32 lanes.
 // Without VNNI only for 4-bit codes (vpmaddubsw's int16 pairs hold 15 * 128 * 2).
@@ -399,6 +520,12 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
   // worker's own, empty one)
   static thread_local XInt15 buffer;
   XInt15& xi = buffer;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512BW__)
+  if (R16Format<T>::FOUR && !portable && M >= r16_wide_rows()) {
+    quantize_x15(x, M, K, xi, true);
+    return r16_gemm_avx2_wide<T>(packed, N, G, xi, M, y);
+  }
+#endif
   quantize_x15(x, M, K, xi);
   // below ~16 KiB of weights a thread, waking the other costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (G * bb * std::max<int64_t>(1, M)));

@@ -7,6 +7,8 @@ GGUF kernels they replace (csrc/gguf_gemv.h), one layer at a time, same process,
 Shapes: the 1.2B model's w13 (16384 x 2048) and w2 (2048 x 8192), SmolLM2's head (49152 x 576).
 Each figure is the best of `--rounds` calls (robust to a shared machine's load); rows = 1 is a
 decode step, 4 a server's batch, 64 a prefill chunk. GB/s: the layer's bytes over the time.
+The last column runs the same rows through the narrow kernel (AVX2 builds widen 4-bit blocks to
+int16 from 16 rows of x: r16_gemm.h's r16_gemm_avx2_wide).
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ def main() -> None:
         raise SystemExit("the kernels did not compile here")
     torch.set_num_threads(a.threads)
     print(f"path {ext.isa()}, {a.threads} thread(s)\n")
-    print("| type | N x K | rows | fp32 kernel us | r16 us | x | r16 GB/s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| type | N x K | rows | fp32 kernel us | r16 us | x | r16 GB/s | r16 narrow us (AVX2: wide x) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rng = np.random.default_rng(0)
     for qtype in a.types:
         for n, k in SHAPES:
@@ -52,8 +54,12 @@ def main() -> None:
                 rounds = a.rounds if m <= 4 else max(3, a.rounds // 4)
                 t_fp32 = best_of(lambda: ext.gguf_linear(x, blocks, qtype.lower()), rounds)
                 t_r16 = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
+                # the same rows through the narrow kernel (AVX2 builds widen 4-bit blocks from 16 rows)
+                wide = ext.set_r16_wide_rows(1 << 40)
+                t_narrow = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
+                ext.set_r16_wide_rows(wide)
                 print(f"| {qtype} | {n} x {k} | {m} | {t_fp32 * 1e6:.0f} | {t_r16 * 1e6:.0f} | {t_fp32 / t_r16:.2f} "
-                      f"| {blocks.numel() / t_r16 / 1e9:.1f} |", flush=True)
+                      f"| {blocks.numel() / t_r16 / 1e9:.1f} | {t_narrow * 1e6:.0f} ({t_narrow / t_r16:.2f}) |", flush=True)
 
 
 if __name__ == "__main__":
