@@ -7,8 +7,10 @@ OpenMP barrier waiting for that thread (measured, 2 cores, one busy: 2 threads d
 slower than 1). So the engine's decoder is wrapped in a governor that times each step and now
 and then tries one step at a neighbouring thread count, keeping whichever is faster.
 
-The step's arithmetic does not depend on the thread count (quant/csrc/decode_cpu.cpp's KEY_PARTS,
-tests/test_decode_cpu.py), so switching mid-reply changes no token.
+Our kernels' arithmetic does not depend on the thread count (quant/csrc/decode_cpu.cpp's
+KEY_PARTS; tests/test_gguf_kernels.py), so on GGUF and grouped-int8 models switching mid-reply
+changes no logit. Layers that torch's kernels run (dense fp32, an fp16 head) may differ in the last
+bits between counts, as they may between machines.
 """
 from __future__ import annotations
 

@@ -416,33 +416,6 @@ def test_four_sequences_decode_together_each_as_alone(cache, kv_dtype):
     assert not torch.equal(together[0], together[1])  # the rows did hold different sequences
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-@torch.inference_mode()
-def test_a_step_gives_the_same_logits_on_any_thread_count(cache, split_keys, kv_dtype, head_dim):
-    """The thread governor (app/threads.py) changes the thread count between steps of one reply:
-    two rows at 300 keys (attention split over its key ranges past the threshold) give bit-identical
-    logits on 1, 2 and 3 threads."""
-    model = tiny_packed_model(ctx=512, kv_dtype=kv_dtype, head_dim=head_dim)
-    model.setup_caches(512, batch=2, kv_dtype=kv_dtype)
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 256, (300,), generator=g).tolist(), torch.randint(0, 256, (290,), generator=g).tolist()]
-    for r, p in enumerate(prompts):
-        prefill(model, p, cache_row=r)
-    decoder = decode_cpu.build_decoder(model, cache)
-    args = torch.tensor([7, 8]), torch.tensor([len(p) for p in prompts]), torch.tensor([0, 1])
-    before = torch.get_num_threads()
-    try:
-        out = {}
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            out[n] = decoder.decode(*args)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])
-    assert not torch.equal(out[1][0], out[1][1])
-
-
 def test_a_row_past_the_cache_is_refused(cache):
     model = tiny_packed_model()
     decoder = decode_cpu.build_decoder(model, cache)

@@ -336,3 +336,54 @@ def test_a_short_prefill_through_a_tiled_layer_runs_each_row_as_its_decode_step(
     monkeypatch.setattr(GGUFLinear, "NATIVE_PREFILL_ROWS", 34)
     tiles = layer(x)
     assert not torch.equal(tiles, prefill) and relative_error(tiles, expected) < 1e-5
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+@torch.inference_mode()
+def test_a_step_gives_the_same_logits_on_any_thread_count(ext, kv_dtype):
+    """The thread governor (app/threads.py) changes the thread count between steps of one reply. A
+    model our kernels run whole (grouped int8: r16 layers and head) gives bit-identical logits on
+    1, 2 and 3 threads, two rows at 300 keys (attention split in its key ranges past 256).
+    (Layers that torch's kernels run, dense fp32 or an fp16 head, may block their sums by the
+    thread count and differ in the last bits: measured on the AVX2 path at 3 threads.)"""
+    from model.args import ModelArgs
+    from model.generate import prefill
+    from model.model import Transformer
+    from quant import decode_cpu
+    from quant.formats import pack_int8
+    from quant.linear import fuse_projections, prepared_weights, repack_for_device, swap_linears
+
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=256)  # head dim 64
+    torch.manual_seed(0)
+    reference = Transformer(args)
+    for name, p in reference.named_parameters():
+        torch.nn.init.normal_(p, std=0.1) if p.dim() == 2 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    state, precision = dict(reference.state_dict()), {}
+    for name in [k[: -len(".weight")] for k, v in reference.state_dict().items() if v.dim() == 2]:
+        if name != "tok_embeddings":
+            precision[name] = "int8"
+            state.update(pack_int8(state.pop(f"{name}.weight"), 32)[0].state_dict(name))
+    with torch.device("meta"):
+        model = Transformer(args)
+    swap_linears(model, precision, group_size={name: 32 for name in precision})
+    model.load_state_dict(state, assign=True)
+    fuse_projections(model)
+    repack_for_device(model, "cpu")
+    model.setup_caches(512, batch=2, kv_dtype=kv_dtype)
+    assert prepared_weights(model.output).kind == "r16"
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 300, (300,), generator=g).tolist(), torch.randint(0, 300, (290,), generator=g).tolist()]
+    for r, p in enumerate(prompts):
+        prefill(model, p, cache_row=r)
+    decoder = decode_cpu.build_decoder(model, pull.cache_dir())
+    args = torch.tensor([7, 8]), torch.tensor([len(p) for p in prompts]), torch.tensor([0, 1])
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out[n] = decoder.decode(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])
+    assert not torch.equal(out[1][0], out[1][1])

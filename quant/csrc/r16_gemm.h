@@ -248,6 +248,26 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
 // 4-bit: vpmaddubsw's int16 pair sums are added in int16 over a block (8 of them: at most
 // 30720), then widened once. 8-bit: |w| times x with w's sign (vpsignb; x's halves are never
 // -128), each widened at once (a pair reaches 32512).
+// acc += v in acc's own register (int16 or int32 lanes). Written as _mm256_add_epi16/32, g++ 12
+// adds into the product's register and copies the sum back every round, and with 4 rows of x
+// spills sums to the stack: a vmovdqa or a store per multiply that the front end must issue
+// (measured on the wide kernel: ~75 instructions per 256 multiply-adds instead of ~40).
+inline void add_into(__m256i& acc, __m256i v) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(v));
+#else
+  acc = _mm256_add_epi32(acc, v);
+#endif
+}
+
+inline void add_into16(__m256i& acc, __m256i v) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __asm__("vpaddw %1, %0, %0" : "+x"(acc) : "x"(v));
+#else
+  acc = _mm256_add_epi16(acc, v);
+#endif
+}
+
 template <int T, int R>
 inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
   using F = R16Format<T>;
@@ -268,10 +288,10 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           for (int r = 0; r < R; ++r) {
             const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
             const int8_t *xh = x.h.data() + at, *xl = x.l.data() + at;
-            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(lo, bcast4_256(xh)));
-            h16[r] = _mm256_add_epi16(h16[r], _mm256_maddubs_epi16(hi, bcast4_256(xh + 4)));
-            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(lo, bcast4_256(xl)));
-            l16[r] = _mm256_add_epi16(l16[r], _mm256_maddubs_epi16(hi, bcast4_256(xl + 4)));
+            add_into16(h16[r], _mm256_maddubs_epi16(lo, bcast4_256(xh)));
+            add_into16(h16[r], _mm256_maddubs_epi16(hi, bcast4_256(xh + 4)));
+            add_into16(l16[r], _mm256_maddubs_epi16(lo, bcast4_256(xl)));
+            add_into16(l16[r], _mm256_maddubs_epi16(hi, bcast4_256(xl + 4)));
           }
         }
         for (int r = 0; r < R; ++r) {
@@ -288,8 +308,8 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
             const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
             const __m256i ph = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(x.h.data() + at), w));
             const __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(x.l.data() + at), w));
-            sh[r] = _mm256_add_epi32(sh[r], _mm256_madd_epi16(ph, ones));
-            sl[r] = _mm256_add_epi32(sl[r], _mm256_madd_epi16(pl, ones));
+            add_into(sh[r], _mm256_madd_epi16(ph, ones));
+            add_into(sl[r], _mm256_madd_epi16(pl, ones));
           }
         }
       }
@@ -351,17 +371,6 @@ inline void widen_block_avx2(const uint8_t* b, __m256i (*w)[2]) {
       w[4 * L + 3][half] = _mm256_shuffle_epi8(hi, pb);  // 8L + 6, 8L + 7
     }
   }
-}
-
-// acc += v (int32 lanes) in acc's own register. Written as _mm256_add_epi32, g++ 12 adds into the
-// product's register and copies the sum back every round: a vmovdqa per multiply, which the
-// front end must issue (measured: ~75 instructions per 256 multiply-adds instead of ~40).
-inline void add_into(__m256i& acc, __m256i v) {
-#if defined(__GNUC__) && !defined(__clang__)
-  __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(v));
-#else
-  acc = _mm256_add_epi32(acc, v);
-#endif
 }
 
 // rows m0 .. m0 + R - 1 of x times block g (widened in w): acc[r] (16 fp32 sums) updated as the
