@@ -151,20 +151,13 @@ def test_a_model_of_gguf_blocks_decodes_through_the_step_as_the_dequantized_mode
     assert reference.std() > 0.1  # logits that tell tokens apart, not a model gone flat
 
 
-@torch.inference_mode()
-def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weights(ext, monkeypatch):
-    """What `quantize --scheme int8` makes (one fp16 scale per 32, the head too) runs in the step
-    as kind "r16" (x as 15-bit integers) and follows the eager model over its dequantized
-    weights (a precise model: its layers run in Python)."""
-    from agreement import assert_agree, forced_logits, greedy_answer
-    from app.engine import choose_decoder
-    from model.args import ModelArgs
+def grouped_int8_model(args, precise: bool = False, ctx: int = 64, batch: int = 1, kv_dtype=None):
+    """What `quantize --scheme int8` makes (one scale per 32, the head too) of a random model of
+    `args` (seed 0), built for the CPU."""
     from model.model import Transformer
-    from quant import decode_cpu
     from quant.formats import pack_int8
-    from quant.linear import Int8Linear, fuse_projections, int8_dequant_linear, prepared_weights, repack_for_device, swap_linears
+    from quant.linear import fuse_projections, repack_for_device, swap_linears
 
-    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=256)
     torch.manual_seed(0)
     reference = Transformer(args)
     for name, p in reference.named_parameters():
@@ -174,16 +167,31 @@ def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weight
         if name != "tok_embeddings":
             precision[name] = "int8"
             state.update(pack_int8(state.pop(f"{name}.weight"), 32)[0].state_dict(name))
+    with torch.device("meta"):
+        model = Transformer(args)
+    swap_linears(model, precision, group_size={name: 32 for name in precision})
+    model.load_state_dict(state, assign=True)
+    fuse_projections(model)
+    repack_for_device(model, "cpu", precise)
+    model.setup_caches(ctx, batch=batch, kv_dtype=kv_dtype)
+    return model
 
-    def build(precise: bool) -> Transformer:
-        with torch.device("meta"):
-            model = Transformer(args)
-        swap_linears(model, precision, group_size={name: 32 for name in precision})
-        model.load_state_dict(state, assign=True)
-        fuse_projections(model)
-        repack_for_device(model, "cpu", precise)
-        model.setup_caches(64)
-        return model
+
+@torch.inference_mode()
+def test_a_grouped_int8_model_decodes_through_the_step_as_its_dequantized_weights(ext, monkeypatch):
+    """What `quantize --scheme int8` makes (one fp16 scale per 32, the head too) runs in the step
+    as kind "r16" (x as 15-bit integers) and follows the eager model over its dequantized
+    weights (a precise model: its layers run in Python)."""
+    from agreement import assert_agree, forced_logits, greedy_answer
+    from app.engine import choose_decoder
+    from model.args import ModelArgs
+    from quant import decode_cpu
+    from quant.linear import Int8Linear, int8_dequant_linear, prepared_weights
+
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=256)
+
+    def build(precise: bool):
+        return grouped_int8_model(args, precise)
 
     exact = build(precise=True)  # the eager blocks over the dequantized weights: the reference
     monkeypatch.setattr(Int8Linear, "_grouped", lambda self, x: int8_dequant_linear(x, self.qweight, self.scales))
@@ -348,28 +356,11 @@ def test_a_step_gives_the_same_logits_on_any_thread_count(ext, kv_dtype):
     thread count and differ in the last bits: measured on the AVX2 path at 3 threads.)"""
     from model.args import ModelArgs
     from model.generate import prefill
-    from model.model import Transformer
     from quant import decode_cpu
-    from quant.formats import pack_int8
-    from quant.linear import fuse_projections, prepared_weights, repack_for_device, swap_linears
+    from quant.linear import prepared_weights
 
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=256)  # head dim 64
-    torch.manual_seed(0)
-    reference = Transformer(args)
-    for name, p in reference.named_parameters():
-        torch.nn.init.normal_(p, std=0.1) if p.dim() == 2 else torch.nn.init.uniform_(p, 0.5, 1.5)
-    state, precision = dict(reference.state_dict()), {}
-    for name in [k[: -len(".weight")] for k, v in reference.state_dict().items() if v.dim() == 2]:
-        if name != "tok_embeddings":
-            precision[name] = "int8"
-            state.update(pack_int8(state.pop(f"{name}.weight"), 32)[0].state_dict(name))
-    with torch.device("meta"):
-        model = Transformer(args)
-    swap_linears(model, precision, group_size={name: 32 for name in precision})
-    model.load_state_dict(state, assign=True)
-    fuse_projections(model)
-    repack_for_device(model, "cpu")
-    model.setup_caches(512, batch=2, kv_dtype=kv_dtype)
+    model = grouped_int8_model(args, ctx=512, batch=2, kv_dtype=kv_dtype)
     assert prepared_weights(model.output).kind == "r16"
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 300, (300,), generator=g).tolist(), torch.randint(0, 300, (290,), generator=g).tolist()]
