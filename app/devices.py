@@ -306,12 +306,12 @@ def inference_threads(requested: int | None = None, ui: bool = False) -> int:
     return max(1, min(requested, idle)) if requested else n
 
 
-def thread_ceiling(requested: int | None = None, ui: bool = False) -> int:
+def thread_ceiling(requested: int | None = None) -> int:
     """The most threads decoding may move up to later (app/threads.py), whatever the load now:
-    the usable cores (one fewer under the chat app), or `requested` (--threads) if fewer."""
+    the usable cores, or `requested` (--threads) if fewer. The chat app starts one below the
+    cores (inference_threads(ui=True)) and the governor tries the last one while it renders."""
     cores = usable_cpus()
-    n = max(1, cores - 1) if ui else cores
-    return max(1, min(requested, n)) if requested else n
+    return max(1, min(requested, cores)) if requested else cores
 
 
 def _own_recent_load() -> float:

@@ -300,7 +300,7 @@ class Engine:
         ceiling = None
         if target.kind == "cpu":  # the one thread rule (`ui`: the chat app's screen has a core of its own)
             torch.set_num_threads(inference_threads(threads, ui=ui))
-            ceiling = thread_ceiling(threads, ui=ui)
+            ceiling = thread_ceiling(threads)
         result = plan_installed(ref, ctx, kv_dtype, device=target, slots=slots)
         if result.chosen is None:
             raise UserError(result.why)

@@ -700,7 +700,7 @@ def main() -> int:
         if args.threads:
             import app.engine
 
-            app.engine.default_threads = lambda: args.threads
+            app.engine.inference_threads = lambda requested=None, ui=False: args.threads  # the start count
         if args.diagnose:
             threading.Thread(target=sample_main, args=(bench,), daemon=True).start()
         short = ChatSettings(temperature=0.0, max_tokens=args.short_tokens)
