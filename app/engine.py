@@ -26,9 +26,9 @@ from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, sw
 from . import pull, store
 from .devices import (format_bytes, inference_threads, probe, release_freed_memory, reuse_freed_memory, thread_ceiling,
                       trim_heap)
-from .threads import ThreadGovernor
 from .errors import UserError
 from .plan import MIN_CTX, PREFILL_CHUNK, Plan, plan_installed
+from .threads import ThreadGovernor
 
 # the plan's KV cache dtypes as the model stores them (int8: codes and a scale per vector)
 KV_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
