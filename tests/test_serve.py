@@ -418,13 +418,16 @@ def test_a_client_leaving_during_its_prompt_stops_the_prefill(engine, rows):
 
 def test_full_queue_is_a_429_with_retry_after(engine, rows):
     tight = Scheduler(rows, parallel=1, queue=0)
+    said = []
     try:
-        with running(Served(engine, tight, log=lambda line: None)) as base:
-            # a count that goes on for 400 tokens: the first request holds the one slot throughout
-            body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400, "stream": True,
+        with running(Served(engine, tight, log=said.append)) as base:
+            # a count that goes on for 900 tokens: the first request holds the one slot throughout
+            body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 900, "stream": True,
                     "temperature": 0}
             with httpx.stream("POST", f"{base}/v1/completions", json=body) as first:
-                next(first.iter_lines())
+                lines = first.iter_lines()
+                head = [next(lines), next(lines), next(lines)]
+                assert tight.counts()["active"] == 1, (head, said)
                 c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
                 with pytest.raises(openai.RateLimitError) as e:
                     c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
