@@ -12,9 +12,9 @@ of the quantized model; its perplexity, KL and top-1 are measured against the ex
 the same tokens (quant.quality.compare), and llama.cpp's perplexity of the quantized file on the
 same windows is printed beside. The compiled CPU step is loaded first, as chat loads it, so
 Q4_0, Q4_1 and Q8_0 blocks run the r16 kernels (x as 15-bit integers) and the other types their
-fp32 paths (LLAMADESK_ISA picks the AVX2 or portable path). The issue's bounds: perplexity within 0.2% (the default model),
-KL within 0.001 nats and top-1 at least 99.9% (the 1.2B random model); the last column names any
-bound a type misses. Each type's files and store entries are deleted before the next (a 1.2B
+fp32 paths (LLAMADESK_ISA picks the AVX2 or portable path). The issue's bounds: perplexity
+within 0.2% (the default model), KL within 0.001 nats and top-1 at least 99.9% (the 1.2B random
+model); the last column names any bound a type misses. Each type's files and store entries are deleted before the next (a 1.2B
 F32 file is 4.9 GB); each step's time goes to stderr.
 """
 from __future__ import annotations
