@@ -3,9 +3,10 @@
 The stand-in answers the calls the pinned huggingface_hub makes: GET /api/models/{repo}/revision/main
 (the file list and commit), HEAD and GET /{repo}/resolve/{commit}/{file} with X-Repo-Commit,
 ETag, X-Linked-Etag (an LFS file's sha256), X-Linked-Size and Range, and the Hub's error headers
-(X-Error-Code: GatedRepo, RepoNotFound). It can cut a file's first download half-way, stop
-serving a file past a byte for good (the network gone) or stall there (a user's Ctrl+C comes in
-the middle), or lie about a hash or a size.
+(X-Error-Code: GatedRepo, RepoNotFound). It can send LFS files' bytes to a second stand-in, as
+the Hub sends them to its CDN (a 302 to another origin), cut a file's first download half-way,
+stop serving a file past a byte for good (the network gone) or stall there (a user's Ctrl+C
+comes in the middle), or lie about a hash or a size.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class StandInHub(ThreadingHTTPServer):
         self.wrong_etag: set[str] = set()
         self.size_claim: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+        self.authorizations: list[str | None] = []  # each request's Authorization header
+        self.cdn: StandInHub | None = None  # set: LFS files' bytes are there, behind a 302 as the Hub's CDN
 
     @property
     def url(self) -> str:
@@ -71,8 +74,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, body: bool):
         hub = self.server
         hub.requests.append((self.command, self.path, self.headers.get("Range")))
+        hub.authorizations.append(self.headers.get("Authorization"))
         api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/main(\?.*)?", self.path)
-        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/(?:resolve|cdn)/([^/]+)/(.+)", self.path)
         asked = (api or resolve).group(1).lower() if (api or resolve) else None
         repo = next((r for r in hub.repos if r.lower() == asked), None)  # the Hub's repo ids ignore case
         if repo is None:
@@ -92,6 +96,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fname.endswith(LFS):
             oid = hashlib.sha256(content + (b"x" if fname in hub.wrong_etag else b"")).hexdigest()
             headers.update({"X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(hub.size_claim.get(fname, len(content)))})
+            if hub.cdn is not None and "/resolve/" in self.path:
+                headers["Location"] = f"{hub.cdn.url}/{repo}/cdn/{COMMIT}/{fname}"
+                return self._send(302, headers, b"", 0)
         start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
@@ -315,6 +322,30 @@ def test_a_partial_download_of_another_version_is_not_reused(hub, tmp_path, caps
     assert hub.downloads("Tiny-Q4_K_M.gguf") == [None]  # from the start, not bytes=KEPT-
     assert assembled == [newer]
     assert partials(tmp_path) == {} and not list((tmp_path / "cache").rglob(old_partial))
+
+
+def test_a_pull_continues_from_the_hubs_cdn_and_the_token_stays_on_the_hub(hub, tmp_path, capsys, small_chunks,
+                                                                           assembled, monkeypatch):
+    """The Hub answers an LFS file's resolve with a 302 to its CDN (another origin): the Range of
+    the next run goes there too, and HF_TOKEN is sent to the Hub only."""
+    cdn = StandInHub()
+    threading.Thread(target=cdn.serve_forever, daemon=True).start()
+    try:
+        hub.repos["TestOrg/Tiny-GGUF"] = files = gguf_repo(tmp_path)
+        hub.cdn, cdn.repos = cdn, hub.repos
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        cdn.stop_at["Tiny-Q4_K_M.gguf"] = KEPT
+        assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+        assert "continues where this one stopped" in one_error_line(capsys)
+        del cdn.stop_at["Tiny-Q4_K_M.gguf"]
+        cdn.requests.clear()
+        assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 0
+    finally:
+        cdn.shutdown()
+        cdn.server_close()
+    assert cdn.downloads("Tiny-Q4_K_M.gguf") == [f"bytes={KEPT}-"]
+    assert assembled == [files["Tiny-Q4_K_M.gguf"]]
+    assert set(hub.authorizations) == {"Bearer hf_test_token"} and set(cdn.authorizations) == {None}
 
 
 def test_ctrl_c_during_a_pull_is_one_line_stores_nothing_and_the_next_run_continues(hub, tmp_path, small_chunks,
