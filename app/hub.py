@@ -173,8 +173,8 @@ def pull_from_hub(ref: HubRef, replace: bool = False, say: Say = lambda s: None,
             entry = import_checkpoint(source, name, replace=replace, hub=hub,
                                       progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"nothing was installed; `llamadesk pull {ref.alias}` continues "
-                                f"the download where it stopped") from None
+        raise KeyboardInterrupt(f"nothing was installed; `llamadesk pull {ref.alias}` again continues "
+                                f"from what was downloaded") from None
     shutil.rmtree(downloads, ignore_errors=True)
     return entry
 

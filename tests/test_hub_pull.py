@@ -348,6 +348,18 @@ def test_a_pull_continues_from_the_hubs_cdn_and_the_token_stays_on_the_hub(hub, 
     assert set(hub.authorizations) == {"Bearer hf_test_token"} and set(cdn.authorizations) == {None}
 
 
+def test_a_second_pull_of_a_file_being_downloaded_is_one_line(hub, tmp_path, capsys):
+    from filelock import FileLock
+
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    folder = tmp_path / "cache" / "hub-downloads" / "testorg--tiny-gguf"
+    folder.mkdir(parents=True)
+    with FileLock(folder / "Tiny-Q4_K_M.gguf.lock"):  # what the first pull holds while it appends
+        assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    assert "another `llamadesk pull` is downloading Tiny-Q4_K_M.gguf right now" in one_error_line(capsys)
+    assert hub.downloads("Tiny-Q4_K_M.gguf") == [] and store_is_empty()
+
+
 def test_ctrl_c_during_a_pull_is_one_line_stores_nothing_and_the_next_run_continues(hub, tmp_path, small_chunks,
                                                                                     assembled):
     hub.repos["TestOrg/Tiny-GGUF"] = files = gguf_repo(tmp_path)
@@ -366,7 +378,7 @@ def test_ctrl_c_during_a_pull_is_one_line_stores_nothing_and_the_next_run_contin
         run1.kill()
     assert run1.returncode == 130
     assert err.strip().splitlines()[-1] == ("llamadesk: interrupted; nothing was installed; `llamadesk pull "
-                                            "hf.co/testorg/tiny-gguf:q4_k_m` continues the download where it stopped")
+                                            "hf.co/testorg/tiny-gguf:q4_k_m` again continues from what was downloaded")
     assert "Traceback" not in err and store_is_empty()
     assert list(partials(tmp_path).values()) == [KEPT]
 
