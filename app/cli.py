@@ -906,8 +906,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["chat", *argv]  # `llamadesk --remote URL` opens the chat app against a server
     try:
         return run(argv)
-    except KeyboardInterrupt:
-        say("llamadesk: interrupted")
+    except KeyboardInterrupt as e:  # a command may say what the interruption left (pull: what the next run does)
+        say(f"llamadesk: interrupted; {e}" if str(e) else "llamadesk: interrupted")
         return 130
     except MemoryError:
         say("llamadesk: error: out of memory; try a smaller model, a quantized variant or a shorter --ctx")

@@ -4,15 +4,21 @@
                                     no QUANT means Q4_K_M), kept in its own blocks
     pull OWNER/REPO                 a Hugging Face folder: config.json, tokenizer files, *.safetensors
 
-huggingface_hub fetches each file into its cache (HEAD then GET /{repo}/resolve/{commit}/{file};
-a cut connection resumes with a Range request). The library trusts what arrives, so we hash each
-file while copying it out of the cache into a temporary folder: an LFS file's sha256 must be its
+huggingface_hub asks the Hub for the file list and each file's metadata (HEAD /{repo}/resolve/
+{commit}/{file}), and its `http_get` fetches the bytes, resuming a cut connection with a Range
+request. Its `hf_hub_download` cannot continue across runs (2.4.0 writes each download to a name
+unique to the process and deletes it on any error), so the bytes go to a partial file of ours,
+`<cache>/hub-downloads/<owner--repo>/<file>@<key>.part`, keyed by the file's ETag and size: the
+next pull of the same file asks for the rest (Range: bytes=N-); a file the Hub changed since (a
+new ETag) starts over, and its old partial is deleted. The library trusts what arrives, so we
+hash each whole file while copying it into a temporary folder: an LFS file's sha256 must be its
 X-Linked-Etag (the LFS oid), a small file's git blob sha1 its ETag. Then the folder or the GGUF
-goes through app.importer as `llamadesk import` takes it, and the cached copy is dropped (the
+goes through app.importer as `llamadesk import` takes it, and the downloads are dropped (the
 store holds the model now). A wrong hash deletes both copies; nothing reaches the store.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -135,7 +141,7 @@ def pull_from_hub(ref: HubRef, replace: bool = False, say: Say = lambda s: None,
     `ref.store_name:source` with source.hub naming where it came from. Returns the entry;
     UserError (one line, nothing stored) for a gated, private or missing repo, a missing quant,
     no network, too little disk, or a file whose hash is not the Hub's."""
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 
     from .importer import import_checkpoint
 
@@ -148,25 +154,72 @@ def pull_from_hub(ref: HubRef, replace: bool = False, say: Say = lambda s: None,
         commit = info.sha or "main"
         metas = {f: get_hf_file_metadata(hf_hub_url(ref.repo, f, revision=commit, endpoint=url)) for f in wanted}
     total = sum(m.size or 0 for m in metas.values())
-    hf_cache = cache_dir() / "huggingface"
-    # the download into the library's cache, our verified copy, and the store's entry of ~its size
-    _check_disk_space([hf_cache, store.models_root()], 3 * total, ref)
+    downloads = downloads_dir(ref)
+    # the download, our verified copy, and the store's entry of ~its size
+    _check_disk_space([downloads, store.models_root()], 3 * total, ref)
     root = store.models_root()
-    with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
-        done = 0
-        for f in wanted:
-            say(f"Downloading {f} from {url}/{ref.repo} ({(metas[f].size or 0) / 1e6:.0f} MB)")
-            with _hub_errors(ref, url):
-                cached = hf_hub_download(ref.repo, f, revision=commit, cache_dir=hf_cache, endpoint=url,
-                                         tqdm_class=_bytes_reporter(progress, f"Downloading {f}", done, total))
-            copy_verified(Path(cached), Path(tmp) / f, metas[f].etag, f"{ref.repo}/{f}")
-            done += metas[f].size or 0
-        hub = {"alias": ref.alias, "url": f"{url}/{ref.repo}", "repo": ref.repo, "commit": commit, "files": wanted}
-        source = Path(tmp) / wanted[0] if ref.quant else Path(tmp)
-        entry = import_checkpoint(source, name, replace=replace, hub=hub,
-                                  progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
-    shutil.rmtree(hf_cache / f"models--{ref.repo.replace('/', '--')}", ignore_errors=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
+            done = 0
+            for f in wanted:
+                say(f"Downloading {f} from {url}/{ref.repo} ({(metas[f].size or 0) / 1e6:.0f} MB)")
+                with _hub_errors(ref, url):
+                    got = download_resumable(hf_hub_url(ref.repo, f, revision=commit, endpoint=url), metas[f],
+                                             downloads, f, _bytes_reporter(progress, f"Downloading {f}", done, total))
+                copy_verified(got, Path(tmp) / f, metas[f].etag, f"{ref.repo}/{f}")
+                done += metas[f].size or 0
+            hub = {"alias": ref.alias, "url": f"{url}/{ref.repo}", "repo": ref.repo, "commit": commit, "files": wanted}
+            source = Path(tmp) / wanted[0] if ref.quant else Path(tmp)
+            entry = import_checkpoint(source, name, replace=replace, hub=hub,
+                                      progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"nothing was installed; `llamadesk pull {ref.alias}` again continues "
+                                f"from what was downloaded") from None
+    shutil.rmtree(downloads, ignore_errors=True)
     return entry
+
+
+# ---------------------------------------------------------------- downloads that outlive a run
+def downloads_dir(ref: HubRef) -> Path:
+    """Where `ref`'s files download to, kept between runs until its pull succeeds."""
+    return cache_dir() / "hub-downloads" / ref.repo.lower().replace("/", "--")
+
+
+def download_resumable(url: str, meta, folder: Path, fname: str, tqdm_class) -> Path:
+    """Download `url` (a file whose HfFileMetadata is `meta`) to `folder/<fname>@<key>`, continuing
+    the `.part` file an earlier run left (Range: bytes=<its size>-) when its key, the ETag and
+    size, matches; partials of `fname` under another key are deleted first. Returns the complete
+    file, unverified (copy_verified checks its hash). UserError while another pull downloads it;
+    the library's httpx2 and HfHubHTTPError exceptions pass through (see _hub_errors)."""
+    from filelock import FileLock, Timeout
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    key = hashlib.sha256(f"{meta.etag}\0{meta.size}".encode()).hexdigest()[:16]  # the ETag is data: never a path
+    done, part = folder / f"{fname}@{key}", folder / f"{fname}@{key}.part"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FileLock(folder / f"{fname}.lock", timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another `llamadesk pull` is downloading {fname} right now; wait for it to end") from None
+    try:
+        for stale in folder.glob(f"{glob.escape(fname)}@*"):
+            if stale not in (done, part):
+                stale.unlink(missing_ok=True)
+        if done.exists():
+            return done
+        have = part.stat().st_size if part.exists() else 0
+        if meta.size is not None and have > meta.size:  # longer than the file: not a prefix of it
+            part.unlink()
+            have = 0
+        with open(part, "ab") as f:
+            http_get(url, f, resume_size=have, headers=build_hf_headers(), expected_size=meta.size,
+                     displayed_filename=fname, tqdm_class=tqdm_class)
+        part.rename(done)
+        return done
+    finally:
+        lock.release()
 
 
 def _refuse_taken_name(name: str, ref: HubRef, replace: bool) -> None:
@@ -246,7 +299,7 @@ def _hub_errors(ref: HubRef, url: str) -> Iterator[None]:
         raise UserError(f"{where}: a file it lists is missing on the Hub ({_first_line(e)})") from None
     except (httpx2.RemoteProtocolError, httpx2.ReadError) as e:  # after the library's own resumed tries
         raise UserError(f"{where}: the download was cut again and again ({_first_line(e)}); run the pull "
-                        f"again") from None
+                        f"again: it continues where this one stopped") from None
     except (httpx2.TransportError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
         raise UserError(f"cannot reach {url} ({_first_line(e)}); check the network, or HF_ENDPOINT") from None
     except errors.HfHubHTTPError as e:
@@ -254,7 +307,8 @@ def _hub_errors(ref: HubRef, url: str) -> Iterator[None]:
     except OSError as e:
         if "Consistency check failed" not in str(e):  # http_get's words for a download that stayed short
             raise
-        raise UserError(f"{where}: the download kept being cut; run the pull again") from None
+        raise UserError(f"{where}: the download kept being cut; run the pull again: it continues where this "
+                        f"one stopped") from None
 
 
 def _first_line(error: BaseException) -> str:

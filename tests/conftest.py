@@ -28,13 +28,20 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def default_home() -> Path:
-    """A LLAMADESK_HOME, cached per machine, holding the default model as `pull` installs it."""
+    """A LLAMADESK_HOME, cached per machine, holding the default model as `pull` installs it, and
+    its `:int4` on every machine (a CPU's pull does not make it; the int4 kernels' tests need it),
+    packed as `quantize --no-report` does."""
     from app import store
     from app.pull import pull_model
 
     home = pull.cache_dir() / f"test-home-v{store.FORMAT_VERSION}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAMADESK_HOME", str(home))
-        if not any(e.ref == "smollm2-135m-instruct:source" for e in store.list_entries()):
+        if "smollm2-135m-instruct:source" not in {e.ref for e in store.list_entries()}:
             pull_model("smollm2-135m-instruct")
+        if "smollm2-135m-instruct:int4" not in {e.ref for e in store.list_entries()}:
+            from app.variants import quantize_variant
+            from quant.quantize import QuantOptions
+
+            quantize_variant("smollm2-135m-instruct", QuantOptions("int4"), report_tokens=0)
     return home

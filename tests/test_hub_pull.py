@@ -3,15 +3,22 @@
 The stand-in answers the calls the pinned huggingface_hub makes: GET /api/models/{repo}/revision/main
 (the file list and commit), HEAD and GET /{repo}/resolve/{commit}/{file} with X-Repo-Commit,
 ETag, X-Linked-Etag (an LFS file's sha256), X-Linked-Size and Range, and the Hub's error headers
-(X-Error-Code: GatedRepo, RepoNotFound). It can cut a file's first download half-way, or lie
-about a hash or a size.
+(X-Error-Code: GatedRepo, RepoNotFound). It can send LFS files' bytes to a second stand-in, as
+the Hub sends them to its CDN (a 302 to another origin), cut a file's first download half-way,
+stop serving a file past a byte for good (the network gone) or stall there (a user's Ctrl+C
+comes in the middle), or lie about a hash or a size.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,6 +26,7 @@ import huggingface_hub.constants
 import pytest
 
 from app import cli, pull, store
+from app import hub as hub_module
 from app.errors import UserError
 from app.hub import HubRef, parse_hub_ref, pick_gguf
 from tiny_checkpoints import tiny_hf_model, write_hf, write_random_blocks_gguf
@@ -34,9 +42,13 @@ class StandInHub(ThreadingHTTPServer):
         self.gated: set[str] = set()
         self.cut_once: set[str] = set()  # files whose first GET stops half-way
         self.cut_always: set[str] = set()  # files whose every GET does
+        self.stop_at: dict[str, int] = {}  # files no GET serves past this byte: each ends there, cut
+        self.stall: threading.Event | None = None  # set: at stop_at a GET waits for it instead of ending
         self.wrong_etag: set[str] = set()
         self.size_claim: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+        self.authorizations: list[str | None] = []  # each request's Authorization header
+        self.cdn: StandInHub | None = None  # set: LFS files' bytes are there, behind a 302 as the Hub's CDN
 
     @property
     def url(self) -> str:
@@ -62,8 +74,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, body: bool):
         hub = self.server
         hub.requests.append((self.command, self.path, self.headers.get("Range")))
+        hub.authorizations.append(self.headers.get("Authorization"))
         api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/main(\?.*)?", self.path)
-        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/(?:resolve|cdn)/([^/]+)/(.+)", self.path)
         asked = (api or resolve).group(1).lower() if (api or resolve) else None
         repo = next((r for r in hub.repos if r.lower() == asked), None)  # the Hub's repo ids ignore case
         if repo is None:
@@ -83,10 +96,19 @@ class _Handler(BaseHTTPRequestHandler):
         if fname.endswith(LFS):
             oid = hashlib.sha256(content + (b"x" if fname in hub.wrong_etag else b"")).hexdigest()
             headers.update({"X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(hub.size_claim.get(fname, len(content)))})
+            if hub.cdn is not None and "/resolve/" in self.path:
+                headers["Location"] = f"{hub.cdn.url}/{repo}/cdn/{COMMIT}/{fname}"
+                return self._send(302, headers, b"", 0)
         start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
         part = content[start:]
+        if body and fname in hub.stop_at:
+            self._send(206 if start else 200, headers, content[start:hub.stop_at[fname]], len(part))
+            if hub.stall is not None:
+                hub.stall.wait(60)
+            self.close_connection = True
+            return
         if body and (fname in hub.cut_once or fname in hub.cut_always):
             hub.cut_once.discard(fname)
             self._send(206 if start else 200, headers, part[: len(part) // 2], len(part))
@@ -174,7 +196,7 @@ def test_pull_picks_the_default_quant_resumes_a_cut_and_answers(hub, tmp_path, c
     assert entry.manifest["source"]["hub"]["alias"] == "hf.co/testorg/tiny-gguf:q4_k_m"
     assert entry.manifest["source"]["hub"]["files"] == ["Tiny-Q4_K_M.gguf"]
     assert entry.manifest["quant"]["layout"]["layers.0.attention.wq"]["scheme"] == "q4_k"
-    assert not list((tmp_path / "cache" / "huggingface").glob("models--*/blobs/*"))  # the store holds it now
+    assert not (tmp_path / "cache" / "hub-downloads" / "testorg--tiny-gguf").exists()  # the store holds it now
     capsys.readouterr()
 
     # the alias names it, in any case, with or without the quant
@@ -227,9 +249,145 @@ def test_a_download_cut_every_time_is_one_line_and_nothing_stored(hub, tmp_path,
     hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
     hub.cut_always.add("Tiny-Q4_K_M.gguf")
     assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
-    assert "Tiny-GGUF: the download was cut again and again (peer closed connection" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "Tiny-GGUF: the download was cut again and again (peer closed connection" in line
+    assert line.endswith("run the pull again: it continues where this one stopped")
     assert len(hub.downloads("Tiny-Q4_K_M.gguf")) == 6  # the library's first try and its 5 resumptions
-    assert store_is_empty() and not [p for p in (tmp_path / "cache").rglob("*.incomplete")]
+    assert store_is_empty()
+
+
+# ---------------------------------------------------------------- a pull that died, and the next one
+KEPT = 3 << 16  # three whole chunks of 64 KiB: what the library has written when the bytes stop there
+SUBPROCESS_CHUNKS = "import sys, huggingface_hub.constants as c; c.DOWNLOAD_CHUNK_SIZE = 1 << 16; " \
+                    "from app.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # the library writes what it receives in whole chunks (10 MB): small ones let a small file stop part-way
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)
+
+
+def partials(tmp_path: Path) -> dict[str, int]:
+    """The partial downloads a pull left, by name: their sizes."""
+    return {p.name: p.stat().st_size for p in (tmp_path / "cache" / "hub-downloads").rglob("*.part")}
+
+
+def test_a_pull_cut_for_good_continues_in_the_next_run(hub, tmp_path, capsys, small_chunks, assembled):
+    hub.repos["TestOrg/Tiny-GGUF"] = files = gguf_repo(tmp_path)
+    hub.stop_at["Tiny-Q4_K_M.gguf"] = KEPT  # the network goes for good after KEPT bytes
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    assert "run the pull again: it continues where this one stopped" in one_error_line(capsys)
+    assert store_is_empty()
+    assert hub.downloads("Tiny-Q4_K_M.gguf") == [None] + [f"bytes={KEPT}-"] * 5
+    assert list(partials(tmp_path).values()) == [KEPT]
+
+    del hub.stop_at["Tiny-Q4_K_M.gguf"]
+    hub.requests.clear()
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 0
+    assert hub.downloads("Tiny-Q4_K_M.gguf") == [f"bytes={KEPT}-"]  # only the rest
+    assert assembled == [files["Tiny-Q4_K_M.gguf"]]  # the two runs' bytes, joined in order
+    (entry,) = store.list_entries()
+    assert entry.ref == "tiny-gguf-q4_k_m:source"
+    assert not (tmp_path / "cache" / "hub-downloads" / "testorg--tiny-gguf").exists()
+
+
+@pytest.fixture
+def assembled(monkeypatch) -> list[bytes]:
+    """The whole downloads the pull hands to its hash check, in order."""
+    seen, check = [], hub_module.copy_verified
+
+    def record(src, *args):
+        seen.append(Path(src).read_bytes())
+        return check(src, *args)
+
+    monkeypatch.setattr(hub_module, "copy_verified", record)
+    return seen
+
+
+def test_a_partial_download_of_another_version_is_not_reused(hub, tmp_path, capsys, small_chunks, assembled):
+    hub.repos["TestOrg/Tiny-GGUF"] = files = gguf_repo(tmp_path)
+    hub.stop_at["Tiny-Q4_K_M.gguf"] = KEPT
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    (old_partial,) = partials(tmp_path)
+
+    # the repo's file changed in between (a new upload: another LFS oid and ETag)
+    newer = write_random_blocks_gguf(tmp_path / "newer.gguf", "Q4_K", seed=3).read_bytes()
+    assert len(newer) == len(files["Tiny-Q4_K_M.gguf"]) and newer[KEPT:] != files["Tiny-Q4_K_M.gguf"][KEPT:]
+    files["Tiny-Q4_K_M.gguf"] = newer
+    del hub.stop_at["Tiny-Q4_K_M.gguf"]
+    hub.requests.clear()
+    capsys.readouterr()
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 0
+    assert hub.downloads("Tiny-Q4_K_M.gguf") == [None]  # from the start, not bytes=KEPT-
+    assert assembled == [newer]
+    assert partials(tmp_path) == {} and not list((tmp_path / "cache").rglob(old_partial))
+
+
+def test_a_pull_continues_from_the_hubs_cdn_and_the_token_stays_on_the_hub(hub, tmp_path, capsys, small_chunks,
+                                                                           assembled, monkeypatch):
+    """The Hub answers an LFS file's resolve with a 302 to its CDN (another origin): the Range of
+    the next run goes there too, and HF_TOKEN is sent to the Hub only."""
+    cdn = StandInHub()
+    threading.Thread(target=cdn.serve_forever, daemon=True).start()
+    try:
+        hub.repos["TestOrg/Tiny-GGUF"] = files = gguf_repo(tmp_path)
+        hub.cdn, cdn.repos = cdn, hub.repos
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        cdn.stop_at["Tiny-Q4_K_M.gguf"] = KEPT
+        assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+        assert "continues where this one stopped" in one_error_line(capsys)
+        del cdn.stop_at["Tiny-Q4_K_M.gguf"]
+        cdn.requests.clear()
+        assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 0
+    finally:
+        cdn.shutdown()
+        cdn.server_close()
+    assert cdn.downloads("Tiny-Q4_K_M.gguf") == [f"bytes={KEPT}-"]
+    assert assembled == [files["Tiny-Q4_K_M.gguf"]]
+    assert set(hub.authorizations) == {"Bearer hf_test_token"} and set(cdn.authorizations) == {None}
+
+
+def test_a_second_pull_of_a_file_being_downloaded_is_one_line(hub, tmp_path, capsys):
+    from filelock import FileLock
+
+    hub.repos["TestOrg/Tiny-GGUF"] = gguf_repo(tmp_path)
+    folder = tmp_path / "cache" / "hub-downloads" / "testorg--tiny-gguf"
+    folder.mkdir(parents=True)
+    with FileLock(folder / "Tiny-Q4_K_M.gguf.lock"):  # what the first pull holds while it appends
+        assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 1
+    assert "another `llamadesk pull` is downloading Tiny-Q4_K_M.gguf right now" in one_error_line(capsys)
+    assert hub.downloads("Tiny-Q4_K_M.gguf") == [] and store_is_empty()
+
+
+def test_ctrl_c_during_a_pull_is_one_line_stores_nothing_and_the_next_run_continues(hub, tmp_path, small_chunks,
+                                                                                    assembled):
+    hub.repos["TestOrg/Tiny-GGUF"] = files = gguf_repo(tmp_path)
+    hub.stop_at["Tiny-Q4_K_M.gguf"], hub.stall = KEPT, threading.Event()  # the bytes stop coming; no error yet
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    run1 = subprocess.Popen([sys.executable, "-c", SUBPROCESS_CHUNKS, "pull", "hf.co/TestOrg/Tiny-GGUF"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while list(partials(tmp_path).values()) != [KEPT] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run1.send_signal(signal.SIGINT)  # what Ctrl+C sends the terminal's foreground process
+        out, err = run1.communicate(timeout=60)
+    finally:
+        hub.stall.set()
+        run1.kill()
+    assert run1.returncode == 130
+    assert err.strip().splitlines()[-1] == ("llamadesk: interrupted; nothing was installed; `llamadesk pull "
+                                            "hf.co/testorg/tiny-gguf:q4_k_m` again continues from what was downloaded")
+    assert "Traceback" not in err and store_is_empty()
+    assert list(partials(tmp_path).values()) == [KEPT]
+
+    hub.stall, hub.requests[:] = None, []
+    del hub.stop_at["Tiny-Q4_K_M.gguf"]
+    assert cli.main(["pull", "hf.co/TestOrg/Tiny-GGUF"]) == 0
+    assert hub.downloads("Tiny-Q4_K_M.gguf") == [f"bytes={KEPT}-"]
+    assert assembled == [files["Tiny-Q4_K_M.gguf"]]
+    assert [e.ref for e in store.list_entries()] == ["tiny-gguf-q4_k_m:source"]
 
 
 def test_too_little_disk_is_said_before_any_download(hub, tmp_path, capsys):

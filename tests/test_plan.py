@@ -390,3 +390,22 @@ def test_when_only_a_short_context_fits_the_plan_says_which():
     shorter = int(r.why.rsplit("--ctx ", 1)[1])
     assert r.why.endswith(f"; llama3-8b:int4 would run with --ctx {shorter}") and shorter < 4096
     assert plan_memory(installed(dev, {"llama3-8b": ("int4",)}), dev, ctx=shorter, kv_dtype="bf16").chosen.ctx == shorter
+
+
+def test_a_pull_packs_the_catalog_variants_this_device_runs_before_the_source(default_home, monkeypatch):
+    """The default model's source as installed (its Q4_1 blocks): a CPU runs it from fewer bytes
+    than int4 with the same values, so a CPU's pull makes no int4; an Ampere GPU's int4 kernel
+    runs them, a Turing GPU has no int4 kernel. A float source is slow on a CPU: int8 is made."""
+    from app.plan import installed_candidates, variants_worth_packing
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    turing = Device("cuda", "test GPU", 16 * GiB, 16 * GiB, (7, 5))
+    for device, expected in ((cpu(16), []), (gpu(16), ["int4"]), (turing, [])):
+        both = {c.variant: c for c in installed_candidates(device)
+                if c.model == "smollm2-135m-instruct" and c.variant in ("source", "int4")}
+        assert variants_worth_packing(both["source"], ["int4"], device) == expected, device
+        if device.int4_ok:  # with the fixture's int4 installed too, the plan runs what the pull would make
+            assert plan_memory(list(both.values()), device).chosen.variant == (expected or ["source"])[0]
+    for device, expected in ((cpu(64), ["int8", "int4"]), (gpu(40), [])):  # a bf16 source: slow only on a CPU
+        bf16 = catalog_candidate("llama3-8b", LLAMA3_8B, "source", device)
+        assert variants_worth_packing(bf16, ["int8", "int4"], device) == expected

