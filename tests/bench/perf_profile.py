@@ -1,0 +1,87 @@
+"""Where a decode step's and a prefill chunk's time goes, by function, from `perf` samples.
+
+    LLAMADESK_HOME=... python tests/bench/perf_profile.py llama-8b-q4_0:source [--seconds 20] [--threads 2]
+
+Loads the variant as `bench` does (the compiled CPU step under the thread governor), warms up,
+then for each phase (decode steps after a 64-token prompt; prefill of one 64-row chunk, the
+chunk an 8B-shaped model gets) runs it in a loop while `perf record -e cpu-clock` samples this
+process (cpu-clock: a VM without hardware counters still has it), and prints the phase's time per
+call, the weight bytes it reads per second against `bench`'s stream-read probe, and perf's
+self-time table by symbol. Inlined kernels count toward the function they are inlined into.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from app import store  # noqa: E402
+from app.bench import prompt_ids, stream_read_gb_s  # noqa: E402
+from app.engine import choose_decoder, load_model  # noqa: E402
+from app.plan import installed_candidates  # noqa: E402
+from app.devices import probe  # noqa: E402
+from model.generate import decode_one_token, prefill  # noqa: E402
+
+PROMPT = 64
+
+
+def perf_phase(name: str, fn, seconds: float, weight_bytes: int, out: Path, rows: int = 25) -> None:
+    """Run `fn` in a loop for `seconds` under `perf record`, then print its table."""
+    data = out / f"{name}.data"
+    perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-p", str(os.getpid()),
+                             "-o", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # perf attaches before the loop starts
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    per_call = (time.perf_counter() - t0) / n
+    perf.send_signal(2)
+    perf.wait()
+    print(f"\n== {name}: {n} calls, {per_call * 1e3:.1f} ms each, weights read at {weight_bytes / per_call / 1e9:.1f} GB/s")
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,symbol",
+                             "--percent-limit", "0.5"], capture_output=True, text=True).stdout
+    lines = [ln for ln in report.splitlines() if ln.strip() and not ln.startswith("#")]
+    print("\n".join(ln[:160] for ln in lines[:rows]))  # template names run to 400 characters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ref")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="where perf's data goes (default: a temp folder)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    entry = store.find(a.ref)
+    model = load_model(entry, PROMPT + 512)
+    decoder = choose_decoder(model)
+    weights = next(c.weight_bytes for c in installed_candidates(probe("cpu"))
+                   if (c.model, c.variant) == (entry.name, entry.variant))
+    print(f"{entry.ref}: {weights / 1e9:.2f} GB of weights, {a.threads} threads; "
+          f"stream-read probe {stream_read_gb_s():.1f} GB/s")
+    ids = prompt_ids(PROMPT, model.args.vocab_size)
+    prefill(model, ids)  # warm-up: kernels, page cache
+    pos = [PROMPT]
+
+    def decode() -> None:
+        decode_one_token(decoder, 5, pos[0])
+        pos[0] = PROMPT + (pos[0] - PROMPT + 1) % 256  # stay inside the cache
+
+    decode()
+    out = a.out or Path(tempfile.mkdtemp(prefix="llamadesk-perf-"))
+    out.mkdir(parents=True, exist_ok=True)
+    perf_phase("decode step", decode, a.seconds, weights, out)
+    perf_phase(f"prefill chunk ({PROMPT} rows)", lambda: prefill(model, ids), a.seconds, weights, out)
+
+
+if __name__ == "__main__":
+    main()
