@@ -258,7 +258,9 @@ def test_a_download_cut_every_time_is_one_line_and_nothing_stored(hub, tmp_path,
 
 # ---------------------------------------------------------------- a pull that died, and the next one
 KEPT = 3 << 16  # three whole chunks of 64 KiB: what the library has written when the bytes stop there
-SUBPROCESS_CHUNKS = "import sys, huggingface_hub.constants as c; c.DOWNLOAD_CHUNK_SIZE = 1 << 16; " \
+# (SIGUSR1 prints every thread's stack: what a test shows if the process ever hangs)
+SUBPROCESS_CHUNKS = "import faulthandler, signal, sys, huggingface_hub.constants as c; " \
+                    "faulthandler.register(signal.SIGUSR1); c.DOWNLOAD_CHUNK_SIZE = 1 << 16; " \
                     "from app.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -368,11 +370,19 @@ def test_ctrl_c_during_a_pull_is_one_line_stores_nothing_and_the_next_run_contin
     run1 = subprocess.Popen([sys.executable, "-c", SUBPROCESS_CHUNKS, "pull", "hf.co/TestOrg/Tiny-GGUF"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while list(partials(tmp_path).values()) != [KEPT] and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while list(partials(tmp_path).values()) != [KEPT] and time.monotonic() < deadline and run1.poll() is None:
             time.sleep(0.05)
+        assert list(partials(tmp_path).values()) == [KEPT], (run1.poll(), partials(tmp_path))
         run1.send_signal(signal.SIGINT)  # what Ctrl+C sends the terminal's foreground process
-        out, err = run1.communicate(timeout=60)
+        try:
+            out, err = run1.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # say what it was doing (seen once in a loaded CI run)
+            run1.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            run1.kill()
+            out, err = run1.communicate()
+            pytest.fail(f"the pull went on 60 s after Ctrl+C; stderr: {err[-3000:]}")
     finally:
         hub.stall.set()
         run1.kill()
