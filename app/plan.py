@@ -524,13 +524,17 @@ def stored_weight_bytes(entry, device: Device) -> int:
                 elif (device.kind == "cpu" and key.endswith(".scales") and dtype == "F16"
                       and (layout.get(module) or {}).get("scheme") == "int8" and not module.startswith("tok_")):
                     total += n * 4  # grouped int8's kernel holds its scales in fp32 (Int8Linear.prepare)
+                elif (device.kind == "cpu" and (layout.get(module) or {}).get("scheme") in R16_GROWS
+                      and not module.startswith("tok_")):
+                    total += int(n * R16_GROWS[layout[module]["scheme"]])  # its r16 copy replaces the blocks
                 else:
                     total += n * _DTYPE_BYTES.get(dtype, 4)
                 if key.startswith("tok_embeddings."):
                     table_bytes += n * _DTYPE_BYTES.get(dtype, 4)
     table = layout.get("tok_embeddings") or {}
     if device.kind == "cpu" and args.tie_embeddings and table.get("scheme") in R16_SCHEMES:
-        total += table_bytes  # the head's r16 copy of the tied table, beside the table it looks up
+        # the head's r16 copy of the tied table, beside the table it looks up
+        total += int(table_bytes * R16_GROWS.get(table["scheme"], 1))
     return total
 
 
@@ -562,7 +566,10 @@ def installed_candidates(device: Device, damaged: dict[str, UserError] | None = 
 # quant.linear.NATIVE_GGUF_SCHEMES, here without importing torch (test_plan checks they agree)
 NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
 # quant.linear.R16_SCHEMES: the types the CPU repacks into a copy at load (r16)
-R16_SCHEMES = ("q4_0", "q4_1", "q8_0")
+R16_SCHEMES = ("q4_0", "q4_1", "q8_0", "q4_k")
+# bytes of an r16 copy per stored byte, where they differ: Q4_K's two-level scales become an fp32
+# scale and min per 32 values (24 bytes where the file holds 18; csrc/r16_gemm.h)
+R16_GROWS = {"q4_k": 4 / 3}
 
 
 def native_gguf_blocks(manifest: dict) -> bool:

@@ -512,7 +512,7 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
 # Q6_K, Q8_0 and Q4_0/Q4_1/Q5_0 files; the others dequantize a block of rows at a time
 NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
 # those also run as 16-row groups times x as 15-bit integers (csrc/r16_gemm.h), unless precise
-R16_SCHEMES = ("q4_0", "q4_1", "q8_0")
+R16_SCHEMES = ("q4_0", "q4_1", "q8_0", "q4_k")
 
 
 class GGUFLinear(nn.Module):

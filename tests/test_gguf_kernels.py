@@ -268,13 +268,15 @@ def x15_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # 21 rows: a prefill chunk's path (AVX2's wide kernel from 16 rows), whose rows must equal decode's
 @pytest.mark.parametrize("rows", [1, 3, 7, 21])
 @pytest.mark.parametrize("n, k", [(16, 64), (40, 256), (576, 1536)])
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "int8_group"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "int8_group", "Q4_K"])
 @torch.inference_mode()
 def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k, rows, portable):
     """The weights are the source's exactly; x is rounded to 15-bit integers per 32 values,
     except that Q4_1's mins meet the exact sum of x. Oracle: gguf's dequantization (grouped
     int8: codes times scales) times that x in float64. The kernel's integer sums are exact; only
     its fp32 scaling rounds."""
+    if qtype == "Q4_K" and k % 256:
+        pytest.skip("Q4_K rows hold whole 256-value super-blocks")
     rng = np.random.default_rng(n + k + rows)
     if qtype == "int8_group":
         codes = rng.integers(-128, 128, (n, k), dtype=np.int8)
@@ -289,8 +291,13 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
     x[0, :32] = 0  # an all-zero block: scale 0, no division by it
     q, d = x15_activations(x)
     xq = (q * d).reshape(rows, k).astype(np.float64)
-    if qtype == "Q4_1":  # value = d q + m: the mins times the exact sum of x, the rest times x's 15-bit integers
-        m = blocks.reshape(n, k // 32, 20)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)  # (N, G)
+    if qtype in ("Q4_1", "Q4_K"):  # value = d q + m: the mins times the exact sum of x, the rest times x's 15-bit integers
+        if qtype == "Q4_1":
+            m = blocks.reshape(n, k // 32, 20)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)  # (N, G)
+        else:  # gguf's own values with every code 0 are the mins (-dmin times each 32's 6-bit min)
+            zeroed = blocks.reshape(n, k // 256, 144).copy()
+            zeroed[:, :, 16:] = 0
+            m = gguf.quants.dequantize(zeroed.reshape(n, -1), gguf.GGMLQuantizationType.Q4_K)[:, ::32].astype(np.float64)
         w_dq = w - np.repeat(m, 32, axis=1)
         expected = xq @ w_dq.T + x.reshape(rows, -1, 32).sum(axis=2, dtype=np.float64) @ m.T
     else:
@@ -298,6 +305,8 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
     scheme = qtype.lower()
     packed = ext.r16_repack(src, scheme, k, extra)
     source_bytes = src.numel() + (extra.numel() * 4 if extra is not None else 0)
+    if qtype == "Q4_K":  # an fp32 scale and min per 32 values: 24 bytes where the file has 18
+        source_bytes = source_bytes * 4 // 3
     assert packed.numel() == -(-n // 16) * 16 * source_bytes // n  # the source's bytes, rows padded to 16
     got = ext.r16_linear(torch.from_numpy(x), packed, scheme, n, portable)
     assert got.shape == (rows, n) and got.dtype == torch.float32
@@ -312,7 +321,7 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
 
 def test_r16_refuses_other_weights_and_shapes(ext):
     blocks = torch.from_numpy(random_blocks(np.random.default_rng(0), "Q6_K", (16, 256)))
-    with pytest.raises(RuntimeError, match="q4_0, q4_1, q8_0 or int8_group"):
+    with pytest.raises(RuntimeError, match="q4_0, q4_1, q8_0, q4_k or int8_group"):
         ext.r16_repack(blocks, "q6_k", 256)
     with pytest.raises(RuntimeError, match="scales fp32"):
         ext.r16_repack(torch.zeros(16, 64, dtype=torch.int8), "int8_group", 64)
@@ -330,15 +339,15 @@ def test_a_short_prefill_through_a_tiled_layer_runs_each_row_as_its_decode_step(
     from quant.linear import GGUFLinear
 
     rng = np.random.default_rng(3)
-    blocks = random_blocks(rng, "Q4_K", (256, 512))  # a type the r16 kernel does not take
-    layer = GGUFLinear(512, 256, "q4_k")
+    blocks = random_blocks(rng, "Q6_K", (256, 512))  # a type the r16 kernel does not take
+    layer = GGUFLinear(512, 256, "q6_k")
     layer.blocks = torch.from_numpy(blocks)
     layer.prepare("cpu")
     monkeypatch.setattr(GGUFLinear, "ROW_BLOCK_BYTES", 64 << 10)  # 256 x 512 fp32 = 512 KiB: 8 tiles
     x = torch.from_numpy(rng.normal(size=(35, 512)).astype(np.float32))  # (T, K)
     prefill = layer(x)
     assert torch.equal(prefill, torch.cat([layer(x[i : i + 1]) for i in range(35)]))
-    expected = torch.from_numpy(x.double().numpy() @ gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).T)
+    expected = torch.from_numpy(x.double().numpy() @ gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).T)
     assert relative_error(prefill, expected) < 1e-5
 
     monkeypatch.setattr(GGUFLinear, "NATIVE_PREFILL_ROWS", 34)

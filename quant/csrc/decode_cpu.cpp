@@ -1263,8 +1263,9 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor packed, at::Tensor scales_and_ze
 // (N, K / 32). The same values, 16 rows interleaved.
 at::Tensor r16_repack(at::Tensor src, const std::string& scheme, int64_t K, c10::optional<at::Tensor> scales) {
   const int type = r16_type(scheme);
-  TORCH_CHECK(type >= 0, "the r16 layout holds q4_0, q4_1, q8_0 or int8_group weights, not ", scheme);
-  TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && K % 32 == 0, "weights must be contiguous (N, ...)");
+  TORCH_CHECK(type >= 0, "the r16 layout holds q4_0, q4_1, q8_0, q4_k or int8_group weights, not ", scheme);
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && K % (type == R16_Q4_K ? 256 : 32) == 0,
+              "weights must be contiguous (N, ...)");
   const int64_t N = src.size(0);
   const float* sc = nullptr;
   if (type == R16_I8G) {
@@ -1286,7 +1287,7 @@ at::Tensor r16_repack(at::Tensor src, const std::string& scheme, int64_t K, c10:
 at::Tensor r16_linear(at::Tensor x, at::Tensor packed, const std::string& scheme, int64_t N, bool portable) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
   const int type = r16_type(scheme);
-  TORCH_CHECK(type >= 0, "the r16 layout holds q4_0, q4_1, q8_0 or int8_group weights, not ", scheme);
+  TORCH_CHECK(type >= 0, "the r16 layout holds q4_0, q4_1, q8_0, q4_k or int8_group weights, not ", scheme);
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 32 == 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.numel() == r16_bytes(type, N, K), "r16 bytes do not fit (N, K)");

@@ -22,10 +22,12 @@
 //          that a nibble mask gives 16 rows x 4 consecutive k, what one vpdpbusd lane sums;
 //          8-bit: 512 bytes, 8 runs of 64, run L holding row r's codes of k = 4L .. 4L + 3 plus
 //          128 (unsigned, as vpdpbusd takes them);
-//   d      16 scales: fp16 (the file's own), fp32 for grouped int8;
-//   m      16 fp16 mins (Q4_1 only; the file's own).
+//   d      16 scales: fp16 (the file's own), fp32 for grouped int8 and Q4_K (its sub-block's
+//          6-bit scale times the super-block's d, exact in fp32);
+//   m      16 mins: Q4_1's fp16 (the file's own), Q4_K's fp32 (-dmin times the 6-bit min).
 // The same bytes as the source's (18 a row and block for Q4_0, 20 for Q4_1, 34 for Q8_0, 36 for
-// grouped int8), rows interleaved. A value is d (q - 8) (Q4_0), d q + m (Q4_1) or d q (8-bit),
+// grouped int8), rows interleaved; Q4_K takes 24 where its file takes 18 (its two-level scales
+// as one fp32 scale and min per 32 values, so every 4-bit type runs the same kernels). A value is d (q - 8) (Q4_0), d q + m (Q4_1) or d q (8-bit),
 // gguf's arithmetic.
 
 // ---------------------------------------------------------------- x as 15-bit integers
@@ -86,22 +88,25 @@ inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool
 }
 
 // ---------------------------------------------------------------- the layout
-enum R16Type : int { R16_Q4_0 = 0, R16_Q4_1, R16_Q8_0, R16_I8G };
+enum R16Type : int { R16_Q4_0 = 0, R16_Q4_1, R16_Q8_0, R16_I8G, R16_Q4_K };
 
 template <int T>
 struct R16Format {
-  static constexpr bool FOUR = T == R16_Q4_0 || T == R16_Q4_1;  // else 8-bit codes
-  static constexpr bool MIN = T == R16_Q4_1;
-  static constexpr bool F32_SCALE = T == R16_I8G;
+  static constexpr bool FOUR = T == R16_Q4_0 || T == R16_Q4_1 || T == R16_Q4_K;  // else 8-bit codes
+  static constexpr bool MIN = T == R16_Q4_1 || T == R16_Q4_K;
+  // fp32 scales (and mins): grouped int8's own, and Q4_K's 6-bit sub-block scales times the
+  // super-block's fp16 d (exact in fp32: 11 + 6 bits), which no fp16 holds
+  static constexpr bool F32_SCALE = T == R16_I8G || T == R16_Q4_K;
   static constexpr int64_t CODES = FOUR ? 256 : 512, SCALES = CODES, MINS = SCALES + (F32_SCALE ? 64 : 32);
-  static constexpr int64_t BYTES = MINS + (MIN ? 32 : 0);
+  static constexpr int64_t BYTES = MINS + (MIN ? (F32_SCALE ? 64 : 32) : 0);
   // what the integer sum of a block adds per unit of x's sum of v: Q4_0's codes are q + 8, the
   // 8-bit ones w + 128
   static constexpr int32_t OFFSET = T == R16_Q4_0 ? 8 : FOUR ? 0 : 128;
 };
 
 inline int64_t r16_block_bytes(int type) {
-  const int64_t bytes[] = {R16Format<0>::BYTES, R16Format<1>::BYTES, R16Format<2>::BYTES, R16Format<3>::BYTES};
+  const int64_t bytes[] = {R16Format<0>::BYTES, R16Format<1>::BYTES, R16Format<2>::BYTES, R16Format<3>::BYTES,
+                           R16Format<4>::BYTES};
   return bytes[type];
 }
 
@@ -110,6 +115,20 @@ inline int64_t r16_bytes(int type, int64_t N, int64_t K) { return (N + 15) / 16 
 // src: N rows of the source's blocks: GGUF Q4_0 / Q4_1 / Q8_0 rows, or grouped int8's (N, K)
 // codes with `scales` (N, K / 32) fp32. out: r16_bytes(T, N, K); padding rows are zeros (scale
 // 0: their outputs are 0, whatever their codes).
+// Q4_K (256 values a super-block: fp16 d, dmin; eight 6-bit scales and mins; codes with chunk j
+// in the low (even j) or high nibbles of bytes 16 + 32 (j / 2) ...): chunk j's 32 codes and its
+// value = D q + M, D = d scale_j, M = -dmin min_j, as gguf_gemv.h's Q4_K reads them
+inline void q4_k_chunk(const uint8_t* b, int j, uint8_t* codes, float* D, float* M) {
+  const float d = gguf_f16(b), dmin = gguf_f16(b + 2);
+  const uint8_t* s = b + 4;
+  const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 2) & 0x30);
+  const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+  *D = d * static_cast<float>(sc);
+  *M = -(dmin * static_cast<float>(mn));
+  const uint8_t* p = b + 16 + 32 * (j / 2);
+  for (int i = 0; i < 32; ++i) codes[i] = (p[i] >> (4 * (j & 1))) & 15;
+}
+
 template <int T>
 void repack_r16_as(const uint8_t* src, const float* scales, int64_t N, int64_t K, uint8_t* out) {
   using F = R16Format<T>;
@@ -124,6 +143,17 @@ void repack_r16_as(const uint8_t* src, const float* scales, int64_t N, int64_t K
         for (int r = 0; r < 16; ++r) {
           const int64_t n = 16 * t + r;
           if (n >= N) break;
+          if (T == R16_Q4_K) {
+            uint8_t c[32];
+            float D, M;
+            q4_k_chunk(src + (n * (K / 256) + g / 8) * 144, static_cast<int>(g % 8), c, &D, &M);
+            for (int L = 0; L < 4; ++L) {
+              for (int j = 0; j < 4; ++j) o[64 * L + 4 * r + j] = static_cast<uint8_t>(c[8 * L + j] | (c[8 * L + 4 + j] << 4));
+            }
+            std::memcpy(o + F::SCALES + 4 * r, &D, 4);
+            std::memcpy(o + F::MINS + 4 * r, &M, 4);
+            continue;
+          }
           const uint8_t* b = src + (n * G + g) * src_bytes;
           const uint8_t* qs = b + hdr;
           if (F::FOUR) {
@@ -182,15 +212,15 @@ inline __m512i bcast4_512(const int8_t* p) {
 }
 #endif
 
+// a row's scale (at F::SCALES) or min (at F::MINS), fp32 or fp16 as the type stores them
 template <int T>
-inline float r16_scale(const uint8_t* b, int n) {
-  using F = R16Format<T>;
-  if (F::F32_SCALE) {
-    float d;
-    std::memcpy(&d, b + F::SCALES + 4 * n, 4);
-    return d;
+inline float r16_param(const uint8_t* b, int64_t at, int n) {
+  if (R16Format<T>::F32_SCALE) {
+    float v;
+    std::memcpy(&v, b + at + 4 * n, 4);
+    return v;
   }
-  return gguf_f16(b + F::SCALES + 2 * n);
+  return gguf_f16(b + at + 2 * n);
 }
 
 // ---------------------------------------------------------------- one group of 16 rows
@@ -233,8 +263,8 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
           }
         }
         const int32_t isum = 128 * sh + sl - F::OFFSET * x.s[gi];
-        acc[r][n] += static_cast<float>(isum) * (r16_scale<T>(b, n) * dx);
-        if (F::MIN) acc[r][n] += gguf_f16(b + F::MINS + 2 * n) * x.xs[gi];
+        acc[r][n] += static_cast<float>(isum) * (r16_param<T>(b, F::SCALES, n) * dx);
+        if (F::MIN) acc[r][n] += r16_param<T>(b, F::MINS, n) * x.xs[gi];
       }
     }
   }
@@ -266,6 +296,21 @@ inline void add_into16(__m256i& acc, __m256i v) {
 #else
   acc = _mm256_add_epi16(acc, v);
 #endif
+}
+
+// 8 rows' scales or mins (half 0: rows 0-7, 1: rows 8-15), fp16 or fp32 as the type stores them
+template <int T>
+inline __m256 r16_scales_avx2(const uint8_t* b, int half) {
+  using F = R16Format<T>;
+  if (F::F32_SCALE) return _mm256_loadu_ps(reinterpret_cast<const float*>(b + F::SCALES) + 8 * half);
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::SCALES + 16 * half)));
+}
+
+template <int T>
+inline __m256 r16_mins_avx2(const uint8_t* b, int half) {
+  using F = R16Format<T>;
+  if (F::F32_SCALE) return _mm256_loadu_ps(reinterpret_cast<const float*>(b + F::MINS) + 8 * half);
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::MINS + 16 * half)));
 }
 
 template <int T, int R>
@@ -313,14 +358,9 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           }
         }
       }
-      __m256 d;
-      if (F::F32_SCALE) {
-        d = _mm256_loadu_ps(reinterpret_cast<const float*>(b + F::SCALES) + 8 * half);
-      } else {
-        d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::SCALES + 16 * half)));
-      }
+      const __m256 d = r16_scales_avx2<T>(b, half);
       __m256 m = _mm256_setzero_ps();
-      if (F::MIN) m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::MINS + 16 * half)));
+      if (F::MIN) m = r16_mins_avx2<T>(b, half);
       for (int r = 0; r < R; ++r) {
         const int64_t gi = (m0 + r) * G + g;
         // 8-bit codes here are signed already: no offset
@@ -393,9 +433,9 @@ inline void wide_rows_avx2(const __m256i (*w)[2], const uint8_t* b, int64_t g, i
     }
   }
   for (int half = 0; half < 2; ++half) {
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::SCALES + 16 * half)));
+    const __m256 d = r16_scales_avx2<T>(b, half);
     __m256 m = _mm256_setzero_ps();
-    if (F::MIN) m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::MINS + 16 * half)));
+    if (F::MIN) m = r16_mins_avx2<T>(b, half);
     for (int r = 0; r < R; ++r) {
       const int64_t gi = (m0 + r) * G + g;
       const __m256i isum = _mm256_add_epi32(s[r][half], _mm256_set1_epi32(-F::OFFSET * x.s[gi]));
@@ -489,7 +529,10 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
       d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::SCALES)));
     }
     __m512 m = _mm512_setzero_ps();
-    if (F::MIN) m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::MINS)));
+    if (F::MIN) {
+      m = F::F32_SCALE ? _mm512_loadu_ps(b + F::MINS)
+                       : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::MINS)));
+    }
     for (int r = 0; r < R; ++r) {
       const int64_t gi = (m0 + r) * G + g;
       const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(sh[r], 7), sl[r]),
@@ -558,6 +601,7 @@ inline void r16_gemm(int type, const uint8_t* packed, int64_t N, int64_t K, cons
     case R16_Q4_0: return r16_gemm_as<R16_Q4_0>(packed, N, K, x, M, y, portable);
     case R16_Q4_1: return r16_gemm_as<R16_Q4_1>(packed, N, K, x, M, y, portable);
     case R16_Q8_0: return r16_gemm_as<R16_Q8_0>(packed, N, K, x, M, y, portable);
+    case R16_Q4_K: return r16_gemm_as<R16_Q4_K>(packed, N, K, x, M, y, portable);
     default: return r16_gemm_as<R16_I8G>(packed, N, K, x, M, y, portable);
   }
 }
@@ -567,14 +611,15 @@ inline void repack_r16(int type, const uint8_t* src, const float* scales, int64_
     case R16_Q4_0: return repack_r16_as<R16_Q4_0>(src, scales, N, K, out);
     case R16_Q4_1: return repack_r16_as<R16_Q4_1>(src, scales, N, K, out);
     case R16_Q8_0: return repack_r16_as<R16_Q8_0>(src, scales, N, K, out);
+    case R16_Q4_K: return repack_r16_as<R16_Q4_K>(src, scales, N, K, out);
     default: return repack_r16_as<R16_I8G>(src, scales, N, K, out);
   }
 }
 
-// The r16 type of a scheme name ("q4_0", "q4_1", "q8_0", "int8_group"), -1 for others.
+// The r16 type of a scheme name ("q4_0", "q4_1", "q8_0", "int8_group", "q4_k"), -1 for others.
 inline int r16_type(const std::string& scheme) {
-  const char* names[] = {"q4_0", "q4_1", "q8_0", "int8_group"};
-  for (int i = 0; i < 4; ++i) {
+  const char* names[] = {"q4_0", "q4_1", "q8_0", "int8_group", "q4_k"};
+  for (int i = 0; i < 5; ++i) {
     if (scheme == names[i]) return i;
   }
   return -1;
