@@ -258,8 +258,11 @@ def test_a_download_cut_every_time_is_one_line_and_nothing_stored(hub, tmp_path,
 
 # ---------------------------------------------------------------- a pull that died, and the next one
 KEPT = 3 << 16  # three whole chunks of 64 KiB: what the library has written when the bytes stop there
-# (SIGUSR1 prints every thread's stack: what a test shows if the process ever hangs)
+# SIGINT as a terminal's foreground process has it: a test run started in the background (`cmd &`,
+# nohup) passes its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+# (seen: the pull went on through Ctrl+C). SIGUSR1 prints every thread's stack if it ever hangs.
 SUBPROCESS_CHUNKS = "import faulthandler, signal, sys, huggingface_hub.constants as c; " \
+                    "signal.signal(signal.SIGINT, signal.default_int_handler); " \
                     "faulthandler.register(signal.SIGUSR1); c.DOWNLOAD_CHUNK_SIZE = 1 << 16; " \
                     "from app.cli import main; sys.exit(main(sys.argv[1:]))"
 
