@@ -272,12 +272,6 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// 16 rows as two halves of 8 (bytes 32h .. 32h + 31 of each run), one after the other so that a
-// half's integer sums for 4 rows of x fit AVX2's 16 registers (the fp32 ones stay in `out`); the
-// second half reads the group's blocks again from cache.
-// 4-bit: vpmaddubsw's int16 pair sums are added in int16 over a block (8 of them: at most
-// 30720), then widened once. 8-bit: |w| times x with w's sign (vpsignb; x's halves are never
-// -128), each widened at once (a pair reaches 32512).
 // acc += v in acc's own register (int16 or int32 lanes). Written as _mm256_add_epi16/32, g++ 12
 // adds into the product's register and copies the sum back every round, and with 4 rows of x
 // spills sums to the stack: a vmovdqa or a store per multiply that the front end must issue
@@ -298,21 +292,20 @@ inline void add_into16(__m256i& acc, __m256i v) {
 #endif
 }
 
-// 8 rows' scales or mins (half 0: rows 0-7, 1: rows 8-15), fp16 or fp32 as the type stores them
+// 8 rows' scales (at F::SCALES) or mins (at F::MINS), half 0: rows 0-7, 1: rows 8-15, fp16 or
+// fp32 as the type stores them (r16_param's vector twin)
 template <int T>
-inline __m256 r16_scales_avx2(const uint8_t* b, int half) {
-  using F = R16Format<T>;
-  if (F::F32_SCALE) return _mm256_loadu_ps(reinterpret_cast<const float*>(b + F::SCALES) + 8 * half);
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::SCALES + 16 * half)));
+inline __m256 r16_params_avx2(const uint8_t* b, int64_t at, int half) {
+  if (R16Format<T>::F32_SCALE) return _mm256_loadu_ps(reinterpret_cast<const float*>(b + at) + 8 * half);
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + at + 16 * half)));
 }
 
-template <int T>
-inline __m256 r16_mins_avx2(const uint8_t* b, int half) {
-  using F = R16Format<T>;
-  if (F::F32_SCALE) return _mm256_loadu_ps(reinterpret_cast<const float*>(b + F::MINS) + 8 * half);
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + F::MINS + 16 * half)));
-}
-
+// 16 rows as two halves of 8 (bytes 32h .. 32h + 31 of each run), one after the other so that a
+// half's integer sums for 4 rows of x fit AVX2's 16 registers (the fp32 ones stay in `out`); the
+// second half reads the group's blocks again from cache.
+// 4-bit: vpmaddubsw's int16 pair sums are added in int16 over a block (8 of them: at most
+// 30720), then widened once. 8-bit: |w| times x with w's sign (vpsignb; x's halves are never
+// -128), each widened at once (a pair reaches 32512).
 template <int T, int R>
 inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
   using F = R16Format<T>;
@@ -358,9 +351,9 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           }
         }
       }
-      const __m256 d = r16_scales_avx2<T>(b, half);
+      const __m256 d = r16_params_avx2<T>(b, F::SCALES, half);
       __m256 m = _mm256_setzero_ps();
-      if (F::MIN) m = r16_mins_avx2<T>(b, half);
+      if (F::MIN) m = r16_params_avx2<T>(b, F::MINS, half);
       for (int r = 0; r < R; ++r) {
         const int64_t gi = (m0 + r) * G + g;
         // 8-bit codes here are signed already: no offset
@@ -433,9 +426,9 @@ inline void wide_rows_avx2(const __m256i (*w)[2], const uint8_t* b, int64_t g, i
     }
   }
   for (int half = 0; half < 2; ++half) {
-    const __m256 d = r16_scales_avx2<T>(b, half);
+    const __m256 d = r16_params_avx2<T>(b, F::SCALES, half);
     __m256 m = _mm256_setzero_ps();
-    if (F::MIN) m = r16_mins_avx2<T>(b, half);
+    if (F::MIN) m = r16_params_avx2<T>(b, F::MINS, half);
     for (int r = 0; r < R; ++r) {
       const int64_t gi = (m0 + r) * G + g;
       const __m256i isum = _mm256_add_epi32(s[r][half], _mm256_set1_epi32(-F::OFFSET * x.s[gi]));
