@@ -14,7 +14,9 @@ bits between counts, as they may between machines.
 """
 from __future__ import annotations
 
+import gc
 import statistics
+import sys
 import time
 from collections import defaultdict, deque
 
@@ -28,6 +30,22 @@ BETTER = 0.9
 # nothing better turns up (a probe at the wrong count costs one slow step)
 FIRST_PROBE_S, LAST_PROBE_S = 0.5, 8.0
 RECENT = 8  # steps kept per (threads, rows) for the usual time
+# CPython's switch interval (s) while a model serves a screen or a server's clients. The decode
+# thread lets go of the GIL inside every torch op between its compiled steps (~50 a token: the
+# embedding, the head, sampling) and must then take it back from the thread running Python
+# meanwhile (the chat app's screen, the server's event loop), which CPython makes wait up to this
+# interval each time; the default 5 ms, or even 0.5 ms, is then a good part of a token's time.
+HAND_OVER_S = 5e-5
+
+
+def settle_after_load() -> None:
+    """For a process that keeps a model loaded beside a busy Python thread (chat app, server).
+
+    The model's ~100k objects never die: frozen out of the collector's sight, a full collection
+    (which holds the GIL, stopping the decode thread) no longer walks them. And the GIL goes back
+    to the decode thread within HAND_OVER_S."""
+    gc.freeze()
+    sys.setswitchinterval(HAND_OVER_S)
 
 
 class ThreadGovernor:

@@ -8,11 +8,9 @@ openai_api.py and ollama_api.py (the two APIs' shapes).
 """
 from __future__ import annotations
 
-import gc
 import ipaddress
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,15 +121,12 @@ def make_server(served, opts: ServeOptions):
 def serve(opts: ServeOptions, say=print) -> int:
     """Run until SIGTERM or Ctrl-C: then stop accepting, let in-flight requests finish for up to
     GRACE_S, cancel the rest and return 0."""
+    from ..threads import settle_after_load
+
     key = check_options(opts)
     served = load_served(opts, key, say)
     server = make_server(served, opts)
-    # as in the chat app (app/tui/backend.py): the model's ~100k objects never die, so a full
-    # collection (which holds the GIL, stopping the decode thread) need not walk them; and the
-    # decode thread takes the GIL back after each compiled step, where the default 5 ms hand-over
-    # interval from the event loop's thread is longer than a step
-    gc.freeze()
-    sys.setswitchinterval(0.0005)
+    settle_after_load()  # as the chat app does
     scheme = "https" if opts.tls_cert else "http"
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     say(f"Serving {served.ref} ({served.engine.ctx}-token context, {opts.parallel} slots, queue {opts.queue}) "

@@ -8,8 +8,6 @@ Nothing here imports torch: the engine is imported by the loader, inside the loa
 """
 from __future__ import annotations
 
-import gc
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -55,18 +53,14 @@ def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: s
                   chat_format: str | None = None) -> Loader:
     def load(ref: str) -> ChatModel:
         from ..engine import Engine
+        from ..threads import settle_after_load
 
         # the UI thread renders the reply on a core of its own (ui=True): torch threads on every
         # core stall each other's barriers whenever it runs (measured, 2 cores: 2 threads 94 tok/s,
         # 1 thread 135). Compiling the decode kernel (once per machine) must not hold up the first reply.
         engine = Engine.load(ref, ctx=ctx, device=device, kv_dtype=kv_dtype, compile_kernel="background",
                              ui=True, chat_format=chat_format)
-        # the model's ~100k objects never die: out of the collector's sight, a full collection
-        # (which holds the GIL, stopping the reply with the UI) no longer walks them
-        gc.freeze()
-        # the reply's thread takes the GIL back after each compiled step; with the UI thread
-        # rendering, the default 5 ms hand-over interval is most of a token's time
-        sys.setswitchinterval(0.0005)
+        settle_after_load()
         return engine
 
     return load

@@ -2,7 +2,6 @@
 reply streams, and how fast a keypress shows up while the model writes.
 
     python tests/bench/tui_latency.py --threads 2
-    python tests/bench/tui_latency.py --threads 2 --gc-freeze      # what if the app froze the GC after loading
     python tests/bench/tui_latency.py --prompts 2 --long-runs 0 --diagnose   # what a stall was doing
 
 One cold prompt (the first after the model loaded), `--prompts` warm ones, each in a new chat,
@@ -67,7 +66,6 @@ WARM_PROMPTS = [
 # the model answers this with a 40-item numbered list (267 tokens): one top-level Markdown block that grows
 LIST_PROMPT = "Write a bulleted list of 40 different fruits, one per line."
 KEYS = "abcdefghijklmnopqrstuvwxyz"  # the keypress probes' letters, in turn
-WHAT_IF_FREEZE = " What if: `gc.freeze()` right after the model loaded (a patch in the script; the app does not do this)."
 LONG_PROMPT = ("Write a long, detailed story about a dragon who learns to bake bread. Use several paragraphs, "
                "a list of ingredients, and end with a short poem.")
 
@@ -139,8 +137,8 @@ class ReplyRecord:
 class Bench:
     """The wrappers' shared state: the reply being measured, frames, appends, keys, loop lag."""
 
-    def __init__(self, render: bool, gc_freeze: bool = False):
-        self.render, self.gc_freeze = render, gc_freeze
+    def __init__(self, render: bool):
+        self.render = render
         self.app = None
         self.reply: ReplyRecord | None = None
         self.frames: list[tuple[float, float, float, float]] = []  # (t, render_s, check_s, main thread CPU s)
@@ -318,10 +316,6 @@ def instrument(bench: Bench) -> None:
     async def _loaded(self, model):
         if bench.t_loaded is None:
             bench.t_loaded = now()
-        if bench.gc_freeze:
-            import gc
-
-            gc.freeze()  # what if the app did this once the model is in: no full collection walks it again
         await orig_loaded(self, model)
 
     ChatScreen._loaded = _loaded
@@ -540,6 +534,26 @@ def engine_alone(model, r: ReplyRecord) -> dict:
             "prompt_tokens": st.prompt_tokens, "wall_s": now() - t0, "same_tokens": st.new_tokens == r.new_tokens}
 
 
+def ask_runs(ref: str, prompts: list[str], settings, rounds: int) -> list[float]:
+    """Decode tok/s of `llamadesk ask -v` (a process of its own, the thread rule's count) on each
+    prompt, `rounds` times, with the app's variant, token limit and greedy sampling: the figure
+    issue 4/6 holds the app to ("within 10% of `ask` on the same prompt and variant")."""
+    import re
+
+    out = []
+    for _ in range(rounds if prompts else 0):
+        for prompt in prompts:
+            cmd = [sys.executable, "-m", "app.cli", "ask", "-v", "-m", ref, "--temperature", "0",
+                   "--repeat-penalty", str(settings.repeat_penalty), "--repeat-last-n", str(settings.repeat_last_n),
+                   "--max-tokens", str(settings.max_tokens), prompt]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+            found = re.search(r"(\d+) tokens at ([\d.]+) tok/s", done.stderr + done.stdout)
+            if done.returncode or not found:
+                raise SystemExit(f"ask failed ({done.returncode}): {(done.stderr or done.stdout)[-500:]}")
+            out.append(float(found.group(2)))
+    return out
+
+
 # ---------------------------------------------------------------- numbers
 def pct_or_dash(x: float | None) -> str:
     return "–" if x is None else f"{x * 100:.0f}%"
@@ -656,6 +670,10 @@ def main() -> int:
     ap.add_argument("--long-runs", type=int, default=2, help="long replies of prose (a story)")
     ap.add_argument("--list-runs", type=int, default=1, help="long replies that are one long Markdown list")
     ap.add_argument("--size", default="120x40", help="terminal size, COLSxROWS (default 120x40)")
+    ap.add_argument("--hand-over-s", type=float, default=None,
+                    help="what if: the app's GIL switch interval were this (app/threads.py HAND_OVER_S)")
+    ap.add_argument("--ask-rounds", type=int, default=1,
+                    help="after the app, `llamadesk ask` on the warm prompts this many times (0: none)")
     ap.add_argument("--no-render", action="store_true", help="do not build the terminal output of each frame")
     ap.add_argument("--max-load", type=float, default=0.5, help="wait while the 1-min load is above this")
     ap.add_argument("--wait-load", type=float, default=300, help="wait at most this long for the load (s)")
@@ -664,8 +682,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the engine instead of default_threads(), which counts the cores the "
                          "1-min load leaves idle when the model loads")
-    ap.add_argument("--gc-freeze", action="store_true",
-                    help="what if: gc.freeze() once the model is loaded (a bench-only patch, the app does not)")
     ap.add_argument("--diagnose", action="store_true",
                     help="sample the main thread's stack every 10 ms, to say what a stall was doing")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
@@ -695,17 +711,23 @@ def main() -> int:
 
         from app.history import ChatSettings
 
-        bench = Bench(render=not args.no_render, gc_freeze=args.gc_freeze)
+        bench = Bench(render=not args.no_render)
         instrument(bench)
         if args.threads:
             import app.engine
 
             app.engine.inference_threads = lambda requested=None, ui=False: args.threads  # the start count
+        if args.hand_over_s:
+            import app.threads
+
+            app.threads.HAND_OVER_S = args.hand_over_s
         if args.diagnose:
             threading.Thread(target=sample_main, args=(bench,), daemon=True).start()
         short = ChatSettings(temperature=0.0, max_tokens=args.short_tokens)
         long = ChatSettings(temperature=0.0, max_tokens=args.long_tokens)
         out = asyncio.run(drive(args, bench, long, short))
+        asks = ask_runs(out["model"], WARM_PROMPTS[:args.prompts], short, args.ask_rounds)
+        asks_long = ask_runs(out["model"], [LONG_PROMPT] if args.long_runs else [], long, args.ask_rounds)
         load_end = load_avg()
 
     records: list[ReplyRecord] = out["records"]
@@ -718,7 +740,7 @@ def main() -> int:
     print(f"\ncode {code}")
     print(f"model {out['model']}, ctx {out['ctx']}, torch threads {out['threads']}, load: first {load_first}, "
           f"start {load_start}, prompts {out['load_at_prompts']}, long {out['load_at_long']}, end {load_end}; "
-          f"model load {out['load_s']:.1f} s\n")
+          f"model load {out['load_s']:.1f} s; GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms\n")
     hdr = ("reply", "prompt tok", "reused", "Enter→key", "Enter→submit", "submit→started", "started→stream",
            "stream→1st piece", "engine TTFT", "1st piece→write", "write→append", "append→visible",
            "1st piece→visible", "Enter→visible", "tok/s app", "engine alone TTFT", "tok/s alone",
@@ -760,6 +782,12 @@ def main() -> int:
     print(f"\nwarm medians ({len(warm)} prompts): Enter→visible {ms(warm_visible)} ms = Enter→Engine.stream "
           f"{ms(warm_pre)} + engine TTFT {ms(warm_ttft)} + first piece→visible {ms(warm_ui)} (+ rest); "
           f"tok/s in app {warm_toks:.1f}, engine alone TTFT {ms(alone_ttft)} ms, {alone_toks:.1f} tok/s")
+    app_long = med([x["record"].engine_tok_s for x in out["long"] if "list" not in x["record"].label])
+    for what, runs, app_toks in (("warm prompts", asks, warm_toks), ("long story", asks_long, app_long)):
+        if runs:
+            print(f"`llamadesk ask` on the same {what}, variant and sampling, {len(runs)} runs: median "
+                  f"{med(runs):.1f} tok/s ({min(runs):.1f}-{max(runs):.1f}); the app's median {app_toks:.1f} is "
+                  f"{app_toks / med(runs):.2f}x of it (issue 4/6: within 10%)")
     print(f"keypress with the model idle: handled {ms(idle_handled)} ms, visible {ms(idle_visible)} ms (median of "
           f"{len(idle_keys)})")
     for x, s in zip(out["long"], longs):
@@ -826,7 +854,7 @@ def main() -> int:
         f"Markdown widget hold a non-blank character. Each frame is also turned into escape codes "
         f"(`render_segments`, which headless Textual skips), so frames cost what a terminal's would"
         f"{' (off in this run)' if args.no_render else ''}."
-        f"{WHAT_IF_FREEZE if args.gc_freeze else ''} Engine TTFT and tok/s are `engine.last`; "
+        f" Engine TTFT and tok/s are `engine.last`; "
         f"\"alone\" is the same `Engine.stream` call (same messages, same reused KV-cache prefix) made again right "
         f"after the app's reply, from the event loop's thread, so the UI does nothing meanwhile.",
         "",
