@@ -22,6 +22,7 @@ from .model import Transformer
 
 
 GREEDY_BELOW = 1e-4  # a temperature under this picks the most likely token, exactly
+_LOWEST = torch.finfo(torch.float32).min
 
 
 @dataclass
@@ -156,16 +157,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] 
     Whatever the settings, the logits stay finite (a huge penalty or a tiny temperature would
     overflow float32 to inf, and inf - inf is NaN in the softmax); NaN logits count as impossible.
     """
+    penalized = _penalized(params, history)
+    if params.temperature < GREEDY_BELOW and params.repetition_penalty >= 1.0:
+        # A penalty >= 1 only lowers the tokens it touches, so the first raw maximum wins unless
+        # it is one of them (or not finite, where _finite's mapping could make a tie): one op
+        # instead of a dozen, each a hand-over of the GIL to whatever Python thread runs beside
+        value, index = torch.max(logits, 0)
+        best, top = int(index), float(value)
+        if best not in penalized and _LOWEST < top < math.inf:
+            return best
     logits = _finite(logits.float())
-    if params.repetition_penalty != 1.0 and params.repeat_last_n != 0:
-        recent = history if params.repeat_last_n < 0 else list(history)[-params.repeat_last_n:]
-        seen = torch.tensor(sorted(set(recent) - params.penalty_exempt), dtype=torch.long)
-        if len(seen):
-            logits = logits.clone()
-            picked = logits[seen]
-            # as in CTRL and Hugging Face: shrink positive logits, push negative ones further down
-            logits[seen] = _finite(torch.where(picked > 0, picked / params.repetition_penalty,
-                                               picked * params.repetition_penalty))
+    if penalized:
+        seen = torch.tensor(sorted(penalized), dtype=torch.long)
+        logits = logits.clone()
+        picked = logits[seen]
+        # as in CTRL and Hugging Face: shrink positive logits, push negative ones further down
+        logits[seen] = _finite(torch.where(picked > 0, picked / params.repetition_penalty,
+                                           picked * params.repetition_penalty))
     if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = _finite(logits / params.temperature)
@@ -184,6 +192,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] 
     u = torch.rand((), generator=generator) * cdf[-1]
     pick = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
     return int(ids[pick]) if ids is not None else pick
+
+
+def _penalized(params: SamplingParams, history: Iterable[int]) -> set[int]:
+    """The token ids the repetition penalty touches: the last repeat_last_n of `history`."""
+    if params.repetition_penalty == 1.0 or params.repeat_last_n == 0:
+        return set()
+    recent = history if params.repeat_last_n < 0 else list(history)[-params.repeat_last_n:]
+    return set(recent) - params.penalty_exempt
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:

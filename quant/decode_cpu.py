@@ -1,4 +1,5 @@
-"""The fused CPU decode step: every block of one token in C++ (csrc/decode_cpu.cpp).
+"""The fused CPU decode step: every block of one token in C++ (csrc/decode_cpu.cpp), and the token
+lookup and the head with them where the extension reads those weights (one call a token).
 
 On a small model a decode step in Python spends more time dispatching ~45 small ops per block
 than in its matmuls. The C++ step does the same arithmetic as the eager blocks (fp32 residual,
@@ -21,25 +22,36 @@ import torch
 import torch.nn as nn
 
 from .extension import load_extension
-from .linear import prepared_weights
+from .linear import prepared_embedding, prepared_weights
 
 log = logging.getLogger(__name__)
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 class CpuStepDecoder:
-    """model/generate.py's Decoder through the compiled step: the token table and the head stay
-    the model's own modules; every block runs in C++. The B rows go through each layer together
-    (one read of an int4 weight serves them all), and a row's arithmetic is the same whatever
-    else is in the batch, so its logits do not depend on the others."""
+    """model/generate.py's Decoder through the compiled step: the token table stays the model's
+    own module; every block, and the final norm and head where the extension has a kernel for the
+    head's weights, run in C++. The B rows go through each layer together (one read of an int4
+    weight serves them all), and a row's arithmetic is the same whatever else is in the batch, so
+    its logits do not depend on the others.
 
-    def __init__(self, model: nn.Module, step):
+    The head in C++ is for the GIL's sake: each torch op in Python lets go of it, and a decode
+    thread beside a busy Python thread (the chat app's screen, the server's event loop) waits up
+    to the switch interval to get it back, op after op."""
+
+    def __init__(self, model: nn.Module, step, fused_head: bool = False, fused_embedding: bool = False):
         self.model = model
         self.blocks = step  # the extension's Decoder: every block, bound to the model's caches
+        self.fused_head = fused_head  # the step ends with the final norm and the head
+        self.fused_embedding = fused_embedding and fused_head  # ... and starts with the token table
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.fused_embedding:
+            return self.blocks.step_tokens(tokens.view(-1).tolist(), positions.tolist(), rows.tolist())  # (B, V)
         h = self.model.tok_embeddings(tokens.view(-1, 1)).float()  # (B, 1, D)
+        if self.fused_head:
+            return self.blocks.step_logits(h, positions.tolist(), rows.tolist())  # (B, V)
         h = self.blocks.step_rows(h, positions.tolist(), rows.tolist())  # (B, 1, D)
         return self._head(h)
 
@@ -73,7 +85,16 @@ def build_decoder(model: nn.Module, cache: Path, build: bool = True) -> CpuStepD
         step.add_block(layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach(),
                        cache.k, cache.v, getattr(cache, "k_scale", None), getattr(cache, "v_scale", None),
                        *(prepared_weights(m) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)))
-    return CpuStepDecoder(model, step)
+    fused = []
+    for part, attach in (("head", lambda: step.set_head(model.norm.weight.detach(), prepared_weights(model.output))),
+                         ("token table", lambda: step.set_embedding(prepared_embedding(model.tok_embeddings)))):
+        try:
+            attach()
+            fused.append(True)
+        except (ValueError, RuntimeError) as e:  # no record for its kind; a kind the extension lacks
+            log.info("the %s runs in Python: %s", part, e)
+            fused.append(False)
+    return CpuStepDecoder(model, step, *fused)
 
 
 def unsupported(model: nn.Module) -> str | None:

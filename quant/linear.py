@@ -507,6 +507,47 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
             raise ValueError(f"dense weight in {mod.weight.dtype}")
         return PreparedWeights("dense", mod.weight.detach().contiguous(), None, K, N, K)
     raise ValueError(f"{type(mod).__name__} has no fused kernel")
+@dataclass(frozen=True)
+class PreparedEmbedding:
+    """A token table as its module holds it, for the compiled CPU step (csrc/decode_cpu.cpp reads
+    these fields by name): row t is token t's fp32 embedding (dim,).
+
+    kind:
+      "dense"       table fp32 (V, dim)
+      "int8_group"  table int8 (V, dim), scales fp32 (V, dim / group_size): Int8Embedding's
+      "gguf"        table uint8 (V, row bytes): a GGUF file's blocks of `scheme`, one of
+                    NATIVE_GGUF_SCHEMES
+    """
+
+    kind: str
+    table: torch.Tensor
+    scales: torch.Tensor | None
+    group_size: int
+    dim: int
+    scheme: str = ""
+
+
+def prepared_embedding(mod: nn.Module) -> PreparedEmbedding:
+    """The record of a token table whose rows the compiled step can read as the module would give
+    them (fp32 activations). Raises ValueError (why) for a table that is looked up only in Python."""
+    if getattr(mod, "dtype", torch.float32) != torch.float32:
+        raise ValueError(f"embeddings in {mod.dtype}")
+    if isinstance(mod, Int8Embedding):
+        if mod.qweight.device.type != "cpu":
+            raise ValueError("the table is not on the CPU")
+        return PreparedEmbedding("int8_group", mod.qweight, mod.scales.float().contiguous(), mod.group_size,
+                                 mod.embedding_dim)
+    if isinstance(mod, GGUFEmbedding):
+        if mod.scheme not in NATIVE_GGUF_SCHEMES or mod.blocks.device.type != "cpu":
+            raise ValueError(f"{mod.scheme} rows are dequantized in Python")
+        return PreparedEmbedding("gguf", mod.blocks, None, GGUF_SCHEMES[mod.scheme][0], mod.embedding_dim, mod.scheme)
+    if type(mod) is nn.Embedding:
+        if mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu":
+            raise ValueError(f"a table in {mod.weight.dtype} on {mod.weight.device}")
+        return PreparedEmbedding("dense", mod.weight.detach(), None, mod.embedding_dim, mod.embedding_dim)
+    raise ValueError(f"{type(mod).__name__} has no compiled lookup")
+
+
 # ---------------------------------------------------------------- GGUF block types
 # the block types the compiled step multiplies natively (csrc/gguf_gemv.h): those of Q4_K_M,
 # Q6_K, Q8_0 and Q4_0/Q4_1/Q5_0 files; the others dequantize a block of rows at a time

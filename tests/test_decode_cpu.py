@@ -7,6 +7,7 @@ Python blocks call torch's, which rounds the input to bf16: against the step, th
 int4 layers run their dequantized weight in fp32 (`fp32_int4`), what the step computes.
 The real default model's greedy tokens are checked in test_fast_path.py.
 """
+import gguf
 import pytest
 import torch
 import torch.nn as nn
@@ -19,7 +20,8 @@ from model.generate import EagerDecoder, SamplingParams, generate, prefill
 from model.model import Transformer
 from quant import decode_cpu, extension
 from quant.formats import pack_int4, pack_int8
-from quant.linear import Int4Linear, fuse_projections, repack_for_device, swap_linears
+from quant.linear import (GGUFEmbedding, Int4Linear, Int8Embedding, fuse_projections, repack_for_device,
+                          swap_linears)
 
 # ffn_dim 100: w1/w3 fuse to 200 rows (the int4 kernel pads to 208); w2's K = 100 is no multiple
 # of 16, so int8 runs it as a dense weight
@@ -163,6 +165,60 @@ def test_the_fused_step_follows_the_python_blocks_over_40_tokens(cache, kv_dtype
     decoder = choose_decoder(model, "now")
     assert isinstance(decoder, decode_cpu.CpuStepDecoder) and len(set(answer)) > 3
     assert_agree(python, forced_logits(model, prompt, answer, decoder), 0.1)
+
+
+def _token_table(kind: str, V: int, D: int) -> nn.Module:
+    """A token table of `kind` with random rows of the size a trained one has."""
+    g = torch.Generator().manual_seed(1)
+    if kind == "int8_group":
+        table = Int8Embedding(V, D, group_size=32)
+        table.qweight = torch.randint(-127, 128, (V, D), dtype=torch.int8, generator=g)
+        table.scales = torch.rand(V, D // 32, generator=g) * 1e-3
+        return table
+    scheme = kind.removeprefix("gguf_")
+    table = GGUFEmbedding(V, D, scheme)
+    if scheme in ("q4_0", "q8_0"):
+        values = (torch.randn(V, D, generator=g) * 0.08).numpy()
+        table.blocks = torch.from_numpy(gguf.quants.quantize(values, gguf.GGMLQuantizationType[scheme.upper()]))
+        return table
+    # gguf cannot write K-quants: random blocks whose fp16 scales are small finite numbers
+    blocks = torch.randint(0, 256, (V * D // 256, {"q4_k": 144, "q6_k": 210}[scheme]), dtype=torch.uint8, generator=g)
+    scale = torch.full((blocks.shape[0], 1), 1e-3, dtype=torch.float16).view(torch.uint8)  # (n, 2)
+    for at in ((0, 2) if scheme == "q4_k" else (208,)):  # q4_k: d, dmin; q6_k: d, the block's last bytes
+        blocks[:, at : at + 2] = scale
+    table.blocks = blocks.reshape(V, -1)
+    return table
+
+
+@pytest.mark.parametrize("table", ["fp32", "int8_group", "gguf_q4_0", "gguf_q8_0", "gguf_q4_k", "gguf_q6_k"])
+@torch.inference_mode()
+def test_the_step_looks_up_tokens_and_runs_the_head_as_the_python_modules_do(cache, table):
+    """The step starts from the token table and ends with the final norm and head (one call a
+    token, for the GIL's sake): the same logits as the model's own lookup and head around the
+    compiled blocks, for each kind of table, rows of a batch included."""
+    model = tiny_packed_model(head_dim=128 if table.endswith("_k") else 16)  # K-quant blocks are 256 wide
+    model.setup_caches(64, batch=2)
+    if table != "fp32":
+        model.tok_embeddings = _token_table(table, model.args.vocab_size, model.args.dim)
+    decoder = decode_cpu.build_decoder(model, cache)
+    assert decoder.fused_head and decoder.fused_embedding
+    for row, prompt in enumerate(([5, 17, 99, 3], [250, 7])):
+        prefill(model, prompt, cache_row=row)
+    tokens, positions, rows = torch.tensor([41, 8]), torch.tensor([4, 2]), torch.tensor([0, 1])
+    fused = decoder.decode(tokens, positions, rows)  # (B, V)
+    decoder.fused_embedding = decoder.fused_head = False  # the same position again, through Python
+    python = decoder.decode(tokens, positions, rows)
+    assert fused.shape == (2, model.args.vocab_size)
+    torch.testing.assert_close(fused, python, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(fused[0], fused[1])
+
+
+def test_the_step_leaves_a_table_it_cannot_read_to_python(cache):
+    model = tiny_packed_model()
+    model.tok_embeddings = _token_table("gguf_q4_0", model.args.vocab_size, model.args.dim)
+    model.tok_embeddings.dtype = torch.bfloat16  # the lookup would round to bf16: only Python does that
+    decoder = decode_cpu.build_decoder(model, cache)
+    assert decoder.fused_head and not decoder.fused_embedding
 
 
 def test_what_the_fused_step_does_not_run_keeps_the_python_path(cache):

@@ -108,6 +108,29 @@ def test_extreme_settings_and_broken_logits_still_give_a_token(params):
     assert sample(sane, params, [], generator=g) in (0, 1, 2)
 
 
+def _greedy_by_the_book(logits: torch.Tensor, penalty: float, history: list[int]) -> int:
+    """Greedy as sample() defines it, spelled out: finite logits, the penalty, the first maximum."""
+    lo, hi = torch.finfo(torch.float32).min, torch.finfo(torch.float32).max
+    x = torch.nan_to_num(logits.float(), nan=lo, posinf=hi, neginf=lo).tolist()
+    for t in set(history):
+        x[t] = x[t] / penalty if x[t] > 0 else x[t] * penalty
+        x[t] = min(max(x[t], lo), hi)  # as _finite does after the penalty
+    return x.index(max(x))
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1, 1.5, 0.8])
+def test_greedy_with_ties_and_broken_logits_is_the_first_penalized_maximum(penalty):
+    """sample() skips the penalty's arithmetic when the raw maximum is untouched by it: the pick
+    must be what the whole definition gives, on logits made of ties, zeros, infinities and NaN."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([0.0, 1.0, 2.0, -1.0, 2.0, float("inf"), float("-inf"), float("nan"), -3.4028235e38])
+    params = SamplingParams(temperature=0, repetition_penalty=penalty)
+    for case in range(400):
+        logits = values[torch.randint(0, len(values) if case % 2 else 5, (12,), generator=g)]
+        history = torch.randint(0, 12, (int(torch.randint(0, 6, (), generator=g)),), generator=g).tolist()
+        assert sample(logits, params, history) == _greedy_by_the_book(logits, penalty, history), (logits, history)
+
+
 def test_the_repetition_penalty_spares_exempt_tokens():
     # token 2 is the end of turn: in the prompt (the template put it there) and the best next token
     logits = torch.tensor([0.0, 2.5, 3.0, -1.0])

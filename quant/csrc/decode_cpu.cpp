@@ -1025,6 +1025,86 @@ class Decoder {
     return h;
   }
 
+  // The model's final norm and output layer (its prepared weights), so that step_logits can end
+  // a token's step in here: between the blocks and the head, Python's ~10 small ops each let go
+  // of the GIL and wait to get it back from whatever Python thread runs meanwhile (the chat app's
+  // screen, the server's event loop).
+  void set_head(at::Tensor norm, const py::object& output) {
+    TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.numel() == dim_, "the final norm must be (dim,) fp32");
+    head_norm_ = norm.contiguous();
+    head_ = make_linear(output);
+    TORCH_CHECK(head_.k_in == dim_, "the output layer must take dim inputs");
+    has_head_ = true;
+  }
+
+  // The model's token table (a quant.linear.PreparedEmbedding record), so that step_tokens can
+  // start a token's step in here too.
+  void set_embedding(const py::object& e) {
+    const std::string kind = e.attr("kind").cast<std::string>();
+    emb_table_ = e.attr("table").cast<at::Tensor>();
+    const py::object scales = e.attr("scales");
+    emb_scales_ = scales.is_none() ? at::Tensor() : scales.cast<at::Tensor>();
+    emb_group_ = e.attr("group_size").cast<int64_t>();
+    TORCH_CHECK(e.attr("dim").cast<int64_t>() == dim_ && emb_table_.is_contiguous() && emb_table_.dim() == 2,
+                "the token table must be contiguous (V, dim) rows");
+    if (kind == "dense") {
+      TORCH_CHECK(emb_table_.scalar_type() == at::kFloat && emb_table_.size(1) == dim_, "a dense table is fp32 (V, dim)");
+      emb_kind_ = EMB_DENSE;
+    } else if (kind == "int8_group") {
+      TORCH_CHECK(emb_table_.scalar_type() == at::kChar && emb_table_.size(1) == dim_ && emb_group_ > 0 &&
+                      dim_ % emb_group_ == 0 && emb_scales_.defined() && emb_scales_.scalar_type() == at::kFloat &&
+                      emb_scales_.is_contiguous() && emb_scales_.numel() == emb_table_.size(0) * (dim_ / emb_group_),
+                  "an int8 table is int8 (V, dim) with fp32 scales (V, dim / group)");
+      emb_kind_ = EMB_INT8;
+    } else if (kind == "gguf") {
+      emb_gguf_ = gguf_type(e.attr("scheme").cast<std::string>());
+      TORCH_CHECK(emb_gguf_ != GGUF_NONE && emb_table_.scalar_type() == at::kByte &&
+                      emb_table_.size(1) == block_row_bytes(emb_gguf_, dim_), "GGUF rows do not fit the table's shape");
+      emb_kind_ = EMB_GGUF;
+    } else {
+      TORCH_CHECK(false, "no lookup for a token table of kind '", kind, "'");
+    }
+  }
+
+  // The token table's rows, then step_logits: logits (B, V) fp32 after token b at positions[b]
+  // of cache row rows[b]. Each row is what the module's own lookup gives, in fp32.
+  at::Tensor step_tokens(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                         const std::vector<int64_t>& rows) {
+    TORCH_CHECK(emb_kind_ != EMB_NONE, "set_embedding first");
+    const int64_t B = static_cast<int64_t>(tokens.size()), V = emb_table_.size(0);
+    at::Tensor x = at::empty({B, 1, dim_}, at::TensorOptions().dtype(at::kFloat));
+    float* xp = x.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t = tokens[b];
+      TORCH_CHECK(t >= 0 && t < V, "token ", t, " is not in the vocabulary");
+      float* out = xp + b * dim_;
+      if (emb_kind_ == EMB_DENSE) {
+        const float* row = emb_table_.data_ptr<float>() + t * dim_;
+        std::copy(row, row + dim_, out);
+      } else if (emb_kind_ == EMB_INT8) {
+        const int8_t* row = emb_table_.data_ptr<int8_t>() + t * dim_;
+        const float* sc = emb_scales_.data_ptr<float>() + t * (dim_ / emb_group_);
+        for (int64_t i = 0; i < dim_; ++i) out[i] = static_cast<float>(row[i]) * sc[i / emb_group_];
+      } else {
+        gguf_dequantize(emb_gguf_, emb_table_.data_ptr<uint8_t>(), dim_, t, t + 1, out);
+      }
+    }
+    return step_logits(x, positions, rows);
+  }
+
+  // step_rows, then the final norm and the output layer of each row: logits (B, V) fp32. The head
+  // runs once for the B rows, a row's logits independent of the others (Linear::apply).
+  at::Tensor step_logits(at::Tensor x, const std::vector<int64_t>& positions, const std::vector<int64_t>& rows) {
+    TORCH_CHECK(has_head_, "set_head first");
+    at::Tensor h = step_rows(x, positions, rows);
+    const int64_t B = static_cast<int64_t>(positions.size());
+    const float* hp = h.data_ptr<float>();
+    for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, head_norm_.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
+    at::Tensor logits = at::empty({B, head_.n_out}, at::TensorOptions().dtype(at::kFloat));
+    head_.apply(xn_.data(), logits.data_ptr<float>(), B);
+    return logits;
+  }
+
   // One token: step_rows for B = 1.
   at::Tensor step(at::Tensor x, int64_t pos, int64_t row) {
     TORCH_CHECK(x.numel() == dim_, "x must be (1, 1, dim) fp32");
@@ -1194,6 +1274,13 @@ class Decoder {
   std::vector<Block> blocks_;
   std::vector<float> xn_, qkv_, att_, o_, h13_, act_;
   std::vector<AttnScratch> scratch_;  // one per row of a batch: rows attend on the threads at once
+  at::Tensor head_norm_;  // (dim,) fp32, with head_ once set_head ran
+  Linear head_{};
+  bool has_head_ = false;
+  enum { EMB_NONE, EMB_DENSE, EMB_INT8, EMB_GGUF } emb_kind_ = EMB_NONE;  // set_embedding's table
+  at::Tensor emb_table_, emb_scales_;
+  int64_t emb_group_ = 0;
+  GgufType emb_gguf_ = GGUF_NONE;
 };
 
 // y (M, N) = x (M, K) @ W^T with W = q (N, K) int8 times scales (N, K / 32) fp32, one scale per
@@ -1326,6 +1413,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &Decoder::step, py::arg("x"), py::arg("pos"), py::arg("row") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("step_rows", &Decoder::step_rows, py::arg("x"), py::arg("positions"), py::arg("rows"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_head", &Decoder::set_head)
+      .def("set_embedding", &Decoder::set_embedding)
+      .def("step_tokens", &Decoder::step_tokens, py::arg("tokens"), py::arg("positions"), py::arg("rows"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("step_logits", &Decoder::step_logits, py::arg("x"), py::arg("positions"), py::arg("rows"),
            py::call_guard<py::gil_scoped_release>());
   m.def("int8_group_linear", &int8_group_linear, py::arg("x"), py::arg("q"), py::arg("scales"),
         py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());

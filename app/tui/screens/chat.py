@@ -2,8 +2,9 @@
 
 The screen owns the history, the loaded model and the reply in flight. Loading and generating run
 in thread workers. The reply worker puts text pieces on a queue that a timer drains about 30 times
-a second into the reply's Markdown stream, so a fast model costs the UI one update per frame, not
-one per token. Esc sets the reply's cancel event; the reply worker checks it between its steps, the
+a second; the reply's Markdown shows the first piece at once and then takes the pieces at most
+WRITE_INTERVAL_S apart, so a fast model costs the UI a dozen updates a second, not one per token.
+Esc sets the reply's cancel event; the reply worker checks it between its steps, the
 engine before every token and between the layers of a prompt (a stop lands within ~0.1 s), and a
 remote model (app.remote.RemoteChat) before every chunk, closing the stream.
 """
@@ -39,6 +40,11 @@ from ..widgets.transcript import MessageView, Notice, Transcript
 from .dialogs import ConfirmDialog
 
 DRAIN_INTERVAL_S = 1 / 30
+# Each update re-parses the reply's last Markdown block, lays out and draws a frame on this thread,
+# holding the GIL that the model's thread takes back after every op between its compiled steps:
+# at 30 updates a second the screen took a quarter of a core and replies decoded at 0.6-0.7x of
+# `ask`'s speed (docs/BENCHMARKS.md). A dozen a second still reads as a smooth stream.
+WRITE_INTERVAL_S = 1 / 12
 NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
 SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar and the footer start hidden
 
@@ -569,11 +575,10 @@ class ChatScreen(Screen):
         if reply.unshown and (end is not None or time.monotonic() >= reply.show_after):
             shown, reply.unshown = reply.unshown, ""
             await reply.view.write(shown)
-            # Rendering runs on this thread and holds the GIL, which the engine's thread needs
-            # between its compiled steps: when an append is slow (a long list is one Markdown
-            # block, re-parsed whole), wait twice its time, so rendering takes a third of the time
-            # at most and the reply keeps its speed (measured: 10.9 tok/s during a long list before)
-            reply.show_after = time.monotonic() + 2 * reply.view.append_s
+            # when an append is slow (a long list is one Markdown block, re-parsed whole), wait
+            # twice its time, so rendering takes a third of the time at most and the reply keeps
+            # its speed (measured: 10.9 tok/s during a long list before)
+            reply.show_after = time.monotonic() + max(WRITE_INTERVAL_S, 2 * reply.view.append_s)
         if end is None and (reply.view.content or reply.unshown) and time.monotonic() >= reply.numbers_after:
             self._show_numbers(reply)
         if end is not None:
