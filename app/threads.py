@@ -30,6 +30,12 @@ BETTER = 0.9
 # nothing better turns up (a probe at the wrong count costs one slow step)
 FIRST_PROBE_S, LAST_PROBE_S = 0.5, 8.0
 RECENT = 8  # steps kept per (threads, rows) for the usual time
+# A probe up to a core another program holds does not cost one slow step but seconds: measured
+# here, a nice-19 program on the other core made a 2-thread step take ~1.8 s, every OpenMP barrier
+# waiting for our thread's turn behind it (a 12-token `ask` at 6 tok/s against 330 at 1 thread).
+# So a probe up first reads, over IDLE_WINDOW_S, how many cores the machine leaves idle, and goes
+# ahead only from IDLE_ENOUGH.
+IDLE_WINDOW_S, IDLE_ENOUGH = 0.25, 0.5
 # CPython's switch interval (s) while a model serves a screen or a server's clients. The decode
 # thread lets go of the GIL inside every torch op between its compiled steps (~50 a token: the
 # embedding, the head, sampling) and must then take it back from the thread running Python
@@ -58,9 +64,11 @@ class ThreadGovernor:
     `clock` and `set_threads`/`get_threads` are torch's and time's unless a test fakes them."""
 
     def __init__(self, inner, ceiling: int, clock=time.perf_counter,
-                 set_threads=torch.set_num_threads, get_threads=torch.get_num_threads):
+                 set_threads=torch.set_num_threads, get_threads=torch.get_num_threads, idle_cores=None):
         self.inner, self.ceiling = inner, max(1, ceiling)
         self._clock, self._set, self._get = clock, set_threads, get_threads
+        self._idle = idle_cores or IdleCores()
+        self._window_open = False  # the idle cores are being read for the next probe up
         self._times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=RECENT))
         self._home: int | None = None  # the count decoding runs at between probes
         self._probing: int | None = None  # the count this step tries, if a probe
@@ -111,12 +119,24 @@ class ThreadGovernor:
             self._down, self._next_probe, usual = True, now, seconds
         if now >= self._next_probe:
             self._reference = usual, B
-            self._probe_next()
+            self._probe_next(now)
 
-    def _probe_next(self) -> None:
+    def _probe_next(self, now: float) -> None:
         home = self._home
         down, up = home - 1 >= 1, home + 1 <= self.ceiling
-        self._probing = home - 1 if (self._down and down) or not up else home + 1
+        target = home - 1 if (self._down and down) or not up else home + 1
+        if target > home:
+            if not self._window_open:  # read the cores first; probe when the window closes
+                self._idle.mark()
+                self._window_open, self._next_probe = True, now + IDLE_WINDOW_S
+                return
+            self._window_open = False
+            if self._idle.read() < IDLE_ENOUGH:  # taken by another program: as a probe that lost
+                self._down = not self._down
+                self._interval = min(2 * max(self._interval, FIRST_PROBE_S / 2), LAST_PROBE_S)
+                self._next_probe = now + self._interval
+                return
+        self._probing = target
         self._down = not self._down
         self._set(self._probing)
 
@@ -126,3 +146,25 @@ class ThreadGovernor:
         if not recent or len(recent) < 3:
             return None
         return statistics.median(recent)
+
+
+class IdleCores:
+    """How many cores the whole machine left idle between mark() and read(): the idle time the
+    kernel counts (psutil.cpu_times, /proc/stat on Linux) over the wall time between them."""
+
+    def __init__(self):
+        self._t, self._idle_s = time.monotonic(), self._idle_seconds()
+
+    def mark(self) -> None:
+        self._t, self._idle_s = time.monotonic(), self._idle_seconds()
+
+    def read(self) -> float:
+        wall = time.monotonic() - self._t
+        return (self._idle_seconds() - self._idle_s) / wall if wall > 0 else 0.0
+
+    @staticmethod
+    def _idle_seconds() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return t.idle + getattr(t, "iowait", 0.0)

@@ -24,6 +24,13 @@ class Machine:
     def get_threads(self) -> int:
         return self.threads
 
+    # the idle cores the governor reads before a probe up: what neither we nor the other program use
+    def mark(self) -> None:
+        pass
+
+    def read(self) -> float:
+        return 0.0 if self.busy else 2.0 - self.threads
+
 
 class FakeDecoder:
     def __init__(self, machine: Machine):
@@ -31,7 +38,7 @@ class FakeDecoder:
 
     def decode(self, tokens, positions, rows):
         m = self.machine
-        per_row = {1: 0.007, 2: 0.064 if m.busy else 0.004}[m.threads]
+        per_row = {1: 0.007, 2: 1.8 if m.busy else 0.004}[m.threads]  # busy: a nice-19 program, measured
         m.now += per_row * (1 + 0.3 * (tokens.numel() - 1))
         self.steps += 1
         return torch.zeros(tokens.numel(), 4)
@@ -51,7 +58,8 @@ def run(governor: ThreadGovernor, machine: Machine, seconds: float, rows: int = 
 def governed(ceiling: int = 2):
     machine = Machine()
     inner = FakeDecoder(machine)
-    return machine, inner, ThreadGovernor(inner, ceiling, machine.clock, machine.set_threads, machine.get_threads)
+    return machine, inner, ThreadGovernor(inner, ceiling, machine.clock, machine.set_threads, machine.get_threads,
+                                          machine)
 
 
 def test_quiet_cores_keep_every_thread_with_few_probes():
@@ -84,6 +92,22 @@ def test_the_core_coming_back_is_taken_again_within_the_longest_interval():
     machine.busy = False
     counts = run(governor, machine, LAST_PROBE_S + 1)
     assert governor.threads == 2 and counts[-1] == 2
+
+
+def test_a_short_reply_from_one_thread_never_tries_a_core_another_program_holds():
+    """`ask` with the rule's 1 thread and the other core busy since before the load average saw
+    it: every probe up reads the cores first and stays, so no step costs a collapsed barrier."""
+    machine, _, governor = governed()
+    machine.threads, machine.busy = 1, True
+    counts = run(governor, machine, 20.0)
+    assert set(counts) == {1} and len(counts) / 20.0 > 0.9 / 0.007
+
+
+def test_from_one_thread_the_second_core_is_taken_within_a_window_when_idle():
+    machine, _, governor = governed()
+    machine.threads = 1  # the chat app starts one below the cores
+    counts = run(governor, machine, 1.0)
+    assert governor.threads == 2 and counts.index(2) * 0.007 < 0.3
 
 
 def test_batches_of_several_rows_are_timed_apart_from_single_rows():
