@@ -37,7 +37,8 @@ def _assert_all_checks_pass(command: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-4000:] or done.stdout[-4000:]
     tally = re.search(r"(\d+) of (\d+) checks passed", done.stdout)
     assert tally and tally[1] == tally[2], done.stdout[-4000:]
-    for kernel in ("dequantize q6_k", "gemv q4_k", "gemv int8_group", "r16 q4_1", "batch r16 int8_group rows=7"):
+    for kernel in ("dequantize q6_k", "gemv q4_k", "gemv int8_group", "r16 q4_1", "r16 q4_k rows=7",
+                   "batch r16 int8_group rows=7"):
         assert f"ok   {kernel}" in done.stdout, f"{kernel}: not checked"
 
 

@@ -517,7 +517,7 @@ int main() {
     check_gemv(t, N, K, true, rng, tally);
   }
   const int r16_types[][2] = {
-      {GGUF_Q4_0, R16_Q4_0}, {GGUF_Q4_1, R16_Q4_1}, {GGUF_Q8_0, R16_Q8_0}, {INT8_GROUP32, R16_I8G}};
+      {GGUF_Q4_0, R16_Q4_0}, {GGUF_Q4_1, R16_Q4_1}, {GGUF_Q8_0, R16_Q8_0}, {INT8_GROUP32, R16_I8G}, {GGUF_Q4_K, R16_Q4_K}};
   for (const auto& [gguf, r16] : r16_types) {
     for (const TypeInfo& t : kTypes) {
       if (t.type == gguf) check_r16(t, r16, N, K, rng, tally);
