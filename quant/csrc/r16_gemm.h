@@ -385,10 +385,12 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 // across the two).
 
 // codes of one block (16 rows) as int16 pairs: w[kp][half] lane i = row 8 half + i's codes of
-// k = 2 kp and 2 kp + 1 (vpmaddwd's pair)
+// k = 2 kp and 2 kp + 1 (vpmaddwd's pair), less the type's OFFSET (Q4_0's 8): signed codes give
+// the same exact integer sum as the narrow kernel's codes . v - OFFSET s, but leave each row of x
+// no offset to broadcast and add per block (3 of ~75 vector uops a row and block)
 template <int T>
 inline void widen_block_avx2(const uint8_t* b, __m256i (*w)[2]) {
-  const __m256i mask = _mm256_set1_epi8(15);
+  const __m256i mask = _mm256_set1_epi8(15), offset = _mm256_set1_epi16(R16Format<T>::OFFSET);
   // per dword (a row's 4 bytes): bytes 0, 1 (pairs A) or 2, 3 (pairs B) zero-extended to int16
   const __m256i pa = _mm256_setr_epi8(0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128, 12, -128, 13, -128,
                                       0, -128, 1, -128, 4, -128, 5, -128, 8, -128, 9, -128, 12, -128, 13, -128);
@@ -398,21 +400,25 @@ inline void widen_block_avx2(const uint8_t* b, __m256i (*w)[2]) {
     for (int half = 0; half < 2; ++half) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * L + 32 * half));
       const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      w[4 * L + 0][half] = _mm256_shuffle_epi8(lo, pa);  // k = 8L, 8L + 1
-      w[4 * L + 1][half] = _mm256_shuffle_epi8(lo, pb);  // 8L + 2, 8L + 3
-      w[4 * L + 2][half] = _mm256_shuffle_epi8(hi, pa);  // 8L + 4, 8L + 5
-      w[4 * L + 3][half] = _mm256_shuffle_epi8(hi, pb);  // 8L + 6, 8L + 7
+      w[4 * L + 0][half] = _mm256_sub_epi16(_mm256_shuffle_epi8(lo, pa), offset);  // k = 8L, 8L + 1
+      w[4 * L + 1][half] = _mm256_sub_epi16(_mm256_shuffle_epi8(lo, pb), offset);  // 8L + 2, 8L + 3
+      w[4 * L + 2][half] = _mm256_sub_epi16(_mm256_shuffle_epi8(hi, pa), offset);  // 8L + 4, 8L + 5
+      w[4 * L + 3][half] = _mm256_sub_epi16(_mm256_shuffle_epi8(hi, pb), offset);  // 8L + 6, 8L + 7
     }
   }
 }
 
-// rows m0 .. m0 + R - 1 of x times block g (widened in w): acc[r] (16 fp32 sums) updated as the
-// narrow kernel does
+// rows m0 .. m0 + R - 1 of x times block g (widened in w; its 16 scales and mins in fp32 in dm):
+// acc[r] (16 fp32 sums) updated as the narrow kernel does
 // (xv: block g's M rows of v)
 template <int T, int R>
-inline void wide_rows_avx2(const __m256i (*w)[2], const uint8_t* b, int64_t g, int64_t G, const XInt15& x,
+inline void wide_rows_avx2(const __m256i (*w)[2], const float* dm, int64_t g, int64_t G, const XInt15& x,
                            const int16_t* xv, int64_t m0, float* acc) {
   using F = R16Format<T>;
+  // read the scales from memory after the products, as vmulps operands: g++ 12 otherwise keeps
+  // them in two registers across the whole block, and with 4 rows' 8 sums one sum goes to the
+  // stack, a load and a store every 16 multiply-adds
+  __asm__("" : "+r"(dm));
   __m256i s[R][2];
   for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
   for (int kp = 0; kp < 16; ++kp) {
@@ -426,14 +432,13 @@ inline void wide_rows_avx2(const __m256i (*w)[2], const uint8_t* b, int64_t g, i
     }
   }
   for (int half = 0; half < 2; ++half) {
-    const __m256 d = r16_params_avx2<T>(b, F::SCALES, half);
+    const __m256 d = _mm256_load_ps(dm + 8 * half);
     __m256 m = _mm256_setzero_ps();
-    if (F::MIN) m = r16_params_avx2<T>(b, F::MINS, half);
+    if (F::MIN) m = _mm256_load_ps(dm + 16 + 8 * half);
     for (int r = 0; r < R; ++r) {
       const int64_t gi = (m0 + r) * G + g;
-      const __m256i isum = _mm256_add_epi32(s[r][half], _mm256_set1_epi32(-F::OFFSET * x.s[gi]));
       float* o = acc + (m0 + r) * 16 + 8 * half;
-      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])),
+      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][half]), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])),
                                  _mm256_loadu_ps(o));
       if (F::MIN) a = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xs[gi]), a);
       _mm256_storeu_ps(o, a);
@@ -450,6 +455,7 @@ void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt1
   const int64_t groups = (N + 15) / 16;
   at::parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
     alignas(32) __m256i w[16][2];
+    alignas(32) float dm[32];  // the block's 16 scales, then 16 mins, in fp32
     std::vector<float> acc(M * 16);
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* grp = packed + t * G * F::BYTES;
@@ -458,9 +464,13 @@ void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt1
         const uint8_t* b = grp + g * F::BYTES;
         prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
         widen_block_avx2<T>(b, w);
+        for (int half = 0; half < 2; ++half) {
+          _mm256_store_ps(dm + 8 * half, r16_params_avx2<T>(b, F::SCALES, half));
+          if (F::MIN) _mm256_store_ps(dm + 16 + 8 * half, r16_params_avx2<T>(b, F::MINS, half));
+        }
         const int16_t* xv = xi.v.data() + g * M * 32;
         in_row_chunks(M, [&](auto rows, int64_t m) {
-          wide_rows_avx2<T, decltype(rows)::value>(w, b, g, G, xi, xv, m, acc.data());
+          wide_rows_avx2<T, decltype(rows)::value>(w, dm, g, G, xi, xv, m, acc.data());
         });
       }
       const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
