@@ -1,10 +1,10 @@
 """Where a decode step's and a prefill chunk's time goes, by function, from `perf` samples.
 
-    LLAMADESK_HOME=... python tests/bench/perf_profile.py llama-8b-q4_0:source [--seconds 20] [--threads 2]
+    LLAMADESK_HOME=... python tests/bench/perf_profile.py llama-8b-q4_0:source [--seconds 20] [--threads 2] [--prompt 64]
 
 Loads the variant as `bench` does (the compiled CPU step under the thread governor), warms up,
 then for each phase (decode steps after a 64-token prompt; prefill of one 64-row chunk, the
-chunk an 8B-shaped model gets) runs it in a loop while `perf record -e cpu-clock` samples this
+chunk an 8B-shaped model gets; --prompt 128 is two chunks of the 1.2B's 64, or one of 128) runs it in a loop while `perf record -e cpu-clock` samples this
 process (cpu-clock: a VM without hardware counters still has it), and prints the phase's time per
 call, the weight bytes it reads per second against `bench`'s stream-read probe, and perf's
 self-time table by symbol. Inlined kernels count toward the function they are inlined into.
@@ -58,11 +58,12 @@ def main() -> None:
     ap.add_argument("ref")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=PROMPT, help="prefill tokens (the decode phase follows PROMPT)")
     ap.add_argument("--out", type=Path, help="where perf's data goes (default: a temp folder)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     entry = store.find(a.ref)
-    model = load_model(entry, PROMPT + 512)
+    model = load_model(entry, max(PROMPT + 512, a.prompt + 1))
     decoder = choose_decoder(model)
     weights = next(c.weight_bytes for c in installed_candidates(probe("cpu"))
                    if (c.model, c.variant) == (entry.name, entry.variant))
@@ -80,7 +81,8 @@ def main() -> None:
     out = a.out or Path(tempfile.mkdtemp(prefix="llamadesk-perf-"))
     out.mkdir(parents=True, exist_ok=True)
     perf_phase("decode step", decode, a.seconds, weights, out)
-    perf_phase(f"prefill chunk ({PROMPT} rows)", lambda: prefill(model, ids), a.seconds, weights, out)
+    long_ids = prompt_ids(a.prompt, model.args.vocab_size)
+    perf_phase(f"prefill ({a.prompt} tokens)", lambda: prefill(model, long_ids), a.seconds, weights, out)
 
 
 if __name__ == "__main__":
