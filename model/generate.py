@@ -84,18 +84,20 @@ class EagerDecoder:
 
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: big enough for GEMM speed, small for memory
-# One layer over one chunk is the longest a stop waits during a prompt (see prefill). 8 GFLOP takes
-# ~0.1 s at the ~75 GFLOP/s a 2-core AVX2 EPYC prefilled a 1.2B int4 Llama at (31 tok/s, measured
-# 2026-11-30); the default model's layers stay far under it at 512 tokens (measured on the 2-core
-# Xeon: 26 ms a layer fp32, 50 ms int4).
-LAYER_STEP_FLOPS = 8e9
+# One layer over one chunk is the longest a stop waits during a prompt (see prefill). 16 GFLOP takes
+# ~0.09 s at the ~175 GFLOP/s the 2-core Xeon prefilled a 1.2B Q4_0 Llama at on its AVX2 path
+# (83 tok/s, 2026-12-01; ~0.05 s on the 2-core EPYC), and lets that model take 128 tokens a chunk,
+# not 64: 2-3% faster there (a block's codes widened once for twice the rows, half the calls); the
+# default model's layers stay far under it at 512 tokens (measured on the 2-core Xeon: 26 ms a
+# layer fp32, 50 ms int4).
+LAYER_STEP_FLOPS = 16e9
 MIN_PREFILL_CHUNK = 64  # below this the int4 kernels lose most of their prefill speed (measured: 32 is 7x slower)
 
 
 def prefill_chunk(args: ModelArgs) -> int:
     """Prompt tokens per prefill chunk for a model of this shape: PREFILL_CHUNK, halved while one
     layer over a chunk (2 FLOPs per weight per token) costs more than LAYER_STEP_FLOPS, down to
-    MIN_PREFILL_CHUNK. 512 for SmolLM2-135M, 64 for a 1.2B Llama (61M weights a layer)."""
+    MIN_PREFILL_CHUNK. 512 for SmolLM2-135M, 128 for a 1.2B Llama (61M weights a layer), 64 for an 8B."""
     layer_weights = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.ffn_dim
     chunk = PREFILL_CHUNK
     while chunk > MIN_PREFILL_CHUNK and 2 * layer_weights * chunk > LAYER_STEP_FLOPS:

@@ -237,7 +237,7 @@ def test_prefill_chunks_shrink_for_big_layers():
     smollm2_135m = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536)
     llama_1b = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=8192)
     llama_8b = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=14336)
-    assert (prefill_chunk(smollm2_135m), prefill_chunk(llama_1b), prefill_chunk(llama_8b)) == (512, 64, 64)
+    assert (prefill_chunk(smollm2_135m), prefill_chunk(llama_1b), prefill_chunk(llama_8b)) == (512, 128, 64)
 
 
 def test_generation_stops_at_the_end_of_the_cache(tiny):
