@@ -36,8 +36,8 @@
 // and xs its exact fp32 sum of x (for Q4_1's mins).
 struct XInt15 {
   std::vector<int8_t> h, l;
-  // v itself block-major (K / 32, M, 32), only for AVX2's wide kernel (r16_gemm_avx2_wide): a
-  // block's M rows are one run of memory, not M rows K apart (a page each)
+  // v itself block-major (K / 32, M, 32), only for AVX2's wide kernel (quantize_x15_v, which
+  // leaves h, l and s alone): a block's M rows are one run of memory, not M rows K apart (a page each)
   std::vector<int16_t> v;
   std::vector<float> d, xs;
   std::vector<int32_t> s;
@@ -46,8 +46,7 @@ struct XInt15 {
 
 constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays within [-127, 127]
 
-inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs,
-                             int16_t* v16 = nullptr, int64_t v16_block_stride = 0) {
+inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs) {
   for (int64_t g = 0; g < K / 32; ++g) {
     const float* xb = x + 32 * g;
     float amax = 0.f, sum = 0.f;
@@ -62,7 +61,6 @@ inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, fl
       const int hi = (v + 64) >> 7;                                   // floor: l = v - 128 hi in [-64, 63]
       h[32 * g + i] = static_cast<int8_t>(hi);
       l[32 * g + i] = static_cast<int8_t>(v - 128 * hi);
-      if (v16) v16[v16_block_stride * g + i] = static_cast<int16_t>(v);
       vs += v;
     }
     d[g] = amax / X15_MAX;
@@ -71,19 +69,18 @@ inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, fl
   }
 }
 
-inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool with_v = false) {
+inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out) {
   const int64_t G = K / 32;
   out.K = K;
   out.h.resize(M * K);
   out.l.resize(M * K);
-  if (with_v) out.v.resize(M * K);
   out.d.resize(M * G);
   out.s.resize(M * G);
   out.xs.resize(M * G);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       quantize_x15_row(x + m * K, K, out.h.data() + m * K, out.l.data() + m * K, out.d.data() + m * G,
-                       out.s.data() + m * G, out.xs.data() + m * G, with_v ? out.v.data() + m * 32 : nullptr, M * 32);
+                       out.s.data() + m * G, out.xs.data() + m * G);
   });
 }
 
@@ -384,6 +381,49 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 // in the same order: a row's outputs are bit-identical to r16_group_avx2's (batch invariance
 // across the two).
 
+// x as AVX2's wide kernel takes it: v block-major (K / 32, M, 32) int16, d, and for types with
+// mins xs; no h, l or s. The same v and d as quantize_x15_row (x * inv rounded by the current
+// mode, round-half-even, as nearbyint; max|x| exact in any order), and xs summed in its order; the
+// sum is skipped without mins: a serial chain of 32 adds a block was most of the cost (~0.6 ns a
+// value, 1.6% of a 1.2B prefill)
+inline void quantize_x15_v(const float* x, int64_t M, int64_t K, XInt15& out, bool with_sum) {
+  const int64_t G = K / 32;
+  out.K = K;
+  out.v.resize(M * K);
+  out.d.resize(M * G);
+  out.xs.resize(M * G);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* xb = x + m * K + 32 * g;
+        __m256 a[4];
+        for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_ps(xb + 8 * i);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a[0]), _mm256_andnot_ps(sign, a[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, a[2]), _mm256_andnot_ps(sign, a[3])));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? X15_MAX / amax : 0.f);
+        __m256i v[4];
+        for (int i = 0; i < 4; ++i) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv));
+        // packs interleaves 128-bit lanes: 0 2 1 3 back in order
+        int16_t* o = out.v.data() + (g * M + m) * 32;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8));
+        out.d[m * G + g] = amax / X15_MAX;
+        if (with_sum) {
+          float sum = 0.f;
+          for (int i = 0; i < 32; ++i) sum += xb[i];
+          out.xs[m * G + g] = sum;
+        }
+      }
+    }
+  });
+}
+
 // codes of one block (16 rows) as int16 pairs: w[kp][half] lane i = row 8 half + i's codes of
 // k = 2 kp and 2 kp + 1 (vpmaddwd's pair), less the type's OFFSET (Q4_0's 8): signed codes give
 // the same exact integer sum as the narrow kernel's codes . v - OFFSET s, but leave each row of x
@@ -415,35 +455,44 @@ template <int T, int R>
 inline void wide_rows_avx2(const __m256i (*w)[2], const float* dm, int64_t g, int64_t G, const XInt15& x,
                            const int16_t* xv, int64_t m0, float* acc) {
   using F = R16Format<T>;
+  static_assert(R == 1 || R == 2 || R == 4, "in_row_chunks gives 4, 2 or 1 rows");
   // read the scales from memory after the products, as vmulps operands: g++ 12 otherwise keeps
   // them in two registers across the whole block, and with 4 rows' 8 sums one sum goes to the
   // stack, a load and a store every 16 multiply-adds
   __asm__("" : "+r"(dm));
-  __m256i s[R][2];
-  for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+  // the 8 sums as named variables, not an array: whether g++ 12 keeps an array of them in
+  // registers depends on what else the caller inlines (a faster x rounding beside it sent all 8 to
+  // the stack, half the speed)
+  const __m256i z = _mm256_setzero_si256();
+  __m256i a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z;
   for (int kp = 0; kp < 16; ++kp) {
     const __m256i w0 = _mm256_load_si256(&w[kp][0]), w1 = _mm256_load_si256(&w[kp][1]);
-    for (int r = 0; r < R; ++r) {
+    auto row = [&](int r, __m256i& a, __m256i& b) {
       // v's pair (2 kp, 2 kp + 1) in every lane: vbroadcastss from memory is a load, where
       // vpbroadcastd from a register takes the shuffle port the adds need
       const __m256i xb = bcast4_256(reinterpret_cast<const int8_t*>(xv + (m0 + r) * 32 + 2 * kp));
-      add_into(s[r][0], _mm256_madd_epi16(w0, xb));
-      add_into(s[r][1], _mm256_madd_epi16(w1, xb));
-    }
+      add_into(a, _mm256_madd_epi16(w0, xb));
+      add_into(b, _mm256_madd_epi16(w1, xb));
+    };
+    row(0, a0, b0);
+    if (R > 1) row(1, a1, b1);
+    if (R > 2) row(2, a2, b2), row(3, a3, b3);
   }
-  for (int half = 0; half < 2; ++half) {
-    const __m256 d = _mm256_load_ps(dm + 8 * half);
-    __m256 m = _mm256_setzero_ps();
-    if (F::MIN) m = _mm256_load_ps(dm + 16 + 8 * half);
-    for (int r = 0; r < R; ++r) {
-      const int64_t gi = (m0 + r) * G + g;
+  auto scale = [&](int r, __m256i sa, __m256i sb) {
+    const int64_t gi = (m0 + r) * G + g;
+    const __m256 dx = _mm256_set1_ps(x.d[gi]);
+    const __m256i sums[2] = {sa, sb};
+    for (int half = 0; half < 2; ++half) {
       float* o = acc + (m0 + r) * 16 + 8 * half;
-      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][half]), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])),
+      __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[half]), _mm256_mul_ps(_mm256_load_ps(dm + 8 * half), dx),
                                  _mm256_loadu_ps(o));
-      if (F::MIN) a = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xs[gi]), a);
+      if (F::MIN) a = _mm256_fmadd_ps(_mm256_load_ps(dm + 16 + 8 * half), _mm256_set1_ps(x.xs[gi]), a);
       _mm256_storeu_ps(o, a);
     }
-  }
+  };
+  scale(0, a0, b0);
+  if (R > 1) scale(1, a1, b1);
+  if (R > 2) scale(2, a2, b2), scale(3, a3, b3);
 }
 
 // y (M, N) = x W^T for 4-bit r16 blocks, M >= r16_wide_rows(): threads take groups of 16 rows; per
@@ -577,7 +626,7 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
   XInt15& xi = buffer;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512BW__)
   if (R16Format<T>::FOUR && !portable && M >= r16_wide_rows()) {
-    quantize_x15(x, M, K, xi, true);
+    quantize_x15_v(x, M, K, xi, R16Format<T>::MIN);
     return r16_gemm_avx2_wide<T>(packed, N, G, xi, M, y);
   }
 #endif
