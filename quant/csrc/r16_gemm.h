@@ -374,7 +374,7 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 // products a weight for 15-bit x (h and l) and an add for each; here a group's block is widened
 // once to int16 codes (16 rows x 32 k, 1 KiB in L1) and every row of x meets it as v itself in
 // vpmaddwd, 16 multiply-adds an instruction plus one add, no halves to join: ~37 vector uops per
-// 256 multiply-adds against ~46. The widening costs ~90 uops a block, paid once for all M rows,
+// 256 multiply-adds against ~46. The widening costs ~110 uops a block, paid once for all M rows,
 // so below r16_wide_rows() rows (16; set_r16_wide_rows changes it, for benchmarks and tests) the
 // narrow kernel stays.
 // Exact integer sums (|codes . v| <= 32 * 15 * 16319 < 2^31) and the narrow kernel's fp32 steps
