@@ -52,6 +52,7 @@ def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # rows of x an r16 call takes with each row independent of the others: any number (a bound
 # for callers that batch by it)
 R16_ROWS = 1 << 16
+R16_GROUP = 16  # the weight rows that csrc/r16_gemm.h's layout interleaves
 
 
 def repack_r16(weights: torch.Tensor, scheme: str, in_features: int,
@@ -499,6 +500,8 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
             raise ValueError(f"{mod.scheme} blocks run in Python (no native kernel)")
         return PreparedWeights("gguf", mod.blocks, None, GGUF_SCHEMES[mod.scheme][0], N, K, mod.scheme)
     if isinstance(mod, StackedRows):
+        if mod.r16_weights() is not None:  # merged: one layer
+            return PreparedWeights("r16", mod.r16, None, 32, N, K, mod.parts[0].scheme)
         return PreparedWeights("rows", None, None, K, N, K, parts=tuple(prepared_weights(m) for m in mod.parts))
     if isinstance(mod, Fp16Linear):
         return PreparedWeights("fp16", mod.weight.detach().contiguous(), None, K, N, K)
@@ -669,8 +672,35 @@ class StackedRows(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
+        self.r16: torch.Tensor | None = None
+
+    def r16_weights(self) -> torch.Tensor | None:
+        """The parts' r16 bytes as one buffer, when every part runs r16 in one scheme and each but
+        the last fills whole groups of 16 rows (a part's bytes then end where the next one's groups
+        start): the stack runs as one layer, x rounded once and one pass of the threads where each
+        part was a call of its own (a decode step's small layers pay most for the calls). The parts
+        keep views into it, so memory stays one copy; None otherwise."""
+        if self.r16 is None and self._mergeable():
+            buffers = [p.r16_weights() for p in self.parts]
+            if all(b is not None for b in buffers):
+                self.r16 = torch.cat(buffers)
+                at = 0
+                for part, b in zip(self.parts, buffers):
+                    part.r16, at = self.r16[at : at + b.numel()], at + b.numel()
+        return self.r16
+
+    def _mergeable(self) -> bool:
+        return (all(isinstance(p, GGUFLinear) for p in self.parts) and len({p.scheme for p in self.parts}) == 1
+                and all(p.out_features % R16_GROUP == 0 for p in self.parts[:-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r16 = self.r16_weights() if x.device.type == "cpu" else None
+        if r16 is not None:
+            from .extension import loaded_extension
+
+            x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+            y = loaded_extension().r16_linear(x2.float(), r16, self.parts[0].scheme, self.out_features)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 

@@ -151,6 +151,24 @@ def test_a_model_of_gguf_blocks_decodes_through_the_step_as_the_dequantized_mode
     assert reference.std() > 0.1  # logits that tell tokens apart, not a model gone flat
 
 
+@torch.inference_mode()
+def test_stacked_layers_of_one_r16_type_run_as_one_with_the_same_outputs(ext):
+    """q, k, v (or w1, w3) in one r16 type are one buffer and one kernel call, the parts' bytes
+    views into it (one copy in memory); their outputs bit for bit the parts' own, since each
+    output row reads only its own weights. Mixed or non-r16 types stay a stack of parts."""
+    from quant.linear import prepared_weights
+
+    model = tiny_gguf_model()
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
+    for stack in (model.layers[1].attention.wqkv, model.layers[0].feed_forward.w13):  # q4_0 x 3, q4_k x 2
+        separate = torch.cat([part(x) for part in stack.parts], dim=-1)
+        assert prepared_weights(stack).kind == "r16"
+        assert torch.equal(stack(x), separate) and torch.equal(torch.cat([p(x) for p in stack.parts], -1), separate)
+        assert stack.parts[0].r16.data_ptr() == stack.r16.data_ptr()
+    assert prepared_weights(model.layers[0].attention.wqkv).kind == "rows"  # q4_k, q4_k and q6_k
+    assert prepared_weights(model.layers[1].feed_forward.w13).kind == "rows"  # q5_0 has no r16 layout
+
+
 def grouped_int8_model(args, precise: bool = False, ctx: int = 64, batch: int = 1, kv_dtype=None):
     """What `quantize --scheme int8` makes (one scale per 32, the head too) of a random model of
     `args` (seed 0), built for the CPU."""
