@@ -196,6 +196,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] 
     return int(ids[pick]) if ids is not None else pick
 
 
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """sample() for each row of logits (B, V), with row b's params, history and generator: the
+    same picks. The greedy rows whose raw maximum the penalty leaves alone (as in sample) are
+    picked together, one op for the batch (a server's decode thread takes the GIL back after each)."""
+    values, indices = torch.max(logits, dim=1)
+    values, indices = values.tolist(), indices.tolist()
+    picks = []
+    for b, p in enumerate(params):
+        best, top = indices[b], values[b]
+        if (p.temperature < GREEDY_BELOW and p.repetition_penalty >= 1.0 and _LOWEST < top < math.inf
+                and best not in _penalized(p, histories[b])):
+            picks.append(best)
+        else:
+            picks.append(sample(logits[b], p, histories[b], generators[b]))
+    return picks
+
+
 def _penalized(params: SamplingParams, history: Iterable[int]) -> set[int]:
     """The token ids the repetition penalty touches: the last repeat_last_n of `history`."""
     if params.repetition_penalty == 1.0 or params.repeat_last_n == 0:

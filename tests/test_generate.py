@@ -6,7 +6,7 @@ import torch
 
 from model.args import ModelArgs
 from model.generate import (EagerDecoder, SamplingParams, decode_one_token, generate, prefill, prefill_chunk,
-                            sample)
+                            sample, sample_rows)
 from model.model import Transformer
 
 
@@ -129,6 +129,22 @@ def test_greedy_with_ties_and_broken_logits_is_the_first_penalized_maximum(penal
         logits = values[torch.randint(0, len(values) if case % 2 else 5, (12,), generator=g)]
         history = torch.randint(0, 12, (int(torch.randint(0, 6, (), generator=g)),), generator=g).tolist()
         assert sample(logits, params, history) == _greedy_by_the_book(logits, penalty, history), (logits, history)
+
+
+def test_rows_sampled_together_pick_what_each_alone_picks():
+    """sample_rows (the server's batch) against sample() row by row: greedy rows with and without
+    a penalty touching their maximum, NaN and infinite rows, and seeded sampling rows."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 40, generator=g)
+    logits[2, 7], logits[3, 1] = float("nan"), float("inf")
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.3),
+              SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=0.9),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=1), SamplingParams(temperature=1.0, top_k=5, seed=2)]
+    histories = [[], [int(logits[1].argmax()), 3], [], [1], [4, 4], []]
+    picks = sample_rows(logits, params, histories, [torch.Generator().manual_seed(p.seed or 0) for p in params])
+    alone = [sample(logits[b], p, histories[b], torch.Generator().manual_seed(p.seed or 0))
+             for b, p in enumerate(params)]
+    assert picks == alone and picks[1] != int(logits[1].argmax())
 
 
 def test_the_repetition_penalty_spares_exempt_tokens():

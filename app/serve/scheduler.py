@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.generate import SamplingParams, sample
+from model.generate import SamplingParams, sample_rows
 from model.tokenizer import StreamDecoder
 
 from ..errors import UserError
@@ -57,11 +57,6 @@ class Job:
     first_token: float = 0.0
     finished: float = 0.0
 
-    def emit(self, *event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the server's loop has ended: nobody is left to tell
-            self.cancel.set()
 
 
 # ---------------------------------------------------------------- the seam to the model
@@ -119,21 +114,18 @@ class _Row:
         """The token the next step feeds: the reply's latest, else the prompt's last."""
         return self.history[-1] if self.history else self.job.prompt[-1]
 
-    def take(self, token: int) -> str | None:
-        """Account for a sampled token; the finish reason when this row is done, else None."""
+    def take(self, token: int) -> tuple[str, str | None]:
+        """Account for a sampled token: (the text to send, "" for none; the finish reason when
+        this row is done, else None)."""
         job = self.job
         if token in self.stop_ids:
-            return "stop"
+            return "", "stop"
         job.completion_tokens += 1
         self.history.append(token)
         piece, hit = self.text.push(token)
-        if piece:
-            job.emit("text", piece)
         if hit:
-            return "stop"
-        if job.completion_tokens >= job.max_tokens:
-            return "length"
-        return None
+            return piece, "stop"
+        return piece, "length" if job.completion_tokens >= job.max_tokens else None
 
 
 class _StopText:
@@ -184,6 +176,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._closing = False
         self._seconds_per_job = 2.0  # a running estimate for Retry-After
+        self._out: list[tuple[Job, tuple]] = []  # events of this round, for _flush
         self.last_finished = time.monotonic()  # when the last job ended (keep_alive counts from it)
         self._thread = threading.Thread(target=self._run, name="llamadesk-decode", daemon=True)
         self._thread.start()
@@ -256,6 +249,7 @@ class Scheduler:
                     except Exception as e:  # sampling or detokenizing failed: end those rows, keep serving
                         for row in list(self._active):
                             self._drop(row, error=f"{type(e).__name__}: {e}")
+                self._flush()
                 with self._lock:
                     if self._closing and not self._active and not self._waiting:
                         return
@@ -287,18 +281,26 @@ class Scheduler:
             self._drop(row, "cancelled")
 
     def _step(self) -> None:
-        feed: list[_Row] = []
+        ready: list[_Row] = []
         for row in list(self._active):
             if row.logits is None:
                 continue
-            job = row.job
-            if job.cancel.is_set():
+            if row.job.cancel.is_set():
                 self._drop(row, "cancelled")
                 continue
-            token = sample(row.logits, job.params, row.history, row.generator)
+            ready.append(row)
+        if not ready:
+            return
+        tokens = sample_rows(torch.stack([r.logits for r in ready]), [r.job.params for r in ready],
+                             [r.history for r in ready], [r.generator for r in ready])
+        feed: list[_Row] = []
+        for row, token in zip(ready, tokens):
+            job = row.job
             if not job.first_token:
                 job.first_token = time.monotonic()
-            reason = row.take(token)
+            piece, reason = row.take(token)
+            if piece:
+                self._emit(job, "text", piece)
             if reason is None and row.pos >= self.rows.ctx:
                 reason = "length"
             if reason is not None:
@@ -320,13 +322,13 @@ class Scheduler:
     def _drop(self, row: _Row, reason: str = "", error: str = "") -> None:
         tail = row.text.flush() if not error and reason != "cancelled" else ""
         if tail:
-            row.job.emit("text", tail)
+            self._emit(row.job, "text", tail)
         self.rows.release(row.slot)
         with self._lock:
             self._active.remove(row)
         if error:
             row.job.finished = time.monotonic()
-            row.job.emit("error", error)
+            self._emit(row.job, "error", error)
         else:
             self._finish_job(row.job, reason)
 
@@ -334,4 +336,28 @@ class Scheduler:
         job.finished = self.last_finished = time.monotonic()
         if job.started:
             self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (job.finished - job.started)
-        job.emit("done", reason)
+        self._emit(job, "done", reason)
+
+    def _emit(self, job: Job, *event) -> None:
+        self._out.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand what this round emitted to the event loops: one wake-up a loop and round, not one
+        a token and client (each wakes the loop, whose Python then holds the GIL this thread
+        needs between its ops)."""
+        out, self._out = self._out, []
+        by_loop: dict = {}
+        for job, event in out:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the server's loop has ended: nobody is left to tell
+                for job, _ in events:
+                    job.cancel.set()
+
+
+def _deliver(events: list) -> None:
+    """On the event loop: each (job, event) into its job's queue, in the order emitted."""
+    for job, event in events:
+        job.events.put_nowait(event)
