@@ -161,13 +161,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: Iterable[int] 
     """
     penalized = _penalized(params, history)
     if params.temperature < GREEDY_BELOW and params.repetition_penalty >= 1.0:
-        # A penalty >= 1 only lowers the tokens it touches, so the first raw maximum wins unless
-        # it is one of them (or not finite, where _finite's mapping could make a tie): one op
-        # instead of a dozen, each a hand-over of the GIL to whatever Python thread runs beside
         value, index = torch.max(logits, 0)
-        best, top = int(index), float(value)
-        if best not in penalized and _LOWEST < top < math.inf:
-            return best
+        if _raw_maximum_wins(params, int(index), float(value), penalized):
+            return int(index)
     logits = _finite(logits.float())
     if penalized:
         seen = torch.tensor(sorted(penalized), dtype=torch.long)
@@ -205,13 +201,20 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], histories: l
     values, indices = values.tolist(), indices.tolist()
     picks = []
     for b, p in enumerate(params):
-        best, top = indices[b], values[b]
-        if (p.temperature < GREEDY_BELOW and p.repetition_penalty >= 1.0 and _LOWEST < top < math.inf
-                and best not in _penalized(p, histories[b])):
-            picks.append(best)
+        if _raw_maximum_wins(p, indices[b], values[b], _penalized(p, histories[b])):
+            picks.append(indices[b])
         else:
             picks.append(sample(logits[b], p, histories[b], generators[b]))
     return picks
+
+
+def _raw_maximum_wins(params: SamplingParams, best: int, top: float, penalized: set[int]) -> bool:
+    """Whether greedy picks the logits' first raw maximum (`best`, of value `top`) without the
+    penalty's arithmetic: a penalty >= 1 only lowers the tokens it touches, so that maximum wins
+    unless it is one of them, or not finite (where _finite's mapping could make a tie). One op
+    instead of a dozen, each a hand-over of the GIL to whatever Python thread runs beside."""
+    return (params.temperature < GREEDY_BELOW and params.repetition_penalty >= 1.0
+            and best not in penalized and _LOWEST < top < math.inf)
 
 
 def _penalized(params: SamplingParams, history: Iterable[int]) -> set[int]:

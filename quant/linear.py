@@ -510,6 +510,8 @@ def prepared_weights(mod: nn.Module) -> PreparedWeights:
             raise ValueError(f"dense weight in {mod.weight.dtype}")
         return PreparedWeights("dense", mod.weight.detach().contiguous(), None, K, N, K)
     raise ValueError(f"{type(mod).__name__} has no fused kernel")
+
+
 @dataclass(frozen=True)
 class PreparedEmbedding:
     """A token table as its module holds it, for the compiled CPU step (csrc/decode_cpu.cpp reads
@@ -626,10 +628,7 @@ class GGUFLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
         r16 = self.r16_weights() if x2.device.type == "cpu" else None
         if r16 is not None:
-            from .extension import loaded_extension
-
-            y = loaded_extension().r16_linear(x2.float(), r16, self.scheme, self.out_features)
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return _r16_forward(x, r16, self.scheme, self.out_features)
         ext = None
         if self.scheme in NATIVE_GGUF_SCHEMES and x2.device.type == "cpu":
             from .extension import loaded_extension
@@ -696,12 +695,17 @@ class StackedRows(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r16 = self.r16_weights() if x.device.type == "cpu" else None
         if r16 is not None:
-            from .extension import loaded_extension
-
-            x2 = x.reshape(-1, self.in_features)  # (B*T, K)
-            y = loaded_extension().r16_linear(x2.float(), r16, self.parts[0].scheme, self.out_features)
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return _r16_forward(x, r16, self.parts[0].scheme, self.out_features)
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _r16_forward(x: torch.Tensor, r16: torch.Tensor, scheme: str, n_out: int) -> torch.Tensor:
+    """y = x W^T (..., K) -> (..., n_out) in x's dtype, W in r16 bytes: the extension's kernel in fp32."""
+    from .extension import loaded_extension
+
+    x2 = x.reshape(-1, x.shape[-1])  # (B*T, K)
+    y = loaded_extension().r16_linear(x2.float(), r16, scheme, n_out)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
 class GGUFEmbedding(nn.Module):

@@ -58,7 +58,6 @@ class Job:
     finished: float = 0.0
 
 
-
 # ---------------------------------------------------------------- the seam to the model
 class EngineRows:
     """Decoding rows over one loaded `Engine`: `slots` KV-cache rows of the planned context each,
