@@ -15,21 +15,24 @@ bits between counts, as they may between machines.
 from __future__ import annotations
 
 import gc
-import statistics
 import sys
 import time
 from collections import defaultdict, deque
 
 import torch
 
-# a step this many times its thread count's usual time means a core was taken: probe at once
-COLLAPSED = 2.5
+# a step this many times its thread count's best recent one collapsed: a core was taken, or the chat
+# app's screen or a server's event loop ran a burst of Python on it. Only collapsed steps that go
+# on for TAKEN_S mean the core is gone: probe at once then. A screen's burst (a frame, 3-20 ms)
+# stalls a step or three; answered by a probe down at each, the chat app spent its replies at
+# 1 thread (327 tok/s) where 2 threads beside the same bursts decode 411-427 (measured here).
+COLLAPSED, TAKEN_S = 2.5, 0.05
 # a probe's count takes over when its step is at most this fraction of the home count's best recent one
 BETTER = 0.9
 # seconds between probes: from FIRST_PROBE_S after a change, doubling up to LAST_PROBE_S while
 # nothing better turns up (a probe at the wrong count costs one slow step)
 FIRST_PROBE_S, LAST_PROBE_S = 0.5, 8.0
-RECENT = 8  # steps kept per (threads, rows) for the usual time
+RECENT = 8  # steps kept per (threads, rows) for the best recent time
 # A probe up to a core another program holds does not cost one slow step but seconds: measured
 # here, a nice-19 program on the other core made a 2-thread step take ~1.8 s, every OpenMP barrier
 # waiting for our thread's turn behind it (a 12-token `ask` at 6 tok/s against 330 at 1 thread).
@@ -73,10 +76,13 @@ class ThreadGovernor:
         self._times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=RECENT))
         self._home: int | None = None  # the count decoding runs at between probes
         self._probing: int | None = None  # the count this step tries, if a probe
+        self._probe_steps: list[float] = []  # the probe's step times so far
+        self._probe_len = 1  # steps the probe runs: its fastest is the one compared
         self._reference = (0.0, 0)  # the home count's step time the probe must beat, at that many rows
         self._interval = FIRST_PROBE_S
         self._next_probe = 0.0
         self._down = True  # which neighbour the next probe tries
+        self._collapsed_s = 0.0  # how long the steps have been collapsed, one after another
 
     @property
     def threads(self) -> int:
@@ -98,6 +104,11 @@ class ThreadGovernor:
 
     def _after(self, n: int, B: int, seconds: float, now: float) -> None:
         if self._probing is not None:
+            self._times[(self._probing, B)].append(seconds)
+            self._probe_steps.append(seconds)
+            if len(self._probe_steps) < self._probe_len:
+                return
+            seconds = min(self._probe_steps)
             reference, rows = self._reference
             if B != rows:  # the batch changed size under the probe: compare with that size's best
                 reference = self._best(self._home, B)
@@ -107,23 +118,23 @@ class ThreadGovernor:
                 self._home, self._interval = self._probing, FIRST_PROBE_S
             else:
                 self._interval = min(2 * max(self._interval, FIRST_PROBE_S / 2), LAST_PROBE_S)
-            self._times[(self._probing, B)].append(seconds)
             self._probing = None
             self._set(self._home)
             self._next_probe = now + self._interval
             return
-        usual = self._usual(n, B)
+        reference = self._best(n, B)
         self._times[(n, B)].append(seconds)
-        if self.ceiling == 1 or usual is None:
+        if self.ceiling == 1 or reference is None:
             return
         # A probe must beat the home count's best recent step, not its median: a server's event
         # loop and clients share the cores, the steps that spread over every thread are the ones
         # they disturb, and one lucky probe at fewer threads against the median took a server
         # from 2 threads to 1 for good (4 clients: 540 tok/s against 700-770 at 2). Unless a
         # core was just taken: then against the step that collapsed.
-        reference = self._best(n, B)
-        if seconds > COLLAPSED * usual:
-            self._down, self._next_probe, reference = True, now, seconds
+        # (against the best, not the median: collapsed steps soon make up the median of the last few)
+        self._collapsed_s = self._collapsed_s + seconds if seconds > COLLAPSED * reference else 0.0
+        if self._collapsed_s >= TAKEN_S:
+            self._down, self._next_probe, reference, self._collapsed_s = True, now, seconds, 0.0
         if now >= self._next_probe:
             self._reference = reference, B
             self._probe_next(now)
@@ -143,7 +154,11 @@ class ThreadGovernor:
                 self._interval = min(2 * max(self._interval, FIRST_PROBE_S / 2), LAST_PROBE_S)
                 self._next_probe = now + self._interval
                 return
-        self._probing = target
+        self._probing, self._probe_steps = target, []
+        # a probe up's first step wakes (or starts) the OpenMP workers that slept while the count
+        # was lower: judged by it alone, 2 threads beside the chat app's screen lost every probe
+        # (4.8 ms against 3.0 at 1 thread); the second step is a fair one
+        self._probe_len = 2 if target > home else 1
         self._down = not self._down
         self._set(self._probing)
 
@@ -151,13 +166,6 @@ class ThreadGovernor:
         """The fastest of the last steps at n threads and B rows; None before 3 of them."""
         recent = self._times.get((n, B))
         return min(recent) if recent and len(recent) >= 3 else None
-
-    def _usual(self, n: int, B: int) -> float | None:
-        """The median of the last steps at n threads and B rows; None before 3 of them."""
-        recent = self._times.get((n, B))
-        if not recent or len(recent) < 3:
-            return None
-        return statistics.median(recent)
 
 
 class IdleCores:

@@ -300,6 +300,32 @@ async def test_slow_rendering_is_paced_so_the_reply_keeps_its_speed(home, monkey
 
 
 @pytest.mark.asyncio
+async def test_the_model_loads_and_writes_every_reply_on_one_thread(home):
+    """Torch's OpenMP keeps a worker pool per thread that runs parallel work: a model loaded on
+    one thread and decoded on others ran with more pools than cores (backend.ModelThread)."""
+    threads = []
+
+    class Recorded(GatedModel):
+        def stream(self, *args):
+            threads.append(threading.get_ident())
+            yield from super().stream(*args)
+
+    model = Recorded(["Hi."], open_gate=True)
+
+    def loader(ref):
+        threads.append(threading.get_ident())
+        return model
+
+    app = ChatApp("fake-model:test", ChatSettings(temperature=0.0), loader=loader, memory=lambda: RSS)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        for prompt in ("one", "two"):
+            await send(pilot, prompt)
+            await until(pilot, lambda: app.chat.reply is None and len(replies(app)) == len(threads) - 1)
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+@pytest.mark.asyncio
 async def test_regenerate_replaces_the_last_reply(home):
     model = GatedModel(["Paris."], open_gate=True)
     app = fake_app(model)

@@ -99,9 +99,14 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
         return Engine.load(name, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype,
                            slots=opts.parallel)
 
-    engine = engine or load(opts.model)
-    scheduler = Scheduler(EngineRows(engine, opts.parallel), opts.parallel, opts.queue)
-    return Served(engine, scheduler, api_key=key, cors_origins=list(opts.cors_origins), loader=load,
+    scheduler = Scheduler(None, opts.parallel, opts.queue)
+    try:  # on the scheduler's thread, which decodes (Scheduler.call says why)
+        rows = scheduler.call(lambda: EngineRows(engine or load(opts.model), opts.parallel))
+    except BaseException:
+        scheduler.close(grace_s=0)
+        raise
+    scheduler.replace(rows)
+    return Served(rows.engine, scheduler, api_key=key, cors_origins=list(opts.cors_origins), loader=load,
                   keep_alive_s=opts.keep_alive_s, docs=list(opts.docs))
 
 

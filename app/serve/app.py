@@ -98,11 +98,12 @@ class Served:
         if want is None:
             self.log("unloaded the model")
             return
-        try:
-            self.engine = self.loader(want)
+        try:  # on the thread that decodes (Scheduler.call)
+            rows = self.scheduler.call(lambda: EngineRows(self.loader(want), self.scheduler.parallel))
         except (UserError, MemoryError) as e:
             raise BadRequest(f"cannot load {want}: {e}", "model", status=500, code="load_failed") from None
-        self.scheduler.replace(EngineRows(self.engine, self.scheduler.parallel))
+        self.engine = rows.engine
+        self.scheduler.replace(rows)
         self.log(f"loaded {self.ref}")
 
     def _watch_idle(self) -> None:

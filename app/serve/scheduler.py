@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -165,11 +166,12 @@ class Scheduler:
     and lets rows join (prefill) and leave (stop, length, cancel) between steps.
     """
 
-    def __init__(self, rows: EngineRows, parallel: int = 4, queue: int = 16):
+    def __init__(self, rows: EngineRows | None, parallel: int = 4, queue: int = 16):
         if parallel < 1 or queue < 0:
             raise UserError("--parallel must be at least 1 and --queue at least 0")
         self.rows, self.parallel, self.queue_size = rows, parallel, queue
-        self.tokenizer, self.stop_ids = rows.tokenizer, rows.stop_ids
+        self.tokenizer, self.stop_ids = (rows.tokenizer, rows.stop_ids) if rows is not None else (None, set())
+        self._calls: deque[tuple[Future, object]] = deque()  # run on the worker thread (call)
         self._waiting: deque[Job] = deque()
         self._active: list[_Row] = []
         self._lock = threading.Condition()
@@ -213,6 +215,19 @@ class Scheduler:
             if rows is not None:
                 self.tokenizer, self.stop_ids = rows.tokenizer, rows.stop_ids
 
+    def call(self, fn):
+        """fn() on the decode thread, between steps; waits, returns its value or raises its
+        exception. Models are loaded through it: every torch op of a model on the one thread
+        (app.tui.backend.ModelThread says why: loaded on the main thread, the server decoded with
+        an OpenMP pool a core more than the machine has)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._lock:
+            self._calls.append((future, fn))
+            self._lock.notify()
+        return future.result()
+
     def close(self, grace_s: float = 10.0) -> None:
         """Stop admitting; let jobs finish for up to `grace_s`, cancel the rest, end the worker."""
         with self._lock:
@@ -235,11 +250,18 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not self._active and not self._waiting:
+                    while not self._active and not self._waiting and not self._calls:
                         if self._closing:
                             return
                         self._lock.wait()
-                    joining = self._admit()
+                    calls, self._calls = self._calls, deque()
+                    joining = self._admit() if self.rows is not None else []
+                for future, fn in calls:
+                    try:
+                        with torch.inference_mode(False):  # a load, as it would run anywhere else
+                            future.set_result(fn())
+                    except BaseException as e:  # the caller raises it
+                        future.set_exception(e)
                 for row in joining:
                     self._prefill(row)
                 if self._active:

@@ -8,7 +8,9 @@ Nothing here imports torch: the engine is imported by the loader, inside the loa
 """
 from __future__ import annotations
 
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -47,6 +49,45 @@ class ChatModel(Protocol):
 
 
 Loader = Callable[[str], ChatModel]
+
+
+class ModelThread:
+    """One thread that loads a chat's model and writes every reply with it.
+
+    libgomp (the OpenMP runtime torch's CPU build ships) keeps a pool of worker threads for each
+    thread that starts parallel work, and once its pools hold more threads than the machine has
+    cores, their workers stop spinning between parallel regions and sleep: every one of a decode
+    step's ~150 regions then waits for a woken thread. Loaded on one worker thread and replying on
+    a new one each time, the app had three such threads on two cores (measured: 2.46 ms a step
+    against 2.01 on the loading thread, 367 tok/s against 449; docs/BENCHMARKS.md).
+    A daemon thread: a model stuck in a call must not keep the process from exiting.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable, *args):
+        """fn(*args) on this thread (started on first use), after the calls before it; waits and
+        returns its value or raises its exception. From the thread itself, a plain call."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llamadesk-model", daemon=True)
+                self._thread.start()
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to the caller, which raises it
+                future.set_exception(e)
 
 
 def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: str = "auto",
@@ -103,5 +144,5 @@ class ReplyEnded:
     refused: str | None = None  # the prompt was not sent at all
 
 
-__all__ = ["ChatModel", "Fitted", "Loader", "PromptFitted", "PromptTooLong", "ReplyEnded", "engine_loader",
+__all__ = ["ChatModel", "Fitted", "Loader", "ModelThread", "PromptFitted", "PromptTooLong", "ReplyEnded", "engine_loader",
            "fit_to_context", "memory_in_use", "remote_loader", "reply_room"]

@@ -28,8 +28,8 @@ Definitions
   key handler gets it.
 - event-loop lag: a task on the app's loop that sleeps 5 ms and records how late it wakes.
 - engine TTFT and tok/s: `engine.last` (`ReplyStats`) of the same reply; "engine alone" makes the same
-  `Engine.stream` call again right after each reply, from the event loop's thread (so the UI is idle),
-  with the engine's KV cache set back to where the app's reply started.
+  `Engine.stream` call again right after each reply, on the app's model thread while the event loop
+  waits for it (so the UI is idle), with the engine's KV cache set back to where the app's reply started.
 """
 from __future__ import annotations
 
@@ -435,7 +435,9 @@ async def one_reply(bench: Bench, pilot, label: str, prompt_text: str, timeout: 
     r.text = app.query_one(Transcript).last_reply().content
     r.cpu_at_end = time.thread_time()
     await asyncio.sleep(0.2)
-    r.alone = engine_alone(model, r)
+    # on the model thread, as the app's replies: a torch call from another thread starts an OpenMP
+    # pool of its own, and beyond one pool a core the app's steps slow down (backend.ModelThread)
+    r.alone = app.chat.model_thread.call(engine_alone, model, r)
     await asyncio.sleep(0.2)
     return r
 
@@ -520,8 +522,8 @@ async def drive(args, bench: Bench, settings_long, settings_short) -> dict:
 
 
 def engine_alone(model, r: ReplyRecord) -> dict:
-    """The app's Engine.stream call once more, right after the app's reply, called from the event
-    loop's own thread so that the UI does nothing meanwhile. The engine's KV-cache list is set back
+    """The app's Engine.stream call once more, right after the app's reply, while the event loop
+    waits for it so that the UI does nothing meanwhile. The engine's KV-cache list is set back
     to what it was when the app's reply began, so the same prompt tokens are reused; greedy
     sampling writes the same tokens, so the engine ends in the state the app's reply left."""
     messages, params, max_tokens = r.call
@@ -856,7 +858,8 @@ def main() -> int:
         f"{' (off in this run)' if args.no_render else ''}."
         f" Engine TTFT and tok/s are `engine.last`; "
         f"\"alone\" is the same `Engine.stream` call (same messages, same reused KV-cache prefix) made again right "
-        f"after the app's reply, from the event loop's thread, so the UI does nothing meanwhile.",
+        f"after the app's reply, on the app's model thread while the event loop waits, so the UI does nothing "
+        f"meanwhile.",
         "",
         "| reply | prompt tokens (reused) | Enter → `Engine.stream` (ms) | engine TTFT (ms) | first piece → visible (ms) "
         "| **Enter → visible (ms)** | tok/s in app | engine alone: TTFT (ms), tok/s | UI thread CPU while decoding |",

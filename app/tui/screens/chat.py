@@ -1,12 +1,13 @@
 """The chat screen: conversations on the left, the open one on the right, the prompt below it.
 
 The screen owns the history, the loaded model and the reply in flight. Loading and generating run
-in thread workers. The reply worker puts text pieces on a queue that a timer drains about 30 times
-a second; the reply's Markdown shows the first piece at once and then takes the pieces at most
-WRITE_INTERVAL_S apart, so a fast model costs the UI a dozen updates a second, not one per token.
-Esc sets the reply's cancel event; the reply worker checks it between its steps, the
-engine before every token and between the layers of a prompt (a stop lands within ~0.1 s), and a
-remote model (app.remote.RemoteChat) before every chunk, closing the stream.
+in thread workers, both on one thread (backend.ModelThread). The reply puts text pieces on a
+queue that a timer drains about 30 times a second; the reply's Markdown shows the first piece at
+once and then takes the pieces at most WRITE_INTERVAL_S apart, so a fast model costs the UI a
+dozen updates a second, not one per token. Esc sets the reply's cancel event; the reply checks
+it between its steps, the engine before every token and between the layers of a prompt (a stop
+lands within ~0.1 s), and a remote model (app.remote.RemoteChat) before every chunk, closing the
+stream.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from ... import store
 from ...errors import UserError
 from ...history import DEFAULT_TITLE, ChatSettings, Conversation, History, title_for, to_markdown, write_atomic
 from ...history import Message as SavedMessage
-from ..backend import (ChatModel, Loader, PromptFitted, PromptTooLong, ReplyEnded, fit_to_context, remote_loader,
-                       reply_room)
+from ..backend import (ChatModel, Loader, ModelThread, PromptFitted, PromptTooLong, ReplyEnded, fit_to_context,
+                       remote_loader, reply_room)
 from ..widgets.conversation_list import ConversationList
 from ..widgets.prompt import PromptInput
 from ..widgets.status import StatusLine
@@ -81,6 +82,7 @@ class ChatScreen(Screen):
         super().__init__()
         self.history = history
         self.loader = loader
+        self.model_thread = ModelThread()  # loads the model and writes the replies (see ModelThread)
         self.local_loader = loader
         self.remote = None  # app.remote.Remote: the models come from this server (None: this machine)
         self.local_ref: str | None = None  # the local model in use before a server's, to go back to
@@ -237,7 +239,7 @@ class ChatScreen(Screen):
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def _load(self, ref: str) -> None:
         try:
-            model = self.loader(ref)
+            model = self.model_thread.call(self.loader, ref)
         except Exception as e:  # a missing or broken model is shown, not fatal
             message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             outcome = partial(self._load_failed, ref, message)
@@ -516,7 +518,12 @@ class ChatScreen(Screen):
     @work(thread=True, group="reply", exit_on_error=False)
     def _write_reply(self, model: ChatModel, messages: list[dict], settings: ChatSettings,
                      cancel: threading.Event, pieces: queue.SimpleQueue) -> None:
-        """Runs in a thread: every outcome, failure included, ends with one ReplyEnded on the queue."""
+        # written on the thread that loaded the model (backend.ModelThread says why)
+        self.model_thread.call(self._reply_body, model, messages, settings, cancel, pieces)
+
+    def _reply_body(self, model: ChatModel, messages: list[dict], settings: ChatSettings,
+                    cancel: threading.Event, pieces: queue.SimpleQueue) -> None:
+        """Every outcome, failure included, ends with one ReplyEnded on the queue."""
         from ...remote import RemoteChat
 
         try:
