@@ -701,6 +701,20 @@ async def test_at_60x20_the_sidebar_folds_and_dialogs_wrap_and_scroll(home):
 
 
 @pytest.mark.asyncio
+async def test_the_status_line_takes_a_second_row_only_while_its_parts_need_it(home):
+    app = fake_app(GatedModel(["Ok."], open_gate=True))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        status = app.chat.query_one(StatusLine)
+        await until(pilot, lambda: status.size.height == 1)
+        status.activity = "a long activity that cannot share the row with the model's figures " * 2
+        await until(pilot, lambda: status.size.height == 2)
+        assert "cannot share the row" in "\n".join(screen_lines(app))
+        status.activity = ""
+        await until(pilot, lambda: status.size.height == 1)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("size", [(60, 20), (100, 30)])
 async def test_the_first_start_question_is_shown_whole(home, size):
     app = ChatApp(memory=lambda: RSS)
