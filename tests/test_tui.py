@@ -17,6 +17,7 @@ from app.errors import UserError
 from app.history import ChatSettings, History
 from app.tui import ChatApp
 from app.tui.backend import PromptTooLong, fit_to_context
+from app.tui.screens.chat import UI_SHARE
 from app.tui.widgets.prompt import PromptInput
 from app.tui.widgets.status import StatusLine
 from app.tui.widgets.transcript import MessageView, Notice
@@ -323,6 +324,28 @@ async def test_the_model_loads_and_writes_every_reply_on_one_thread(home):
             await send(pilot, prompt)
             await until(pilot, lambda: app.chat.reply is None and len(replies(app)) == len(threads) - 1)
     assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+@pytest.mark.asyncio
+async def test_updates_that_cost_the_ui_thread_more_cpu_come_further_apart(home, monkeypatch):
+    """An update costing 20 ms of the UI thread's CPU comes 0.4 s after the last (UI_SHARE of a
+    core), where a cheap one comes after WRITE_INTERVAL_S: the screen's share of a core, not its
+    rate, is what the model's threads lose."""
+    writes = []
+    original = MessageView.write
+
+    async def costly(self, text):
+        writes.append(time.monotonic())
+        await original(self, text)
+        end = time.thread_time() + 0.02
+        while time.thread_time() < end:
+            pass
+
+    monkeypatch.setattr(MessageView, "write", costly)
+    pieces = [f"w{i} " for i in range(240)]  # ~1.2 s of pieces
+    assert await one_reply(fake_app(SteadyModel(pieces, open_gate=True)), "Count") == "".join(pieces)
+    gaps = [b - a for a, b in zip(writes, writes[1:-1])]  # the last one comes with the end
+    assert gaps and all(g >= 0.02 / UI_SHARE - 0.01 for g in gaps), gaps
 
 
 @pytest.mark.asyncio

@@ -3,8 +3,8 @@
 The screen owns the history, the loaded model and the reply in flight. Loading and generating run
 in thread workers, both on one thread (backend.ModelThread). The reply puts text pieces on a
 queue that a timer drains about 30 times a second; the reply's Markdown shows the first piece at
-once and then takes the pieces at most WRITE_INTERVAL_S apart, so a fast model costs the UI a
-dozen updates a second, not one per token. Esc sets the reply's cancel event; the reply checks
+once and then takes the pieces in updates spaced for the screen to spend about UI_SHARE of a core
+on them (a dozen a second at most), not one per token. Esc sets the reply's cancel event; the reply checks
 it between its steps, the engine before every token and between the layers of a prompt (a stop
 lands within ~0.1 s), and a remote model (app.remote.RemoteChat) before every chunk, closing the
 stream.
@@ -44,8 +44,16 @@ DRAIN_INTERVAL_S = 1 / 30
 # Each update re-parses the reply's last Markdown block, lays out and draws a frame on this thread,
 # holding the GIL that the model's thread takes back after every op between its compiled steps:
 # at 30 updates a second the screen took a quarter of a core and replies decoded at 0.6-0.7x of
-# `ask`'s speed (docs/BENCHMARKS.md). A dozen a second still reads as a smooth stream.
+# `ask`'s speed (docs/BENCHMARKS.md). A dozen a second at most.
 WRITE_INTERVAL_S = 1 / 12
+# On two cores each point of a core the screen takes is taken from a decode thread, and an update
+# costs more than its Markdown: the layout and the frames after it (~16 ms of this thread's CPU
+# here at 120x40: 15-17% of a core at 12 a second, replies at 0.79-0.84x of the engine alone; with
+# no updates, 6% and 0.90-0.93x). So updates are spaced for the screen to spend UI_SHARE of a core
+# on them, as measured update by update (here ~3 a second, 0.83-0.88x), and the status line's
+# figures change with the text, in its frames.
+UI_SHARE = 0.05
+MAX_WRITE_INTERVAL_S = 0.5  # a slow terminal still shows the reply grow twice a second
 NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
 SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar and the footer start hidden
 
@@ -68,6 +76,7 @@ class _Reply:
     timer: Timer | None = None
     unshown: str = ""  # text taken from `pieces`, not yet on screen
     show_after: float = 0.0  # time.monotonic() before which no more text is shown
+    written_at: tuple[float, float] | None = None  # (monotonic, thread_time) as the last update began
     prompt_tokens: int = 0
     numbers_after: float = 0.0  # time.monotonic() of the next status line update during the reply
     sources: list[dict] | None = None  # None: the chat uses no documents
@@ -579,21 +588,30 @@ class ChatScreen(Screen):
             else:
                 end = item
         reply.unshown += "".join(text)
+        if reply.written_at is not None:  # a drain later: the last update's frames are drawn
+            reply.show_after = reply.written_at[0] + self._write_interval(reply, time.thread_time() - reply.written_at[1])
+            reply.written_at = None
         if reply.unshown and (end is not None or time.monotonic() >= reply.show_after):
             shown, reply.unshown = reply.unshown, ""
+            reply.written_at, reply.show_after = (time.monotonic(), time.thread_time()), float("inf")
+            if end is None and time.monotonic() >= reply.numbers_after:
+                self._show_numbers(reply)
             await reply.view.write(shown)
-            # when an append is slow (a long list is one Markdown block, re-parsed whole), wait
-            # twice its time, so rendering takes a third of the time at most and the reply keeps
-            # its speed (measured: 10.9 tok/s during a long list before)
-            reply.show_after = time.monotonic() + max(WRITE_INTERVAL_S, 2 * reply.view.append_s)
-        if end is None and (reply.view.content or reply.unshown) and time.monotonic() >= reply.numbers_after:
-            self._show_numbers(reply)
         if end is not None:
             await self._finish(reply, end)
 
+    @staticmethod
+    def _write_interval(reply: _Reply, cost_s: float) -> float:
+        """Seconds from one update of the reply to the next: the last one's cost (this thread's
+        CPU time from its start to the next drain, which its frames come before) over UI_SHARE,
+        between WRITE_INTERVAL_S and MAX_WRITE_INTERVAL_S; and at least twice the last append's
+        own time: a long list is one Markdown block, re-parsed whole at every append (measured:
+        10.9 tok/s during a long list before)."""
+        return max(WRITE_INTERVAL_S, 2 * reply.view.append_s, min(cost_s / UI_SHARE, MAX_WRITE_INTERVAL_S))
+
     def _show_numbers(self, reply: _Reply) -> None:
-        """Context used and tokens/s while the reply is written, 4 times a second: the engine
-        updates its numbers at every token (plain ints, read here without a lock)."""
+        """Context used and tokens/s while the reply is written, with its text, at most 4 times a
+        second: the engine updates its numbers at every token (plain ints, read here without a lock)."""
         reply.numbers_after = time.monotonic() + NUMBERS_INTERVAL_S
         if self.model is None:
             return
