@@ -217,3 +217,46 @@ def test_the_repeat_penalty_counts_the_reply_not_the_prompt(tokenizer):
     steps = [c for c in rows.calls if c[0] == "step"]
     assert (kind, finish) == ("done", "length")
     assert [c[1] for c in steps] == [(4001,), (4002,)]
+
+
+class SlowRows(CountingRows):
+    """Steps of 2 ms, as the default model's on 2 threads."""
+
+    def step(self, tokens, positions, slots):
+        import time
+
+        time.sleep(0.002)
+        return super().step(tokens, positions, slots)
+
+
+def test_a_rows_text_reaches_the_loop_in_a_few_chunks_first_piece_at_once(tokenizer):
+    """Each hand-over wakes the event loop and costs it a chunk a row; a row's pieces are joined
+    between hand-overs (at most every HAND_OVER_S), its first piece and its end go at once."""
+    from app.serve.scheduler import HAND_OVER_S
+
+    job = Job([7, 8, 1000], GREEDY, 60)
+    arrivals = []
+
+    async def main():
+        scheduler = Scheduler(SlowRows(tokenizer, max_rows=1, ctx=256), parallel=1, queue=0)
+        arrivals.append((asyncio.get_running_loop().time(), "submitted"))
+        scheduler.submit(job)
+        text = []
+        try:
+            while True:
+                kind, value = await job.events.get()
+                arrivals.append((asyncio.get_running_loop().time(), kind))
+                if kind != "text":
+                    return "".join(text), value
+                text.append(value)
+        finally:
+            scheduler.close(grace_s=5)
+
+    text, finish = asyncio.run(main())
+    expected = "".join(tokenizer.decode([t]) for t in range(1001, 1061))
+    assert finish == "length" and text == expected
+    texts = [t for t, kind in arrivals if kind == "text"]
+    # 60 steps of >= 2 ms: the first piece alone, then chunks at least HAND_OVER_S apart
+    assert 2 <= len(texts) <= 1 + 0.12 / HAND_OVER_S + 1
+    assert all(b - a >= HAND_OVER_S * 0.8 for a, b in zip(texts[1:], texts[2:]))
+    assert texts[0] - arrivals[0][0] < HAND_OVER_S  # the first piece is not held back
