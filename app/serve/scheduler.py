@@ -233,6 +233,8 @@ class Scheduler:
             return fn()
         future: Future = Future()
         with self._lock:
+            if not self._thread.is_alive():  # closed: nobody would run it
+                raise ShuttingDown()
             self._calls.append((future, fn))
             self._lock.notify()
         return future.result()
@@ -281,7 +283,7 @@ class Scheduler:
                             self._drop(row, error=f"{type(e).__name__}: {e}")
                 self._flush()
                 with self._lock:
-                    if self._closing and not self._active and not self._waiting:
+                    if self._closing and not self._active and not self._waiting and not self._calls:
                         return
 
     def _admit(self) -> list[_Row]:
