@@ -76,7 +76,8 @@ class ThreadGovernor:
         self._times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=RECENT))
         self._home: int | None = None  # the count decoding runs at between probes
         self._probing: int | None = None  # the count this step tries, if a probe
-        self._probe_steps: list[float] = []  # the probe's step times so far
+        self._probe_steps: list[float] = []  # the probe's steps so far, each over its reference time
+        self._probe_done = 0  # steps the probe has run
         self._probe_len = 1  # steps the probe runs: its fastest is the one compared
         self._reference = (0.0, 0)  # the home count's step time the probe must beat, at that many rows
         self._interval = FIRST_PROBE_S
@@ -105,16 +106,19 @@ class ThreadGovernor:
     def _after(self, n: int, B: int, seconds: float, now: float) -> None:
         if self._probing is not None:
             self._times[(self._probing, B)].append(seconds)
-            self._probe_steps.append(seconds)
-            if len(self._probe_steps) < self._probe_len:
-                return
-            seconds = min(self._probe_steps)
+            # each probe step against the home count's time at its own batch size (a server's
+            # batch can change size under a probe)
             reference, rows = self._reference
-            if B != rows:  # the batch changed size under the probe: compare with that size's best
+            if B != rows:
                 reference = self._best(self._home, B)
-            if reference is None:
+            if reference is not None:
+                self._probe_steps.append(seconds / reference)
+            self._probe_done += 1
+            if self._probe_done < self._probe_len:
+                return
+            if not self._probe_steps:
                 pass  # nothing to compare with: try again after the same interval
-            elif seconds < BETTER * reference:
+            elif min(self._probe_steps) < BETTER:
                 self._home, self._interval = self._probing, FIRST_PROBE_S
             else:
                 self._interval = min(2 * max(self._interval, FIRST_PROBE_S / 2), LAST_PROBE_S)
@@ -125,6 +129,7 @@ class ThreadGovernor:
         reference = self._best(n, B)
         self._times[(n, B)].append(seconds)
         if self.ceiling == 1 or reference is None:
+            self._collapsed_s = 0.0  # nothing to tell a collapse by: a run of them is broken
             return
         # A probe must beat the home count's best recent step, not its median: a server's event
         # loop and clients share the cores, the steps that spread over every thread are the ones
@@ -154,7 +159,7 @@ class ThreadGovernor:
                 self._interval = min(2 * max(self._interval, FIRST_PROBE_S / 2), LAST_PROBE_S)
                 self._next_probe = now + self._interval
                 return
-        self._probing, self._probe_steps = target, []
+        self._probing, self._probe_steps, self._probe_done, self._collapsed_s = target, [], 0, 0.0
         # a probe up's first step wakes (or starts) the OpenMP workers that slept while the count
         # was lower: judged by it alone, 2 threads beside the chat app's screen lost every probe
         # (4.8 ms against 3.0 at 1 thread); the second step is a fair one

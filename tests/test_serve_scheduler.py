@@ -62,6 +62,20 @@ async def _collect(scheduler, job) -> tuple[str, str, str]:
             return "".join(text), kind, value
 
 
+async def _until_done(*jobs) -> None:
+    for job in jobs:
+        while (await job.events.get())[0] == "text":
+            pass
+
+
+def _closing(scheduler, coroutine):
+    """asyncio.run(coroutine), then the scheduler closed whatever happened."""
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        scheduler.close(grace_s=5)
+
+
 def _run(scheduler, jobs):
     async def main():
         return await asyncio.gather(*(_collect(scheduler, j) for j in jobs))
@@ -121,13 +135,8 @@ def test_queue_bound_and_retry_after(tokenizer):
             with pytest.raises(QueueFull) as e:
                 scheduler.submit(jobs[2])
             assert e.value.retry_after >= 1
-        for j in jobs[:2]:
-            while (await j.events.get())[0] == "text":
-                pass
-    try:
-        asyncio.run(main())
-    finally:
-        scheduler.close(grace_s=5)
+        await _until_done(*jobs[:2])
+    _closing(scheduler, main())
 
 
 def test_cancel_stops_a_row_before_its_next_step(tokenizer):
@@ -231,8 +240,8 @@ class SlowRows(CountingRows):
 
 def test_a_rows_text_reaches_the_loop_in_a_few_chunks_first_piece_at_once(tokenizer):
     """Each hand-over wakes the event loop and costs it a chunk a row; a row's pieces are joined
-    between hand-overs (at most every HAND_OVER_S), its first piece and its end go at once."""
-    from app.serve.scheduler import HAND_OVER_S
+    between hand-overs (at most every STREAM_INTERVAL_S), its first piece and its end go at once."""
+    from app.serve.scheduler import STREAM_INTERVAL_S
 
     job = Job([7, 8, 1000], GREEDY, 60)
 
@@ -254,5 +263,67 @@ def test_a_rows_text_reaches_the_loop_in_a_few_chunks_first_piece_at_once(tokeni
     chunks, finish, seconds = asyncio.run(main())
     assert finish == "length" and "".join(chunks) == "".join(tokenizer.decode([t]) for t in range(1001, 1061))
     assert chunks[0] == tokenizer.decode([1001])  # handed alone, not held for the next ones
-    # 60 steps of >= 2 ms: a chunk each HAND_OVER_S at most, however long the reply took here
-    assert 2 <= len(chunks) <= 2 + seconds / HAND_OVER_S, (len(chunks), seconds)
+    # 60 steps of >= 2 ms: a chunk each STREAM_INTERVAL_S at most, however long the reply took here
+    assert 2 <= len(chunks) <= 2 + seconds / STREAM_INTERVAL_S, (len(chunks), seconds)
+
+
+def test_text_held_for_joining_goes_out_before_a_new_rows_prompt(tokenizer):
+    """A prompt can take seconds on a CPU: what the running rows wrote so far is handed over
+    before it, not held behind it."""
+    pending_at_prefill = []
+
+    class Watched(SlowRows):
+        def prefill(self, slot, ids, cancel=None):
+            pending_at_prefill.append(sum(event[0] == "text" for _, event in scheduler._out))
+            return super().prefill(slot, ids, cancel)
+
+    scheduler = Scheduler(Watched(tokenizer, max_rows=2, ctx=256), parallel=2, queue=0)
+
+    async def main():
+        first = Job([7, 8, 1000], GREEDY, 40)
+        scheduler.submit(first)
+        assert (await first.events.get())[0] == "text"
+        await asyncio.sleep(0.01)  # a few steps of text, held for joining
+        second = Job([7, 8, 2000], GREEDY, 4)
+        scheduler.submit(second)
+        await _until_done(first, second)
+
+    _closing(scheduler, main())
+    assert pending_at_prefill == [0, 0]
+
+
+def test_joined_keeps_each_jobs_order_and_joins_only_neighbouring_text():
+    from app.serve.scheduler import _joined
+
+    a, b = Job([1], GREEDY, 1), Job([2], GREEDY, 1)
+    out = [(a, ("text", "x")), (b, ("text", "1")), (a, ("text", "y")), (b, ("text", "2")),
+           (a, ("done", "stop")), (b, ("text", "3")), (a, ("text", "late"))]
+    assert _joined(out) == [(a, ("text", "xy")), (b, ("text", "123")), (a, ("done", "stop")),
+                            (a, ("text", "late"))]
+
+
+def test_calls_run_on_the_decode_thread_and_let_go_of_what_they_return(tokenizer):
+    import threading
+    import weakref
+
+    from app.serve.scheduler import ShuttingDown
+
+    scheduler = Scheduler(None, parallel=1, queue=0)
+    try:
+        assert scheduler.call(threading.current_thread) is scheduler._thread
+        assert scheduler.call(lambda: scheduler.call(lambda: 7)) == 7  # from the thread itself: inline
+        with pytest.raises(ZeroDivisionError):
+            scheduler.call(lambda: 1 / 0)
+
+        class Model:
+            pass
+
+        kept = weakref.ref(scheduler.call(Model))
+        import gc
+
+        gc.collect()
+        assert kept() is None  # a loaded model is freed when the server lets go of it (keep_alive)
+    finally:
+        scheduler.close(grace_s=0)
+    with pytest.raises(ShuttingDown):
+        scheduler.call(lambda: 1)

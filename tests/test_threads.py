@@ -186,3 +186,21 @@ def test_a_probe_up_is_judged_after_the_workers_woke():
     inner.decode = waking
     run(governor, machine, 2.0)
     assert governor.threads == 2
+
+
+def test_a_probe_whose_batch_changes_size_is_not_compared_across_sizes():
+    """A server: 2 threads are slower than 1 at every batch size here, and batches of 1 and 4 rows
+    come in turn. A probe step at 1 row must not be held against 1 thread's best at 4 rows."""
+    machine, inner, governor = governed()
+    machine.threads = 1
+
+    def slower_at_two(tokens, positions, rows):
+        one_row = {1: 0.003, 2: 0.0045}[machine.threads]
+        machine.now += one_row * (1 + 0.3 * (tokens.numel() - 1))
+        return torch.zeros(tokens.numel(), 4)
+
+    inner.decode = slower_at_two
+    counts = []
+    for i in range(4000):
+        counts += run(governor, machine, 0.0001, rows=1 + 3 * (i % 2))
+    assert governor.threads == 1 and counts.count(2) < 40

@@ -31,7 +31,7 @@ from ..errors import UserError
 # wakes the loop, whose Python (an SSE or NDJSON chunk a row) then holds the GIL the decode thread
 # needs: a hand-over each step took 0.35 ms beside a 3.5 ms 4-row step. A row's first text and
 # its end go at once; in between its pieces are joined into one chunk (vLLM's --stream-interval).
-HAND_OVER_S = 0.02
+STREAM_INTERVAL_S = 0.02
 
 
 class QueueFull(Exception):
@@ -180,6 +180,7 @@ class Scheduler:
         self.rows, self.parallel, self.queue_size = rows, parallel, queue
         self.tokenizer, self.stop_ids = (rows.tokenizer, rows.stop_ids) if rows is not None else (None, set())
         self._calls: deque[tuple[Future, object]] = deque()  # run on the worker thread (call)
+        self._stopped = False  # the worker has ended: calls are refused (under the lock)
         self._waiting: deque[Job] = deque()
         self._active: list[_Row] = []
         self._lock = threading.Condition()
@@ -233,7 +234,7 @@ class Scheduler:
             return fn()
         future: Future = Future()
         with self._lock:
-            if not self._thread.is_alive():  # closed: nobody would run it
+            if self._stopped:  # nobody would run it
                 raise ShuttingDown()
             self._calls.append((future, fn))
             self._lock.notify()
@@ -258,33 +259,41 @@ class Scheduler:
 
     # -- the worker thread
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self._active and not self._waiting and not self._calls:
-                        if self._closing:
-                            return
-                        self._lock.wait()
-                    calls, self._calls = self._calls, deque()
-                    joining = self._admit() if self.rows is not None else []
-                for future, fn in calls:
-                    try:
-                        with torch.inference_mode(False):  # a load, as it would run anywhere else
-                            future.set_result(fn())
-                    except BaseException as e:  # the caller raises it
-                        future.set_exception(e)
-                for row in joining:
-                    self._prefill(row)
-                if self._active:
-                    try:
-                        self._step()
-                    except Exception as e:  # sampling or detokenizing failed: end those rows, keep serving
-                        for row in list(self._active):
-                            self._drop(row, error=f"{type(e).__name__}: {e}")
-                self._flush()
-                with self._lock:
-                    if self._closing and not self._active and not self._waiting and not self._calls:
-                        return
+        try:
+            with torch.inference_mode():
+                while self._round():
+                    pass
+        finally:  # whatever ended the worker, a call still queued is told, never left waiting
+            with self._lock:
+                self._stopped = True
+                calls, self._calls = self._calls, deque()
+            for future, _ in calls:
+                future.set_exception(ShuttingDown())
+
+    def _round(self) -> bool:
+        """Calls, joining rows' prompts, one step of the active rows; False once closed and done."""
+        with self._lock:
+            while not self._active and not self._waiting and not self._calls:
+                if self._closing:
+                    return False
+                self._lock.wait()
+            calls, self._calls = self._calls, deque()
+            joining = self._admit() if self.rows is not None else []
+        while calls:
+            _run_call(*calls.popleft())  # popped: the result (a loaded model) is not kept here
+        if joining:
+            self._flush(now=True)  # the text held so far does not wait behind the prompts
+        for row in joining:
+            self._prefill(row)
+        if self._active:
+            try:
+                self._step()
+            except Exception as e:  # sampling or detokenizing failed: end those rows, keep serving
+                for row in list(self._active):
+                    self._drop(row, error=f"{type(e).__name__}: {e}")
+        self._flush()
+        with self._lock:
+            return not (self._closing and not self._active and not self._waiting and not self._calls)
 
     def _admit(self) -> list[_Row]:
         """Move waiting jobs into free slots (under the lock); cancelled ones leave at once."""
@@ -373,12 +382,12 @@ class Scheduler:
     def _emit(self, job: Job, *event) -> None:
         self._out.append((job, event))
 
-    def _flush(self) -> None:
+    def _flush(self, now: bool = False) -> None:
         """Hand what was emitted to the event loops: one wake-up a loop, not one a token and
-        client, and with rows only growing at most every HAND_OVER_S (a first piece or an end at
-        once), each row's pieces joined into one."""
-        urgent = any(event[0] != "text" or not job.text_handed for job, event in self._out)
-        if not self._out or not (urgent or time.monotonic() - self._handed_at >= HAND_OVER_S):
+        client, and with rows only growing at most every STREAM_INTERVAL_S (a first piece or an
+        end at once; everything when `now`), each row's pieces joined into one."""
+        urgent = now or any(event[0] != "text" or not job.text_handed for job, event in self._out)
+        if not self._out or not (urgent or time.monotonic() - self._handed_at >= STREAM_INTERVAL_S):
             return
         self._handed_at = time.monotonic()
         out, self._out = _joined(self._out), []
@@ -392,6 +401,14 @@ class Scheduler:
             except RuntimeError:  # the server's loop has ended: nobody is left to tell
                 for job, _ in events:
                     job.cancel.set()
+
+
+def _run_call(future: Future, fn) -> None:
+    try:
+        with torch.inference_mode(False):  # a load, as it would run anywhere else
+            future.set_result(fn())
+    except BaseException as e:  # the caller raises it
+        future.set_exception(e)
 
 
 def _joined(out: list[tuple[Job, tuple]]) -> list[tuple[Job, tuple]]:

@@ -60,7 +60,7 @@ class ModelThread:
     step's ~150 regions then waits for a woken thread. Loaded on one worker thread and replying on
     a new one each time, the app had three such threads on two cores (measured: 2.46 ms a step
     against 2.01 on the loading thread, 367 tok/s against 449; docs/BENCHMARKS.md).
-    A daemon thread: a model stuck in a call must not keep the process from exiting.
+    A daemon thread: it never keeps the process alive by itself.
     """
 
     def __init__(self) -> None:
@@ -83,11 +83,14 @@ class ModelThread:
 
     def _run(self) -> None:
         while True:
-            future, fn, args = self._calls.get()
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # handed to the caller, which raises it
-                future.set_exception(e)
+            _run_call(*self._calls.get())  # nothing of a call (its model, its queue) kept past it
+
+
+def _run_call(future: Future, fn: Callable, args: tuple) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:  # handed to the caller, which raises it
+        future.set_exception(e)
 
 
 def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: str = "auto",
