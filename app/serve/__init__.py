@@ -103,7 +103,9 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
     try:  # on the scheduler's thread, which decodes (Scheduler.call says why)
         rows = scheduler.call(lambda: EngineRows(engine or load(opts.model), opts.parallel))
     except BaseException:
-        scheduler.close(grace_s=0)
+        # a model that could not load, or Ctrl-C while it loads: then the load, which cannot be
+        # stopped, ends first (a process that exits under it aborts in C++: "terminate called")
+        scheduler.close(grace_s=0, join_s=None)
         raise
     scheduler.replace(rows)
     return Served(rows.engine, scheduler, api_key=key, cors_origins=list(opts.cors_origins), loader=load,

@@ -240,8 +240,9 @@ class Scheduler:
             self._lock.notify()
         return future.result()
 
-    def close(self, grace_s: float = 10.0) -> None:
-        """Stop admitting; let jobs finish for up to `grace_s`, cancel the rest, end the worker."""
+    def close(self, grace_s: float = 10.0, join_s: float | None = 5.0) -> None:
+        """Stop admitting; let jobs finish for up to `grace_s`, cancel the rest, end the worker
+        (waiting up to `join_s` for it, None: until it ends; a load in progress cannot be stopped)."""
         with self._lock:
             self._closing = True
             self._lock.notify()
@@ -255,7 +256,7 @@ class Scheduler:
             for job in [r.job for r in self._active] + list(self._waiting):
                 job.cancel.set()
             self._lock.notify()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=join_s)
 
     # -- the worker thread
     def _run(self) -> None:
