@@ -8,9 +8,8 @@ Nothing here imports torch: the engine is imported by the loader, inside the loa
 """
 from __future__ import annotations
 
-import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -60,37 +59,21 @@ class ModelThread:
     step's ~150 regions then waits for a woken thread. Loaded on one worker thread and replying on
     a new one each time, the app had three such threads on two cores (measured: 2.46 ms a step
     against 2.01 on the loading thread, 367 tok/s against 449; docs/BENCHMARKS.md).
-    A daemon thread: it never keeps the process alive by itself.
     """
 
     def __init__(self) -> None:
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llamadesk-model", initializer=self._started)
+        self._ident: int | None = None
+
+    def _started(self) -> None:
+        self._ident = threading.get_ident()
 
     def call(self, fn: Callable, *args):
         """fn(*args) on this thread (started on first use), after the calls before it; waits and
         returns its value or raises its exception. From the thread itself, a plain call."""
-        if threading.current_thread() is self._thread:
+        if threading.get_ident() == self._ident:
             return fn(*args)
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="llamadesk-model", daemon=True)
-                self._thread.start()
-        future: Future = Future()
-        self._calls.put((future, fn, args))
-        return future.result()
-
-    def _run(self) -> None:
-        while True:
-            _run_call(*self._calls.get())  # nothing of a call (its model, its queue) kept past it
-
-
-def _run_call(future: Future, fn: Callable, args: tuple) -> None:
-    try:
-        future.set_result(fn(*args))
-    except BaseException as e:  # handed to the caller, which raises it
-        future.set_exception(e)
+        return self._pool.submit(fn, *args).result()
 
 
 def engine_loader(ctx: int | None = None, device: str | None = None, kv_dtype: str = "auto",
@@ -147,5 +130,5 @@ class ReplyEnded:
     refused: str | None = None  # the prompt was not sent at all
 
 
-__all__ = ["ChatModel", "Fitted", "Loader", "ModelThread", "PromptFitted", "PromptTooLong", "ReplyEnded", "engine_loader",
-           "fit_to_context", "memory_in_use", "remote_loader", "reply_room"]
+__all__ = ["ChatModel", "Fitted", "Loader", "ModelThread", "PromptFitted", "PromptTooLong", "ReplyEnded",
+           "engine_loader", "fit_to_context", "memory_in_use", "remote_loader", "reply_room"]
