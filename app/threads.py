@@ -135,8 +135,8 @@ class ThreadGovernor:
         # loop and clients share the cores, the steps that spread over every thread are the ones
         # they disturb, and one lucky probe at fewer threads against the median took a server
         # from 2 threads to 1 for good (4 clients: 540 tok/s against 700-770 at 2). Unless a
-        # core was just taken: then against the step that collapsed.
-        # (against the best, not the median: collapsed steps soon make up the median of the last few)
+        # core was just taken: then against the step that collapsed. Collapses are told by the
+        # best too, since collapsed steps soon make up the median of the last few.
         self._collapsed_s = self._collapsed_s + seconds if seconds > COLLAPSED * reference else 0.0
         if self._collapsed_s >= TAKEN_S:
             self._down, self._next_probe, reference, self._collapsed_s = True, now, seconds, 0.0

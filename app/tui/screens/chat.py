@@ -4,10 +4,10 @@ The screen owns the history, the loaded model and the reply in flight. Loading a
 in thread workers, both on one thread (backend.ModelThread). The reply puts text pieces on a
 queue that a timer drains about 30 times a second; the reply's Markdown shows the first piece at
 once and then takes the pieces in updates spaced for the screen to spend about UI_SHARE of a core
-on them (a dozen a second at most), not one per token. Esc sets the reply's cancel event; the reply checks
-it between its steps, the engine before every token and between the layers of a prompt (a stop
-lands within ~0.1 s), and a remote model (app.remote.RemoteChat) before every chunk, closing the
-stream.
+on them (a dozen a second at most), not one per token. Esc sets the reply's cancel event; the
+reply checks it between its steps, the engine before every token and between the layers of a
+prompt (a stop lands within ~0.1 s), and a remote model (app.remote.RemoteChat) before every
+chunk, closing the stream.
 """
 from __future__ import annotations
 
@@ -589,8 +589,8 @@ class ChatScreen(Screen):
                 end = item
         reply.unshown += "".join(text)
         if reply.written_at is not None:  # a drain later: the last update's frames are drawn
-            reply.show_after = reply.written_at[0] + self._write_interval(reply, time.thread_time() - reply.written_at[1])
-            reply.written_at = None
+            began, cpu = reply.written_at
+            reply.show_after, reply.written_at = began + self._write_interval(reply, time.thread_time() - cpu), None
         if reply.unshown and (end is not None or time.monotonic() >= reply.show_after):
             shown, reply.unshown = reply.unshown, ""
             reply.written_at, reply.show_after = (time.monotonic(), time.thread_time()), float("inf")
