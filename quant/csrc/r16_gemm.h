@@ -297,9 +297,11 @@ inline __m256 r16_params_avx2(const uint8_t* b, int64_t at, int half) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + at + 16 * half)));
 }
 
-// 16 rows as two halves of 8 (bytes 32h .. 32h + 31 of each run), one after the other so that a
-// half's integer sums for 4 rows of x fit AVX2's 16 registers (the fp32 ones stay in `out`); the
-// second half reads the group's blocks again from cache.
+// 16 rows as two halves of 8 (bytes 32h .. 32h + 31 of each run), so that a half's integer sums
+// for 4 rows of x fit AVX2's 16 registers (the fp32 ones stay in `out`). Both halves of a block
+// before the next block: with every block's first half first and the second halves in a pass of
+// their own from cache, the pass over DRAM stalled for half the time, and a Zen 3 decoded the 1.2B
+// at 28 tok/s instead of 35 (docs/BENCHMARKS.md).
 // 4-bit: vpmaddubsw's int16 pair sums are added in int16 over a block (8 of them: at most
 // 30720), then widened once. 8-bit: |w| times x with w's sign (vpsignb; x's halves are never
 // -128), each widened at once (a pair reaches 32512).
@@ -309,10 +311,10 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
   const int64_t K = x.K;
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
   for (int r = 0; r < R; ++r) std::fill_n(out[r], 16, 0.f);
-  for (int half = 0; half < 2; ++half) {
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* b = grp + g * F::BYTES;
-      if (half == 0) prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* b = grp + g * F::BYTES;
+    prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
+    for (int half = 0; half < 2; ++half) {
       __m256i sh[R], sl[R];  // int32 sums of the codes times h and times l
       if (F::FOUR) {
         __m256i h16[R], l16[R];
