@@ -37,7 +37,8 @@
 struct XInt15 {
   std::vector<int8_t> h, l;
   // v itself block-major (K / 32, M, 32), only for AVX2's wide kernel (quantize_x15_v, which
-  // leaves h, l and s alone): a block's M rows are one run of memory, not M rows K apart (a page each)
+  // leaves h, l and s alone and writes d and xs block-major too, (K / 32, M)): a block's M rows
+  // are one run of memory, not M rows K apart (a page each)
   std::vector<int16_t> v;
   std::vector<float> d, xs;
   std::vector<int32_t> s;
@@ -383,8 +384,8 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 // in the same order: a row's outputs are bit-identical to r16_group_avx2's (batch invariance
 // across the two).
 
-// x as AVX2's wide kernel takes it: v block-major (K / 32, M, 32) int16, d, and for types with
-// mins xs; no h, l or s. The same v and d as quantize_x15_row (x * inv rounded by the current
+// x as AVX2's wide kernel takes it, block-major: v (K / 32, M, 32) int16, d (K / 32, M), and for
+// types with mins xs (K / 32, M); no h, l or s. The same v and d as quantize_x15_row (x * inv rounded by the current
 // mode, round-half-even, as nearbyint; max|x| exact in any order), and xs summed in its order; the
 // sum is skipped without mins: a serial chain of 32 adds a block was most of the cost (~0.6 ns a
 // value, 1.6% of a 1.2B prefill)
@@ -415,11 +416,11 @@ inline void quantize_x15_v(const float* x, int64_t M, int64_t K, XInt15& out, bo
                             _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16),
                             _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8));
-        out.d[m * G + g] = amax / X15_MAX;
+        out.d[g * M + m] = amax / X15_MAX;
         if (with_sum) {
           float sum = 0.f;
           for (int i = 0; i < 32; ++i) sum += xb[i];
-          out.xs[m * G + g] = sum;
+          out.xs[g * M + m] = sum;
         }
       }
     }
@@ -454,7 +455,7 @@ inline void widen_block_avx2(const uint8_t* b, __m256i (*w)[2]) {
 // acc[r] (16 fp32 sums) updated as the narrow kernel does
 // (xv: block g's M rows of v)
 template <int T, int R>
-inline void wide_rows_avx2(const __m256i (*w)[2], const float* dm, int64_t g, int64_t G, const XInt15& x,
+inline void wide_rows_avx2(const __m256i (*w)[2], const float* dm, const float* xd, const float* xs,
                            const int16_t* xv, int64_t m0, float* acc) {
   using F = R16Format<T>;
   static_assert(R == 1 || R == 2 || R == 4, "in_row_chunks gives 4, 2 or 1 rows");
@@ -481,14 +482,13 @@ inline void wide_rows_avx2(const __m256i (*w)[2], const float* dm, int64_t g, in
     if (R > 2) row(2, a2, b2), row(3, a3, b3);
   }
   auto scale = [&](int r, __m256i sa, __m256i sb) {
-    const int64_t gi = (m0 + r) * G + g;
-    const __m256 dx = _mm256_set1_ps(x.d[gi]);
+    const __m256 dx = _mm256_set1_ps(xd[m0 + r]);
     const __m256i sums[2] = {sa, sb};
     for (int half = 0; half < 2; ++half) {
       float* o = acc + (m0 + r) * 16 + 8 * half;
       __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[half]), _mm256_mul_ps(_mm256_load_ps(dm + 8 * half), dx),
                                  _mm256_loadu_ps(o));
-      if (F::MIN) a = _mm256_fmadd_ps(_mm256_load_ps(dm + 16 + 8 * half), _mm256_set1_ps(x.xs[gi]), a);
+      if (F::MIN) a = _mm256_fmadd_ps(_mm256_load_ps(dm + 16 + 8 * half), _mm256_set1_ps(xs[m0 + r]), a);
       _mm256_storeu_ps(o, a);
     }
   };
@@ -520,8 +520,9 @@ void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt1
           if (F::MIN) _mm256_store_ps(dm + 16 + 8 * half, r16_params_avx2<T>(b, F::MINS, half));
         }
         const int16_t* xv = xi.v.data() + g * M * 32;
+        const float *xd = xi.d.data() + g * M, *xs = xi.xs.data() + g * M;
         in_row_chunks(M, [&](auto rows, int64_t m) {
-          wide_rows_avx2<T, decltype(rows)::value>(w, dm, g, G, xi, xv, m, acc.data());
+          wide_rows_avx2<T, decltype(rows)::value>(w, dm, xd, xs, xv, m, acc.data());
         });
       }
       const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
