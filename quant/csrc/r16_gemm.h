@@ -385,10 +385,10 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 // across the two).
 
 // x as AVX2's wide kernel takes it, block-major: v (K / 32, M, 32) int16, d (K / 32, M), and for
-// types with mins xs (K / 32, M); no h, l or s. The same v and d as quantize_x15_row (x * inv rounded by the current
-// mode, round-half-even, as nearbyint; max|x| exact in any order), and xs summed in its order; the
-// sum is skipped without mins: a serial chain of 32 adds a block was most of the cost (~0.6 ns a
-// value, 1.6% of a 1.2B prefill)
+// types with mins xs (K / 32, M); no h, l or s. The same v and d as quantize_x15_row (x * inv
+// rounded by the current mode, round-half-even, as nearbyint; max|x| exact in any order), and xs
+// summed in its order; the sum is skipped without mins: a serial chain of 32 adds a block was
+// most of the cost (~0.6 ns a value, 1.6% of a 1.2B prefill)
 inline void quantize_x15_v(const float* x, int64_t M, int64_t K, XInt15& out, bool with_sum) {
   const int64_t G = K / 32;
   out.K = K;
