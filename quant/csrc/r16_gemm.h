@@ -36,12 +36,17 @@
 // and xs its exact fp32 sum of x (for Q4_1's mins).
 struct XInt15 {
   std::vector<int8_t> h, l;
-  // v itself block-major (K / 32, M, 32), only for AVX2's wide kernel (quantize_x15_v, which
-  // leaves h, l and s alone and writes d and xs block-major too, (K / 32, M)): a block's M rows
-  // are one run of memory, not M rows K apart (a page each)
-  std::vector<int16_t> v;
   std::vector<float> d, xs;
   std::vector<int32_t> s;
+  int64_t K = 0;
+};
+
+// The same x as AVX2's wide kernel reads it (quantize_x15_v): v itself, not its halves, and all
+// three block-major, v (K / 32, M, 32), d and xs (K / 32, M), so that a block's M rows are one
+// run of memory, not M rows K apart (a page each).
+struct XInt15Blocks {
+  std::vector<int16_t> v;
+  std::vector<float> d, xs;
   int64_t K = 0;
 };
 
@@ -384,12 +389,11 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 // in the same order: a row's outputs are bit-identical to r16_group_avx2's (batch invariance
 // across the two).
 
-// x as AVX2's wide kernel takes it, block-major: v (K / 32, M, 32) int16, d (K / 32, M), and for
-// types with mins xs (K / 32, M); no h, l or s. The same v and d as quantize_x15_row (x * inv
-// rounded by the current mode, round-half-even, as nearbyint; max|x| exact in any order), and xs
-// summed in its order; the sum is skipped without mins: a serial chain of 32 adds a block was
-// most of the cost (~0.6 ns a value, 1.6% of a 1.2B prefill)
-inline void quantize_x15_v(const float* x, int64_t M, int64_t K, XInt15& out, bool with_sum) {
+// x as AVX2's wide kernel takes it (XInt15Blocks; xs only for types with mins). The same v and d
+// as quantize_x15_row (x * inv rounded by the current mode, round-half-even, as nearbyint; max|x|
+// exact in any order), and xs summed in its order; the sum is skipped without mins: a serial
+// chain of 32 adds a block was most of the cost (~0.6 ns a value, 1.6% of a 1.2B prefill)
+inline void quantize_x15_v(const float* x, int64_t M, int64_t K, XInt15Blocks& out, bool with_sum) {
   const int64_t G = K / 32;
   out.K = K;
   out.v.resize(M * K);
@@ -453,7 +457,7 @@ inline void widen_block_avx2(const uint8_t* b, __m256i (*w)[2]) {
 
 // rows m0 .. m0 + R - 1 of x times block g (widened in w; its 16 scales and mins in fp32 in dm):
 // acc[r] (16 fp32 sums) updated as the narrow kernel does
-// (xv: block g's M rows of v)
+// (xv, xd, xs: block g's M rows of v, d and xs)
 template <int T, int R>
 inline void wide_rows_avx2(const __m256i (*w)[2], const float* dm, const float* xd, const float* xs,
                            const int16_t* xv, int64_t m0, float* acc) {
@@ -501,7 +505,7 @@ inline void wide_rows_avx2(const __m256i (*w)[2], const float* dm, const float* 
 // group, each block is widened once and every row of x goes through it; the M x 16 fp32 sums
 // stay in a per-thread buffer (L1/L2) until the group ends.
 template <int T>
-void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt15& xi, int64_t M, float* y) {
+void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt15Blocks& xi, int64_t M, float* y) {
   using F = R16Format<T>;
   const int64_t groups = (N + 15) / 16;
   at::parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
@@ -629,8 +633,10 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
   XInt15& xi = buffer;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512BW__)
   if (R16Format<T>::FOUR && !portable && M >= r16_wide_rows()) {
-    quantize_x15_v(x, M, K, xi, R16Format<T>::MIN);
-    return r16_gemm_avx2_wide<T>(packed, N, G, xi, M, y);
+    static thread_local XInt15Blocks blocks;
+    XInt15Blocks& xb = blocks;
+    quantize_x15_v(x, M, K, xb, R16Format<T>::MIN);
+    return r16_gemm_avx2_wide<T>(packed, N, G, xb, M, y);
   }
 #endif
   quantize_x15(x, M, K, xi);
