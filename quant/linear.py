@@ -568,7 +568,8 @@ class GGUFLinear(nn.Module):
     (on first use, the same bytes with 16 rows interleaved: `r16`) and any number of rows of x
     becomes 15-bit integers per 32 values (two int8 halves) multiplied in integers
     (csrc/r16_gemm.h; llama.cpp rounds x to 8 bits). Otherwise up to 8 rows of x (decode, the last token of a prefill) with a
-    native type: the extension's GEMV over the blocks, fp32 (csrc/gguf_gemv.h); and the rest
+    native type: the extension's GEMV over the blocks, fp32 (csrc/gguf_gemv.h), Q6_K's with x as
+    15-bit integers unless precise (csrc/q6_k_x15.h, as the decode step runs it); and the rest
     (prefill, the other types, no compiler): the weight is dequantized a block of rows at a time
     into the activations' dtype (fp32 when precise) and multiplied, so memory stays one block
     of rows.
@@ -636,7 +637,8 @@ class GGUFLinear(nn.Module):
             ext = loaded_extension()
         if ext is not None and (x2.shape[0] <= self.NATIVE_ROWS or self._native_prefill(x2.shape[0])):
             x2 = x2.float()
-            y = torch.cat([ext.gguf_linear(x2[i : i + self.NATIVE_ROWS], self.blocks, self.scheme)
+            # Q6_K takes x as 15-bit integers as the decode step does, unless precise
+            y = torch.cat([ext.gguf_linear(x2[i : i + self.NATIVE_ROWS], self.blocks, self.scheme, x15=not self.precise)
                            for i in range(0, x2.shape[0], self.NATIVE_ROWS)])  # (B*T, N)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.precise:

@@ -337,6 +337,37 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
         assert torch.equal(ext.r16_linear(torch.from_numpy(x[r : r + 1]), packed, scheme, n, portable), got[r : r + 1])
 
 
+@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("n, k", [(37, 256), (300, 1024)])
+@torch.inference_mode()
+def test_q6_k_times_x_as_15_bit_integers(ext, n, k, rows):
+    """Q6_K rows in the file's layout times x rounded to 15-bit integers per 32 values (the decode
+    step's kernel on vector builds, q6_k_x15.h). Oracle: gguf's dequantization times that x in
+    float64; and within x's rounding of the exact product, which the fp32 kernel (x15=False, and
+    every portable build) keeps."""
+    if ext.isa() == "generic":
+        pytest.skip("a build without AVX2 multiplies Q6_K in fp32 alone")
+    rng = np.random.default_rng(n + k + rows)
+    blocks = random_blocks(rng, "Q6_K", (n, k))
+    w = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).astype(np.float64)  # (N, K)
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    x[0, 32:64] = 0  # an all-zero block: scale 0, no division by it
+    q, d = x15_activations(x)
+    expected = (q * d).reshape(rows, k).astype(np.float64) @ w.T
+    b = torch.from_numpy(blocks)
+    got = ext.gguf_linear(torch.from_numpy(x), b, "q6_k", x15=True)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert relative_error(got, torch.from_numpy(expected)) < 1e-5
+    exact = torch.from_numpy(x.astype(np.float64) @ w.T)
+    assert relative_error(got, exact) < 2e-4
+    fp32 = ext.gguf_linear(torch.from_numpy(x), b, "q6_k", x15=False)
+    assert relative_error(fp32, exact) < 1e-5 and not torch.equal(fp32, got)
+    assert torch.equal(ext.gguf_linear(torch.from_numpy(x), b, "q6_k", portable=True, x15=True),
+                       ext.gguf_linear(torch.from_numpy(x), b, "q6_k", portable=True))
+    for r in range(rows):  # batch invariance
+        assert torch.equal(ext.gguf_linear(torch.from_numpy(x[r : r + 1]), b, "q6_k", x15=True), got[r : r + 1])
+
+
 def test_r16_refuses_other_weights_and_shapes(ext):
     blocks = torch.from_numpy(random_blocks(np.random.default_rng(0), "Q6_K", (16, 256)))
     with pytest.raises(RuntimeError, match="q4_0, q4_1, q8_0, q4_k or int8_group"):
@@ -352,8 +383,9 @@ def test_r16_refuses_other_weights_and_shapes(ext):
 def test_a_short_prefill_through_a_tiled_layer_runs_each_row_as_its_decode_step(ext, monkeypatch):
     """A layer whose fp32 weight outgrows one dequantized tile takes a short prompt's rows through
     the native kernel, NATIVE_ROWS at a time (GGUFLinear.NATIVE_PREFILL_ROWS): every row's output
-    is bit for bit the one it gets alone, as a decode step, and follows gguf-py's values times x.
-    Past NATIVE_PREFILL_ROWS rows the tiles and a matmul run (another summation order)."""
+    is bit for bit the one it gets alone, as a decode step, and follows gguf-py's values times x
+    (x rounded to 15 bits on vector builds: q6_k_x15.h). Past NATIVE_PREFILL_ROWS rows the tiles
+    and a matmul run (fp32 x, another summation order)."""
     from quant.linear import GGUFLinear
 
     rng = np.random.default_rng(3)
@@ -366,7 +398,7 @@ def test_a_short_prefill_through_a_tiled_layer_runs_each_row_as_its_decode_step(
     prefill = layer(x)
     assert torch.equal(prefill, torch.cat([layer(x[i : i + 1]) for i in range(35)]))
     expected = torch.from_numpy(x.double().numpy() @ gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).T)
-    assert relative_error(prefill, expected) < 1e-5
+    assert relative_error(prefill, expected) < (2e-4 if ext.isa() != "generic" else 1e-5)
 
     monkeypatch.setattr(GGUFLinear, "NATIVE_PREFILL_ROWS", 34)
     tiles = layer(x)

@@ -475,6 +475,7 @@ inline void int4_half_avx512_rows(const float* x, const float* xsum, const uint8
 #endif
 
 #include "r16_gemm.h"  // Q4_0, Q4_1, Q8_0, grouped int8 in 16-row groups, integer dot products
+#include "q6_k_x15.h"  // Q6_K rows times x as 15-bit integers
 
 // y[m, 0:n_out] = W x[m] for M rows (x: M x K, y: M x n_out). packed: uint8 (N_pad, K/2) in
 // `layout`; sz: bf16 (K/gs, N_pad, 2) as 32-bit words. Work goes to threads in 32-row halves of
@@ -629,6 +630,10 @@ struct Linear {
   void apply(const float* x, float* y, int64_t M = 1) {
     if (kind == R16) {
       r16_gemm(r16, a.data_ptr<uint8_t>(), n_out, k_in, x, M, y);
+      return;
+    }
+    if (kind == GGUF && gguf == GGUF_Q6_K) {
+      q6_k_gemm(static_cast<const uint8_t*>(a.data_ptr()), x, M, n_out, k_in, y, true, false);
       return;
     }
     if (kind == GGUF) {
@@ -1303,8 +1308,9 @@ at::Tensor int8_group_linear(at::Tensor x, at::Tensor q, at::Tensor scales, bool
 
 // y (M, N) = x (M, K) @ W^T for W as N rows of a GGUF file's blocks of `scheme` (q4_0, q4_1,
 // q5_0, q8_0, q4_k, q6_k): (N, K / QK * type_size) uint8. One pass over the weights per 4 rows
-// of x; `portable` forces the plain C++ kernel (tests).
-at::Tensor gguf_linear(at::Tensor x, at::Tensor blocks, const std::string& scheme, bool portable) {
+// of x; `portable` forces the plain C++ kernel (tests). `x15`: Q6_K takes x as 15-bit integers
+// (q6_k_x15.h), as the decode step does; the other types and precise layers keep fp32 x.
+at::Tensor gguf_linear(at::Tensor x, at::Tensor blocks, const std::string& scheme, bool portable, bool x15) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
   const GgufType type = gguf_type(scheme);
   TORCH_CHECK(type != GGUF_NONE, "no native kernel for GGUF blocks of type ", scheme);
@@ -1313,7 +1319,11 @@ at::Tensor gguf_linear(at::Tensor x, at::Tensor blocks, const std::string& schem
                   blocks.size(1) == block_row_bytes(type, K), "blocks must be contiguous uint8 (N, row bytes of K)");
   x = x.contiguous();
   auto y = at::empty({M, N}, x.options());
-  block_gemv(type, blocks.data_ptr<uint8_t>(), nullptr, x.data_ptr<float>(), M, N, K, y.data_ptr<float>(), portable);
+  if (type == GGUF_Q6_K) {
+    q6_k_gemm(blocks.data_ptr<uint8_t>(), x.data_ptr<float>(), M, N, K, y.data_ptr<float>(), x15, portable);
+  } else {
+    block_gemv(type, blocks.data_ptr<uint8_t>(), nullptr, x.data_ptr<float>(), M, N, K, y.data_ptr<float>(), portable);
+  }
   return y;
 }
 
@@ -1424,7 +1434,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
   m.def("gguf_dequantize_rows", &gguf_dequantize_rows, py::call_guard<py::gil_scoped_release>());
   m.def("gguf_linear", &gguf_linear, py::arg("x"), py::arg("blocks"), py::arg("scheme"), py::arg("portable") = false,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("x15") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales_and_zeros"), py::arg("group"),
         py::arg("n_out"), py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
   m.def("r16_repack", &r16_repack, py::arg("src"), py::arg("scheme"), py::arg("k"), py::arg("scales") = py::none(),
