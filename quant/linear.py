@@ -637,9 +637,12 @@ class GGUFLinear(nn.Module):
             ext = loaded_extension()
         if ext is not None and (x2.shape[0] <= self.NATIVE_ROWS or self._native_prefill(x2.shape[0])):
             x2 = x2.float()
-            # Q6_K takes x as 15-bit integers as the decode step does, unless precise
-            y = torch.cat([ext.gguf_linear(x2[i : i + self.NATIVE_ROWS], self.blocks, self.scheme, x15=not self.precise)
-                           for i in range(0, x2.shape[0], self.NATIVE_ROWS)])  # (B*T, N)
+            # Q6_K takes x as 15-bit integers as the decode step does, unless precise, and then
+            # any number of rows in one pass over the weights (each weight row meets them all)
+            x15 = self.scheme == "q6_k" and not self.precise
+            rows = x2.shape[0] if x15 else self.NATIVE_ROWS
+            y = torch.cat([ext.gguf_linear(x2[i : i + rows], self.blocks, self.scheme, x15=x15)
+                           for i in range(0, x2.shape[0], rows)])  # (B*T, N)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.precise:
             x2 = x2.float()
