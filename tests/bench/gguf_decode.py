@@ -78,6 +78,16 @@ def build(args: ModelArgs, scheme: str) -> tuple[Transformer, int]:
     return model.eval(), layer_bytes
 
 
+def load_kernels(threads: int):
+    """The compiled extension with torch at `threads` threads, its path printed (kernel benches)."""
+    ext = extension.load_extension(pull.cache_dir())
+    if ext is None:
+        raise SystemExit("the kernels did not compile here")
+    torch.set_num_threads(threads)
+    print(f"path {ext.isa()}, {threads} thread(s)\n")
+    return ext
+
+
 def best_of(fn, rounds: int) -> float:
     """The fastest of `rounds` calls of `fn` after one warm-up, in seconds: robust to a shared
     machine's load, which only ever slows a call."""

@@ -9,6 +9,13 @@ Each figure is the best of `--rounds` calls (robust to a shared machine's load);
 decode step, 4 a server's batch, 64 a prefill chunk. GB/s: the layer's bytes over the time.
 The last column runs the same rows through the narrow kernel (AVX2 builds widen 4-bit blocks to
 int16 from 16 rows of x: r16_gemm.h's r16_gemm_avx2_wide).
+
+    python tests/bench/r16_gemm.py --types Q6_K --threads 2 --rounds 10
+
+Q6_K has no r16 layout: its integer kernel (csrc/q6_k_x15.h, `gguf_linear(..., x15=True)`) reads
+the file's rows, here on an 8B Llama's ffn_down (4096 x 14336) and attn_v (1024 x 4096), the Q6_K
+layers of a Q4_K_M file; its last column is the same rows in calls of 8 (what GGUFLinear made of a
+prompt's rows before).
 """
 from __future__ import annotations
 
@@ -22,12 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from app import pull  # noqa: E402
-from gguf_decode import best_of  # noqa: E402
-from quant import extension  # noqa: E402
+from gguf_decode import best_of, load_kernels  # noqa: E402
 from tiny_checkpoints import random_blocks  # noqa: E402
 
 SHAPES = [(16384, 2048), (2048, 8192), (49152, 576)]
+Q6_K_SHAPES = [(4096, 14336), (1024, 4096)]
 
 
 def main() -> None:
@@ -37,27 +43,30 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 4, 64])
     ap.add_argument("--rounds", type=int, default=20)
     a = ap.parse_args()
-    ext = extension.load_extension(pull.cache_dir())
-    if ext is None:
-        raise SystemExit("the kernels did not compile here")
-    torch.set_num_threads(a.threads)
-    print(f"path {ext.isa()}, {a.threads} thread(s)\n")
+    ext = load_kernels(a.threads)
     print("| type | N x K | rows | fp32 kernel us | r16 us | x | r16 GB/s | r16 narrow us (AVX2: wide x) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rng = np.random.default_rng(0)
     for qtype in a.types:
-        for n, k in SHAPES:
+        for n, k in Q6_K_SHAPES if qtype == "Q6_K" else SHAPES:
             blocks = torch.from_numpy(random_blocks(rng, qtype, (n, k)))
-            packed = ext.r16_repack(blocks, qtype.lower(), k)
+            packed = ext.r16_repack(blocks, qtype.lower(), k) if qtype != "Q6_K" else None
             for m in a.rows:
                 x = torch.randn(m, k)
                 rounds = a.rounds if m <= 4 else max(3, a.rounds // 4)
-                t_fp32 = best_of(lambda: ext.gguf_linear(x, blocks, qtype.lower()), rounds)
-                t_r16 = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
-                # the same rows through the narrow kernel (AVX2 builds widen 4-bit blocks from 16 rows)
-                wide = ext.set_r16_wide_rows(1 << 40)
-                t_narrow = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
-                ext.set_r16_wide_rows(wide)
+                # the fp32 kernel takes 8 rows a call in GGUFLinear
+                t_fp32 = best_of(lambda: [ext.gguf_linear(x[i : i + 8], blocks, qtype.lower()) for i in range(0, m, 8)],
+                                 rounds)
+                if qtype == "Q6_K":
+                    t_r16 = best_of(lambda: ext.gguf_linear(x, blocks, "q6_k", x15=True), rounds)
+                    t_narrow = best_of(lambda: [ext.gguf_linear(x[i : i + 8], blocks, "q6_k", x15=True)
+                                                for i in range(0, m, 8)], rounds)
+                else:
+                    t_r16 = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
+                    # the same rows through the narrow kernel (AVX2 builds widen 4-bit blocks from 16 rows)
+                    wide = ext.set_r16_wide_rows(1 << 40)
+                    t_narrow = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
+                    ext.set_r16_wide_rows(wide)
                 print(f"| {qtype} | {n} x {k} | {m} | {t_fp32 * 1e6:.0f} | {t_r16 * 1e6:.0f} | {t_fp32 / t_r16:.2f} "
                       f"| {blocks.numel() / t_r16 / 1e9:.1f} | {t_narrow * 1e6:.0f} ({t_narrow / t_r16:.2f}) |", flush=True)
 
