@@ -28,6 +28,14 @@ namespace {
 // ---------------------------------------------------------------- vector width
 // The kernels written once for both vector units: Vec is Avx512 (16 floats, 32 registers) or
 // Avx2 (8 floats, 16 registers), and LLAMADESK_VEC is defined, when the build has either.
+#if defined(__AVX2__)
+// the sum of 8 floats (Avx2::sum; AVX-512 builds' 256-bit kernels, q6_k_x15.h, use it too)
+inline float sum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
 #if defined(__AVX512F__)
 struct Avx512 {
   using V = __m512;
@@ -87,11 +95,7 @@ struct Avx2 {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static float sum(V v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-  }
+  static float sum(V v) { return sum8(v); }
   static __m256i first(int64_t n) {  // lanes below n all ones
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }

@@ -1,8 +1,8 @@
 // Q6_K rows, in the file's own layout, times activations as 15-bit integers (a few rows of x:
-// decode steps and the server's batches).
+// decode steps, the server's batches, a short prompt).
 //
 // Included by decode_cpu.cpp inside its anonymous namespace, after r16_gemm.h (XInt15,
-// quantize_x15, prefetch_block).
+// quantize_x15, prefetch_block); sum8 is decode_cpu.cpp's.
 //
 // Why: gguf_gemv.h's Q6_K turns every 6-bit code into fp32 and meets x in an FMA, ~1.5 vector
 // instructions a weight for one row of x; on a Q4_K_M file, whose head and half the layers'
@@ -12,21 +12,17 @@
 // two int8 halves (v = 128 h + l, r16_gemm.h) in vpmaddubsw (|q - 32| times x with q's sign:
 // pairs within 2 * 32 * 127), and vpmaddwd by the sub-blocks' int8 scales sums those pairs in
 // int32 with each 16 values' scale applied: every lane's sum over its 4 values is exact (within
-// 128 * 4 * 32 * 16319 < 2^28), then turned to fp32, scaled by d * dx and summed. Same rows as the file (no repacking, no extra memory); the values
-// differ from the fp32 kernel's only by x's rounding (1/16319 of a block's largest value).
-// A row's arithmetic does not depend on the rows of x beside it (batch invariance) nor on the
-// threads.
+// 128 * 4 * 32 * 16319 < 2^28), then turned to fp32, scaled by d * dx and summed. Same rows as
+// the file (no repacking, no extra memory); the values differ from the fp32 kernel's only by x's
+// rounding (1/16319 of a block's largest value). A row's arithmetic does not depend on the rows
+// of x beside it (batch invariance) nor on the threads. Each row of x costs ~16 vector uops per
+// 32 weights (x's two halves), so past one row it gains little over the fp32 kernel
+// (docs/BENCHMARKS.md).
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // Q6_K blocks this far ahead (4 cache lines each) are asked for while one is multiplied: the
 // rows follow one another, so the next row's first blocks come in at the end of a row
 constexpr int64_t Q6_K_PREFETCH_AHEAD = 8;
-
-inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 // out[r] = weight row `row` (K / 256 blocks of 210 bytes) times rows m0 .. m0 + R - 1 of x.
 // Chunk c = 4 h + i of a block: ql bytes 64 h + 32 (i % 2), low nibbles for i < 2, high ones
@@ -75,7 +71,7 @@ inline void q6_k_row_avx2(const uint8_t* row, const XInt15& x, int64_t m0, float
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum_avx2(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int r = 0; r < R; ++r) out[r] = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 #endif
 
