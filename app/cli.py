@@ -533,7 +533,7 @@ def serve(args: argparse.Namespace) -> int:
                         queue=args.queue, ctx=args.ctx, kv_dtype=args.kv_dtype, threads=args.threads,
                         api_key_file=args.api_key_file, cors_origins=args.cors_origin or [],
                         tls_cert=args.tls_cert, tls_key=args.tls_key, keep_alive_s=args.keep_alive,
-                        docs=args.docs)
+                        docs=args.docs, activation_bits=args.activation_bits)
     check_options(opts)  # a bind that must not start refuses before any download or load
     opts.model = ensure_model(opts.model)
     pull.compile_decode_step(say)
@@ -555,6 +555,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--ctx", type=int, help="context length in tokens")
     _kv_dtype_flag(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+    p.add_argument("--activation-bits", type=int, choices=(8, 15), default=15,
+                   help="integer bits the CPU decode step rounds activations to: 15 (the chat's accuracy; "
+                        "default) or 8 (llama.cpp's rounding: less work for each request decoded beside "
+                        "others, a little less accurate)")
     p.add_argument("--api-key-file", type=Path, help="file whose first line is the API key "
                    "(or set LLAMADESK_API_KEY; keys are never taken from the command line)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",

@@ -264,6 +264,8 @@ class Engine:
         self.ctx, self.device = ctx, device
         # on the CPU the decoder runs under the thread governor, which may go up to this many
         self.thread_ceiling = thread_ceiling or torch.get_num_threads()
+        # what the compiled CPU step rounds activations to (set_activation_bits); 15 unless a server asks
+        self.activation_bits = 15
         self.decoder = EagerDecoder(model)
         # a faster decoder compiled in the background waits here until the reply in flight ends
         self._next_decoder: Decoder | None = None
@@ -370,9 +372,30 @@ class Engine:
 
     @decoder.setter
     def decoder(self, decoder: Decoder) -> None:
+        inner = decoder.inner if isinstance(decoder, ThreadGovernor) else decoder
+        if hasattr(inner, "set_activation_bits"):  # the compiled CPU step
+            inner.set_activation_bits(self.activation_bits)
         if self.device == "cpu" and not isinstance(decoder, ThreadGovernor):
             decoder = ThreadGovernor(decoder, self.thread_ceiling)
         self._decoder = decoder
+
+    def set_activation_bits(self, bits: int) -> int | None:
+        """8 or 15: the integer bits the compiled CPU step rounds activations to, for this decoder
+        and any built later (quant.decode_cpu.CpuStepDecoder.set_activation_bits: 8 is llama.cpp's
+        rounding and about half the work of a row in a batched step; the server's default). Returns
+        the bits the decoder in use now runs, or None where it is not the CPU step (the eager
+        blocks, a GPU's graphs: they keep their own arithmetic)."""
+        if bits not in (8, 15):
+            raise UserError(f"activations are rounded to 8 or 15 bits, not {bits}")
+        self.activation_bits = bits
+        self.decoder = self._decoder  # the setter applies it
+        return self.step_activation_bits
+
+    @property
+    def step_activation_bits(self) -> int | None:
+        """What the decoder in use rounds activations to: 8 or 15 (the CPU step), else None."""
+        inner = self._decoder.inner if isinstance(self._decoder, ThreadGovernor) else self._decoder
+        return self.activation_bits if hasattr(inner, "set_activation_bits") else None
 
     def hand_over(self, decoder: Decoder) -> None:
         """Use `decoder` from the next reply on (a background compile's result; any thread)."""

@@ -55,6 +55,15 @@ class CpuStepDecoder:
         h = self.blocks.step_rows(h, positions.tolist(), rows.tolist())  # (B, 1, D)
         return self._head(h)
 
+    def set_activation_bits(self, bits: int) -> int:
+        """8: from the next step on, the r16 layers (GGUF Q4_0, Q4_1, Q8_0, Q4_K and grouped int8)
+        and an r16 head round each row's activations to 8-bit integers per 32 values (llama.cpp's
+        Q8_0 rounding: one integer product a weight, about half a row's vector work in a batched
+        step, logits a few tenths off exact where 15 bits keep them within ~0.1); 15: 15-bit
+        integers (the default). Other layer kinds keep their own. Every row of every step alike, so
+        a row's logits still do not depend on the rows beside it. Returns the previous setting."""
+        return self.blocks.set_activation_bits(bits)
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """(B, 1, D) -> logits (B, V). A head run by our kernels (grouped int8, a GGUF type with a
         native kernel) takes up to 8 rows on one weight read, a row's sums independent of the

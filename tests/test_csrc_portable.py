@@ -38,7 +38,8 @@ def _assert_all_checks_pass(command: list[str]) -> None:
     tally = re.search(r"(\d+) of (\d+) checks passed", done.stdout)
     assert tally and tally[1] == tally[2], done.stdout[-4000:]
     for kernel in ("dequantize q6_k", "gemv q4_k", "gemv int8_group", "r16 q4_1", "r16 q4_k rows=7",
-                   "batch r16 int8_group rows=7"):
+                   "batch r16 int8_group rows=7", "r16 x8 q4_0", "r16 x8 q8_0 rows=7", "batch r16 x8 q4_1 rows=7",
+                   "x as 8-bit integers"):
         assert f"ok   {kernel}" in done.stdout, f"{kernel}: not checked"
 
 

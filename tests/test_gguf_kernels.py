@@ -239,11 +239,13 @@ def test_prefill_tiles_dequantize_as_gguf_does(ext, qtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("bits", [15, 8])
 @torch.inference_mode()
-def test_gguf_rows_decode_together_each_as_alone(ext):
+def test_gguf_rows_decode_together_each_as_alone(ext, bits):
     """Three sequences in KV-cache rows 0-2 of the Q4_K_M-like model, stepped together: every
     layer (stacked Q4_K/Q6_K q, k, v included) and the Q8_0 head take the three rows on one
-    weight read, and each row's logits are bit for bit what it gets stepped alone."""
+    weight read, and each row's logits are bit for bit what it gets stepped alone; with x as
+    8-bit integers (a server's steps) as with 15-bit ones."""
     from model.generate import prefill
     from quant import decode_cpu
 
@@ -252,6 +254,7 @@ def test_gguf_rows_decode_together_each_as_alone(ext):
     model.setup_caches(128, batch=3)
     decoder = decode_cpu.build_decoder(model, pull.cache_dir())
     assert decoder is not None
+    assert decoder.set_activation_bits(bits) == 15
     prompts = [[5, 17, 99], [3, 250, 7, 41], [200]]
 
     def run(rows):
@@ -270,29 +273,34 @@ def test_gguf_rows_decode_together_each_as_alone(ext):
     for r in range(3):
         assert torch.equal(run([r])[0], together[r])
     assert not torch.equal(together[0], together[1])
+    if bits == 8:  # the setting took: 8-bit x moves the logits
+        decoder.set_activation_bits(15)
+        assert not torch.equal(run([0])[0], together[0])
 
 
 # ---------------------------------------------------------------- Q4_0 / Q4_1 times int8 x (r16)
-def x15_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def x15_activations(x: np.ndarray, top: int = 16319) -> tuple[np.ndarray, np.ndarray]:
     """x (M, K) fp32 as the r16 kernels take it: per 32 values the integers
-    v = round-half-even(x * (16319 / max|x|)) and the step d = max|x| / 16319, both in fp32."""
+    v = round-half-even(x * (16319 / max|x|)) and the step d = max|x| / 16319, both in fp32.
+    top=127: x as 8-bit integers (Q8_0's rounding), what `x8` kernels take."""
     blocks = x.reshape(x.shape[0], -1, 32)
     amax = np.abs(blocks).max(axis=2, keepdims=True)
-    inv = np.where(amax > 0, np.float32(16319) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    return np.rint(blocks * inv), (amax / np.float32(16319)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(top) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return np.rint(blocks * inv), (amax / np.float32(top)).astype(np.float32)
 
 
+@pytest.mark.parametrize("bits", [15, 8])
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
 # 21 rows: a prefill chunk's path (AVX2's wide kernel from 16 rows), whose rows must equal decode's
 @pytest.mark.parametrize("rows", [1, 3, 7, 21])
 @pytest.mark.parametrize("n, k", [(16, 64), (40, 256), (576, 1536)])
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "int8_group", "Q4_K"])
 @torch.inference_mode()
-def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k, rows, portable):
-    """The weights are the source's exactly; x is rounded to 15-bit integers per 32 values,
-    except that Q4_1's mins meet the exact sum of x. Oracle: gguf's dequantization (grouped
-    int8: codes times scales) times that x in float64. The kernel's integer sums are exact; only
-    its fp32 scaling rounds."""
+def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k, rows, portable, bits):
+    """The weights are the source's exactly; x is rounded to 15-bit integers per 32 values (8-bit
+    ones with x8, as a server's decode steps take it), except that Q4_1's mins meet the exact sum
+    of x. Oracle: gguf's dequantization (grouped int8: codes times scales) times that x in
+    float64. The kernel's integer sums are exact; only its fp32 scaling rounds."""
     if qtype == "Q4_K" and k % 256:
         pytest.skip("Q4_K rows hold whole 256-value super-blocks")
     rng = np.random.default_rng(n + k + rows)
@@ -307,7 +315,7 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
         src, extra = torch.from_numpy(blocks), None
     x = rng.normal(size=(rows, k)).astype(np.float32)
     x[0, :32] = 0  # an all-zero block: scale 0, no division by it
-    q, d = x15_activations(x)
+    q, d = x15_activations(x, 16319 if bits == 15 else 127)
     xq = (q * d).reshape(rows, k).astype(np.float64)
     if qtype in ("Q4_1", "Q4_K"):  # value = d q + m: the mins times the exact sum of x, the rest times x's 15-bit integers
         if qtype == "Q4_1":
@@ -326,15 +334,17 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
     if qtype == "Q4_K":  # an fp32 scale and min per 32 values: 24 bytes where the file has 18
         source_bytes = source_bytes * 4 // 3
     assert packed.numel() == -(-n // 16) * 16 * source_bytes // n  # the source's bytes, rows padded to 16
-    got = ext.r16_linear(torch.from_numpy(x), packed, scheme, n, portable)
+    x8 = bits == 8
+    got = ext.r16_linear(torch.from_numpy(x), packed, scheme, n, portable, x8)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     assert relative_error(got, torch.from_numpy(expected)) < 1e-5
     # and within x's rounding (1/16319 of a block's largest value) of the exact fp32 product,
-    # what --precise runs; llama.cpp's 8-bit x gives ~1e-2 here
+    # what --precise runs; 8-bit x (llama.cpp's) gives ~1e-2 here
     exact = x.astype(np.float64) @ w.T
-    assert relative_error(got, torch.from_numpy(exact)) < 2e-4
+    assert relative_error(got, torch.from_numpy(exact)) < (2e-4 if bits == 15 else 3e-2)
     for r in range(rows):  # batch invariance
-        assert torch.equal(ext.r16_linear(torch.from_numpy(x[r : r + 1]), packed, scheme, n, portable), got[r : r + 1])
+        alone = ext.r16_linear(torch.from_numpy(x[r : r + 1]), packed, scheme, n, portable, x8)
+        assert torch.equal(alone, got[r : r + 1])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 7])

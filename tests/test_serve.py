@@ -468,6 +468,43 @@ def test_a_request_says_the_same_alone_and_beside_others(url, others):
         assert beside == alone and len(results) == others
 
 
+def test_8_bit_activations_keep_a_request_the_same_beside_others(url, engine):
+    """`serve --activation-bits 8`: x rounded to 8 bits in every row of every step, so a request
+    still says the same alone and beside 3 others, and what it says is what the engine says with
+    the same setting (not the 15-bit text, when the two differ)."""
+    if engine.set_activation_bits(8) != 8:
+        engine.set_activation_bits(15)
+        pytest.skip("the compiled CPU step is not built here (it alone has 8-bit activations)")
+    mine = [{"role": "user", "content": "Write a haiku about rain."}]
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    def ask(messages, **kw):
+        return c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, **kw).choices[0].message.content
+
+    try:
+        alone = ask(mine, temperature=0)
+        crowd = [threading.Thread(target=ask, args=([{"role": "user", "content": f"Name {i + 2} rivers."}],),
+                                  kwargs={"temperature": 0.8, "seed": i}) for i in range(3)]
+        for t in crowd:
+            t.start()
+        beside = ask(mine, temperature=0)
+        for t in crowd:
+            t.join(timeout=120)
+        assert beside == alone == engine_reply(engine, mine, 12, SamplingParams(temperature=0))
+    finally:
+        assert engine.set_activation_bits(15) == 15
+
+
+def test_activation_bits_are_8_or_15(engine):
+    from app.errors import UserError
+    from app.serve import ServeOptions, check_options
+
+    with pytest.raises(UserError, match="8 or 15"):
+        engine.set_activation_bits(4)
+    with pytest.raises(UserError, match="--activation-bits must be 8 or 15"):
+        check_options(ServeOptions(activation_bits=16))
+
+
 def test_queued_requests_all_answer(url, engine):
     """Twice the slots plus some, at once: each request gets its own, correct reply."""
     prompts = [f"Count to {n}." for n in range(3, 9)]

@@ -630,10 +630,11 @@ struct Linear {
   // y[m, 0:n_out] = W x[m] for M rows (x: M x k_in, y: M x n_out), fp32. Our kernels (int4, GGUF
   // blocks, r16) read the weight once for all rows; torch's kernels run a row at a time,
   // since their blocking (and so their sums' order) may change with the number of rows: a row's
-  // values never depend on M.
-  void apply(const float* x, float* y, int64_t M = 1) {
+  // values never depend on M. x8: r16 layers take x as 8-bit integers (r16_gemm.h's
+  // quantize_x_row); the other kinds keep their own rounding.
+  void apply(const float* x, float* y, int64_t M = 1, bool x8 = false) {
     if (kind == R16) {
-      r16_gemm(r16, a.data_ptr<uint8_t>(), n_out, k_in, x, M, y);
+      r16_gemm(r16, a.data_ptr<uint8_t>(), n_out, k_in, x, M, y, false, x8);
       return;
     }
     if (kind == GGUF && gguf == GGUF_Q6_K) {
@@ -649,7 +650,7 @@ struct Linear {
       int64_t off = 0;
       for (auto& p : parts) {
         part_out.resize(M * p.n_out);
-        p.apply(x, part_out.data(), M);
+        p.apply(x, part_out.data(), M, x8);
         for (int64_t r = 0; r < M; ++r) std::copy_n(part_out.data() + r * p.n_out, p.n_out, y + r * n_out + off);
         off += p.n_out;
       }
@@ -992,7 +993,7 @@ class Decoder {
     for (auto& b : blocks_) {
       // attention: h += wo(attend(rope(q), rope(k), v))
       for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, b.attention_norm.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
-      b.wqkv.apply(xn_.data(), qkv_.data(), B);
+      b.wqkv.apply(xn_.data(), qkv_.data(), B, x8_);
       auto attend_rows = [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           float* q = qkv_.data() + r * qkv;
@@ -1016,11 +1017,11 @@ class Decoder {
       } else {
         attend_rows(0, B);
       }
-      b.wo.apply(att_.data(), o_.data(), B);
+      b.wo.apply(att_.data(), o_.data(), B, x8_);
       for (int64_t i = 0; i < B * dim_; ++i) hp[i] += o_[i];
       // feed-forward: h += w2(silu(w1 x) * w3 x)
       for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, b.ffn_norm.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
-      b.w13.apply(xn_.data(), h13_.data(), B);
+      b.w13.apply(xn_.data(), h13_.data(), B, x8_);
       for (int64_t r = 0; r < B; ++r) {
         const float* gate = h13_.data() + r * 2 * hidden_;
         const float* up = gate + hidden_;
@@ -1028,10 +1029,19 @@ class Decoder {
 #pragma omp simd
         for (int64_t i = 0; i < hidden_; ++i) act[i] = gate[i] / (1.f + fast_exp(-gate[i])) * up[i];
       }
-      b.w2.apply(act_.data(), o_.data(), B);
+      b.w2.apply(act_.data(), o_.data(), B, x8_);
       for (int64_t i = 0; i < B * dim_; ++i) hp[i] += o_[i];
     }
     return h;
+  }
+
+  // 8: from the next step on, the r16 layers (and an r16 head) take x as 8-bit integers (one
+  // product a weight: about half the vector work a row, what a server's batched steps are made
+  // of), 15: as 15-bit integers (the default); returns the previous setting. Every row of every
+  // step the same way, so a row's logits still do not depend on the rows beside it.
+  int64_t set_activation_bits(int64_t bits) {
+    TORCH_CHECK(bits == 8 || bits == 15, "activations are rounded to 8 or 15 bits, not ", bits);
+    return std::exchange(x8_, bits == 8) ? 8 : 15;
   }
 
   // The model's final norm and output layer (its prepared weights), so that step_logits can end
@@ -1110,7 +1120,7 @@ class Decoder {
     const float* hp = h.data_ptr<float>();
     for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, head_norm_.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
     at::Tensor logits = at::empty({B, head_.n_out}, at::TensorOptions().dtype(at::kFloat));
-    head_.apply(xn_.data(), logits.data_ptr<float>(), B);
+    head_.apply(xn_.data(), logits.data_ptr<float>(), B, x8_);
     return logits;
   }
 
@@ -1281,6 +1291,7 @@ class Decoder {
   double eps_;
   at::Tensor rope_;  // (S, hd/2, 2) fp32
   std::vector<Block> blocks_;
+  bool x8_ = false;  // set_activation_bits(8)
   std::vector<float> xn_, qkv_, att_, o_, h13_, act_;
   std::vector<AttnScratch> scratch_;  // one per row of a batch: rows attend on the threads at once
   at::Tensor head_norm_;  // (dim,) fp32, with head_ once set_head ran
@@ -1384,8 +1395,10 @@ at::Tensor r16_repack(at::Tensor src, const std::string& scheme, int64_t K, c10:
 }
 
 // y (M, N) = x (M, K) @ W^T for W in the r16 layout (r16_repack), x rounded to 15-bit integers
-// per 32 values (r16_gemm.h); `portable` forces the plain C++ kernel (tests).
-at::Tensor r16_linear(at::Tensor x, at::Tensor packed, const std::string& scheme, int64_t N, bool portable) {
+// per 32 values (r16_gemm.h), or to 8-bit ones with `x8` (as a decode step after
+// set_activation_bits(8)); `portable` forces the plain C++ kernel (tests).
+at::Tensor r16_linear(at::Tensor x, at::Tensor packed, const std::string& scheme, int64_t N, bool portable,
+                      bool x8) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) fp32");
   const int type = r16_type(scheme);
   TORCH_CHECK(type >= 0, "the r16 layout holds q4_0, q4_1, q8_0, q4_k or int8_group weights, not ", scheme);
@@ -1394,7 +1407,7 @@ at::Tensor r16_linear(at::Tensor x, at::Tensor packed, const std::string& scheme
                   packed.numel() == r16_bytes(type, N, K), "r16 bytes do not fit (N, K)");
   x = x.contiguous();
   auto y = at::empty({M, N}, x.options());
-  r16_gemm(type, packed.data_ptr<uint8_t>(), N, K, x.data_ptr<float>(), M, y.data_ptr<float>(), portable);
+  r16_gemm(type, packed.data_ptr<uint8_t>(), N, K, x.data_ptr<float>(), M, y.data_ptr<float>(), portable, x8);
   return y;
 }
 
@@ -1429,6 +1442,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step_rows", &Decoder::step_rows, py::arg("x"), py::arg("positions"), py::arg("rows"),
            py::call_guard<py::gil_scoped_release>())
       .def("set_head", &Decoder::set_head)
+      .def("set_activation_bits", &Decoder::set_activation_bits)
       .def("set_embedding", &Decoder::set_embedding)
       .def("step_tokens", &Decoder::step_tokens, py::arg("tokens"), py::arg("positions"), py::arg("rows"),
            py::call_guard<py::gil_scoped_release>())
@@ -1444,7 +1458,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("r16_repack", &r16_repack, py::arg("src"), py::arg("scheme"), py::arg("k"), py::arg("scales") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("r16_linear", &r16_linear, py::arg("x"), py::arg("packed"), py::arg("scheme"), py::arg("n_out"),
-        py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("portable") = false, py::arg("x8") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int4_packing", &int4_packing);
   m.def("isa", &isa);
   m.def("set_int4_kernel", &set_int4_kernel);

@@ -52,7 +52,13 @@ struct XInt15Blocks {
 
 constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays within [-127, 127]
 
-inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs) {
+// One row of x, K values, block by block. l == nullptr: x as 8-bit integers in XInt15 (what `X8`
+// kernels read): v = h = round(x 127 / max|x|), d = max|x| / 127: llama.cpp's Q8_0 rounding of x,
+// so that one integer product a weight does, half the vector work a row of 15-bit x takes, at
+// llama.cpp's accuracy (on SmolLM2 against exact x: KL 0.012 and perplexity +0.24%, where 15 bits
+// give < 1e-5 and +0.002%: docs/BENCHMARKS.md). s is the block's sum of v, xs its exact sum of x.
+inline void quantize_x_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs) {
+  const float top = l ? X15_MAX : 127.f;
   for (int64_t g = 0; g < K / 32; ++g) {
     const float* xb = x + 32 * g;
     float amax = 0.f, sum = 0.f;
@@ -60,33 +66,39 @@ inline void quantize_x15_row(const float* x, int64_t K, int8_t* h, int8_t* l, fl
       amax = std::max(amax, std::fabs(xb[i]));
       sum += xb[i];
     }
-    const float inv = amax > 0.f ? X15_MAX / amax : 0.f;
+    const float inv = amax > 0.f ? top / amax : 0.f;
     int32_t vs = 0;
     for (int i = 0; i < 32; ++i) {
-      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // |v| <= 16319
-      const int hi = (v + 64) >> 7;                                   // floor: l = v - 128 hi in [-64, 63]
-      h[32 * g + i] = static_cast<int8_t>(hi);
-      l[32 * g + i] = static_cast<int8_t>(v - 128 * hi);
+      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // |v| <= top
+      if (l) {
+        const int hi = (v + 64) >> 7;  // floor: l = v - 128 hi in [-64, 63]
+        h[32 * g + i] = static_cast<int8_t>(hi);
+        l[32 * g + i] = static_cast<int8_t>(v - 128 * hi);
+      } else {
+        h[32 * g + i] = static_cast<int8_t>(v);
+      }
       vs += v;
     }
-    d[g] = amax / X15_MAX;
+    d[g] = amax / top;
     s[g] = vs;
     xs[g] = sum;
   }
 }
 
-inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out) {
+// x8: x as 8-bit integers (quantize_x_row) where the kernels take it so (`X8` below); l stays
+// empty
+inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool x8 = false) {
   const int64_t G = K / 32;
   out.K = K;
   out.h.resize(M * K);
-  out.l.resize(M * K);
+  out.l.resize(x8 ? 0 : M * K);
   out.d.resize(M * G);
   out.s.resize(M * G);
   out.xs.resize(M * G);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      quantize_x15_row(x + m * K, K, out.h.data() + m * K, out.l.data() + m * K, out.d.data() + m * G,
-                       out.s.data() + m * G, out.xs.data() + m * G);
+      quantize_x_row(x + m * K, K, out.h.data() + m * K, x8 ? nullptr : out.l.data() + m * K, out.d.data() + m * G,
+                     out.s.data() + m * G, out.xs.data() + m * G);
   });
 }
 
@@ -233,7 +245,8 @@ inline float r16_param(const uint8_t* b, int64_t at, int n) {
 // v), then acc += isum * (d * dx),
 // and for Q4_1 acc += m * sum(x). The same operations in the same order for every row of x,
 // whatever R: a row's values never depend on the rows beside it (batch invariance).
-template <int T, int R>
+// X8: x as 8-bit integers (quantize_x_row): the products with l are skipped.
+template <int T, int R, bool X8>
 inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
   using F = R16Format<T>;
   const int64_t K = x.K;
@@ -242,7 +255,7 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
     const uint8_t* b = grp + g * F::BYTES;
     for (int r = 0; r < R; ++r) {
       const int8_t* xh = x.h.data() + (m0 + r) * K + 32 * g;
-      const int8_t* xl = x.l.data() + (m0 + r) * K + 32 * g;
+      const int8_t* xl = X8 ? nullptr : x.l.data() + (m0 + r) * K + 32 * g;
       const int64_t gi = (m0 + r) * G + g;
       const float dx = x.d[gi];
       for (int n = 0; n < 16; ++n) {
@@ -253,7 +266,7 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
               const uint8_t byte = b[64 * L + 4 * n + j];
               const int lo = byte & 15, hi = byte >> 4, k0 = 8 * L + j, k1 = 8 * L + 4 + j;
               sh += lo * xh[k0] + hi * xh[k1];
-              sl += lo * xl[k0] + hi * xl[k1];
+              if (!X8) sl += lo * xl[k0] + hi * xl[k1];
             }
           }
         } else {
@@ -261,11 +274,11 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
             for (int j = 0; j < 4; ++j) {
               const int c = b[64 * L + 4 * n + j];
               sh += c * xh[4 * L + j];
-              sl += c * xl[4 * L + j];
+              if (!X8) sl += c * xl[4 * L + j];
             }
           }
         }
-        const int32_t isum = 128 * sh + sl - F::OFFSET * x.s[gi];
+        const int32_t isum = (X8 ? sh : 128 * sh + sl) - F::OFFSET * x.s[gi];
         acc[r][n] += static_cast<float>(isum) * (r16_param<T>(b, F::SCALES, n) * dx);
         if (F::MIN) acc[r][n] += r16_param<T>(b, F::MINS, n) * x.xs[gi];
       }
@@ -311,7 +324,7 @@ inline __m256 r16_params_avx2(const uint8_t* b, int64_t at, int half) {
 // 4-bit: vpmaddubsw's int16 pair sums are added in int16 over a block (8 of them: at most
 // 30720), then widened once. 8-bit: |w| times x with w's sign (vpsignb; x's halves are never
 // -128), each widened at once (a pair reaches 32512).
-template <int T, int R>
+template <int T, int R, bool X8>
 inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
   using F = R16Format<T>;
   const int64_t K = x.K;
@@ -330,16 +343,18 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
           for (int r = 0; r < R; ++r) {
             const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
-            const int8_t *xh = x.h.data() + at, *xl = x.l.data() + at;
+            const int8_t* xh = x.h.data() + at;
             add_into16(h16[r], _mm256_maddubs_epi16(lo, bcast4_256(xh)));
             add_into16(h16[r], _mm256_maddubs_epi16(hi, bcast4_256(xh + 4)));
+            if (X8) continue;
+            const int8_t* xl = x.l.data() + at;
             add_into16(l16[r], _mm256_maddubs_epi16(lo, bcast4_256(xl)));
             add_into16(l16[r], _mm256_maddubs_epi16(hi, bcast4_256(xl + 4)));
           }
         }
         for (int r = 0; r < R; ++r) {
           sh[r] = _mm256_madd_epi16(h16[r], ones);
-          sl[r] = _mm256_madd_epi16(l16[r], ones);
+          sl[r] = X8 ? _mm256_setzero_si256() : _mm256_madd_epi16(l16[r], ones);
         }
       } else {
         for (int r = 0; r < R; ++r) sh[r] = sl[r] = _mm256_setzero_si256();
@@ -350,8 +365,9 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           for (int r = 0; r < R; ++r) {
             const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
             const __m256i ph = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(x.h.data() + at), w));
-            const __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(x.l.data() + at), w));
             add_into(sh[r], _mm256_madd_epi16(ph, ones));
+            if (X8) continue;
+            const __m256i pl = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4_256(x.l.data() + at), w));
             add_into(sl[r], _mm256_madd_epi16(pl, ones));
           }
         }
@@ -363,8 +379,8 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
         const int64_t gi = (m0 + r) * G + g;
         // 8-bit codes here are signed already: no offset
         const int32_t offset = F::FOUR ? -F::OFFSET * x.s[gi] : 0;
-        const __m256i isum = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(sh[r], 7), sl[r]),
-                                              _mm256_set1_epi32(offset));
+        const __m256i hl = X8 ? sh[r] : _mm256_add_epi32(_mm256_slli_epi32(sh[r], 7), sl[r]);
+        const __m256i isum = _mm256_add_epi32(hl, _mm256_set1_epi32(offset));
         // the fp32 sums live in `out` (L1): registers hold the integer sums of 4 rows of x
         float* o = out[r] + 8 * half;
         __m256 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(x.d[gi])),
@@ -390,7 +406,7 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
 // across the two).
 
 // x as AVX2's wide kernel takes it (XInt15Blocks; xs only for types with mins). The same v and d
-// as quantize_x15_row (x * inv rounded by the current mode, round-half-even, as nearbyint; max|x|
+// as quantize_x_row (x * inv rounded by the current mode, round-half-even, as nearbyint; max|x|
 // exact in any order), and xs summed in its order; the sum is skipped without mins: a serial
 // chain of 32 adds a block was most of the cost (~0.6 ns a value, 1.6% of a 1.2B prefill)
 inline void quantize_x15_v(const float* x, int64_t M, int64_t K, XInt15Blocks& out, bool with_sum) {
@@ -548,7 +564,7 @@ inline __m512i dot_u8_i8(__m512i acc, __m512i codes, const int8_t* x4) {
 #endif
 }
 
-template <int T, int R>
+template <int T, int R, bool X8>
 inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16]) {
   using F = R16Format<T>;
   const int64_t K = x.K;
@@ -566,9 +582,9 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
         const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
         for (int r = 0; r < R; ++r) {
           const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
-          const int8_t *xh = x.h.data() + at, *xl = x.l.data() + at;
+          const int8_t* xh = x.h.data() + at;
           sh[r] = dot_u8_i8(dot_u8_i8(sh[r], lo, xh), hi, xh + 4);
-          sl[r] = dot_u8_i8(dot_u8_i8(sl[r], lo, xl), hi, xl + 4);
+          if (!X8) sl[r] = dot_u8_i8(dot_u8_i8(sl[r], lo, x.l.data() + at), hi, x.l.data() + at + 4);
         }
       }
     } else {
@@ -577,7 +593,7 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
         for (int r = 0; r < R; ++r) {
           const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
           sh[r] = dot_u8_i8(sh[r], v, x.h.data() + at);
-          sl[r] = dot_u8_i8(sl[r], v, x.l.data() + at);
+          if (!X8) sl[r] = dot_u8_i8(sl[r], v, x.l.data() + at);
         }
       }
     }
@@ -594,8 +610,8 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
     }
     for (int r = 0; r < R; ++r) {
       const int64_t gi = (m0 + r) * G + g;
-      const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(sh[r], 7), sl[r]),
-                                            _mm512_set1_epi32(-F::OFFSET * x.s[gi]));
+      const __m512i hl = X8 ? sh[r] : _mm512_add_epi32(_mm512_slli_epi32(sh[r], 7), sl[r]);
+      const __m512i isum = _mm512_add_epi32(hl, _mm512_set1_epi32(-F::OFFSET * x.s[gi]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(x.d[gi])), acc[r]);
       if (F::MIN) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.xs[gi]), acc[r]);
     }
@@ -604,27 +620,30 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
 }
 #endif
 
-template <int T, int R>
+template <int T, int R, bool X8>
 inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0, float (*out)[16], bool portable) {
   if (!portable) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    return r16_group_avx512<T, R>(grp, G, x, m0, out);
+    return r16_group_avx512<T, R, X8>(grp, G, x, m0, out);
 #elif defined(__AVX512F__) && defined(__AVX512BW__)
-    if (R16Format<T>::FOUR) return r16_group_avx512<T, R>(grp, G, x, m0, out);
-    return r16_group_avx2<T, R>(grp, G, x, m0, out);
+    if (R16Format<T>::FOUR) return r16_group_avx512<T, R, X8>(grp, G, x, m0, out);
+    return r16_group_avx2<T, R, X8>(grp, G, x, m0, out);
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    return r16_group_avx2<T, R>(grp, G, x, m0, out);
+    return r16_group_avx2<T, R, X8>(grp, G, x, m0, out);
 #endif
   }
-  r16_group_portable<T, R>(grp, G, x, m0, out);
+  r16_group_portable<T, R, X8>(grp, G, x, m0, out);
 }
 
 // ---------------------------------------------------------------- the GEMM
 // y (M, N) = x (M, K) W^T for W in the r16 layout (packed: its bytes; N its true rows). Threads
 // take groups of 16 rows; each group's blocks (K / 32 * 288 to 576 bytes) stay in cache while
 // every row of x, 4 at a time, goes through them: one pass over the weights for any M.
+// x8: x rounded to 8 bits (quantize_x_row) and one product a weight, for every M (the wide
+// kernel keeps 15 bits, so it is not taken).
 template <int T>
-void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t M, float* y, bool portable) {
+void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t M, float* y, bool portable,
+                 bool x8) {
   const int64_t G = K / 32, groups = (N + 15) / 16, bb = R16Format<T>::BYTES;
   // kept between calls, so a decode step's small layers pay no allocation; named through a local
   // reference, which the threads' lambda captures (a thread_local it named itself would be each
@@ -632,14 +651,14 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
   static thread_local XInt15 buffer;
   XInt15& xi = buffer;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512BW__)
-  if (R16Format<T>::FOUR && !portable && M >= r16_wide_rows()) {
+  if (R16Format<T>::FOUR && !portable && !x8 && M >= r16_wide_rows()) {
     static thread_local XInt15Blocks blocks;
     XInt15Blocks& xb = blocks;
     quantize_x15_v(x, M, K, xb, R16Format<T>::MIN);
     return r16_gemm_avx2_wide<T>(packed, N, G, xb, M, y);
   }
 #endif
-  quantize_x15(x, M, K, xi);
+  quantize_x15(x, M, K, xi, x8);
   // below ~16 KiB of weights a thread, waking the other costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (G * bb * std::max<int64_t>(1, M)));
   at::parallel_for(0, groups, grain, [&](int64_t t0, int64_t t1) {
@@ -649,7 +668,11 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
       const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
       in_row_chunks(M, [&](auto rows, int64_t m) {
         constexpr int R = decltype(rows)::value;
-        r16_group<T, R>(grp, G, xi, m, out, portable);
+        if (x8) {
+          r16_group<T, R, true>(grp, G, xi, m, out, portable);
+        } else {
+          r16_group<T, R, false>(grp, G, xi, m, out, portable);
+        }
         for (int r = 0; r < R; ++r) std::copy_n(out[r], nn, y + (m + r) * N + n0);
       });
     }
@@ -657,13 +680,13 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
 }
 
 inline void r16_gemm(int type, const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t M, float* y,
-                     bool portable = false) {
+                     bool portable = false, bool x8 = false) {
   switch (type) {
-    case R16_Q4_0: return r16_gemm_as<R16_Q4_0>(packed, N, K, x, M, y, portable);
-    case R16_Q4_1: return r16_gemm_as<R16_Q4_1>(packed, N, K, x, M, y, portable);
-    case R16_Q8_0: return r16_gemm_as<R16_Q8_0>(packed, N, K, x, M, y, portable);
-    case R16_Q4_K: return r16_gemm_as<R16_Q4_K>(packed, N, K, x, M, y, portable);
-    default: return r16_gemm_as<R16_I8G>(packed, N, K, x, M, y, portable);
+    case R16_Q4_0: return r16_gemm_as<R16_Q4_0>(packed, N, K, x, M, y, portable, x8);
+    case R16_Q4_1: return r16_gemm_as<R16_Q4_1>(packed, N, K, x, M, y, portable, x8);
+    case R16_Q8_0: return r16_gemm_as<R16_Q8_0>(packed, N, K, x, M, y, portable, x8);
+    case R16_Q4_K: return r16_gemm_as<R16_Q4_K>(packed, N, K, x, M, y, portable, x8);
+    default: return r16_gemm_as<R16_I8G>(packed, N, K, x, M, y, portable, x8);
   }
 }
 

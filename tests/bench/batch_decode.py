@@ -28,8 +28,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--sizes", default="1,2,4,8")
+    ap.add_argument("--bits", default="15", help="activation bits of the CPU step, e.g. 15,8: each in turn "
+                    "every round (Engine.set_activation_bits)")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
+    bits = [int(b) for b in a.bits.split(",")]
     engine = Engine.load(a.model, ctx=max(512, a.keys + a.rounds * a.steps * 2 + 16), threads=a.threads,
                          say=lambda m: print(m, file=sys.stderr))
     engine.use_cache_rows(max(sizes))
@@ -38,23 +41,26 @@ def main() -> None:
     with torch.inference_mode():
         for r in range(max(sizes)):
             prefill(model, torch.randint(100, 10000, (a.keys,), generator=gen).tolist(), 0, cache_row=r)
-        times = {b: [] for b in sizes}
+        times = {(x, b): [] for x in bits for b in sizes}
         for rnd in range(a.rounds):
-            for b in (sizes if rnd % 2 == 0 else sizes[::-1]):
-                tokens = torch.randint(100, 10000, (b,), generator=gen)
-                rows = torch.arange(b)
-                t0 = time.perf_counter()
-                for s in range(a.steps):  # every round writes the same positions again
-                    decoder.decode(tokens, torch.full((b,), a.keys + s), rows)
-                times[b].append(time.perf_counter() - t0)
+            for x in (bits if rnd % 2 == 0 else bits[::-1]):
+                engine.set_activation_bits(x)
+                for b in (sizes if rnd % 2 == 0 else sizes[::-1]):
+                    tokens = torch.randint(100, 10000, (b,), generator=gen)
+                    rows = torch.arange(b)
+                    t0 = time.perf_counter()
+                    for s in range(a.steps):  # every round writes the same positions again
+                        decoder.decode(tokens, torch.full((b,), a.keys + s), rows)
+                    times[(x, b)].append(time.perf_counter() - t0)
     print(f"{type(decoder).__name__}, {torch.get_num_threads()} threads, {a.keys} keys a row, {a.steps} steps")
-    print("| rows | step ms | aggregate tok/s | vs 1 row |")
-    print("| --- | --- | --- | --- |")
-    base = None
-    for b in sizes:
-        t = statistics.median(times[b]) / a.steps
-        base = base or b / t
-        print(f"| {b} | {t * 1e3:.2f} | {b / t:.1f} | x{b / t / base:.2f} |")
+    print("| activation bits | rows | step ms | aggregate tok/s | vs 1 row |")
+    print("| --- | --- | --- | --- | --- |")
+    for x in bits:
+        base = None
+        for b in sizes:
+            t = statistics.median(times[(x, b)]) / a.steps
+            base = base or b / t
+            print(f"| {x} | {b} | {t * 1e3:.2f} | {b / t:.1f} | x{b / t / base:.2f} |")
 
 
 if __name__ == "__main__":

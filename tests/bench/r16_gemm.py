@@ -42,10 +42,13 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0"])
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 4, 64])
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--x8", action="store_true", help="a last column: the r16 kernel with x as 8-bit integers "
+                    "(`serve --activation-bits 8`), and its speed-up over 15-bit x")
     a = ap.parse_args()
     ext = load_kernels(a.threads)
-    print("| type | N x K | rows | fp32 kernel us | r16 us | x | r16 GB/s | r16 narrow us (AVX2: wide x) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    x8_head = (" r16 x8 us (x over r16) |", " ---: |") if a.x8 else ("", "")
+    print("| type | N x K | rows | fp32 kernel us | r16 us | x | r16 GB/s | r16 narrow us (AVX2: wide x) |" + x8_head[0])
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + x8_head[1])
     rng = np.random.default_rng(0)
     for qtype in a.types:
         for n, k in Q6_K_SHAPES if qtype == "Q6_K" else SHAPES:
@@ -67,8 +70,12 @@ def main() -> None:
                     wide = ext.set_r16_wide_rows(1 << 40)
                     t_narrow = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n), rounds)
                     ext.set_r16_wide_rows(wide)
+                x8 = ""
+                if a.x8 and qtype != "Q6_K":
+                    t_x8 = best_of(lambda: ext.r16_linear(x, packed, qtype.lower(), n, False, True), rounds)
+                    x8 = f" {t_x8 * 1e6:.0f} ({t_r16 / t_x8:.2f}) |"
                 print(f"| {qtype} | {n} x {k} | {m} | {t_fp32 * 1e6:.0f} | {t_r16 * 1e6:.0f} | {t_fp32 / t_r16:.2f} "
-                      f"| {blocks.numel() / t_r16 / 1e9:.1f} | {t_narrow * 1e6:.0f} ({t_narrow / t_r16:.2f}) |", flush=True)
+                      f"| {blocks.numel() / t_r16 / 1e9:.1f} | {t_narrow * 1e6:.0f} ({t_narrow / t_r16:.2f}) |{x8}", flush=True)
 
 
 if __name__ == "__main__":

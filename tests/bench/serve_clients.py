@@ -61,9 +61,10 @@ def round_of(url: str, model: str, n: int, tokens: int) -> dict:
             "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3)}
 
 
-def start_server(port: int, parallel: int, threads: int | None) -> subprocess.Popen:
+def start_server(port: int, parallel: int, threads: int | None, activation_bits: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--parallel", str(parallel),
            "--ctx", "2048"] + (["--threads", str(threads)] if threads else [])
+    cmd += ["--activation-bits", str(activation_bits)] if activation_bits else []
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -85,8 +86,10 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--activation-bits", type=int, choices=(8, 15),
+                    help="with --start: the server's --activation-bits (default: serve's own)")
     args = ap.parse_args()
-    proc = start_server(args.port, max(args.clients), args.threads) if args.start else None
+    proc = start_server(args.port, max(args.clients), args.threads, args.activation_bits) if args.start else None
     url = f"http://127.0.0.1:{args.port}" if proc else args.url
     try:
         model = httpx.get(f"{url}/health").json()["model"]

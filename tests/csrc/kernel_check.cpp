@@ -11,7 +11,8 @@
 //   dequantize  gguf_dequantize equals gguf's fp32 dequantization (ggml's formulas in their order);
 //   gemv        block_gemv against the exact sum of w x (in double) within a bound on fp32
 //               summation; with integer x and scales 1/2, 1, 2 every sum is exact, and so must be y;
-//   r16         quantize_x15 gives v = round(x * 16319 / max|x|) per block as 128 h + l;
+//   r16         quantize_x15 gives v = round(x * 16319 / max|x|) per block as 128 h + l (with
+//               x8, v = h = round(x * 127 / max|x|));
 //               repack_r16 + r16_gemm against each block's exact integer dot product of codes and v,
 //               scaled in double, within a bound on fp32 scaling;
 //   batch       each row of a 3- or 7-row call equals the same row alone, bit for bit;
@@ -427,13 +428,14 @@ void check_gemv(const TypeInfo& t, int64_t N, int64_t K, bool exact, Random& rng
 }
 
 // x as r16 documents it: per block of 32, step d = max|x| / 16319 and v = round(x * 16319 / max|x|)
-// (fp32, rounding half to even); quantize_x15_row must hold exactly these v as 128 h + l.
+// (fp32, rounding half to even); quantize_x_row must hold exactly these v as 128 h + l. With
+// x8, 8-bit x: v = h = round(x * 127 / max|x|), d = max|x| / 127.
 struct X15 {
   std::vector<int32_t> v;
   std::vector<double> d, sum;  // a block's step, and its exact sum of x
 };
 
-X15 reference_x15(const std::vector<float>& x, int64_t M, int64_t K) {
+X15 reference_x15(const std::vector<float>& x, int64_t M, int64_t K, bool x8 = false) {
   X15 r{std::vector<int32_t>(M * K), std::vector<double>(M * K / 32), std::vector<double>(M * K / 32)};
   for (int64_t g = 0; g < M * K / 32; ++g) {
     const float* xb = x.data() + 32 * g;
@@ -442,20 +444,20 @@ X15 reference_x15(const std::vector<float>& x, int64_t M, int64_t K) {
       amax = std::max(amax, std::fabs(xb[i]));
       r.sum[g] += xb[i];
     }
-    const float inv = amax > 0.f ? 16319.f / amax : 0.f;
+    const float top = x8 ? 127.f : 16319.f, inv = amax > 0.f ? top / amax : 0.f;
     for (int i = 0; i < 32; ++i) r.v[32 * g + i] = static_cast<int32_t>(std::nearbyint(xb[i] * inv));
-    r.d[g] = amax / 16319.f;
+    r.d[g] = amax / top;
   }
   return r;
 }
 
-void check_x15(const std::vector<float>& x, int64_t M, int64_t K, const X15& want, Tally& tally) {
+void check_x15(const std::vector<float>& x, int64_t M, int64_t K, const X15& want, bool x8, Tally& tally) {
   XInt15 got;
-  quantize_x15(x.data(), M, K, got);
+  quantize_x15(x.data(), M, K, got, x8);
   std::string detail;
   for (int64_t i = 0; i < M * K && detail.empty(); ++i) {
-    const int h = got.h[i], l = got.l[i];
-    if (h < -127 || h > 127 || l < -64 || l > 63 || 128 * h + l != want.v[i])
+    const int h = got.h[i], l = x8 ? 0 : got.l[i];
+    if (h < -127 || h > 127 || l < -64 || l > 63 || (x8 ? h : 128 * h + l) != want.v[i])
       detail = "value " + std::to_string(i) + ": h " + std::to_string(h) + ", l " + std::to_string(l) + ", want v " +
                std::to_string(want.v[i]);
   }
@@ -465,13 +467,13 @@ void check_x15(const std::vector<float>& x, int64_t M, int64_t K, const X15& wan
     if (got.d[g] != static_cast<float>(want.d[g]) || got.s[g] != s)
       detail = "block " + std::to_string(g) + ": step or sum of v";
   }
-  tally.report(detail.empty(), "x as 15-bit integers", detail);
+  tally.report(detail.empty(), x8 ? "x as 8-bit integers" : "x as 15-bit integers", detail);
 }
 
 // Per block the kernel's integer sum is exact; then fp32: the scale times x's step, that times the
 // sum, the blocks added up, and Q4_1's min times x's fp32 sum (31 roundings): within (G + 40) u of
 // the terms' magnitudes.
-void check_r16(const TypeInfo& t, int r16, int64_t N, int64_t K, Random& rng, Tally& tally) {
+void check_r16(const TypeInfo& t, int r16, int64_t N, int64_t K, bool x8, Random& rng, Tally& tally) {
   std::vector<uint8_t> rows;
   std::vector<float> scales;
   random_rows(t, N, K, false, rng, rows, scales);
@@ -483,10 +485,10 @@ void check_r16(const TypeInfo& t, int r16, int64_t N, int64_t K, Random& rng, Ta
   tally.report(packed_in_bounds, std::string("r16 repack ") + t.name, packed_in_bounds ? "" : "wrote past its output");
 
   const std::vector<float> x = random_x(kMostRows, K, false, rng);
-  const X15 xq = reference_x15(x, kMostRows, K);
-  if (r16 == R16_Q4_0) check_x15(x, kMostRows, K, xq, tally);
-  auto run = [&](const float* xs, int64_t M, float* y) { r16_gemm(r16, packed.data(), N, K, xs, M, y, true); };
-  check_rows(std::string("r16 ") + t.name, x, N, K, run, [&](int64_t m, int64_t n) {
+  const X15 xq = reference_x15(x, kMostRows, K, x8);
+  if (r16 == R16_Q4_0) check_x15(x, kMostRows, K, xq, x8, tally);
+  auto run = [&](const float* xs, int64_t M, float* y) { r16_gemm(r16, packed.data(), N, K, xs, M, y, true, x8); };
+  check_rows(std::string(x8 ? "r16 x8 " : "r16 ") + t.name, x, N, K, run, [&](int64_t m, int64_t n) {
     double sum = 0.0, magnitude = 0.0;
     for (int64_t g = 0; g < G; ++g) {
       int64_t dot = 0;  // codes times v: exact
@@ -520,7 +522,10 @@ int main() {
       {GGUF_Q4_0, R16_Q4_0}, {GGUF_Q4_1, R16_Q4_1}, {GGUF_Q8_0, R16_Q8_0}, {INT8_GROUP32, R16_I8G}, {GGUF_Q4_K, R16_Q4_K}};
   for (const auto& [gguf, r16] : r16_types) {
     for (const TypeInfo& t : kTypes) {
-      if (t.type == gguf) check_r16(t, r16, N, K, rng, tally);
+      if (t.type == gguf) {
+        check_r16(t, r16, N, K, false, rng, tally);
+        check_r16(t, r16, N, K, true, rng, tally);
+      }
     }
   }
   std::printf("%d of %d checks passed\n", tally.checks - tally.failed, tally.checks);
