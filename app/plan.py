@@ -567,9 +567,9 @@ def installed_candidates(device: Device, damaged: dict[str, UserError] | None = 
 NATIVE_GGUF_SCHEMES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")
 # quant.linear.R16_SCHEMES: the types the CPU repacks into a copy at load (r16)
 R16_SCHEMES = ("q4_0", "q4_1", "q8_0", "q4_k")
-# bytes of an r16 copy per stored byte, where they differ: Q4_K's two-level scales become an fp32
-# scale and min per 32 values (24 bytes where the file holds 18; csrc/r16_gemm.h)
-R16_GROWS = {"q4_k": 4 / 3}
+# bytes of an r16 copy per stored byte, where they differ: Q4_K's 6-bit scale and min codes take a
+# byte each (148 bytes a row and super-block where the file holds 144; csrc/r16_gemm.h)
+R16_GROWS = {"q4_k": 148 / 144}
 
 
 def native_gguf_blocks(manifest: dict) -> bool:

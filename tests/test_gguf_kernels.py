@@ -331,8 +331,8 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
     scheme = qtype.lower()
     packed = ext.r16_repack(src, scheme, k, extra)
     source_bytes = src.numel() + (extra.numel() * 4 if extra is not None else 0)
-    if qtype == "Q4_K":  # an fp32 scale and min per 32 values: 24 bytes where the file has 18
-        source_bytes = source_bytes * 4 // 3
+    if qtype == "Q4_K":  # a super-block's 6-bit scale and min codes as bytes: 148 where the file has 144
+        source_bytes = source_bytes * 148 // 144
     assert packed.numel() == -(-n // 16) * 16 * source_bytes // n  # the source's bytes, rows padded to 16
     x8 = bits == 8
     got = ext.r16_linear(torch.from_numpy(x), packed, scheme, n, portable, x8)

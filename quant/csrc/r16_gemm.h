@@ -22,13 +22,14 @@
 //          that a nibble mask gives 16 rows x 4 consecutive k, what one vpdpbusd lane sums;
 //          8-bit: 512 bytes, 8 runs of 64, run L holding row r's codes of k = 4L .. 4L + 3 plus
 //          128 (unsigned, as vpdpbusd takes them);
-//   d      16 scales: fp16 (the file's own), fp32 for grouped int8 and Q4_K (its sub-block's
-//          6-bit scale times the super-block's d, exact in fp32);
-//   m      16 mins: Q4_1's fp16 (the file's own), Q4_K's fp32 (-dmin times the 6-bit min).
+//   d      16 scales: fp16 (the file's own), fp32 for grouped int8, Q4_K's 6-bit codes (uint8);
+//   m      16 mins: Q4_1's fp16 (the file's own), Q4_K's 6-bit codes (uint8).
+// Q4_K's 8 blocks of a file's super-block follow a 64-byte header, the 16 rows' fp16 d then their
+// fp16 dmin: a block's scale is d times its code, its min -dmin times its code (both exact in
+// fp32: 11 + 6 bits), the file's two-level scales read as gguf does.
 // The same bytes as the source's (18 a row and block for Q4_0, 20 for Q4_1, 34 for Q8_0, 36 for
-// grouped int8), rows interleaved; Q4_K takes 24 where its file takes 18 (its two-level scales
-// as one fp32 scale and min per 32 values, so every 4-bit type runs the same kernels). A value is d (q - 8) (Q4_0), d q + m (Q4_1) or d q (8-bit),
-// gguf's arithmetic.
+// grouped int8, 18.5 for Q4_K where its file has 18), rows interleaved. A value is d (q - 8)
+// (Q4_0), d q + m (Q4_1, Q4_K) or d q (8-bit), gguf's arithmetic.
 
 // ---------------------------------------------------------------- x as 15-bit integers
 // M rows of K values in blocks of 32: v = 128 h + l, h (M, K) in [-127, 127], l (M, K) in
@@ -103,43 +104,62 @@ inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool
 }
 
 // ---------------------------------------------------------------- the layout
-enum R16Type : int { R16_Q4_0 = 0, R16_Q4_1, R16_Q8_0, R16_I8G, R16_Q4_K };
+// R16_Q4_KF is never stored: a Q4_K group with its scales and mins decoded to fp32, one group at
+// a time while a prefill's rows go through it (expand_q4_k_group)
+enum R16Type : int { R16_Q4_0 = 0, R16_Q4_1, R16_Q8_0, R16_I8G, R16_Q4_K, R16_Q4_KF };
 
 template <int T>
 struct R16Format {
-  static constexpr bool FOUR = T == R16_Q4_0 || T == R16_Q4_1 || T == R16_Q4_K;  // else 8-bit codes
-  static constexpr bool MIN = T == R16_Q4_1 || T == R16_Q4_K;
-  // fp32 scales (and mins): grouped int8's own, and Q4_K's 6-bit sub-block scales times the
-  // super-block's fp16 d (exact in fp32: 11 + 6 bits), which no fp16 holds
-  static constexpr bool F32_SCALE = T == R16_I8G || T == R16_Q4_K;
-  static constexpr int64_t CODES = FOUR ? 256 : 512, SCALES = CODES, MINS = SCALES + (F32_SCALE ? 64 : 32);
-  static constexpr int64_t BYTES = MINS + (MIN ? (F32_SCALE ? 64 : 32) : 0);
+  static constexpr bool FOUR = T == R16_Q4_0 || T == R16_Q4_1 || T == R16_Q4_K || T == R16_Q4_KF;  // else 8-bit
+  static constexpr bool MIN = T == R16_Q4_1 || T == R16_Q4_K || T == R16_Q4_KF;
+  static constexpr bool F32_SCALE = T == R16_I8G || T == R16_Q4_KF;  // fp32 scales (and mins)
+  // Q4_K: 6-bit scale and min codes, uint8, times the fp16 d and dmin of a header that SUPER
+  // blocks share (HEADER bytes before them)
+  static constexpr bool CODED_SCALE = T == R16_Q4_K;
+  static constexpr int64_t SUPER = CODED_SCALE ? 8 : 1, HEADER = CODED_SCALE ? 64 : 0;
+  static constexpr int64_t CODES = FOUR ? 256 : 512, SCALES = CODES;
+  static constexpr int64_t MINS = SCALES + (F32_SCALE ? 64 : CODED_SCALE ? 16 : 32);
+  static constexpr int64_t BYTES = MINS + (MIN ? (CODED_SCALE ? 16 : F32_SCALE ? 64 : 32) : 0);
+  static constexpr int64_t SUPER_BYTES = HEADER + SUPER * BYTES;
   // what the integer sum of a block adds per unit of x's sum of v: Q4_0's codes are q + 8, the
   // 8-bit ones w + 128
   static constexpr int32_t OFFSET = T == R16_Q4_0 ? 8 : FOUR ? 0 : 128;
 };
 
-inline int64_t r16_block_bytes(int type) {
-  const int64_t bytes[] = {R16Format<0>::BYTES, R16Format<1>::BYTES, R16Format<2>::BYTES, R16Format<3>::BYTES,
-                           R16Format<4>::BYTES};
-  return bytes[type];
+// a group of 16 rows' bytes, G blocks (Q4_K: a multiple of 8)
+template <int T>
+constexpr int64_t r16_group_bytes(int64_t G) {
+  return G / R16Format<T>::SUPER * R16Format<T>::SUPER_BYTES;
 }
 
-inline int64_t r16_bytes(int type, int64_t N, int64_t K) { return (N + 15) / 16 * (K / 32) * r16_block_bytes(type); }
+// block g of a group, and the header it shares (Q4_K; the block itself for the other types)
+template <int T>
+inline const uint8_t* r16_block(const uint8_t* grp, int64_t g) {
+  using F = R16Format<T>;
+  return grp + g / F::SUPER * F::SUPER_BYTES + F::HEADER + g % F::SUPER * F::BYTES;
+}
+
+template <int T>
+inline const uint8_t* r16_header(const uint8_t* grp, int64_t g) {
+  return grp + g / R16Format<T>::SUPER * R16Format<T>::SUPER_BYTES;
+}
+
+inline int64_t r16_bytes(int type, int64_t N, int64_t K) {
+  const int64_t G = K / 32, group[] = {r16_group_bytes<0>(G), r16_group_bytes<1>(G), r16_group_bytes<2>(G),
+                                       r16_group_bytes<3>(G), r16_group_bytes<4>(G)};
+  return (N + 15) / 16 * group[type];
+}
 
 // src: N rows of the source's blocks: GGUF Q4_0 / Q4_1 / Q8_0 rows, or grouped int8's (N, K)
 // codes with `scales` (N, K / 32) fp32. out: r16_bytes(T, N, K); padding rows are zeros (scale
 // 0: their outputs are 0, whatever their codes).
 // Q4_K (256 values a super-block: fp16 d, dmin; eight 6-bit scales and mins; codes with chunk j
 // in the low (even j) or high nibbles of bytes 16 + 32 (j / 2) ...): chunk j's 32 codes and its
-// value = D q + M, D = d scale_j, M = -dmin min_j, as gguf_gemv.h's Q4_K reads them
-inline void q4_k_chunk(const uint8_t* b, int j, uint8_t* codes, float* D, float* M) {
-  const float d = gguf_f16(b), dmin = gguf_f16(b + 2);
+// value = d scale_j q - dmin min_j, as gguf_gemv.h's Q4_K reads them: its 6-bit scale and min
+inline void q4_k_chunk(const uint8_t* b, int j, uint8_t* codes, uint8_t* sc, uint8_t* mn) {
   const uint8_t* s = b + 4;
-  const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 2) & 0x30);
-  const int mn = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
-  *D = d * static_cast<float>(sc);
-  *M = -(dmin * static_cast<float>(mn));
+  *sc = static_cast<uint8_t>(j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 2) & 0x30));
+  *mn = static_cast<uint8_t>(j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
   const uint8_t* p = b + 16 + 32 * (j / 2);
   for (int i = 0; i < 32; ++i) codes[i] = (p[i] >> (4 * (j & 1))) & 15;
 }
@@ -152,21 +172,23 @@ void repack_r16_as(const uint8_t* src, const float* scales, int64_t N, int64_t K
   const int64_t hdr = T == R16_Q4_0 ? 2 : T == R16_Q4_1 ? 4 : T == R16_Q8_0 ? 2 : 0;
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* grp = out + t * r16_group_bytes<T>(G);
+      std::memset(grp, 0, r16_group_bytes<T>(G));  // padding rows: scale 0
       for (int64_t g = 0; g < G; ++g) {
-        uint8_t* o = out + (t * G + g) * F::BYTES;
-        std::memset(o, 0, F::BYTES);
+        uint8_t* o = const_cast<uint8_t*>(r16_block<T>(grp, g));
+        uint8_t* head = const_cast<uint8_t*>(r16_header<T>(grp, g));
         for (int r = 0; r < 16; ++r) {
           const int64_t n = 16 * t + r;
           if (n >= N) break;
           if (T == R16_Q4_K) {
+            const uint8_t* b = src + (n * (K / 256) + g / 8) * 144;
             uint8_t c[32];
-            float D, M;
-            q4_k_chunk(src + (n * (K / 256) + g / 8) * 144, static_cast<int>(g % 8), c, &D, &M);
+            q4_k_chunk(b, static_cast<int>(g % 8), c, o + F::SCALES + r, o + F::MINS + r);
             for (int L = 0; L < 4; ++L) {
               for (int j = 0; j < 4; ++j) o[64 * L + 4 * r + j] = static_cast<uint8_t>(c[8 * L + j] | (c[8 * L + 4 + j] << 4));
             }
-            std::memcpy(o + F::SCALES + 4 * r, &D, 4);
-            std::memcpy(o + F::MINS + 4 * r, &M, 4);
+            std::memcpy(head + 2 * r, b, 2);           // d
+            std::memcpy(head + 32 + 2 * r, b + 2, 2);  // dmin
             continue;
           }
           const uint8_t* b = src + (n * G + g) * src_bytes;
@@ -227,10 +249,16 @@ inline __m512i bcast4_512(const int8_t* p) {
 }
 #endif
 
-// a row's scale (at F::SCALES) or min (at F::MINS), fp32 or fp16 as the type stores them
+// a row's scale (at F::SCALES) or min (at F::MINS) as fp32: fp32 or fp16 as the type stores
+// them, or (Q4_K) the code times the header's d, the min's times -dmin, as q4_k_chunk says
 template <int T>
-inline float r16_param(const uint8_t* b, int64_t at, int n) {
-  if (R16Format<T>::F32_SCALE) {
+inline float r16_param(const uint8_t* b, const uint8_t* head, int64_t at, int n) {
+  using F = R16Format<T>;
+  if (F::CODED_SCALE) {
+    const float v = gguf_f16(head + (at == F::SCALES ? 0 : 32) + 2 * n) * static_cast<float>(b[at + n]);
+    return at == F::SCALES ? v : -v;
+  }
+  if (F::F32_SCALE) {
     float v;
     std::memcpy(&v, b + at + 4 * n, 4);
     return v;
@@ -252,7 +280,7 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
   const int64_t K = x.K;
   float acc[R][16] = {};
   for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* b = grp + g * F::BYTES;
+    const uint8_t *b = r16_block<T>(grp, g), *head = r16_header<T>(grp, g);
     for (int r = 0; r < R; ++r) {
       const int8_t* xh = x.h.data() + (m0 + r) * K + 32 * g;
       const int8_t* xl = X8 ? nullptr : x.l.data() + (m0 + r) * K + 32 * g;
@@ -279,8 +307,8 @@ inline void r16_group_portable(const uint8_t* grp, int64_t G, const XInt15& x, i
           }
         }
         const int32_t isum = (X8 ? sh : 128 * sh + sl) - F::OFFSET * x.s[gi];
-        acc[r][n] += static_cast<float>(isum) * (r16_param<T>(b, F::SCALES, n) * dx);
-        if (F::MIN) acc[r][n] += r16_param<T>(b, F::MINS, n) * x.xs[gi];
+        acc[r][n] += static_cast<float>(isum) * (r16_param<T>(b, head, F::SCALES, n) * dx);
+        if (F::MIN) acc[r][n] += r16_param<T>(b, head, F::MINS, n) * x.xs[gi];
       }
     }
   }
@@ -308,11 +336,19 @@ inline void add_into16(__m256i& acc, __m256i v) {
 #endif
 }
 
-// 8 rows' scales (at F::SCALES) or mins (at F::MINS), half 0: rows 0-7, 1: rows 8-15, fp16 or
-// fp32 as the type stores them (r16_param's vector twin)
+// 8 rows' scales (at F::SCALES) or mins (at F::MINS), half 0: rows 0-7, 1: rows 8-15, as fp32
+// (r16_param's vector twin)
 template <int T>
-inline __m256 r16_params_avx2(const uint8_t* b, int64_t at, int half) {
-  if (R16Format<T>::F32_SCALE) return _mm256_loadu_ps(reinterpret_cast<const float*>(b + at) + 8 * half);
+inline __m256 r16_params_avx2(const uint8_t* b, const uint8_t* head, int64_t at, int half) {
+  using F = R16Format<T>;
+  if (F::CODED_SCALE) {
+    const __m256 d = _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(head + (at == F::SCALES ? 0 : 32) + 16 * half)));
+    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + at + 8 * half))));
+    const __m256 v = _mm256_mul_ps(d, c);
+    return at == F::SCALES ? v : _mm256_xor_ps(v, _mm256_set1_ps(-0.f));
+  }
+  if (F::F32_SCALE) return _mm256_loadu_ps(reinterpret_cast<const float*>(b + at) + 8 * half);
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + at + 16 * half)));
 }
 
@@ -331,8 +367,8 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
   for (int r = 0; r < R; ++r) std::fill_n(out[r], 16, 0.f);
   for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* b = grp + g * F::BYTES;
-    prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
+    const uint8_t *b = r16_block<T>(grp, g), *head = r16_header<T>(grp, g);
+    prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES + F::HEADER);
     for (int half = 0; half < 2; ++half) {
       __m256i sh[R], sl[R];  // int32 sums of the codes times h and times l
       if (F::FOUR) {
@@ -372,9 +408,9 @@ inline void r16_group_avx2(const uint8_t* grp, int64_t G, const XInt15& x, int64
           }
         }
       }
-      const __m256 d = r16_params_avx2<T>(b, F::SCALES, half);
+      const __m256 d = r16_params_avx2<T>(b, head, F::SCALES, half);
       __m256 m = _mm256_setzero_ps();
-      if (F::MIN) m = r16_params_avx2<T>(b, F::MINS, half);
+      if (F::MIN) m = r16_params_avx2<T>(b, head, F::MINS, half);
       for (int r = 0; r < R; ++r) {
         const int64_t gi = (m0 + r) * G + g;
         // 8-bit codes here are signed already: no offset
@@ -529,15 +565,15 @@ void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt1
     alignas(32) float dm[32];  // the block's 16 scales, then 16 mins, in fp32
     std::vector<float> acc(M * 16);
     for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* grp = packed + t * G * F::BYTES;
+      const uint8_t* grp = packed + t * r16_group_bytes<T>(G);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* b = grp + g * F::BYTES;
-        prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
+        const uint8_t *b = r16_block<T>(grp, g), *head = r16_header<T>(grp, g);
+        prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES + F::HEADER);
         widen_block_avx2<T>(b, w);
         for (int half = 0; half < 2; ++half) {
-          _mm256_store_ps(dm + 8 * half, r16_params_avx2<T>(b, F::SCALES, half));
-          if (F::MIN) _mm256_store_ps(dm + 16 + 8 * half, r16_params_avx2<T>(b, F::MINS, half));
+          _mm256_store_ps(dm + 8 * half, r16_params_avx2<T>(b, head, F::SCALES, half));
+          if (F::MIN) _mm256_store_ps(dm + 16 + 8 * half, r16_params_avx2<T>(b, head, F::MINS, half));
         }
         const int16_t* xv = xi.v.data() + g * M * 32;
         const float *xd = xi.d.data() + g * M, *xs = xi.xs.data() + g * M;
@@ -572,8 +608,8 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* b = grp + g * F::BYTES;
-    prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES);
+    const uint8_t *b = r16_block<T>(grp, g), *head = r16_header<T>(grp, g);
+    prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES + F::HEADER);
     __m512i sh[R], sl[R];  // the codes times h and times l: two chains a row
     for (int r = 0; r < R; ++r) sh[r] = sl[r] = _mm512_setzero_si512();
     if (F::FOUR) {
@@ -597,14 +633,20 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
         }
       }
     }
-    __m512 d;
-    if (F::F32_SCALE) {
+    __m512 d, m = _mm512_setzero_ps();
+    if (F::CODED_SCALE) {  // r16_param: the codes times the header's d and -dmin
+      auto coded = [&](int64_t at, int64_t h) {
+        return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(head + h))),
+                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + at)))));
+      };
+      d = coded(F::SCALES, 0);
+      m = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(coded(F::MINS, 32)), _mm512_set1_epi32(INT32_MIN)));
+    } else if (F::F32_SCALE) {
       d = _mm512_loadu_ps(b + F::SCALES);
     } else {
       d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::SCALES)));
     }
-    __m512 m = _mm512_setzero_ps();
-    if (F::MIN) {
+    if (F::MIN && !F::CODED_SCALE) {
       m = F::F32_SCALE ? _mm512_loadu_ps(b + F::MINS)
                        : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::MINS)));
     }
@@ -636,6 +678,32 @@ inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0
 }
 
 // ---------------------------------------------------------------- the GEMM
+// A Q4_K group (G blocks) as R16_Q4_KF: the codes copied, each block's 16 scales and 16 mins
+// decoded to fp32 (the same values r16_param gives). A prefill's chunks of 4 rows would each
+// decode them again (5-10% of a Q4_K prefill's time on AVX-512); once a group here instead.
+inline void expand_q4_k_group(const uint8_t* grp, int64_t G, uint8_t* out) {
+  using F = R16Format<R16_Q4_K>;
+  using E = R16Format<R16_Q4_KF>;
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t *b = r16_block<R16_Q4_K>(grp, g), *head = r16_header<R16_Q4_K>(grp, g);
+    uint8_t* o = out + g * E::BYTES;
+    std::memcpy(o, b, F::CODES);
+    float* d = reinterpret_cast<float*>(o + E::SCALES);
+    float* m = reinterpret_cast<float*>(o + E::MINS);
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    for (int half = 0; half < 2; ++half) {
+      _mm256_storeu_ps(d + 8 * half, r16_params_avx2<R16_Q4_K>(b, head, F::SCALES, half));
+      _mm256_storeu_ps(m + 8 * half, r16_params_avx2<R16_Q4_K>(b, head, F::MINS, half));
+    }
+#else
+    for (int n = 0; n < 16; ++n) {
+      d[n] = r16_param<R16_Q4_K>(b, head, F::SCALES, n);
+      m[n] = r16_param<R16_Q4_K>(b, head, F::MINS, n);
+    }
+#endif
+  }
+}
+
 // y (M, N) = x (M, K) W^T for W in the r16 layout (packed: its bytes; N its true rows). Threads
 // take groups of 16 rows; each group's blocks (K / 32 * 288 to 576 bytes) stay in cache while
 // every row of x, 4 at a time, goes through them: one pass over the weights for any M.
@@ -644,7 +712,7 @@ inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0
 template <int T>
 void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, int64_t M, float* y, bool portable,
                  bool x8) {
-  const int64_t G = K / 32, groups = (N + 15) / 16, bb = R16Format<T>::BYTES;
+  const int64_t G = K / 32, groups = (N + 15) / 16, bb = r16_group_bytes<T>(G);
   // kept between calls, so a decode step's small layers pay no allocation; named through a local
   // reference, which the threads' lambda captures (a thread_local it named itself would be each
   // worker's own, empty one)
@@ -660,21 +728,35 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
 #endif
   quantize_x15(x, M, K, xi, x8);
   // below ~16 KiB of weights a thread, waking the other costs more than it saves
-  const int64_t grain = std::max<int64_t>(1, (16 << 10) / (G * bb * std::max<int64_t>(1, M)));
+  const int64_t grain = std::max<int64_t>(1, (16 << 10) / (bb * std::max<int64_t>(1, M)));
   at::parallel_for(0, groups, grain, [&](int64_t t0, int64_t t1) {
     float out[4][16];
     for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* grp = packed + t * G * bb;
+      const uint8_t* grp = packed + t * bb;
       const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
-      in_row_chunks(M, [&](auto rows, int64_t m) {
-        constexpr int R = decltype(rows)::value;
-        if (x8) {
-          r16_group<T, R, true>(grp, G, xi, m, out, portable);
-        } else {
-          r16_group<T, R, false>(grp, G, xi, m, out, portable);
+      // every row of x through the group's blocks (`bytes`, laid out as type U), 4 rows at a time
+      auto run = [&](auto type, const uint8_t* bytes) {
+        constexpr int U = decltype(type)::value;
+        in_row_chunks(M, [&](auto rows, int64_t m) {
+          constexpr int R = decltype(rows)::value;
+          if (x8) {
+            r16_group<U, R, true>(bytes, G, xi, m, out, portable);
+          } else {
+            r16_group<U, R, false>(bytes, G, xi, m, out, portable);
+          }
+          for (int r = 0; r < R; ++r) std::copy_n(out[r], nn, y + (m + r) * N + n0);
+        });
+      };
+      if constexpr (T == R16_Q4_K) {
+        if (M > 4) {  // more than one chunk of rows: decode the scales once
+          static thread_local std::vector<uint8_t> expanded;  // this thread's own
+          expanded.resize(G * R16Format<R16_Q4_KF>::BYTES);
+          expand_q4_k_group(grp, G, expanded.data());
+          run(std::integral_constant<int, R16_Q4_KF>{}, expanded.data());
+          continue;
         }
-        for (int r = 0; r < R; ++r) std::copy_n(out[r], nn, y + (m + r) * N + n0);
-      });
+      }
+      run(std::integral_constant<int, T>{}, grp);
     }
   });
 }
