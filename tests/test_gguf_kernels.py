@@ -347,7 +347,8 @@ def test_r16_gemm_equals_the_weights_times_x_as_15_bit_integers(ext, qtype, n, k
         assert torch.equal(alone, got[r : r + 1])
 
 
-@pytest.mark.parametrize("rows", [1, 3, 7])
+# 21 rows: a prompt's path (each weight row widened once, q6_k_wide_rows), bit for bit the few rows' one
+@pytest.mark.parametrize("rows", [1, 3, 7, 21])
 @pytest.mark.parametrize("n, k", [(37, 256), (300, 1024)])
 @torch.inference_mode()
 def test_q6_k_times_x_as_15_bit_integers(ext, n, k, rows):
