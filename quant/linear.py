@@ -459,6 +459,7 @@ class PreparedWeights:
                NATIVE_GGUF_SCHEMES
       "r16"    weight uint8, `scheme`'s weights (q4_0, q4_1, q8_0 blocks or int8_group) in
                csrc/r16_gemm.h's r16 layout: 16 rows interleaved, x taken as 15-bit integers
+               (8-bit after the decode step's set_activation_bits(8))
       "rows"   weight None; `parts`, records whose outputs follow one another (wqkv of a GGUF
                file whose wv is another block type than wq, wk)
     """

@@ -93,8 +93,8 @@ def test_the_gguf_source_runs_its_own_blocks_through_the_fast_path(default_home,
 
 
 def test_8_bit_activations_stay_near_the_exact_model(default_home, monkeypatch):
-    """The source through the compiled step with x as 8-bit integers (what `serve` runs by
-    default) and as 15-bit ones, teacher-forced over 510 tokens of text, against the exact model
+    """The source through the compiled step with x as 8-bit integers (`serve --activation-bits
+    8`) and as 15-bit ones (the default), teacher-forced over 510 tokens of text, against the exact model
     (fp32 x over the same blocks): 8 bits cost what llama.cpp's rounding costs (measured on this
     model: KL 0.012, top-1 94%, perplexity +0.24%), 15 bits ~nothing. A scale or sum gone wrong in
     the 8-bit kernels sends the KL past 1."""

@@ -282,7 +282,7 @@ def test_gguf_rows_decode_together_each_as_alone(ext, bits):
 def x15_activations(x: np.ndarray, top: int = 16319) -> tuple[np.ndarray, np.ndarray]:
     """x (M, K) fp32 as the r16 kernels take it: per 32 values the integers
     v = round-half-even(x * (16319 / max|x|)) and the step d = max|x| / 16319, both in fp32.
-    top=127: x as 8-bit integers (Q8_0's rounding), what `x8` kernels take."""
+    top=127: x as 8-bit integers (Q8_0-style, in fp32), what `x8` kernels take."""
     blocks = x.reshape(x.shape[0], -1, 32)
     amax = np.abs(blocks).max(axis=2, keepdims=True)
     inv = np.where(amax > 0, np.float32(top) / np.where(amax > 0, amax, 1), 0).astype(np.float32)

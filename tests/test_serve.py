@@ -475,6 +475,7 @@ def test_8_bit_activations_keep_a_request_the_same_beside_others(url, engine):
     if engine.set_activation_bits(8) != 8:
         engine.set_activation_bits(15)
         pytest.skip("the compiled CPU step is not built here (it alone has 8-bit activations)")
+    assert engine.decoder.inner.set_activation_bits(8) == 8  # the compiled step itself holds it
     mine = [{"role": "user", "content": "Write a haiku about rain."}]
     c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
@@ -492,6 +493,20 @@ def test_8_bit_activations_keep_a_request_the_same_beside_others(url, engine):
             t.join(timeout=120)
         assert beside == alone == engine_reply(engine, mine, 12, SamplingParams(temperature=0))
     finally:
+        assert engine.set_activation_bits(15) == 15
+
+
+def test_serve_options_reach_the_compiled_step(engine):
+    """ServeOptions.activation_bits (`serve --activation-bits`) as load_served applies it."""
+    from app.serve import ServeOptions, load_served
+
+    served = load_served(ServeOptions(activation_bits=8, parallel=1), None, engine=engine)
+    try:
+        if engine.step_activation_bits is None:
+            pytest.skip("the compiled CPU step is not built here (it alone has 8-bit activations)")
+        assert engine.step_activation_bits == 8 and engine.decoder.inner.set_activation_bits(8) == 8
+    finally:
+        served.scheduler.close(grace_s=0)
         assert engine.set_activation_bits(15) == 15
 
 

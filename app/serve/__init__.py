@@ -100,15 +100,19 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
     from .app import Served
     from .scheduler import EngineRows, Scheduler
 
-    def load(name: str | None):
-        engine = Engine.load(name, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype,
-                             slots=opts.parallel)
-        engine.set_activation_bits(opts.activation_bits)
+    def with_bits(engine):
+        if engine.set_activation_bits(opts.activation_bits) is None and opts.activation_bits != 15 and say:
+            say(f"--activation-bits {opts.activation_bits} has no effect here: only the compiled CPU step "
+                f"rounds activations to integers")
         return engine
+
+    def load(name: str | None):
+        return with_bits(Engine.load(name, ctx=opts.ctx, say=say, threads=opts.threads, kv_dtype=opts.kv_dtype,
+                                     slots=opts.parallel))
 
     scheduler = Scheduler(None, opts.parallel, opts.queue)
     try:  # on the scheduler's thread, which decodes (Scheduler.call says why)
-        rows = scheduler.call(lambda: EngineRows(engine or load(opts.model), opts.parallel))
+        rows = scheduler.call(lambda: EngineRows(with_bits(engine) if engine else load(opts.model), opts.parallel))
     except BaseException:
         # a model that could not load, or Ctrl-C while it loads: then the load, which cannot be
         # stopped, ends first (a process that exits under it aborts in C++: "terminate called")

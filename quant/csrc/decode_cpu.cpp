@@ -1038,7 +1038,8 @@ class Decoder {
   // 8: from the next step on, the r16 layers (and an r16 head) take x as 8-bit integers (one
   // product a weight: about half the vector work a row, what a server's batched steps are made
   // of), 15: as 15-bit integers (the default); returns the previous setting. Every row of every
-  // step the same way, so a row's logits still do not depend on the rows beside it.
+  // step the same way, so a row's logits still do not depend on the rows beside it. Set between
+  // steps (the engine does, when it builds or hands over a decoder): a step reads it unlocked.
   int64_t set_activation_bits(int64_t bits) {
     TORCH_CHECK(bits == 8 || bits == 15, "activations are rounded to 8 or 15 bits, not ", bits);
     return std::exchange(x8_, bits == 8) ? 8 : 15;

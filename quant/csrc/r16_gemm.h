@@ -1,4 +1,4 @@
-// Blocks of 32 weights (Q4_0, Q4_1, Q8_0, grouped int8) times activations as integers, on a
+// Blocks of 32 weights (Q4_0, Q4_1, Q8_0, Q4_K, grouped int8) times activations as integers, on a
 // layout whose vector lanes are 16 weight rows, for decode (a few rows of x) and prefill (many).
 //
 // Included by decode_cpu.cpp inside its anonymous namespace, after gguf_gemv.h.
@@ -12,7 +12,8 @@
 // products a weight instead of llama.cpp's one (it rounds x to 8 bits, Q8_0): x keeps 1/16319 of
 // its block's largest value where 8 bits keep 1/127, so the logits stay within ~0.1 of exact
 // fp32 arithmetic (llama.cpp's way moved them by up to 3 on SmolLM2: see docs/BENCHMARKS.md).
-// The integer sums are exact, so a block's dot product does not depend on the instruction set;
+// X8 kernels take x as 8-bit integers instead (quantize_x_row), one product a weight, for a
+// server that asks for it (`serve --activation-bits 8`). The integer sums are exact, so a block's dot product does not depend on the instruction set;
 // its fp32 scaling does only by rounding.
 //
 // Layout ("r16", made once at load by repack_r16 from a GGUF file's rows or grouped int8's codes
@@ -54,7 +55,8 @@ struct XInt15Blocks {
 constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays within [-127, 127]
 
 // One row of x, K values, block by block. l == nullptr: x as 8-bit integers in XInt15 (what `X8`
-// kernels read): v = h = round(x 127 / max|x|), d = max|x| / 127: llama.cpp's Q8_0 rounding of x,
+// kernels read): v = h = round(x 127 / max|x|), d = max|x| / 127: Q8_0's rounding of x (llama.cpp
+// rounds half away from zero and keeps d in fp16; this rounds half to even, d in fp32),
 // so that one integer product a weight does, half the vector work a row of 15-bit x takes, at
 // llama.cpp's accuracy (on SmolLM2 against exact x: KL 0.012 and perplexity +0.24%, where 15 bits
 // give < 1e-5 and +0.002%: docs/BENCHMARKS.md). s is the block's sum of v, xs its exact sum of x.
