@@ -106,22 +106,20 @@ inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool
 }
 
 // ---------------------------------------------------------------- the layout
-// R16_Q4_KF is never stored: a Q4_K group with its scales and mins decoded to fp32, one group at
-// a time while a prefill's rows go through it (expand_q4_k_group)
-enum R16Type : int { R16_Q4_0 = 0, R16_Q4_1, R16_Q8_0, R16_I8G, R16_Q4_K, R16_Q4_KF };
+enum R16Type : int { R16_Q4_0 = 0, R16_Q4_1, R16_Q8_0, R16_I8G, R16_Q4_K };
 
 template <int T>
 struct R16Format {
-  static constexpr bool FOUR = T == R16_Q4_0 || T == R16_Q4_1 || T == R16_Q4_K || T == R16_Q4_KF;  // else 8-bit
-  static constexpr bool MIN = T == R16_Q4_1 || T == R16_Q4_K || T == R16_Q4_KF;
-  static constexpr bool F32_SCALE = T == R16_I8G || T == R16_Q4_KF;  // fp32 scales (and mins)
+  static constexpr bool FOUR = T == R16_Q4_0 || T == R16_Q4_1 || T == R16_Q4_K;  // else 8-bit codes
+  static constexpr bool MIN = T == R16_Q4_1 || T == R16_Q4_K;
+  static constexpr bool F32_SCALE = T == R16_I8G;  // grouped int8's own fp32 scales
   // Q4_K: 6-bit scale and min codes, uint8, times the fp16 d and dmin of a header that SUPER
   // blocks share (HEADER bytes before them)
   static constexpr bool CODED_SCALE = T == R16_Q4_K;
   static constexpr int64_t SUPER = CODED_SCALE ? 8 : 1, HEADER = CODED_SCALE ? 64 : 0;
   static constexpr int64_t CODES = FOUR ? 256 : 512, SCALES = CODES;
   static constexpr int64_t MINS = SCALES + (F32_SCALE ? 64 : CODED_SCALE ? 16 : 32);
-  static constexpr int64_t BYTES = MINS + (MIN ? (CODED_SCALE ? 16 : F32_SCALE ? 64 : 32) : 0);
+  static constexpr int64_t BYTES = MINS + (MIN ? (CODED_SCALE ? 16 : 32) : 0);
   static constexpr int64_t SUPER_BYTES = HEADER + SUPER * BYTES;
   // what the integer sum of a block adds per unit of x's sum of v: Q4_0's codes are q + 8, the
   // 8-bit ones w + 128
@@ -689,32 +687,6 @@ inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0
 }
 
 // ---------------------------------------------------------------- the GEMM
-// A Q4_K group (G blocks) as R16_Q4_KF: the codes copied, each block's 16 scales and 16 mins
-// decoded to fp32 (the same values r16_param gives). A prefill's chunks of 4 rows would each
-// decode them again (5-10% of a Q4_K prefill's time on AVX-512); once a group here instead.
-inline void expand_q4_k_group(const uint8_t* grp, int64_t G, uint8_t* out) {
-  using F = R16Format<R16_Q4_K>;
-  using E = R16Format<R16_Q4_KF>;
-  for (int64_t g = 0; g < G; ++g) {
-    const uint8_t *b = r16_block<R16_Q4_K>(grp, g), *head = r16_header<R16_Q4_K>(grp, g);
-    uint8_t* o = out + g * E::BYTES;
-    std::memcpy(o, b, F::CODES);
-    float* d = reinterpret_cast<float*>(o + E::SCALES);
-    float* m = reinterpret_cast<float*>(o + E::MINS);
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    for (int half = 0; half < 2; ++half) {
-      _mm256_storeu_ps(d + 8 * half, r16_params_avx2<R16_Q4_K>(b, head, F::SCALES, half));
-      _mm256_storeu_ps(m + 8 * half, r16_params_avx2<R16_Q4_K>(b, head, F::MINS, half));
-    }
-#else
-    for (int n = 0; n < 16; ++n) {
-      d[n] = r16_param<R16_Q4_K>(b, head, F::SCALES, n);
-      m[n] = r16_param<R16_Q4_K>(b, head, F::MINS, n);
-    }
-#endif
-  }
-}
-
 // y (M, N) = x (M, K) W^T for W in the r16 layout (packed: its bytes; N its true rows). Threads
 // take groups of 16 rows; each group's blocks (K / 32 * 288 to 576 bytes) stay in cache while
 // every row of x, 4 at a time, goes through them: one pass over the weights for any M.
@@ -745,29 +717,15 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* grp = packed + t * bb;
       const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
-      // every row of x through the group's blocks (`bytes`, laid out as type U), 4 rows at a time
-      auto run = [&](auto type, const uint8_t* bytes) {
-        constexpr int U = decltype(type)::value;
-        in_row_chunks(M, [&](auto rows, int64_t m) {
-          constexpr int R = decltype(rows)::value;
-          if (x8) {
-            r16_group<U, R, true>(bytes, G, xi, m, out, portable);
-          } else {
-            r16_group<U, R, false>(bytes, G, xi, m, out, portable);
-          }
-          for (int r = 0; r < R; ++r) std::copy_n(out[r], nn, y + (m + r) * N + n0);
-        });
-      };
-      if constexpr (T == R16_Q4_K) {
-        if (M > 4) {  // more than one chunk of rows: decode the scales once
-          static thread_local std::vector<uint8_t> expanded;  // this thread's own
-          expanded.resize(G * R16Format<R16_Q4_KF>::BYTES);
-          expand_q4_k_group(grp, G, expanded.data());
-          run(std::integral_constant<int, R16_Q4_KF>{}, expanded.data());
-          continue;
+      in_row_chunks(M, [&](auto rows, int64_t m) {
+        constexpr int R = decltype(rows)::value;
+        if (x8) {
+          r16_group<T, R, true>(grp, G, xi, m, out, portable);
+        } else {
+          r16_group<T, R, false>(grp, G, xi, m, out, portable);
         }
-      }
-      run(std::integral_constant<int, T>{}, grp);
+        for (int r = 0; r < R; ++r) std::copy_n(out[r], nn, y + (m + r) * N + n0);
+      });
     }
   });
 }
