@@ -57,9 +57,10 @@ class CpuStepDecoder:
 
     def set_activation_bits(self, bits: int) -> int:
         """8: from the next step on, the r16 layers (GGUF Q4_0, Q4_1, Q8_0, Q4_K and grouped int8)
-        and an r16 head round each row's activations to 8-bit integers per 32 values (llama.cpp's
-        Q8_0 rounding: one integer product a weight, about half a row's vector work in a batched
-        step, logits a few tenths off exact where 15 bits keep them within ~0.1); 15: 15-bit
+        and an r16 head round each row's activations to 8-bit integers per 32 values (Q8_0-style,
+        as llama.cpp's: one integer product a weight, about half a row's vector work in a batched
+        step; on SmolLM2 logits up to ~3 off exact, KL 0.012, where 15 bits keep them within ~0.04:
+        docs/BENCHMARKS.md); 15: 15-bit
         integers (the default). Other layer kinds keep their own. Every row of every step alike, so
         a row's logits still do not depend on the rows beside it. Returns the previous setting."""
         return self.blocks.set_activation_bits(bits)
