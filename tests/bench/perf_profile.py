@@ -1,6 +1,7 @@
 """Where a decode step's and a prefill chunk's time goes, by function, from `perf` samples.
 
     LLAMADESK_HOME=... python tests/bench/perf_profile.py llama-8b-q4_0:source [--seconds 20] [--threads 2] [--prompt 64]
+    python tests/bench/perf_profile.py smollm2-135m-instruct:source --rows 4 --bits 8   # a server's batched step
 
 Loads the variant as `bench` does (the compiled CPU step under the thread governor), warms up,
 then for each phase (decode steps after a 64-token prompt; prefill of one 64-row chunk, the
@@ -60,27 +61,43 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=PROMPT, help="prefill tokens (the decode phase follows PROMPT)")
     ap.add_argument("--out", type=Path, help="where perf's data goes (default: a temp folder)")
+    ap.add_argument("--rows", type=int, default=1, help="decode steps of this many rows at once (a server's "
+                    "batch: each row its own KV-cache row and position)")
+    ap.add_argument("--bits", type=int, default=15, choices=(8, 15), help="activation bits of the CPU step")
+    ap.add_argument("--kv", default="bf16", choices=("fp32", "bf16", "int8"),
+                    help="KV-cache dtype (bf16: what the plan picks on a CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     entry = store.find(a.ref)
-    model = load_model(entry, max(PROMPT + 512, a.prompt + 1))
+    model = load_model(entry, max(PROMPT + 512, a.prompt + 1), kv_dtype=a.kv)
+    if a.rows > 1:  # as Engine.use_cache_rows
+        cache = model.layers[0].attention.kv_cache
+        model.setup_caches(cache.k.shape[2], batch=a.rows, dtype=model.norm.weight.dtype, device=cache.k.device,
+                           kv_dtype=cache.k.dtype)
     decoder = choose_decoder(model)
+    inner = getattr(decoder, "inner", decoder)
+    if hasattr(inner, "set_activation_bits"):
+        inner.set_activation_bits(a.bits)
     weights = next(c.weight_bytes for c in installed_candidates(probe("cpu"))
                    if (c.model, c.variant) == (entry.name, entry.variant))
     print(f"{entry.ref}: {weights / 1e9:.2f} GB of weights, {a.threads} threads; "
           f"stream-read probe {stream_read_gb_s():.1f} GB/s")
     ids = prompt_ids(PROMPT, model.args.vocab_size)
-    prefill(model, ids)  # warm-up: kernels, page cache
+    for r in range(a.rows):
+        prefill(model, ids, 0, cache_row=r)  # warm-up: kernels, page cache
     pos = [PROMPT]
 
     def decode() -> None:
-        decode_one_token(decoder, 5, pos[0])
+        if a.rows == 1:
+            decode_one_token(decoder, 5, pos[0])
+        else:
+            decoder.decode(torch.full((a.rows,), 5), torch.full((a.rows,), pos[0]), torch.arange(a.rows))
         pos[0] = PROMPT + (pos[0] - PROMPT + 1) % 256  # stay inside the cache
 
     decode()
     out = a.out or Path(tempfile.mkdtemp(prefix="llamadesk-perf-"))
     out.mkdir(parents=True, exist_ok=True)
-    perf_phase("decode step", decode, a.seconds, weights, out)
+    perf_phase(f"decode step ({a.rows} row{'s' * (a.rows > 1)}, {a.bits}-bit x)", decode, a.seconds, weights, out)
     long_ids = prompt_ids(a.prompt, model.args.vocab_size)
     perf_phase(f"prefill ({a.prompt} tokens)", lambda: prefill(model, long_ids), a.seconds, weights, out)
 
