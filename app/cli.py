@@ -555,10 +555,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--ctx", type=int, help="context length in tokens")
     _kv_dtype_flag(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
-    p.add_argument("--activation-bits", type=int, choices=(8, 15), default=15,
-                   help="integer bits the CPU decode step rounds activations to: 15 (the chat's accuracy; "
-                        "default) or 8 (llama.cpp's rounding: less work for each request decoded beside "
-                        "others, a little less accurate)")
+    p.add_argument("--activation-bits", type=int, choices=(8, 15),
+                   help="integer bits the CPU decode step rounds activations to: 8 (default; llama.cpp's "
+                        "rounding, as Ollama and LM Studio serve: one product a weight, so requests decoded "
+                        "together cost less) or 15 (the chat's accuracy: answers as `llamadesk ask` gives them)")
     p.add_argument("--api-key-file", type=Path, help="file whose first line is the API key "
                    "(or set LLAMADESK_API_KEY; keys are never taken from the command line)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",

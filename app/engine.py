@@ -382,8 +382,8 @@ class Engine:
     def set_activation_bits(self, bits: int) -> int | None:
         """8 or 15: the integer bits the compiled CPU step rounds activations to, for this decoder
         and any built later (quant.decode_cpu.CpuStepDecoder.set_activation_bits: 8 is a Q8_0-style
-        rounding, as llama.cpp's, and less work for each row of a batched step; `serve
-        --activation-bits 8`; 15 everywhere else). Returns
+        rounding, as llama.cpp's, and less work for each row of a batched step: `llamadesk serve`'s
+        default; 15 everywhere else). Returns
         the bits the decoder in use now runs, or None where it is not the CPU step (the eager
         blocks, a GPU's graphs: they keep their own arithmetic)."""
         if bits not in (8, 15):

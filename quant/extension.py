@@ -30,9 +30,9 @@ _failed: str | None = None
 # in one inlined copy of a kernel and not in another, so a row's values do not depend on how many
 # rows share its weight pass (batch invariance); the vector kernels choose their FMAs explicitly.
 # -fno-trapping-math: nothing here reads floating-point exception flags, and without it g++ 12
-# leaves SiLU's and softmax's exp (fast_exp: a clamp and a floor) as scalar code wherever AVX-512's
-# masks are missing: its std::floor is a call and a compare may not be turned into a blend, in case
-# either raised a flag. The same values either way (no reassociation, no contraction).
+# leaves SiLU's and softmax's exp (fast_exp: a clamp and a floor) as scalar code, in case either
+# raised a flag: its std::floor stays a call on every path, and without AVX-512's masks its clamp's
+# compares are not turned into blends. The same values either way (no reassociation, no contraction).
 BASE_FLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-ffp-contract=off"]
 # The vector paths in csrc/decode_cpu.cpp, best first, with the compiler flags that turn each on.
 # x86-64-v3 is AVX2 + FMA + F16C (Haswell, Zen 1-3); "generic" is the plain C++ every CPU runs

@@ -496,18 +496,28 @@ def test_8_bit_activations_keep_a_request_the_same_beside_others(url, engine):
         assert engine.set_activation_bits(15) == 15
 
 
-def test_serve_options_reach_the_compiled_step(engine):
-    """ServeOptions.activation_bits (`serve --activation-bits`) as load_served applies it."""
+@pytest.mark.parametrize("asked, runs", [(None, 8), (8, 8), (15, 15)])
+def test_serve_options_reach_the_compiled_step(engine, asked, runs):
+    """ServeOptions.activation_bits (`serve --activation-bits`) as load_served applies it; not
+    asked for, the server rounds to 8 bits (llama.cpp's rounding, the server's default)."""
     from app.serve import ServeOptions, load_served
 
-    served = load_served(ServeOptions(activation_bits=8, parallel=1), None, engine=engine)
+    engine.set_activation_bits(8 if runs == 15 else 15)  # the engine holds the other setting before
+    served = load_served(ServeOptions(activation_bits=asked, parallel=1), None, engine=engine)
     try:
         if engine.step_activation_bits is None:
             pytest.skip("the compiled CPU step is not built here (it alone has 8-bit activations)")
-        assert engine.step_activation_bits == 8 and engine.decoder.inner.set_activation_bits(8) == 8
+        assert engine.step_activation_bits == runs and engine.decoder.inner.set_activation_bits(runs) == runs
     finally:
         served.scheduler.close(grace_s=0)
-        assert engine.set_activation_bits(15) == 15
+        engine.set_activation_bits(15)
+
+
+def test_serve_takes_8_bit_activations_unless_asked_for_15():
+    from app.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).activation_bits is None  # ServeOptions' default: 8
+    assert build_parser().parse_args(["serve", "--activation-bits", "15"]).activation_bits == 15
 
 
 def test_activation_bits_are_8_or_15(engine):

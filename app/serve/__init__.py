@@ -22,6 +22,10 @@ DEFAULT_PORT = 8462
 GRACE_S = 10.0
 
 
+# A server's default: llama.cpp's 8-bit rounding of activations (ServeOptions.activation_bits)
+DEFAULT_ACTIVATION_BITS = 8
+
+
 @dataclass
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -38,9 +42,11 @@ class ServeOptions:
     tls_key: Path | None = None
     keep_alive_s: float | None = 300.0  # idle time before the model is unloaded; None: never
     docs: list[str] = field(default_factory=list)  # collections chat requests answer from; none unless named
-    # what the CPU step rounds activations to (Engine.set_activation_bits): 15, the chat's accuracy;
-    # 8, llama.cpp's rounding, takes a batched step ~20-30% less time at 4-8 rows
-    activation_bits: int = 15
+    # what the CPU step rounds activations to (Engine.set_activation_bits): 8, llama.cpp's rounding
+    # (a batched step of 4 requests ~25% shorter: with it 4 clients got 2.6-2.7x one client's
+    # tokens/s, with 15 bits 1.8-2.3x; docs/BENCHMARKS.md), or 15, the chat's accuracy; None: not
+    # asked for, so DEFAULT_ACTIVATION_BITS, and nothing said where no compiled step takes it
+    activation_bits: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -82,7 +88,7 @@ def check_options(opts: ServeOptions) -> str | None:
         raise UserError(f"--port must be between 1 and 65535, got {opts.port}")
     if opts.parallel < 1 or opts.queue < 0:
         raise UserError("--parallel must be at least 1 and --queue at least 0")
-    if opts.activation_bits not in (8, 15):
+    if opts.activation_bits not in (None, 8, 15):
         raise UserError(f"--activation-bits must be 8 or 15, got {opts.activation_bits}")
     if opts.docs:
         from ..docs.index import DocsIndex, check_name
@@ -101,7 +107,8 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
     from .scheduler import EngineRows, Scheduler
 
     def with_bits(engine):
-        if engine.set_activation_bits(opts.activation_bits) is None and opts.activation_bits != 15 and say:
+        bits = opts.activation_bits or DEFAULT_ACTIVATION_BITS
+        if engine.set_activation_bits(bits) is None and opts.activation_bits is not None and say:
             say(f"--activation-bits {opts.activation_bits} has no effect here: only the compiled CPU step "
                 f"rounds activations to integers")
         return engine

@@ -811,6 +811,7 @@ void rope(float* x, const float* cs, int64_t n_heads, int64_t hd) {
 // p[i] = exp(p[i] - max p) for a softmax: returns their sum, the max in *max_out
 inline float exp_shifted(float* p, int64_t n, float* max_out) {
   float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)

@@ -13,7 +13,7 @@
 // its block's largest value where 8 bits keep 1/127, so the logits stay within ~0.1 of exact
 // fp32 arithmetic (llama.cpp's way moved them by up to 3 on SmolLM2: see docs/BENCHMARKS.md).
 // X8 kernels take x as 8-bit integers instead (quantize_x_row), one product a weight, for a
-// server that asks for it (`serve --activation-bits 8`). The integer sums are exact, so a block's dot product does not depend on the instruction set;
+// server (`llamadesk serve`'s default; `--activation-bits 15` keeps 15 bits). The integer sums are exact, so a block's dot product does not depend on the instruction set;
 // its fp32 scaling does only by rounding.
 //
 // Layout ("r16", made once at load by repack_r16 from a GGUF file's rows or grouped int8's codes

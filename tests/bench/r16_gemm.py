@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 4, 64])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--x8", action="store_true", help="a last column: the r16 kernel with x as 8-bit integers "
-                    "(`serve --activation-bits 8`), and its speed-up over 15-bit x")
+                    "(`llamadesk serve`'s default), and its speed-up over 15-bit x")
     a = ap.parse_args()
     ext = load_kernels(a.threads)
     x8_head = (" r16 x8 us (x over r16) |", " ---: |") if a.x8 else ("", "")
