@@ -359,14 +359,19 @@ def test_https_with_a_certificate_the_client_trusts(engine, scheduler, tmp_path)
 
 
 # ---------------------------------------------------------------- many clients, disconnects
-def test_disconnect_mid_stream_stops_the_generation(url, engine, scheduler, logs):
+def _leave_after_4_chunks(base: str) -> None:
+    """A streamed chat of up to 500 tokens whose client closes the connection after 4 chunks."""
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 500, "stream": True, "temperature": 0}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
         got = 0
         for line in r.iter_lines():
             got += line.startswith("data: ")
             if got == 4:
                 break
+
+
+def test_disconnect_mid_stream_stops_the_generation(url, engine, scheduler, logs):
+    _leave_after_4_chunks(url)
     deadline = time.monotonic() + 10
     while scheduler.counts()["active"]:
         assert time.monotonic() < deadline, "the generation went on after the client left"
@@ -443,57 +448,134 @@ def test_full_queue_is_a_429_with_retry_after(engine, rows):
         tight.close(grace_s=0)
 
 
+# ---------------------------------------------------------------- a batching server (what `serve` runs)
+class SeenRows(EngineRows):
+    """EngineRows that remember how many rows each decode step fed together."""
+
+    def __init__(self, engine, slots):
+        super().__init__(engine, slots)
+        self.sizes: list[int] = []
+
+    def step(self, tokens, positions, slots):
+        self.sizes.append(len(tokens))
+        return super().step(tokens, positions, slots)
+
+
+@pytest.fixture(scope="module")
+def batching(default_home):
+    """A server of 8 slots over its own engine (its cache holds 8 rows), as `serve --parallel 8`:
+    requests that overlap decode in one step."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAMADESK_HOME", str(default_home))
+        engine = Engine.load(MODEL, ctx=1024, compile_kernel="never")
+    rows = SeenRows(engine, slots=8)
+    scheduler = Scheduler(rows, parallel=8, queue=8)
+    lines: list[str] = []
+    try:
+        with running(Served(engine, scheduler, log=lines.append)) as base:
+            yield engine, rows, scheduler, base, lines
+    finally:
+        scheduler.close(grace_s=0)
+
+
+def _counting(i: int, n: int = 6) -> str:
+    """A prompt the model goes on counting from at temperature 0: it does not end early."""
+    return ", ".join(str(k) for k in range(100 * i, 100 * i + n)) + ","
+
+
+def _crowd(base: str, n: int, max_tokens: int, results: dict) -> list[threading.Thread]:
+    """n completions that count, started in threads; each one's choice lands in results[i]."""
+    def one(i):
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        r = c.completions.create(model=MODEL, prompt=_counting(i + 1), max_tokens=max_tokens, temperature=0)
+        results[i] = r.choices[0]
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _wait_active(scheduler, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while scheduler.counts()["active"] < n:
+        assert time.monotonic() < deadline, f"{n} requests never decoded at once"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("bits", [15, 8])
 @pytest.mark.parametrize("others", [1, 3, 7])
-def test_a_request_says_the_same_alone_and_beside_others(url, others):
-    """Batch invariance: at temperature 0 and at a fixed seed, what runs beside a request never
-    changes its text (today's engine decodes one row at a time; a batched decoder must keep this)."""
-    mine = [{"role": "user", "content": "Write a haiku about rain."}]
-    settings = [dict(temperature=0), dict(temperature=1.0, seed=99)]
-
-    def ask(messages, **kw):
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        return c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, **kw).choices[0].message.content
-
-    for kw in settings:
-        alone = ask(mine, **kw)
-        results: dict[int, str] = {}
-        crowd = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(
-            [{"role": "user", "content": f"List {i + 2} animals."}], temperature=0.8, seed=i)))
-            for i in range(others)]
-        for t in crowd:
-            t.start()
-        beside = ask(mine, **kw)
-        for t in crowd:
-            t.join(timeout=120)
-        assert beside == alone and len(results) == others
-
-
-def test_8_bit_activations_keep_a_request_the_same_beside_others(url, engine):
-    """`serve --activation-bits 8`: x rounded to 8 bits in every row of every step, so a request
-    still says the same alone and beside 3 others, and what it says is what the engine says with
-    the same setting (not the 15-bit text, when the two differ)."""
-    if engine.set_activation_bits(8) != 8:
+def test_a_request_says_the_same_alone_and_beside_others(batching, others, bits):
+    """Batch invariance: at temperature 0 and at a fixed seed, a request's text alone is its text
+    decoded in the same steps as `others` other requests (the steps are counted: it really shared
+    them), with 15-bit activations (`ask`'s) and 8-bit ones (the server's default); alone, it is
+    what the engine itself says with that setting."""
+    engine, rows, scheduler, base, _ = batching
+    if engine.set_activation_bits(bits) != bits:
         engine.set_activation_bits(15)
-        pytest.skip("the compiled CPU step is not built here (it alone has 8-bit activations)")
-    assert engine.decoder.inner.set_activation_bits(8) == 8  # the compiled step itself holds it
+        pytest.skip(f"{bits}-bit activations need the compiled CPU step, not built here")
     mine = [{"role": "user", "content": "Write a haiku about rain."}]
-    c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
-    def ask(messages, **kw):
-        return c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, **kw).choices[0].message.content
+    def ask(**kw):
+        return c.chat.completions.create(model=MODEL, messages=mine, max_tokens=8, **kw).choices[0].message.content
 
     try:
-        alone = ask(mine, temperature=0)
-        crowd = [threading.Thread(target=ask, args=([{"role": "user", "content": f"Name {i + 2} rivers."}],),
-                                  kwargs={"temperature": 0.8, "seed": i}) for i in range(3)]
-        for t in crowd:
-            t.start()
-        beside = ask(mine, temperature=0)
-        for t in crowd:
-            t.join(timeout=120)
-        assert beside == alone == engine_reply(engine, mine, 12, SamplingParams(temperature=0))
+        assert ask(temperature=0) == engine_reply(engine, mine, 8, SamplingParams(temperature=0))
+        for kw in [dict(temperature=0), dict(temperature=1.0, seed=99)]:
+            alone = ask(**kw)
+            results: dict = {}
+            crowd = _crowd(base, others, 200, results)
+            _wait_active(scheduler, others)
+            rows.sizes.clear()
+            beside = ask(**kw)
+            widest = max(rows.sizes)
+            for t in crowd:
+                t.join(timeout=120)
+            assert beside == alone
+            assert widest == others + 1, f"the request never decoded beside all {others} others"
+            assert len(results) == others and all(r.finish_reason == "length" for r in results.values())
     finally:
-        assert engine.set_activation_bits(15) == 15
+        engine.set_activation_bits(15)
+
+
+def test_a_client_leaving_a_full_batch_stops_only_its_row(batching):
+    """A streamed client goes while 3 others decode beside it: its row leaves within a few steps,
+    the others go on to their full length and say what each says alone."""
+    engine, rows, scheduler, base, lines = batching
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    alone = [c.completions.create(model=MODEL, prompt=_counting(i + 1), max_tokens=150, temperature=0).choices[0].text
+             for i in range(3)]
+    results: dict = {}
+    crowd = _crowd(base, 3, 150, results)
+    _wait_active(scheduler, 3)
+    before = len(lines)
+    _leave_after_4_chunks(base)
+    deadline = time.monotonic() + 10
+    while not (mine := [x for x in lines[before:] if x.startswith("POST /v1/chat/completions")]):
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.01)
+    line = mine[0]
+    assert "finish=cancelled" in line and int(line.split("completion=")[1].split()[0]) < 100
+    assert any(t.is_alive() for t in crowd), "the others ended before the client left: nothing was tested"
+    for t in crowd:
+        t.join(timeout=120)
+    assert [results[i].text for i in range(3)] == alone
+    assert all(results[i].finish_reason == "length" for i in range(3))
+
+
+def test_max_tokens_stops_at_the_end_of_the_context(batching):
+    """max_tokens past the context's end is cut to the room left: the reply fills the context
+    exactly and ends with finish_reason "length"."""
+    engine, _, _, base, _ = batching
+    n = 6
+    while len(engine.tokenizer.encode(_counting(0, n))) < engine.ctx - 20:
+        n += 5
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    r = c.completions.create(model=MODEL, prompt=_counting(0, n), max_tokens=500, temperature=0)
+    room = engine.ctx - r.usage.prompt_tokens
+    assert 0 < room < 40
+    assert r.usage.completion_tokens == room and r.choices[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("asked, runs", [(None, 8), (8, 8), (15, 15)])
@@ -577,6 +659,26 @@ def test_another_installed_model_is_swapped_in(swapping):
     assert [m.model for m in c.ps().models] == [other] and f"loaded {other}" in lines
     back = c.chat(model=first, messages=HELLO, options=options)
     assert back.model == first and [m.model for m in c.ps().models] == [first]
+
+
+def test_a_swap_waits_for_the_request_in_flight(swapping):
+    """A request for another model while one streams on the loaded model: the stream ends at its
+    full length on the model it began on, then the other model is loaded and answers."""
+    served, base, lines = swapping
+    c = ollama.Client(host=base)
+    first = served.ref
+    other = f"{MODEL}:int4" if first != f"{MODEL}:int4" else f"{MODEL}:source"
+    before = len(lines)
+    stream = c.generate(model=first, prompt=_counting(1), raw=True, stream=True,
+                        options={"temperature": 0, "num_predict": 120})
+    assert next(stream).response  # it decodes
+    r = c.generate(model=other, prompt="Hi", options={"num_predict": 2})
+    last = list(stream)[-1]
+    assert last.done_reason == "length" and last.eval_count == 120 and last.model == first
+    assert r.model == other and r.response
+    new = lines[before:]
+    ended = next(i for i, x in enumerate(new) if x.startswith("POST /api/generate") and "completion=120" in x)
+    assert ended < new.index(f"loaded {other}")
 
 
 def test_keep_alive_unloads_when_idle_and_the_next_request_reloads(swapping):
