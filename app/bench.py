@@ -19,7 +19,7 @@ from model.generate import decode_one_token, prefill
 from . import store
 from .engine import choose_decoder, load_model
 from .errors import UserError
-from .plan import float_kv_dtype, installed_candidates
+from .plan import float_kv_dtype, stored_weight_bytes
 from .threads import ThreadGovernor
 from .devices import probe
 
@@ -49,7 +49,9 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 
 def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, runs: int,
-                  device: str = "cpu", precise: bool = False) -> BenchResult:
+                  device: str = "cpu", precise: bool = False, progress=lambda done, total: None) -> BenchResult:
+    """Load `entry`, then runs + 1 rounds of prefill and decode (the first warms up and is
+    dropped); medians of the rest. `progress(done, total)` is told after the load and each round."""
     ctx = prompt_tokens + gen_tokens + 1
     # the KV cache the plan gives an unconstrained load, so the figures are the app's
     model = load_model(entry, ctx, device, precise=precise, kv_dtype=float_kv_dtype(probe(device)))
@@ -58,6 +60,7 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
         decoder = ThreadGovernor(decoder, torch.get_num_threads())
     ids = prompt_ids(prompt_tokens, model.args.vocab_size)
     ttfts, decodes = [], []
+    progress(0, runs + 1)
     for run in range(runs + 1):  # the first run warms up caches and kernels, and is dropped
         t0 = time.perf_counter()
         logits = prefill(model, ids)
@@ -69,10 +72,11 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
         if run:
             ttfts.append(t1 - t0)
             decodes.append(gen_tokens / (t2 - t1))
+        progress(run + 1, runs + 1)
     ttft = statistics.median(ttfts)
     decode = statistics.median(decodes)
     dev = probe(device)
-    weights = next(c.weight_bytes for c in installed_candidates(dev) if (c.model, c.variant) == (entry.name, entry.variant))
+    weights = stored_weight_bytes(entry, dev)  # this variant's alone: another one damaged does not matter
     threads = decoder.threads if isinstance(decoder, ThreadGovernor) else torch.get_num_threads()
     return BenchResult(entry.name, entry.variant, device, threads, ttft, prompt_tokens / ttft,
                        decode, peak_rss(), weights * decode / 1e9, _isa(decoder), dev.features)
@@ -134,14 +138,16 @@ def peak_rss() -> int:
 
 
 def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, precise: bool = False,
-              progress=lambda i, n, ref: None) -> list[BenchResult]:
+              progress=lambda i, n, ref: None) -> tuple[list[BenchResult], list[tuple[str, str]]]:
     """Each variant in a child process of its own, so peak memory is that variant's alone.
-    `progress(i, n, ref)` is told before each."""
+    `progress(i, n, ref)` is told before each. Returns the results and, for each variant whose
+    run failed (it does not fit, a file is damaged), (ref, the child's last error line): one
+    variant's failure does not lose the others' figures."""
     import json
     import subprocess
     import sys
 
-    results = []
+    results, failed = [], []
     for i, ref in enumerate(refs):
         progress(i, len(refs), ref)
         cmd = [sys.executable, "-m", "app.cli", "bench", ref, "--json", "--prompt-tokens", str(prompt_tokens),
@@ -150,6 +156,8 @@ def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, p
             cmd.append("--precise")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise UserError(f"bench of {ref} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            failed.append((ref, "failed: " + last.removeprefix("llamadesk: error: ")))
+            continue
         results.extend(BenchResult(**d) for d in json.loads(proc.stdout)["results"])
-    return results
+    return results, failed

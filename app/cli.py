@@ -264,7 +264,17 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
     torch.set_num_threads(inference_threads(threads))  # the rule chat, ask and serve use
     skipped: list[tuple[str, str]] = []
     if ref and ":" in ref:
-        results = [b.bench_variant(store.find(ref), prompt_tokens, gen_tokens, runs, precise=precise)]
+        entry = store.find(ref)
+        if as_json:  # as bench_all's child: the parent shows the progress
+            results = [b.bench_variant(entry, prompt_tokens, gen_tokens, runs, precise=precise)]
+        else:
+            with _progress() as bar:
+                task = bar.add_task(f"Loading {entry.ref}", total=runs + 1)
+
+                def progress(done: int, total: int) -> None:
+                    bar.update(task, completed=done, description=f"Benchmarking {entry.ref} (a warm-up round, then {runs})")
+
+                results = [b.bench_variant(entry, prompt_tokens, gen_tokens, runs, precise=precise, progress=progress)]
     else:
         name = store.parse_ref(ref)[0] if ref else None
         refs = [e.ref for e in store.list_entries() if name is None or e.name == name]
@@ -279,7 +289,10 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
             def progress(i: int, n: int, r: str) -> None:
                 bar.update(task, completed=i, description=f"Benchmarking {r}")
 
-            results = b.bench_all(runnable, prompt_tokens, gen_tokens, runs, precise, progress)
+            results, failed = b.bench_all(runnable, prompt_tokens, gen_tokens, runs, precise, progress)
+        skipped += failed
+        if not results:
+            raise UserError("every variant failed to run: " + "; ".join(f"{r} {why}" for r, why in failed))
     if vs_llamacpp:
         say(f"Benchmarking llama.cpp on {Path(vs_llamacpp).name}")
         results.append(b.bench_llamacpp(vs_llamacpp, prompt_tokens, gen_tokens, runs))

@@ -1,5 +1,6 @@
 """`llamadesk` as a user runs it: real processes, the real default model, real error messages."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -184,19 +185,38 @@ def test_bench_json_reports_every_installed_variant_it_runs(default_home):
     assert by_variant["source"]["isa"] == chosen_isa()  # its Q4_1 blocks run natively in the step too
 
 
+def test_bench_lists_a_variant_that_fails_and_runs_the_others(default_home, tmp_path):
+    """A damaged variant (its weights cut short) is listed as skipped with the error that stopped
+    it; the other variants' figures still come."""
+    model = "smollm2-135m-instruct"
+    for variant in ("source", "int4"):
+        shutil.copytree(default_home / "models" / model / variant, tmp_path / "models" / model / variant)
+    weights = sorted((tmp_path / "models" / model / "int4").glob("*.safetensors"))[0]
+    with open(weights, "r+b") as f:
+        f.truncate(4096)
+    r = llamadesk("bench", model, "--json", "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1",
+                  "--threads", "1", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [d["variant"] for d in out["results"]] == ["source"]
+    (failed,) = [s for s in out["skipped"] if s["ref"] == f"{model}:int4"]
+    assert failed["why"].startswith("failed: ") and "cannot read the weights" in failed["why"]
+
+
 HEAVY = ("torch", "textual", "rich.progress")
-LIGHT_COMMANDS = [["--help"], ["list"], ["plan"], ["plan", "--json"], ["rm", "--help"]]
+LIGHT_COMMANDS = [["--help"], ["list"], ["plan"], ["plan", "--json"], ["rm", "--help"],
+                  ["show", "smollm2-135m-instruct"], ["show", "smollm2-135m-instruct", "--json"]]
 
 
 @pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=" ".join)
 def test_commands_that_read_the_store_import_no_torch_or_textual(default_home, argv):
     """Answering these takes no model: they must not wait ~2 s for torch (or textual, or rich's
     progress bars) to import."""
-    code = ("import sys\nfrom app.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
+    code = ("import sys\nfrom app.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], 'RC', rc or 0, file=sys.stderr)")
     env = dict(os.environ, LLAMADESK_HOME=str(default_home))
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=60)
-    assert "HEAVY []" in r.stderr, r.stderr[-2000:]
+    assert "HEAVY [] RC 0" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_forced_cpu_path_this_machine_lacks_is_one_line(default_home):

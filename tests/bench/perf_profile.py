@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from app import store  # noqa: E402
 from app.bench import prompt_ids, stream_read_gb_s  # noqa: E402
 from app.engine import choose_decoder, load_model  # noqa: E402
-from app.plan import installed_candidates  # noqa: E402
+from app.plan import stored_weight_bytes  # noqa: E402
 from app.devices import probe  # noqa: E402
 from model.generate import decode_one_token, prefill  # noqa: E402
 
@@ -78,8 +78,7 @@ def main() -> None:
     inner = getattr(decoder, "inner", decoder)
     if hasattr(inner, "set_activation_bits"):
         inner.set_activation_bits(a.bits)
-    weights = next(c.weight_bytes for c in installed_candidates(probe("cpu"))
-                   if (c.model, c.variant) == (entry.name, entry.variant))
+    weights = stored_weight_bytes(entry, probe("cpu"))
     print(f"{entry.ref}: {weights / 1e9:.2f} GB of weights, {a.threads} threads; "
           f"stream-read probe {stream_read_gb_s():.1f} GB/s")
     ids = prompt_ids(PROMPT, model.args.vocab_size)
