@@ -184,3 +184,28 @@ def test_this_machine_probes_without_failing():
     device = probe_cpu()
     assert isinstance(device, Device) and device.free_bytes > 0 and device.threads == usable_cpus() >= 1
     assert device.limit
+
+
+@pytest.mark.parametrize("cores, load, own, now_busy, want", [
+    (2, 0.1, 0.0, 0.0, 2),   # idle: every core
+    (2, 1.0, 0.0, 1.0, 1),   # one core busy elsewhere: one thread, never two that wait at barriers
+    (2, 1.0, 0.0, 0.05, 2),  # a program that has just stopped still weighs in the load average
+    (2, 1.4, 0.9, 1.0, 2),   # this process's own first minute (download, pack) is not another's
+    (8, 3.2, 0.0, 3.0, 5),   # three of eight busy
+    (2, 6.0, 0.0, 2.0, 1),   # everything busy: still one
+    (4, 1.0, 0.0, 1.0, 3),
+])
+def test_the_thread_rule_takes_the_cores_other_programs_leave_idle(monkeypatch, cores, load, own, now_busy, want):
+    """default_threads: the idle cores by the 1-minute load average less this process's own part,
+    or by what the cores do now when that is less; inference_threads: never more than those,
+    whatever --threads asks, and one fewer under the chat app (its screen's core)."""
+    monkeypatch.setattr(devices, "usable_cpus", lambda: cores)
+    monkeypatch.setattr(devices.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(devices, "_own_recent_load", lambda: own)
+    monkeypatch.setattr(devices.psutil, "cpu_count", lambda *a, **k: cores)
+    monkeypatch.setattr(devices.psutil, "cpu_percent", lambda interval=None: 100 * now_busy / cores)
+    assert devices.default_threads() == want
+    assert devices.inference_threads() == want
+    assert devices.inference_threads(requested=64) == want
+    assert devices.inference_threads(requested=1) == 1
+    assert devices.inference_threads(ui=True) == max(1, want - 1)
