@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from model.generate import decode_one_token, prefill
+from quant.linear import set_activation_bits
 
 from . import store
 from .engine import choose_decoder, load_model
@@ -36,6 +37,7 @@ class BenchResult:
     peak_mem_bytes: int
     gb_s: float
     isa: str = ""  # the compiled CPU step's path (avx512, avx2, generic); "" where it did not run
+    activation_bits: int | None = None  # what the r16 kernels rounded x to (8, 15); None: none ran
     cpu_flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -49,13 +51,19 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 
 def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, runs: int,
-                  device: str = "cpu", precise: bool = False, progress=lambda done, total: None) -> BenchResult:
+                  device: str = "cpu", precise: bool = False, progress=lambda done, total: None,
+                  bits: int = 15) -> BenchResult:
     """Load `entry`, then runs + 1 rounds of prefill and decode (the first warms up and is
-    dropped); medians of the rest. `progress(done, total)` is told after the load and each round."""
+    dropped); medians of the rest. `progress(done, total)` is told after the load and each round;
+    `bits`: what prompts and the decode step round activations to (Engine.set_activation_bits)."""
     ctx = prompt_tokens + gen_tokens + 1
     # the KV cache the plan gives an unconstrained load, so the figures are the app's
     model = load_model(entry, ctx, device, precise=precise, kv_dtype=float_kv_dtype(probe(device)))
     decoder = choose_decoder(model)
+    took = set_activation_bits(model, bits) > 0
+    if hasattr(decoder, "set_activation_bits"):  # the compiled CPU step
+        decoder.set_activation_bits(bits)
+        took = True
     if device == "cpu":  # as chat, ask and serve decode: under the thread governor
         decoder = ThreadGovernor(decoder, torch.get_num_threads())
     ids = prompt_ids(prompt_tokens, model.args.vocab_size)
@@ -79,7 +87,7 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
     weights = stored_weight_bytes(entry, dev)  # this variant's alone: another one damaged does not matter
     threads = decoder.threads if isinstance(decoder, ThreadGovernor) else torch.get_num_threads()
     return BenchResult(entry.name, entry.variant, device, threads, ttft, prompt_tokens / ttft,
-                       decode, peak_rss(), weights * decode / 1e9, _isa(decoder), dev.features)
+                       decode, peak_rss(), weights * decode / 1e9, _isa(decoder), bits if took else None, dev.features)
 
 
 def _isa(decoder) -> str:
@@ -130,7 +138,7 @@ def bench_llamacpp(gguf: str, prompt_tokens: int, gen_tokens: int, runs: int) ->
     size = os.path.getsize(gguf)
     decode = statistics.median(decodes)
     return BenchResult(os.path.basename(gguf), "llama.cpp", "cpu", threads, ttft, prompt_tokens / ttft, decode,
-                       peak_rss(), size * decode / 1e9, "", probe("cpu").features)
+                       peak_rss(), size * decode / 1e9, "", 8, probe("cpu").features)  # its dot products take x as Q8
 
 
 def peak_rss() -> int:
@@ -138,7 +146,7 @@ def peak_rss() -> int:
 
 
 def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, precise: bool = False,
-              progress=lambda i, n, ref: None) -> tuple[list[BenchResult], list[tuple[str, str]]]:
+              progress=lambda i, n, ref: None, bits: int = 15) -> tuple[list[BenchResult], list[tuple[str, str]]]:
     """Each variant in a child process of its own, so peak memory is that variant's alone.
     `progress(i, n, ref)` is told before each. Returns the results and, for each variant whose
     run failed (it does not fit, a file is damaged), (ref, the child's last error line): one
@@ -151,7 +159,8 @@ def bench_all(refs: list[str], prompt_tokens: int, gen_tokens: int, runs: int, p
     for i, ref in enumerate(refs):
         progress(i, len(refs), ref)
         cmd = [sys.executable, "-m", "app.cli", "bench", ref, "--json", "--prompt-tokens", str(prompt_tokens),
-               "--gen-tokens", str(gen_tokens), "--runs", str(runs), "--threads", str(torch.get_num_threads())]
+               "--gen-tokens", str(gen_tokens), "--runs", str(runs), "--threads", str(torch.get_num_threads()),
+               "--activation-bits", str(bits)]
         if precise:
             cmd.append("--precise")
         proc = subprocess.run(cmd, capture_output=True, text=True)

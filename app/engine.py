@@ -22,6 +22,7 @@ from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, sampling_d
 from quant import decode_cpu, extension
 from quant.formats import FORMAT_VERSION
 from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, swap_linears, tie_output
+from quant.linear import set_activation_bits as set_layer_activation_bits
 
 from . import pull, store
 from .devices import (format_bytes, inference_threads, probe, release_freed_memory, reuse_freed_memory, thread_ceiling,
@@ -264,7 +265,8 @@ class Engine:
         self.ctx, self.device = ctx, device
         # on the CPU the decoder runs under the thread governor, which may go up to this many
         self.thread_ceiling = thread_ceiling or torch.get_num_threads()
-        # what the compiled CPU step rounds activations to (set_activation_bits); 15 unless a server asks
+        # what the r16 layers and the compiled CPU step round activations to (set_activation_bits);
+        # 15 unless a server or `--activation-bits 8` asks
         self.activation_bits = 15
         self.decoder = EagerDecoder(model)
         # a faster decoder compiled in the background waits here until the reply in flight ends
@@ -380,17 +382,19 @@ class Engine:
         self._decoder = decoder
 
     def set_activation_bits(self, bits: int) -> int | None:
-        """8 or 15: the integer bits the compiled CPU step rounds activations to, for this decoder
-        and any built later (quant.decode_cpu.CpuStepDecoder.set_activation_bits: 8 is a Q8_0-style
-        rounding, as llama.cpp's, and less work for each row of a batched step: `llamadesk serve`'s
-        default; 15 everywhere else). Returns
-        the bits the decoder in use now runs, or None where it is not the CPU step (the eager
-        blocks, a GPU's graphs: they keep their own arithmetic)."""
+        """8 or 15: the integer bits activations are rounded to in the r16 layers, in prompts
+        (quant.linear.set_activation_bits) and in the compiled CPU step, this one and any built
+        later (quant.decode_cpu.CpuStepDecoder.set_activation_bits). 8 is llama.cpp's Q8_0
+        rounding: one integer product a weight, prompts 1.3-2x faster and a batched step cheaper
+        (`llamadesk serve`'s default; `ask --activation-bits 8`); 15 keeps the logits within
+        ~0.03 of exact arithmetic. Returns `bits` where a layer or the step takes them, None where
+        nothing does (no compiled kernels, a GPU: they keep their own arithmetic)."""
         if bits not in (8, 15):
             raise UserError(f"activations are rounded to 8 or 15 bits, not {bits}")
         self.activation_bits = bits
+        taken = set_layer_activation_bits(self.model, bits)
         self.decoder = self._decoder  # the setter applies it
-        return self.step_activation_bits
+        return bits if taken or self.step_activation_bits is not None else None
 
     @property
     def step_activation_bits(self) -> int | None:

@@ -104,6 +104,8 @@ def release_file_pages(t: torch.Tensor) -> bool:
 class Int8Linear(nn.Module):
     """y = x W^T with W = qweight * scales, int8 per output row (or per group of K)."""
 
+    activation_bits = 15  # what the r16 kernel rounds x to: set_activation_bits
+
     def __init__(self, in_features: int, out_features: int, group_size: int | None = None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -194,7 +196,8 @@ class Int8Linear(nn.Module):
         from .extension import loaded_extension
 
         if self.r16_weights() is not None:
-            return loaded_extension().r16_linear(x, self.r16, "int8_group", self.out_features)
+            return loaded_extension().r16_linear(x, self.r16, "int8_group", self.out_features,
+                                                 x8=self.activation_bits == 8)
         ext = loaded_extension()
         if ext is not None and x.shape[0] <= 8:  # decode and last-token prefill: one weight read
             return ext.int8_group_linear(x, self.qweight, self.scales)
@@ -576,6 +579,8 @@ class GGUFLinear(nn.Module):
     of rows.
     """
 
+    activation_bits = 15  # what the r16 kernel rounds x to: set_activation_bits
+
     ROW_BLOCK_BYTES = 16 << 20  # the dequantized rows held at once
     NATIVE_ROWS = 8  # past this many rows, dequantized tiles and a matmul beat a weight pass per 4 rows
     # ... unless the layer's fp32 weight outgrows one tile: its tiles then go out to DRAM and back
@@ -630,7 +635,7 @@ class GGUFLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
         r16 = self.r16_weights() if x2.device.type == "cpu" else None
         if r16 is not None:
-            return _r16_forward(x, r16, self.scheme, self.out_features)
+            return _r16_forward(x, r16, self.scheme, self.out_features, self.activation_bits)
         ext = None
         if self.scheme in NATIVE_GGUF_SCHEMES and x2.device.type == "cpu":
             from .extension import loaded_extension
@@ -672,6 +677,8 @@ class StackedRows(nn.Module):
     in its type: a Q4_K_M file holds some layers' wv in Q6_K) where the store's file mapped
     them, so that the block still runs one fused call without a copy of the weights."""
 
+    activation_bits = 15  # what the r16 kernel rounds x to: set_activation_bits
+
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
@@ -701,16 +708,17 @@ class StackedRows(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r16 = self.r16_weights() if x.device.type == "cpu" else None
         if r16 is not None:
-            return _r16_forward(x, r16, self.parts[0].scheme, self.out_features)
+            return _r16_forward(x, r16, self.parts[0].scheme, self.out_features, self.activation_bits)
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def _r16_forward(x: torch.Tensor, r16: torch.Tensor, scheme: str, n_out: int) -> torch.Tensor:
-    """y = x W^T (..., K) -> (..., n_out) in x's dtype, W in r16 bytes: the extension's kernel in fp32."""
+def _r16_forward(x: torch.Tensor, r16: torch.Tensor, scheme: str, n_out: int, bits: int) -> torch.Tensor:
+    """y = x W^T (..., K) -> (..., n_out) in x's dtype, W in r16 bytes: the extension's kernel in fp32,
+    x rounded to `bits` (15 or 8) per 32 values."""
     from .extension import loaded_extension
 
     x2 = x.reshape(-1, x.shape[-1])  # (B*T, K)
-    y = loaded_extension().r16_linear(x2.float(), r16, scheme, n_out)
+    y = loaded_extension().r16_linear(x2.float(), r16, scheme, n_out, x8=bits == 8)
     return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
@@ -815,6 +823,22 @@ def _packed_module(name, scheme, old, group_size, embedding_dtype) -> nn.Module:
     if scheme == "fp16":
         return Fp16Linear(K, N, device="meta")
     raise ValueError(f"{name}: unknown scheme {scheme!r}; expected int8, int4, nf4 or one of {FLOAT_SCHEMES}")
+
+
+def set_activation_bits(model: nn.Module, bits: int) -> int:
+    """What the r16 layers of `model` round x to in the model's own forward (prompts, and decode
+    where no compiled step runs): 15 (two int8 halves per 32 values; logits within ~0.03 of exact
+    fp32 arithmetic) or 8 (llama.cpp's Q8_0 rounding: one integer product a weight, prompts
+    1.3-2x faster; KL ~0.01 nats a token on SmolLM2, docs/BENCHMARKS.md). The compiled decode
+    step has a setter of its own (quant.decode_cpu). Returns how many layers take it."""
+    if bits not in (8, 15):
+        raise ValueError(f"activations are rounded to 8 or 15 bits, not {bits}")
+    taken = 0
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, GGUFLinear, StackedRows)):
+            module.activation_bits = bits
+            taken += module.r16_weights() is not None  # repacks now what the first prompt would
+    return taken
 
 
 def repack_for_device(model: nn.Module, device, precise: bool = False,

@@ -20,10 +20,12 @@ def _store_listing(home):
     return sorted(str(p.relative_to(home)) for p in home.rglob("*"))
 
 
-def test_ask_answers_the_capital_of_france(default_home):
-    r = llamadesk("ask", "What is the capital of France?", "--temperature", "0", "--max-tokens", "40", home=default_home)
+@pytest.mark.parametrize("bits", [[], ["--activation-bits", "8"]], ids=["default", "8-bit"])
+def test_ask_answers_the_capital_of_france(default_home, bits):
+    r = llamadesk("ask", "What is the capital of France?", "--temperature", "0", "--max-tokens", "40", *bits,
+                  home=default_home)
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+    assert "Paris" in r.stdout and "no effect" not in r.stderr
 
 
 def test_ask_reads_a_piped_prompt_and_a_system_prompt(default_home):
@@ -175,7 +177,7 @@ def test_bench_json_reports_every_installed_variant_it_runs(default_home):
     assert all(s["ref"].endswith(":nf4") and "bitsandbytes" in s["why"] for s in out["skipped"])
     for d in results:
         assert set(d) == {"model", "variant", "device", "threads", "ttft_s", "prefill_tok_s", "decode_tok_s",
-                          "peak_mem_bytes", "gb_s", "isa", "cpu_flags"}
+                          "peak_mem_bytes", "gb_s", "isa", "activation_bits", "cpu_flags"}
         assert d["model"] == "smollm2-135m-instruct" and d["device"] == "cpu" and d["threads"] == 1
         assert d["ttft_s"] > 0 and d["prefill_tok_s"] > 0 and d["decode_tok_s"] > 0 and d["gb_s"] > 0
         assert d["peak_mem_bytes"] > 100 << 20
@@ -183,6 +185,7 @@ def test_bench_json_reports_every_installed_variant_it_runs(default_home):
     by_variant = {d["variant"]: d for d in results}
     assert by_variant["int4"]["isa"] == chosen_isa()  # the compiled step runs it
     assert by_variant["source"]["isa"] == chosen_isa()  # its Q4_1 blocks run natively in the step too
+    assert by_variant["source"]["activation_bits"] == 15  # chat's, by default
 
 
 def test_bench_lists_a_variant_that_fails_and_runs_the_others(default_home, tmp_path):
@@ -195,10 +198,11 @@ def test_bench_lists_a_variant_that_fails_and_runs_the_others(default_home, tmp_
     with open(weights, "r+b") as f:
         f.truncate(4096)
     r = llamadesk("bench", model, "--json", "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1",
-                  "--threads", "1", home=tmp_path)
+                  "--threads", "1", "--activation-bits", "8", home=tmp_path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [d["variant"] for d in out["results"]] == ["source"]
+    assert out["results"][0]["activation_bits"] == (8 if out["results"][0]["isa"] else None)  # reached the child
     (failed,) = [s for s in out["skipped"] if s["ref"] == f"{model}:int4"]
     assert failed["why"].startswith("failed: ") and "cannot read the weights" in failed["why"]
 

@@ -42,7 +42,7 @@ class ServeOptions:
     tls_key: Path | None = None
     keep_alive_s: float | None = 300.0  # idle time before the model is unloaded; None: never
     docs: list[str] = field(default_factory=list)  # collections chat requests answer from; none unless named
-    # what the CPU step rounds activations to (Engine.set_activation_bits): 8, llama.cpp's rounding
+    # what prompts and the CPU step round activations to (Engine.set_activation_bits): 8, llama.cpp's rounding
     # (a batched step of 4 requests ~25% shorter: with it 4 clients got 2.6-2.7x one client's
     # tokens/s, with 15 bits 1.8-2.3x; docs/BENCHMARKS.md), or 15, the chat's accuracy; None: not
     # asked for, so DEFAULT_ACTIVATION_BITS, and nothing said where no compiled step takes it

@@ -28,6 +28,7 @@ from app import store  # noqa: E402
 from app.bench import prompt_ids, stream_read_gb_s  # noqa: E402
 from app.engine import choose_decoder, load_model  # noqa: E402
 from app.plan import stored_weight_bytes  # noqa: E402
+from quant.linear import set_activation_bits  # noqa: E402
 from app.devices import probe  # noqa: E402
 from model.generate import decode_one_token, prefill  # noqa: E402
 
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="where perf's data goes (default: a temp folder)")
     ap.add_argument("--rows", type=int, default=1, help="decode steps of this many rows at once (a server's "
                     "batch: each row its own KV-cache row and position)")
-    ap.add_argument("--bits", type=int, default=15, choices=(8, 15), help="activation bits of the CPU step")
+    ap.add_argument("--bits", type=int, default=15, choices=(8, 15), help="activation bits of the CPU step and of the prefill chunk's r16 layers")
     ap.add_argument("--kv", default="bf16", choices=("fp32", "bf16", "int8"),
                     help="KV-cache dtype (bf16: what the plan picks on a CPU)")
     a = ap.parse_args()
@@ -78,6 +79,7 @@ def main() -> None:
     inner = getattr(decoder, "inner", decoder)
     if hasattr(inner, "set_activation_bits"):
         inner.set_activation_bits(a.bits)
+    set_activation_bits(model, a.bits)  # the prefill chunk's r16 layers too
     weights = stored_weight_bytes(entry, probe("cpu"))
     print(f"{entry.ref}: {weights / 1e9:.2f} GB of weights, {a.threads} threads; "
           f"stream-read probe {stream_read_gb_s():.1f} GB/s")
