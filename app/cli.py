@@ -687,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, with no chat format")
     _activation_bits_flag(p, 15, "15 (default: logits within ~0.03 of exact arithmetic) or 8 (llama.cpp's "
-                          "rounding: prompts 1.3-2x faster, KL ~0.01 a token)")
+                          "rounding: prompts up to ~1.35x faster on AVX-512, KL ~0.01 a token)")
     _remote_flags(p, "answer through an OpenAI-compatible server (llamadesk, llama.cpp, Ollama, vLLM) "
                   "instead of a local model (default: $LLAMADESK_REMOTE)")
     p.add_argument("--docs", action="append", default=[], metavar="NAME",
