@@ -666,8 +666,17 @@ def _kv_dtype_flag(p: argparse.ArgumentParser) -> None:
                         "model or a longer context fit)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, as every other error here (`llamadesk ask: error:
+    ...`, exit 2), with where to look instead of the whole usage block. Subcommands' parsers are
+    made of this class too (add_subparsers takes its parser's own type)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamadesk", description="A private, offline AI assistant. With no "
+    parser = _Parser(prog="llamadesk", description="A private, offline AI assistant. With no "
                                      "command: the chat app (`llamadesk chat`).")
     parser.add_argument("--version", action="version", version=f"llamadesk {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -65,6 +65,12 @@ def _rope_scaling(scaling: dict | None) -> dict | None:
     return {"type": scaling.get("rope_type", "llama3"), **{k: v for k, v in scaling.items() if k != "rope_type"}}
 
 
+def bits_per_weight(entry: store.ModelEntry) -> float:
+    """An installed variant's stored bits per parameter (its files' bytes x 8 / the parameters of
+    its shape): what `show` lists and the chat app's status line says."""
+    return entry.size_bytes * 8 / ModelArgs.from_dict(entry.manifest["args"]).n_params
+
+
 def _variant(entry: store.ModelEntry, n_params: int) -> dict:
     quant = entry.manifest.get("quant")
     size = entry.size_bytes

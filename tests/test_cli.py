@@ -74,6 +74,16 @@ def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_g
     assert _store_listing(home) in ([], ["models"])
 
 
+@pytest.mark.parametrize("argv", [["bench", "--activation-bits", "7"], ["ask", "--temperature", "nan", "hi"],
+                                  ["no-such-command"], ["serve", "--port", "x"]], ids=" ".join)
+def test_a_mistyped_flag_or_command_is_one_line(tmp_path, argv):
+    """argparse's usage errors as every other error: one line naming the command, exit 2."""
+    r = llamadesk(*argv, home=tmp_path, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llamadesk") and ": error: " in lines[0], r.stderr
+
+
 def test_ask_without_a_prompt_on_a_terminal_explains_itself(default_home):
     r = llamadesk("ask", "--temperature", "0", home=default_home, stdin="")
     assert r.returncode == 1 and "prompt on stdin is empty" in r.stderr

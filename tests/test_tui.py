@@ -904,7 +904,8 @@ async def test_the_real_model_answers_and_the_chat_is_there_after_a_restart(defa
         assert app.chat.model is not None, notices(app)
         status = app.query_one(StatusLine)
         # the plan picks the source: its own Q4_1 blocks, fewer bytes than the int4 of the same values
-        assert (status.model, status.variant, status.ctx_total) == ("smollm2-135m-instruct", "source", app.chat.model.ctx)
+        assert (status.model, status.variant, status.ctx_total) == ("smollm2-135m-instruct", "source 6.0 bits",
+                                                                    app.chat.model.ctx)  # `show`: 5.98 bits/weight
         await send(pilot, "What is the capital of France?")
         await until(pilot, lambda: app.chat.reply is None and (replies(app) or notices(app)), timeout=120)
         assert len(replies(app)) == 1, notices(app)

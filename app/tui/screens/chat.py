@@ -58,6 +58,16 @@ NUMBERS_INTERVAL_S = 0.25  # the status line's context and tok/s during a reply
 SIDEBAR_MIN_WIDTH = 80  # terminal columns below which the sidebar and the footer start hidden
 
 
+def _variant_label(entry) -> str:
+    """The variant and, for an installed one, its bits a weight ("source 6.0 bits"); a remote
+    model's name alone (the server does not say)."""
+    if not isinstance(entry, store.ModelEntry):
+        return entry.variant
+    from ...model_info import bits_per_weight
+
+    return f"{entry.variant} {bits_per_weight(entry):.1f} bits"
+
+
 @dataclass
 class _Sources:
     """The passages a reply was given, as {"n", "path", "line", "page"} dicts (a message's meta)."""
@@ -263,7 +273,7 @@ class ChatScreen(Screen):
         self.model = model
         self.model_ref = model.entry.ref
         status = self.query_one(StatusLine)
-        status.model, status.variant = model.entry.name, model.entry.variant
+        status.model, status.variant = model.entry.name, _variant_label(model.entry)
         status.device, status.ctx_total, status.activity = model.device, model.ctx, ""
         if self.remote is None:
             self.history.set_state("last_model", model.entry.ref)
