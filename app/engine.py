@@ -385,7 +385,7 @@ class Engine:
         """8 or 15: the integer bits activations are rounded to in the r16 layers, in prompts
         (quant.linear.set_activation_bits) and in the compiled CPU step, this one and any built
         later (quant.decode_cpu.CpuStepDecoder.set_activation_bits). 8 is llama.cpp's Q8_0
-        rounding: one integer product a weight, prompts ~1.2-1.35x faster on AVX-512 (~1.0-1.2x on
+        rounding: one integer product a weight, prompts ~1.2-1.35x faster on AVX-512 (1.0-1.35x on
         AVX2) and a batched step cheaper
         (`llamadesk serve`'s default; `ask --activation-bits 8`); 15 keeps the logits within
         ~0.03 of exact arithmetic. Returns `bits` where a layer or the step takes them, None where

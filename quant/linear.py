@@ -829,7 +829,7 @@ def set_activation_bits(model: nn.Module, bits: int) -> int:
     """What the r16 layers of `model` round x to in the model's own forward (prompts, and decode
     where no compiled step runs): 15 (two int8 halves per 32 values; logits within ~0.03 of exact
     fp32 arithmetic) or 8 (llama.cpp's Q8_0 rounding: one integer product a weight, prompts
-    1.2-1.35x faster on AVX-512, ~1.0-1.2x on AVX2, whose 15-bit prompt kernel widens the weights
+    1.2-1.35x faster on AVX-512, 1.0-1.35x on AVX2, whose 15-bit prompt kernel widens the weights
     once; KL ~0.01 nats a token on SmolLM2, docs/BENCHMARKS.md). The compiled decode
     step has a setter of its own (quant.decode_cpu). Returns how many layers take it."""
     if bits not in (8, 15):
