@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from model.generate import decode_one_token, prefill
-from quant.linear import set_activation_bits
 
 from . import store
-from .engine import choose_decoder, load_model
+from .engine import choose_decoder, load_model, use_activation_bits
 from .errors import UserError
 from .plan import float_kv_dtype, stored_weight_bytes
 from .threads import ThreadGovernor
@@ -60,10 +59,7 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
     # the KV cache the plan gives an unconstrained load, so the figures are the app's
     model = load_model(entry, ctx, device, precise=precise, kv_dtype=float_kv_dtype(probe(device)))
     decoder = choose_decoder(model)
-    took = set_activation_bits(model, bits) > 0
-    if hasattr(decoder, "set_activation_bits"):  # the compiled CPU step
-        decoder.set_activation_bits(bits)
-        took = True
+    took = use_activation_bits(model, decoder, bits)
     if device == "cpu":  # as chat, ask and serve decode: under the thread governor
         decoder = ThreadGovernor(decoder, torch.get_num_threads())
     ids = prompt_ids(prompt_tokens, model.args.vocab_size)

@@ -253,6 +253,7 @@ def evaluate(ref: str, text: Path | None, tokens: int, window: int) -> int:
 # ---------------------------------------------------------------- bench
 def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threads: int | None, as_json: bool,
           vs_llamacpp: str | None, precise: bool, activation_bits: int = 15) -> int:
+    import contextlib
     import json
 
     import torch
@@ -265,17 +266,16 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
     skipped: list[tuple[str, str]] = []
     if ref and ":" in ref:
         entry = store.find(ref)
-        if as_json:  # as bench_all's child: the parent shows the progress
-            results = [b.bench_variant(entry, prompt_tokens, gen_tokens, runs, precise=precise, bits=activation_bits)]
-        else:
-            with _progress() as bar:
-                task = bar.add_task(f"Loading {entry.ref}", total=runs + 1)
+        # as bench_all's child (--json) no bar: the parent shows the progress
+        with contextlib.nullcontext() if as_json else _progress() as bar:
+            task = bar.add_task(f"Loading {entry.ref}", total=runs + 1) if bar else None
 
-                def progress(done: int, total: int) -> None:
+            def progress(done: int, total: int) -> None:
+                if bar:
                     bar.update(task, completed=done, description=f"Benchmarking {entry.ref} (a warm-up round, then {runs})")
 
-                results = [b.bench_variant(entry, prompt_tokens, gen_tokens, runs, precise=precise, progress=progress,
-                                           bits=activation_bits)]
+            results = [b.bench_variant(entry, prompt_tokens, gen_tokens, runs, precise=precise, progress=progress,
+                                       bits=activation_bits)]
     else:
         name = store.parse_ref(ref)[0] if ref else None
         refs = [e.ref for e in store.list_entries() if name is None or e.name == name]
@@ -310,9 +310,10 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
         table.add_row(f"{r.model}:{r.variant}", r.device, r.isa or "-", str(r.activation_bits or "-"), str(r.threads), f"{r.ttft_s * 1000:.0f} ms",
                       f"{r.prefill_tok_s:.1f}", f"{r.decode_tok_s:.1f}", f"{r.peak_mem_bytes / 2**20:.0f} MiB",
                       f"{r.gb_s:.2f}")
+    blank = [""] * (len(table.columns) - 1)
     for r, why in skipped:
-        table.add_row(r, "", "", "", "", "", "", "", "", "", end_section=False)
-        table.add_row(f"  skipped: {why}", "", "", "", "", "", "", "", "", "")
+        table.add_row(r, *blank, end_section=False)
+        table.add_row(f"  skipped: {why}", *blank)
     _console().print(table)
     if vs_llamacpp and len(results) > 1:
         ref_r = results[-1]
@@ -379,8 +380,7 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
                              threads=threads, kv_dtype=kv_dtype, chat_format=chat_format)
     engine.parse_special = parse_special
     if activation_bits != 15 and engine.set_activation_bits(activation_bits) is None:
-        say(f"--activation-bits {activation_bits} has no effect here: only the compiled CPU kernels round "
-            f"activations to integers")
+        say(engine.activation_bits_unused(activation_bits))
     _say_guessed_format(engine)
     passages = None
     if grounds:

@@ -200,6 +200,18 @@ def choose_decoder(model: Transformer, compile_kernel: str = "now", say=None, on
     return EagerDecoder(model)
 
 
+def use_activation_bits(model: Transformer, decoder: Decoder, bits: int) -> bool:
+    """Round activations to `bits` (8 or 15) in `model`'s r16 layers (prompts) and in `decoder`
+    if it is the compiled CPU step (under a ThreadGovernor or not). Whether anything took them:
+    False where nothing rounds x to integers (no compiled kernels, a GPU)."""
+    taken = set_layer_activation_bits(model, bits) > 0
+    inner = decoder.inner if isinstance(decoder, ThreadGovernor) else decoder
+    if hasattr(inner, "set_activation_bits"):  # the compiled CPU step
+        inner.set_activation_bits(bits)
+        taken = True
+    return taken
+
+
 def static_decoder(model: Transformer, compile: bool = True, say=None) -> Decoder:
     """On a GPU: the decode step as a CUDA graph (model/static_decode.py), its blocks compiled.
 
@@ -392,10 +404,13 @@ class Engine:
         nothing does (no compiled kernels, a GPU: they keep their own arithmetic)."""
         if bits not in (8, 15):
             raise UserError(f"activations are rounded to 8 or 15 bits, not {bits}")
-        self.activation_bits = bits
-        taken = set_layer_activation_bits(self.model, bits)
-        self.decoder = self._decoder  # the setter applies it
-        return bits if taken or self.step_activation_bits is not None else None
+        self.activation_bits = bits  # for decoders handed over later (the setter applies it)
+        return bits if use_activation_bits(self.model, self._decoder, bits) else None
+
+    @staticmethod
+    def activation_bits_unused(bits: int) -> str:
+        """What to tell a user whose --activation-bits set_activation_bits could not apply."""
+        return f"--activation-bits {bits} has no effect here: only the compiled CPU kernels round activations to integers"
 
     @property
     def step_activation_bits(self) -> int | None:

@@ -50,7 +50,7 @@ def model_info(ref: str) -> dict:
                         "template": chat.template},
         "stop_tokens": [{"id": i, "piece": tokenizer.id_to_piece(i)} for i in stops],
         "sampling_defaults": sampling_defaults(entry.path),
-        "variants": [_variant(e, args.n_params) for e in store.list_entries() if e.name == entry.name],
+        "variants": [_variant(e) for e in store.list_entries() if e.name == entry.name],
         "source": {"format": source.get("format"), "path": source.get("path"),
                    "fingerprint": source.get("fingerprint"),
                    "catalog": {"wheel": listed.wheel, "version": listed.version, "file": listed.member}
@@ -71,7 +71,7 @@ def bits_per_weight(entry: store.ModelEntry) -> float:
     return entry.size_bytes * 8 / ModelArgs.from_dict(entry.manifest["args"]).n_params
 
 
-def _variant(entry: store.ModelEntry, n_params: int) -> dict:
+def _variant(entry: store.ModelEntry) -> dict:
     quant = entry.manifest.get("quant")
     size = entry.size_bytes
     scheme = quant["scheme"] if quant else _stored_dtype(entry)
@@ -79,7 +79,7 @@ def _variant(entry: store.ModelEntry, n_params: int) -> dict:
         kinds = [w["scheme"] for w in quant.get("layout", {}).values() if not w.get("tied")]
         scheme = "gguf " + "+".join(sorted(set(kinds), key=lambda k: (-kinds.count(k), k)))
     return {"ref": entry.ref, "scheme": scheme, "group_size": (quant or {}).get("options", {}).get("group_size"),
-            "bits_per_weight": round(size * 8 / n_params, 2), "bytes": size}
+            "bits_per_weight": round(bits_per_weight(entry), 2), "bytes": size}
 
 
 def _stored_dtype(entry: store.ModelEntry) -> str:

@@ -43,8 +43,8 @@ class ServeOptions:
     keep_alive_s: float | None = 300.0  # idle time before the model is unloaded; None: never
     docs: list[str] = field(default_factory=list)  # collections chat requests answer from; none unless named
     # what prompts and the CPU step round activations to (Engine.set_activation_bits): 8, llama.cpp's rounding
-    # (a batched step of 4 requests ~25% shorter: with it 4 clients got 2.6-2.7x one client's
-    # tokens/s, with 15 bits 1.8-2.3x; docs/BENCHMARKS.md), or 15, the chat's accuracy; None: not
+    # (a batched step of 4 requests ~10-25% shorter: with it 4 clients got 2.6-2.85x one client's
+    # tokens/s, with 15 bits 1.85-2.8x; docs/BENCHMARKS.md), or 15, the chat's accuracy; None: not
     # asked for, so DEFAULT_ACTIVATION_BITS, and nothing said where no compiled step takes it
     activation_bits: int | None = None
 
@@ -109,8 +109,7 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
     def with_bits(engine):
         bits = opts.activation_bits or DEFAULT_ACTIVATION_BITS
         if engine.set_activation_bits(bits) is None and opts.activation_bits is not None and say:
-            say(f"--activation-bits {opts.activation_bits} has no effect here: only the compiled CPU step "
-                f"rounds activations to integers")
+            say(Engine.activation_bits_unused(opts.activation_bits))
         return engine
 
     def load(name: str | None):

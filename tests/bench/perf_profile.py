@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app import store  # noqa: E402
 from app.bench import prompt_ids, stream_read_gb_s  # noqa: E402
-from app.engine import choose_decoder, load_model  # noqa: E402
+from app.engine import choose_decoder, load_model, use_activation_bits  # noqa: E402
 from app.plan import stored_weight_bytes  # noqa: E402
-from quant.linear import set_activation_bits  # noqa: E402
 from app.devices import probe  # noqa: E402
 from model.generate import decode_one_token, prefill  # noqa: E402
 
@@ -76,10 +75,7 @@ def main() -> None:
         model.setup_caches(cache.k.shape[2], batch=a.rows, dtype=model.norm.weight.dtype, device=cache.k.device,
                            kv_dtype=cache.k.dtype)
     decoder = choose_decoder(model)
-    inner = getattr(decoder, "inner", decoder)
-    if hasattr(inner, "set_activation_bits"):
-        inner.set_activation_bits(a.bits)
-    set_activation_bits(model, a.bits)  # the prefill chunk's r16 layers too
+    use_activation_bits(model, decoder, a.bits)  # the step and the prefill chunk's r16 layers
     weights = stored_weight_bytes(entry, probe("cpu"))
     print(f"{entry.ref}: {weights / 1e9:.2f} GB of weights, {a.threads} threads; "
           f"stream-read probe {stream_read_gb_s():.1f} GB/s")
