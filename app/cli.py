@@ -258,6 +258,7 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
 
     import torch
     from rich.table import Table
+    from rich.text import Text
 
     from . import bench as b
     from .devices import inference_threads
@@ -307,13 +308,13 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
     table = Table("model:variant", "device", "path", "x bits", "threads", "TTFT", "prefill tok/s", "decode tok/s", "peak RSS",
                   "GB/s")
     for r in results:
-        table.add_row(f"{r.model}:{r.variant}", r.device, r.isa or "-", str(r.activation_bits or "-"), str(r.threads), f"{r.ttft_s * 1000:.0f} ms",
+        table.add_row(Text(f"{r.model}:{r.variant}"), r.device, r.isa or "-", str(r.activation_bits or "-"), str(r.threads), f"{r.ttft_s * 1000:.0f} ms",
                       f"{r.prefill_tok_s:.1f}", f"{r.decode_tok_s:.1f}", f"{r.peak_mem_bytes / 2**20:.0f} MiB",
                       f"{r.gb_s:.2f}")
     blank = [""] * (len(table.columns) - 1)
-    for r, why in skipped:
-        table.add_row(r, *blank, end_section=False)
-        table.add_row(f"  skipped: {why}", *blank)
+    for r, why in skipped:  # a child's error line names files: text, never markup
+        table.add_row(Text(r), *blank, end_section=False)
+        table.add_row(Text(f"  skipped: {why}"), *blank)
     _console().print(table)
     if vs_llamacpp and len(results) > 1:
         ref_r = results[-1]
