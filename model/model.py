@@ -129,12 +129,11 @@ class Transformer(nn.Module):
         if start_pos + T > self.max_cache_len:
             raise ValueError(f"{start_pos + T} tokens exceed the cache of {self.max_cache_len}")
         rope = self.rope[start_pos : start_pos + T]
-        mask = None
-        if T > 1:
-            # query i sits at start_pos + i and may see keys 0..start_pos + i
-            q_pos = torch.arange(start_pos, start_pos + T, device=rope.device)[:, None]
-            k_pos = torch.arange(start_pos + T, device=rope.device)[None, :]
-            mask = k_pos <= q_pos  # (T, start_pos + T)
+        # query i sits at start_pos + i and may see keys 0..start_pos + i (one row of Trues for a
+        # single token: one code path for prompts and decode steps)
+        q_pos = torch.arange(start_pos, start_pos + T, device=rope.device)[:, None]
+        k_pos = torch.arange(start_pos + T, device=rope.device)[None, :]
+        mask = k_pos <= q_pos  # (T, start_pos + T)
         # the table may stay in CPU RAM while the blocks run on a GPU: look up there, then move
         table_device = next(iter(self.tok_embeddings.buffers()), None)
         table_device = (table_device if table_device is not None else self.tok_embeddings.weight).device
@@ -186,28 +185,9 @@ class Attention(nn.Module):
         q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         k, v = self.kv_cache.update(start_pos, k, v, cache_row)  # (B, nkv, start_pos + T, hd)
-        if T == 1:
-            y = _decode_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh * hd)
         return self.wo(y)
-
-
-def _decode_attention(q, k, v, mask=None):
-    """One query against the cache: two small matmuls beat the flash kernel (~4x here).
-
-    Query heads are grouped by the KV head they share, as SDPA's enable_gqa does. `mask` (1, L)
-    bool, in a static step, keeps the keys up to the query's position.
-    """
-    B, nh, _, hd = q.shape
-    nkv = k.shape[1]
-    qg = q.view(B, nkv, nh // nkv, hd)  # (B, nkv, n_rep, hd)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (hd**-0.5)  # (B, nkv, n_rep, L)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).type_as(v)
-    return torch.matmul(probs, v).view(B, nh, 1, hd)  # (B, nh, 1, hd)
 
 
 class FeedForward(nn.Module):

@@ -1211,7 +1211,7 @@ class Decoder {
   // memory, always run the loops, which read them without a converted copy.
   static constexpr int64_t kLoopKeys = 192;
 
-  // Attention through the matmul and softmax kernels, as model/model.py's _decode_attention does it.
+  // Attention through the matmul and softmax kernels, query heads grouped by the KV head they share.
   void attend_matmul(const float* q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t L, float* out) {
     const int64_t rep = nh_ / nkv_;
     auto qg = at::from_blob(const_cast<float*>(q), {1, nkv_, rep, hd_}, at::kFloat);  // (B, nkv, n_rep, hd)
