@@ -145,8 +145,8 @@ def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda
     worth = variants_worth_packing(source, entry.variants, device)
     for scheme in entry.variants:
         if scheme not in worth:
-            say(f"Not packing {name}:{scheme}: the plan runs {name}:source before it on this {device.kind.upper()} "
-                f"(`llamadesk quantize {name} --scheme {scheme}` makes it anyway)")
+            say(f"No {scheme} copy of {name} made: on this {device.kind.upper()} the plan runs the downloaded "
+                f"weights first (`llamadesk quantize {name} --scheme {scheme}` makes one anyway)")
             continue
         if scheme in have and not replace:
             continue

@@ -79,8 +79,8 @@ def test_pull_packs_int4_only_where_the_plan_runs_it_and_int4_is_the_source_exac
     refs = sorted(e.ref for e in store.list_entries())
     if probe().kind == "cpu":  # a CPU runs the source's own Q4_1 blocks, 74% of int4's bytes (r16 kernels)
         assert refs == ["smollm2-135m-instruct:source"]
-        assert ("Not packing smollm2-135m-instruct:int4: the plan runs smollm2-135m-instruct:source before it on "
-                "this CPU (`llamadesk quantize smollm2-135m-instruct --scheme int4` makes it anyway)") in said
+        assert ("No int4 copy of smollm2-135m-instruct made: on this CPU the plan runs the downloaded weights "
+                "first (`llamadesk quantize smollm2-135m-instruct --scheme int4` makes one anyway)") in said
         quantize_variant("smollm2-135m-instruct", QuantOptions("int4"), report_tokens=0)  # as `quantize` asks
     else:  # a GPU's int4 kernel runs the same values
         assert refs == ["smollm2-135m-instruct:int4", "smollm2-135m-instruct:source"]
