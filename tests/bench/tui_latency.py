@@ -3,6 +3,7 @@ reply streams, and how fast a keypress shows up while the model writes.
 
     python tests/bench/tui_latency.py --threads 2
     python tests/bench/tui_latency.py --prompts 2 --long-runs 0 --diagnose   # what a stall was doing
+    python tests/bench/tui_latency.py --default-home HOME --model llama-1b:source   # another model
 
 One cold prompt (the first after the model loaded), `--prompts` warm ones, each in a new chat,
 then `--long-runs` long prose replies and `--list-runs` long Markdown-list replies, during which
@@ -466,7 +467,7 @@ async def drive(args, bench: Bench, settings_long, settings_short) -> dict:
 
     width, height = (int(x) for x in args.size.split("x"))
     history = History(Path(os.environ["LLAMADESK_HOME"]) / "history.sqlite3")
-    app = ChatApp(None, settings_short, history=history)
+    app = ChatApp(args.model, settings_short, history=history)
     bench.app = app
     out: dict = {}
     t_start = now()
@@ -680,7 +681,11 @@ def main() -> int:
     ap.add_argument("--max-load", type=float, default=0.5, help="wait while the 1-min load is above this")
     ap.add_argument("--wait-load", type=float, default=300, help="wait at most this long for the load (s)")
     ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--default-home", type=Path, default=None, help="source of the models folder")
+    ap.add_argument("--default-home", type=Path, default=None,
+                    help="source of the models folder (default: the test suite's home of the default model)")
+    ap.add_argument("--model", default=None,
+                    help="the ref to chat with, installed in that home (default: its default model), e.g. "
+                         "llama-1b:source from tests/bench/make_1b_gguf.py and `llamadesk import`")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the engine instead of default_threads(), which counts the cores the "
                          "1-min load leaves idle when the model loads")
@@ -692,9 +697,10 @@ def main() -> int:
     from app import pull, store
 
     source = args.default_home or pull.cache_dir() / f"test-home-v{store.FORMAT_VERSION}"
-    if not (source / "models" / DEFAULT).is_dir():
-        print(f"{source}/models/{DEFAULT} is missing: run the test suite once (the default_home fixture).",
-              file=sys.stderr)
+    name = (args.model or DEFAULT).split(":")[0]
+    if not (source / "models" / name).is_dir():
+        print(f"{source}/models/{name} is missing: run the test suite once (the default_home fixture), or "
+              "import it there.", file=sys.stderr)
         return 2
     command = "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(REPO))
                                     if Path(sys.argv[0]).resolve().is_relative_to(REPO) else sys.argv[0]]
