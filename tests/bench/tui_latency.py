@@ -152,6 +152,7 @@ class Bench:
         self.keys_during: list[dict] = []
         self.gcs: list[tuple[float, float, int]] = []  # (t, duration, generation) of each collection
         self.worker_threads: int | None = None  # torch threads as the reply worker sees them
+        self.decode_threads: list[int] = []  # the thread governor's count at each reply's end
         self.samples: list[tuple[float, float, str]] = []  # --diagnose: (t, sampler lateness, main stack)
 
     # -------- frame checks
@@ -346,6 +347,8 @@ def instrument(bench: Bench) -> None:
                 yield piece
         finally:
             gen.close()
+            if r is not None and hasattr(self.decoder, "threads"):  # app/threads.py's ThreadGovernor
+                bench.decode_threads.append(self.decoder.threads)
 
     Engine.stream = stream
 
@@ -379,14 +382,21 @@ def sample_main(bench: Bench, every: float = 0.01) -> None:
 
 
 # ---------------------------------------------------------------- driving the app
+# how often the script's own checks wake the app's event loop (the lag probe, the waits for a
+# reply's stages): each wake-up takes the GIL and a core from the decode step, as nothing in a real
+# terminal does; --poll-ms sets it
+POLL_S = 0.005
+
+
 async def lag_probe(bench: Bench, stop: asyncio.Event) -> None:
     while not stop.is_set():
         t0 = now()
-        await asyncio.sleep(0.005)
-        bench.lag.append((t0, now() - t0 - 0.005))
+        await asyncio.sleep(POLL_S)
+        bench.lag.append((t0, now() - t0 - POLL_S))
 
 
-async def until(condition, timeout: float, step: float = 0.005) -> bool:
+async def until(condition, timeout: float, step: float | None = None) -> bool:
+    step = step or POLL_S
     deadline = now() + timeout
     while now() < deadline:
         if condition():
@@ -584,7 +594,7 @@ def stalls(bench: Bench, r: ReplyRecord, over: float = 0.05) -> list[dict]:
     for t, lag in bench.lag:
         if not (r.t_enter <= t <= (r.t_end or t)) or lag < over:
             continue
-        t1 = t + 0.005 + lag
+        t1 = t + POLL_S + lag
         gcs = [(g, round(dur * 1e3)) for tg, dur, g in bench.gcs if tg < t1 and tg + dur > t]
         piece_gap = max((b[0] - a[0] for a, b in zip(r.pieces, r.pieces[1:]) if a[0] < t1 and b[0] > t), default=0)
         samples = [(round(late * 1e3), where) for ts, late, where in bench.samples if t <= ts <= t1 + 0.02]
@@ -692,7 +702,11 @@ def main() -> int:
     ap.add_argument("--diagnose", action="store_true",
                     help="sample the main thread's stack every 10 ms, to say what a stall was doing")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    ap.add_argument("--poll-ms", type=float, default=5.0,
+                    help="period of the script's own event-loop checks (lag probe, waits; default 5 ms)")
     args = ap.parse_args()
+    global POLL_S
+    POLL_S = args.poll_ms / 1000
 
     from app import pull, store
 
@@ -835,7 +849,8 @@ def main() -> int:
     print(f"\ngarbage collections: {len(bench.gcs)}; full ones before the 1st Enter (ms): {before}; after: "
           f"{len(after)}, " + (f"{min(after):.0f} to {max(after):.0f} ms, median {statistics.median(after):.0f} ms"
                                if after else "none")
-          + f"; torch threads seen by the reply worker: {bench.worker_threads}")
+          + f"; torch threads seen by the reply worker: {bench.worker_threads}"
+          + f"; decode threads at each reply's end (the governor's): {bench.decode_threads}")
 
     # ---------------- the Markdown snippet
     L = longs
