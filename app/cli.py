@@ -568,11 +568,11 @@ def _serve_parser(sub) -> None:
                    help="address to listen on (default 127.0.0.1; any other needs an API key)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the plan's choice)")
-    p.add_argument("--parallel", type=int, default=4, help="requests decoded at once (default 4)")
+    p.add_argument("--parallel", type=_count, default=4, help="requests decoded at once (default 4)")
     p.add_argument("--queue", type=int, default=16, help="requests waiting beyond those; more get 429 (default 16)")
-    p.add_argument("--ctx", type=int, help="context length in tokens")
+    p.add_argument("--ctx", type=_count, help="context length in tokens")
     _kv_dtype_flag(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+    p.add_argument("--threads", type=_count, help="CPU threads (default: the cores other programs leave idle)")
     _activation_bits_flag(p, None, "8 (default; llama.cpp's rounding, as Ollama and LM Studio serve: one "
                           "product a weight, so prompts and requests decoded together cost less) or 15 (the "
                           "chat's accuracy: answers as `llamadesk ask` gives them)")
@@ -634,11 +634,11 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalty looks at, -1 = all, "
                    "0 = none (default 64)")
     p.add_argument("--seed", type=int, help="the same seed gives the same text")
-    p.add_argument("--ctx", type=int, help="context length in tokens (default: what the memory plan chooses)")
+    p.add_argument("--ctx", type=_count, help="context length in tokens (default: what the memory plan chooses)")
     _kv_dtype_flag(p)
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the cores other programs leave idle)")
+    p.add_argument("--threads", type=_count, help="CPU threads (default: the cores other programs leave idle)")
     p.add_argument("--chat-format", choices=BUILT_IN,
                    help="write the conversation in this format for this run instead of the model's own")
 
@@ -654,6 +654,30 @@ def _finite_float(text: str) -> float:
 
 
 _finite_float.__name__ = "number"  # argparse says "invalid number value: 'nan'"
+
+
+def _count(text: str) -> int:
+    """A count flag (--ctx, --threads, --max-tokens, ...): a whole number of at least 1 (usage,
+    exit 2), never a negative size that fails deep inside a load."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text}")
+    return value
+
+
+_count.__name__ = "count"  # argparse says "invalid count value: 'x'"
+
+
+def _size(text: str) -> str:
+    """A memory size flag (--ram, --vram), checked at parse time (usage, exit 2); kept as text."""
+    from .devices import parse_bytes
+
+    try:
+        if parse_bytes(text) <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _activation_bits_flag(p, default: int | None, choices_help: str) -> None:
@@ -691,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer one prompt on stdout (reads stdin when PROMPT is absent or -)")
     p.add_argument("prompt", nargs="?", default=None, help="the question (default, or -: read stdin)")
     _sampling_flags(p)
-    p.add_argument("--max-tokens", type=int, default=512, help="the longest reply in tokens (default 512)")
+    p.add_argument("--max-tokens", type=_count, default=512, help="the longest reply in tokens (default 512)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     p.add_argument("--parse-special", action="store_true",
                    help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
@@ -736,15 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of an installed model on a text")
     p.add_argument("ref", help="installed model, NAME or NAME:VARIANT")
     p.add_argument("--text", type=Path, help="a UTF-8 text file (default: Python's own English reference text)")
-    p.add_argument("--tokens", type=int, default=8192, help="how many tokens of the text to score (default 8192)")
-    p.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
+    p.add_argument("--tokens", type=_count, default=8192, help="how many tokens of the text to score (default 8192)")
+    p.add_argument("--window", type=_count, default=512, help="tokens per scored window (default 512)")
 
     p = sub.add_parser("bench", help="time to first token, prefill and decode speed of installed variants")
     p.add_argument("ref", nargs="?", help="NAME or NAME:VARIANT (default: every installed variant)")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length to time prefill with (default 512)")
-    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode per run (default 128)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
-    p.add_argument("--threads", type=int, help="CPU threads (default and upper bound: the idle cores, as for chat)")
+    p.add_argument("--prompt-tokens", type=_count, default=512, help="prompt length to time prefill with (default 512)")
+    p.add_argument("--gen-tokens", type=_count, default=128, help="tokens to decode per run (default 128)")
+    p.add_argument("--runs", type=_count, default=3, help="timed runs after one warm-up (the median is reported)")
+    p.add_argument("--threads", type=_count, help="CPU threads (default and upper bound: the idle cores, as for chat)")
     p.add_argument("--json", action="store_true", help="machine-readable results, with the CPU path and flags")
     p.add_argument("--vs-llamacpp", metavar="GGUF", help="also run llama-cpp-python on this GGUF, side by side")
     p.add_argument("--precise", action="store_true", help="packed layers at fp32-level accuracy")
@@ -752,12 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="which model, variant and context fit this machine, and why")
     p.add_argument("ref", nargs="?", help="limit to NAME or NAME:VARIANT")
-    p.add_argument("--ctx", type=int, help="plan for this context length")
+    p.add_argument("--ctx", type=_count, help="plan for this context length")
     _kv_dtype_flag(p)
     p.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device")
-    p.add_argument("--vram", help="plan for a GPU with this much free memory, e.g. 8GiB")
-    p.add_argument("--ram", help="plan for this much free RAM, e.g. 16GiB")
-    p.add_argument("--parallel", type=int, default=1,
+    p.add_argument("--vram", type=_size, help="plan for a GPU with this much free memory, e.g. 8GiB")
+    p.add_argument("--ram", type=_size, help="plan for this much free RAM, e.g. 16GiB")
+    p.add_argument("--parallel", type=_count, default=1,
                    help="plan for this many requests at once, each with the full context (as serve --parallel)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -848,7 +872,11 @@ def _read_prompt(arg: str | None) -> str:
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse blames the top parser for a command's stray flag: point at the command's help
+        commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     command = args.command or "chat"
     store.usable_home()  # every command reads or writes the home: a bad one is one line, first
     if command == "docs":

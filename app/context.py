@@ -19,13 +19,22 @@ class Fitted:
     prompt_tokens: int
 
 
+def too_long_hint(ctx: int, max_ctx: int | None, larger: str) -> str:
+    """What to do about a prompt over a `ctx`-token context: `larger` (how to ask for a larger
+    one) only while the model was trained for more than `ctx` tokens (`max_ctx`, None: unknown)."""
+    if max_ctx is not None and ctx >= max_ctx:
+        return f"shorten it ({max_ctx} tokens is the longest context this model was trained for)"
+    return f"shorten it, or {larger}"
+
+
 def fit_to_context(messages: list[dict], count: Callable[[list[dict]], int], ctx: int,
-                   reply_room: int) -> Fitted:
+                   reply_room: int, max_ctx: int | None = None) -> Fitted:
     """Drop the oldest whole turns until the prompt leaves `reply_room` tokens for the reply.
 
     `messages` is an optional system message, then turns that each start with a user message; the
     last turn is the new prompt. The system prompt and the new prompt are never dropped: if those
-    two alone do not fit the context, `PromptTooLong` says so rather than cutting the prompt.
+    two alone do not fit the context, `PromptTooLong` says so rather than cutting the prompt
+    (and suggests a larger context only below `max_ctx`, the model's longest).
     """
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest = messages[len(system):]
@@ -45,7 +54,7 @@ def fit_to_context(messages: list[dict], count: Callable[[list[dict]], int], ctx
     if n_last >= ctx:
         what = "this prompt with the system prompt is" if system else "this prompt is"
         raise PromptTooLong(f"{what} {n_last} tokens, more than the model's {ctx}-token context: "
-                            f"shorten it, or start llamadesk with a larger --ctx")
+                            + too_long_hint(ctx, max_ctx, "start llamadesk with a larger --ctx"))
     # the fewest dropped turns that fit: the count only shrinks as turns go, so a binary search;
     # when even the newest turn alone leaves less than `reply_room`, it goes with a shorter reply
     lo, hi = 0, last

@@ -25,6 +25,7 @@ from quant.linear import PACKED_MODULES, fuse_projections, repack_for_device, sw
 from quant.linear import set_activation_bits as set_layer_activation_bits
 
 from . import pull, store
+from .context import too_long_hint
 from .devices import (format_bytes, inference_threads, probe, release_freed_memory, reuse_freed_memory, thread_ceiling,
                       trim_heap)
 from .errors import UserError
@@ -434,7 +435,7 @@ class Engine:
         ids = self.prompt_ids(messages)
         if len(ids) >= self.ctx:
             raise UserError(f"the prompt is {len(ids)} tokens, more than fits the {self.ctx}-token context; "
-                            f"shorten it or raise --ctx")
+                            + too_long_hint(self.ctx, self.max_ctx, "raise --ctx"))
         if self._next_decoder is not None:  # between replies: no step is running
             self.decoder, self._next_decoder = self._next_decoder, None
         params, reuse = self._sampling(params), _common_prefix(self._cached, ids)
@@ -471,6 +472,11 @@ class Engine:
             if t_first is not None:
                 # the prompt has run, and every yielded token but the last has been fed back
                 self._cached = ids + out[:-1]
+
+    @property
+    def max_ctx(self) -> int:
+        """The longest context the model was trained for (its config's max_seq_len), in tokens."""
+        return self.model.args.max_seq_len
 
     def context_used(self) -> int:
         return len(self._cached)

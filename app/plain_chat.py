@@ -89,7 +89,7 @@ class PlainChat:
         ctx = self.engine.ctx
         try:
             fitted = fit_to_context(system + asked, lambda m: len(self.engine.prompt_ids(m)), ctx,
-                                    reply_room(self.max_tokens, ctx))
+                                    reply_room(self.max_tokens, ctx), getattr(self.engine, "max_ctx", None))
         except PromptTooLong as e:
             self.say(f"llamadesk: not sent: {e}")
             return ""

@@ -45,7 +45,22 @@ def test_a_prompt_longer_than_the_context_is_refused(default_home):
     r = llamadesk("ask", "word " * 400, "--ctx", "128", home=default_home)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("llamadesk: error: the prompt is ")
+    assert r.stderr.strip().endswith("shorten it, or raise --ctx")
     assert "Traceback" not in r.stderr
+
+
+def test_past_the_models_longest_context_the_advice_is_to_shorten():
+    """A larger --ctx is offered only where the model was trained for one (the default model stops
+    at 8192: `--ctx 30000` is refused)."""
+    from app.context import PromptTooLong, fit_to_context, too_long_hint
+
+    assert too_long_hint(4096, 8192, "raise --ctx") == "shorten it, or raise --ctx"
+    assert too_long_hint(8192, 8192, "raise --ctx") == ("shorten it (8192 tokens is the longest context this "
+                                                        "model was trained for)")
+    assert too_long_hint(8192, None, "raise --ctx") == "shorten it, or raise --ctx"  # a server's model: unknown
+    count = lambda messages: sum(len(m["content"].split()) for m in messages)  # noqa: E731
+    with pytest.raises(PromptTooLong, match="longest context this model was trained for"):
+        fit_to_context([{"role": "user", "content": "word " * 100}], count, 64, 8, max_ctx=64)
 
 
 def test_list_shows_the_default_model(default_home):
@@ -75,13 +90,21 @@ def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_g
 
 
 @pytest.mark.parametrize("argv", [["bench", "--activation-bits", "7"], ["ask", "--temperature", "nan", "hi"],
-                                  ["no-such-command"], ["serve", "--port", "x"]], ids=" ".join)
+                                  ["no-such-command"], ["serve", "--port", "x"], ["ask", "--ctx", "-5", "hi"],
+                                  ["ask", "--threads", "0", "hi"], ["plan", "--ctx", "0"], ["plan", "--ram=-1GiB"],
+                                  ["plan", "--ram", "lots"], ["bench", "--runs", "0"], ["ask", "--bogus", "hi"]],
+                         ids=" ".join)
 def test_a_mistyped_flag_or_command_is_one_line(tmp_path, argv):
-    """argparse's usage errors as every other error: one line naming the command, exit 2."""
+    """argparse's usage errors as every other error: one line naming the command, exit 2. Counts
+    (--ctx, --threads, --runs, ...) below 1 and sizes that are not sizes are usage errors too,
+    caught before anything loads (--ctx -5 failed deep in the KV cache's allocation)."""
     r = llamadesk(*argv, home=tmp_path, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llamadesk") and ": error: " in lines[0], r.stderr
+    # a command's stray flag points at that command's help, not the top one's
+    command = argv[0] if argv[0] != "no-such-command" else None
+    assert lines[0].endswith(f"(see `llamadesk {command} --help`)" if command else "(see `llamadesk --help`)")
 
 
 def test_ask_without_a_prompt_on_a_terminal_explains_itself(default_home):
