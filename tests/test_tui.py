@@ -20,7 +20,7 @@ from app.tui.backend import PromptTooLong, fit_to_context
 from app.tui.screens.chat import UI_SHARE
 from app.tui.widgets.prompt import PromptInput
 from app.tui.widgets.status import StatusLine
-from app.tui.widgets.transcript import MessageView, Notice
+from app.tui.widgets.transcript import MessageView, Notice, Transcript
 
 SIZE = (100, 30)
 RSS = 300 * 2**20  # a fixed "memory in use" so snapshots do not depend on the machine
@@ -420,11 +420,48 @@ async def test_a_prompt_too_long_is_refused_and_given_back(home):
         assert model.prompts == []
         assert any("Not sent" in n and "64-token context" in n for n in notices(app))
         assert app.query_one(PromptInput).text == long_prompt.strip()
-        assert app.history.messages(app.chat.conversation.id) == []
+        # the chat made for it goes with it: no empty chat in the list, none to reopen at the next start
+        assert app.chat.conversation is None and app.history.conversations() == []
+        assert app.history.state("last_chat") is None
         assert replies(app) == []
+
+        # in a chat that has turns, the refused prompt leaves them as they were
+        await send(pilot, "short")
+        await until(pilot, lambda: app.chat.reply is None and len(replies(app)) == 1)
+        chat = app.chat.conversation.id
+        await send(pilot, long_prompt)
+        await until(pilot, lambda: app.chat.reply is None and len(notices(app)) >= 2)
+        assert [m.role for m in app.history.messages(chat)] == ["user", "assistant"]
+        assert app.chat.conversation.id == chat and [c.id for c in app.history.conversations()] == [chat]
 
 
 # ---------------------------------------------------------------- conversations
+@pytest.mark.asyncio
+async def test_a_reopened_chat_shows_its_latest_turn(home):
+    """At a restart and when picked from the list, a long chat opens at its end, as it was left,
+    not at its first message."""
+    history = History(home / "history.sqlite3")
+    chats = []
+    for name in ("first", "second"):
+        chat = history.create(f"A long {name} chat")
+        for i in range(8):
+            history.add_message(chat.id, "user", f"{name} question {i}?")
+            history.add_message(chat.id, "assistant", "\n\n".join(f"Paragraph {j} of answer {i}." for j in range(4)))
+        chats.append(chat)
+    history.set_state("last_chat", chats[0].id)
+    app = fake_app(GatedModel(["unused"], open_gate=True), history=history)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        transcript = app.chat.query_one(Transcript)
+
+        def at_end() -> bool:
+            return transcript.max_scroll_y > 0 and transcript.scroll_y == transcript.max_scroll_y
+
+        await until(pilot, at_end)
+        await app.chat.open_conversation(chats[1].id)
+        await until(pilot, lambda: at_end() and "second question 7?" in transcript.children[-2].content)
+
+
 @pytest.mark.asyncio
 async def test_new_rename_export_copy_and_delete(home):
     model = GatedModel(["**Paris**, on the Seine."], open_gate=True)

@@ -556,7 +556,7 @@ class ChatScreen(Screen):
                                                  lambda text: model.count_tokens([{"role": "user", "content": text}]))
                 if passages is not None:
                     pieces.put(_Sources([p.to_dict() for p in passages]))
-            fitted = fit_to_context(messages, model.count_tokens, model.ctx, room)
+            fitted = fit_to_context(messages, model.count_tokens, model.ctx, room, getattr(model, "max_ctx", None))
             pieces.put(PromptFitted(fitted.prompt_tokens, fitted.dropped, model.ctx))
             if cancel.is_set():  # Esc while documents were searched or the conversation was counted
                 pieces.put(ReplyEnded(stopped=True, context_used=model.context_used()))
@@ -680,7 +680,8 @@ class ChatScreen(Screen):
         """The last prompt out of the chat and back in the prompt box (unless something is typed there)."""
         conversation_id = conversation_id or self.conversation.id
         messages = self.history.messages(conversation_id)
-        if messages and messages[-1].role == "user":
+        taken = bool(messages) and messages[-1].role == "user"
+        if taken:
             self.history.delete_message(messages[-1].id)
             views = [v for v in self.query(MessageView) if v.message_id == messages[-1].id]
             for v in views:
@@ -688,6 +689,13 @@ class ChatScreen(Screen):
             prompt = self.query_one(PromptInput)
             if not prompt.text.strip():
                 prompt.text = messages[-1].content
+        if len(messages) == int(taken):
+            # nothing else in the chat: it was made for this prompt, which, unsent, leaves no empty chat
+            if self.conversation is not None and self.conversation.id == conversation_id:
+                self.draft_settings, self.conversation = self.conversation.settings, None
+                self.history.set_state("last_chat", None)
+            self.history.delete(conversation_id)
+            self._refresh_sidebar()
 
     async def _notice(self, text: str, kind: str = "info", before=None) -> None:
         await self.query_one(Transcript).add(Notice(text, kind), before=before)

@@ -58,7 +58,10 @@ class Transcript(VerticalScroll):
     async def show(self, widgets: list[Widget]) -> None:
         await self.remove_children()
         await self.mount_all(widgets or [Static(WELCOME, id="welcome", markup=False)])
-        self.scroll_end(animate=False, immediate=True)
+        # a chat at its latest turn, as it was left: scrolled now, the messages have no heights yet
+        # (their Markdown lays out later) and the end is the top; anchored, the view follows them
+        # down until the user scrolls. The welcome reads from its top.
+        self.anchor(bool(widgets))
 
     async def add(self, widget: Widget, before: Widget | None = None) -> None:
         welcome = self.query("#welcome")
