@@ -72,6 +72,14 @@ class ChatSettings:
                               repetition_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
                               seed=self.seed)
 
+    @classmethod
+    def from_sampling(cls, params, system: str = "", **rest) -> "ChatSettings":
+        """The settings a chat keeps for the model.generate.SamplingParams it runs at (duck-typed:
+        no torch import), so that reopened it runs as it did."""
+        return cls(system=system, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                   repeat_penalty=params.repetition_penalty, repeat_last_n=params.repeat_last_n, seed=params.seed,
+                   **rest)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

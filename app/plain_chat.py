@@ -140,7 +140,10 @@ class PlainChat:
         if self.history is None or not text:
             return
         if self.conversation_id is None or not self.history.exists(self.conversation_id):
-            self.conversation_id = self.history.create(title_for(text), ChatSettings(system=self.system)).id
+            # what this chat runs at, as the app would reopen it (not ChatSettings' generic defaults)
+            settings = ChatSettings.from_sampling(self.params, self.system or "",
+                                                  **({"max_tokens": self.max_tokens} if self.max_tokens > 0 else {}))
+            self.conversation_id = self.history.create(title_for(text), settings).id
         model = self.engine.entry.ref if role == "assistant" else None
         self.history.add_message(self.conversation_id, role, text, stopped=stopped, model=model)
 
@@ -176,6 +179,11 @@ class PlainChat:
         field, parse = PARAMETERS[name]
         try:
             value = parse(raw)
+        except ValueError:  # Python's own words ("could not convert string to float") say less
+            kind = {int: "a whole number", float: "a number"}.get(parse, "a value")
+            self.say(f"Couldn't set parameter: {name} takes {kind}, not {raw!r}")
+            return
+        try:
             if field == "num_predict":
                 self.max_tokens = value
             elif field == "stop":
@@ -202,7 +210,8 @@ class PlainChat:
         elif what == "parameters":
             rows = [("num_ctx", self.engine.ctx), ("temperature", p.temperature), ("top_k", p.top_k),
                     ("top_p", p.top_p), ("repeat_penalty", p.repetition_penalty),
-                    ("repeat_last_n", p.repeat_last_n), ("seed", p.seed), ("num_predict", self.max_tokens)]
+                    ("repeat_last_n", p.repeat_last_n), ("seed", "random" if p.seed is None else p.seed),
+                    ("num_predict", self.max_tokens)]
             rows += [("stop", s) for s in self.stops]
             self._write("".join(f"  {k:15} {v}\n" for k, v in rows))
         elif what == "system":

@@ -66,12 +66,13 @@ def test_commands_set_and_show_parameters_like_ollama(tmp_path):
                    "/set parameter repeat_penalty 1.1\n", "/set parameter repeat_last_n 64\n",
                    "/set parameter seed 7\n", "/set parameter num_predict 2\n", "/set system Be brief.\n",
                    "/show parameters\n", "/show system\n", "/set parameter temperature nan\n",
-                   "/set parameter bogus 1\n", "/nonsense\n", "hello\n"]))
+                   "/set parameter top_k many\n", "/set parameter bogus 1\n", "/nonsense\n", "hello\n"]))
     p = chat.params
     assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.repeat_last_n, p.seed) == (0.3, 40, 0.8, 1.1, 64, 7)
     shown = out.getvalue()
     assert "temperature     0.3" in shown and "repeat_last_n   64" in shown and "Be brief." in shown
     assert any("Couldn't set parameter: temperature" in n for n in notices)
+    assert "Couldn't set parameter: top_k takes a whole number, not 'many'" in notices
     assert any("Unknown parameter 'bogus'" in n for n in notices)
     assert any("Unknown command '/nonsense'" in n for n in notices)
     messages, params, max_tokens = engine.seen[-1]
@@ -123,6 +124,18 @@ def test_clear_forgets_the_conversation_and_starts_a_new_chat(tmp_path):
     chat.run(iter(["first\n", "/clear\n", "second\n"]))
     assert [m["content"] for m in engine.seen[-1][0]] == ["second"]
     assert [c.title for c in chat.history.conversations()] == ["second", "first"]
+
+
+def test_a_saved_chat_keeps_the_sampling_it_ran_at(tmp_path):
+    """Reopened in the app, a `chat --plain` conversation runs as it did: its settings are the
+    session's (the model's suggested temperature, /set parameter), not ChatSettings' generic 0.7."""
+    chat, engine, notices, out = session(tmp_path, system="Be brief.")
+    chat.params = SamplingParams(temperature=0.2, top_p=0.8, top_k=20, repetition_penalty=1.05, repeat_last_n=32)
+    chat.run(iter(["/set parameter top_k 7\n", "hello\n"]))
+    settings = chat.history.conversations()[0].settings
+    assert (settings.system, settings.temperature, settings.top_p, settings.top_k, settings.repeat_penalty,
+            settings.repeat_last_n) == ("Be brief.", 0.2, 0.8, 7, 1.05, 32)
+    assert settings.sampling_params() == engine.seen[-1][1]
 
 
 @pytest.mark.e2e

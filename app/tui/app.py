@@ -282,9 +282,7 @@ def run_chat(model: str | None = None, system: str | None = None, params=None, c
     if isinstance(params, dict):  # a server's: the OpenAI fields given (temperature, top_p, seed)
         settings = ChatSettings(system=system or "", **params)
     elif params is not None:
-        settings = ChatSettings(system=system or "", temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k, repeat_penalty=params.repetition_penalty,
-                                repeat_last_n=params.repeat_last_n, seed=params.seed)
+        settings = ChatSettings.from_sampling(params, system or "")
     app = ChatApp(model, settings, ctx=ctx, device=device, kv_dtype=kv_dtype, chat_format=chat_format, remote=server)
     app.run()
     return app.return_code or 0
