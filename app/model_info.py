@@ -49,7 +49,9 @@ def model_info(ref: str) -> dict:
         "chat_format": {"name": named[0] if named else "model template", "from": where,
                         "template": chat.template},
         "stop_tokens": [{"id": i, "piece": tokenizer.id_to_piece(i)} for i in stops],
-        "sampling_defaults": sampling_defaults(entry.path),
+        # what chat and ask start from (app/sampling_defaults.py): the catalog's suggestion (its
+        # publisher's card), then what the model's own files say
+        "sampling_defaults": {**((listed.sampling or {}) if listed else {}), **sampling_defaults(entry.path)},
         "variants": [_variant(e) for e in store.list_entries() if e.name == entry.name],
         "source": {"format": source.get("format"), "path": source.get("path"),
                    "fingerprint": source.get("fingerprint"),

@@ -41,7 +41,7 @@ def test_show(default_home):
         "  tokenizer    byte-level BPE, 49152 tokens, BOS <|im_start|> (not added)",
         "  chat format  the model's own template",
         "  stop tokens  2 <|im_end|>",
-        "  sampling     none suggested",
+        "  sampling     temperature 0.2, top_p 0.9",  # the catalog's (SmolLM2's card); chat and ask use it
     ]
     variants = [line for line in lines[9:] if line.startswith("  variant")]
     for line in variants:  # other tests may add variants to this home; each has its scheme, bits, size
