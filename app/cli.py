@@ -592,14 +592,20 @@ def _serve_parser(sub) -> None:
 
 def server_ps(url: str | None, key_file: Path | None) -> int:
     """`llamadesk ps`: what a running server (this machine's, unless --remote) holds."""
-    from .remote import Remote, read_key
+    from .remote import Remote, Unreachable, read_key
     from .serve import DEFAULT_PORT
 
-    remote = Remote.connect(url or f"http://127.0.0.1:{DEFAULT_PORT}", read_key(key_file))
     try:
-        models = remote.ollama_ps()
-    finally:
-        remote.close()
+        remote = Remote.connect(url or f"http://127.0.0.1:{DEFAULT_PORT}", read_key(key_file))
+        try:
+            models = remote.ollama_ps()
+        finally:
+            remote.close()
+    except Unreachable:
+        if url:
+            raise
+        raise UserError(f"no `llamadesk serve` is running on this machine (nothing answers at 127.0.0.1:"
+                        f"{DEFAULT_PORT}); `llamadesk serve` starts one, `--remote URL` asks another") from None
     if not models:
         print(f"The server at {remote.where()} holds no model (it loads one on the next request).")
         return 0

@@ -46,6 +46,10 @@ class RemoteError(UserError):
     """The server refused, failed or could not be reached; one line for the user."""
 
 
+class Unreachable(RemoteError):
+    """Nothing answered at the server's address (refused, timed out, no such host)."""
+
+
 @dataclass
 class RemoteReply:
     prompt_tokens: int | None = None
@@ -182,7 +186,7 @@ class Remote:
         try:
             r = self.client.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise RemoteError(f"{self.where()}: cannot reach the server ({type(e).__name__}: {e})") from None
+            raise Unreachable(f"{self.where()}: cannot reach the server ({type(e).__name__}: {e})") from None
         if r.status_code >= 400:
             raise RemoteError(self._failure(r))
         return r

@@ -702,8 +702,8 @@ def test_keep_alive_0_with_no_prompt_unloads_now(swapping):
     assert c.generate(model=MODEL, prompt="").done_reason == "load" and len(c.ps().models) == 1
 
 
-def test_llamadesk_ps_shows_what_the_server_holds(url, engine, capsys):
-    from app import cli
+def test_llamadesk_ps_shows_what_the_server_holds(url, engine, capsys, monkeypatch):
+    from app import cli, serve
     from serve_helpers import free_port
 
     assert cli.main(["ps", "--remote", url]) == 0
@@ -712,6 +712,10 @@ def test_llamadesk_ps_shows_what_the_server_holds(url, engine, capsys):
     assert out[1].split()[:2] == [engine.entry.ref, str(engine.ctx)]
     assert cli.main(["ps", "--remote", f"http://127.0.0.1:{free_port()}"]) == 1
     assert "cannot reach the server" in capsys.readouterr().err
+    # no server on this machine: said as such, not as a connection error
+    monkeypatch.setattr(serve, "DEFAULT_PORT", free_port())
+    assert cli.main(["ps"]) == 1
+    assert capsys.readouterr().err.startswith("llamadesk: error: no `llamadesk serve` is running on this machine")
 
 
 def test_a_template_that_refuses_the_conversation_is_a_400(client, engine, monkeypatch):
