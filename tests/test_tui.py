@@ -704,6 +704,14 @@ async def test_the_status_line_counts_during_the_reply(home):
         assert app.chat.reply is not None
         model.gate.set()
         await until(pilot, lambda: app.chat.reply is None)
+        # done: the count is the saved chat's, the one it shows when opened again
+        saved = [{"role": m.role, "content": m.content} for m in app.history.messages(app.chat.conversation.id)]
+        await until(pilot, lambda: status.ctx_used == model.count_tokens(saved))
+        await app.chat.new_chat()
+        assert status.tokens_per_s is None  # a new chat has no reply to time
+        await app.chat.open_conversation(app.history.conversations()[0].id)
+        await until(pilot, lambda: status.ctx_used == model.count_tokens(saved))
+        assert status.tokens_per_s == 12.5  # its last reply's, as saved with it
 
 @pytest.mark.asyncio
 async def test_no_color_turns_the_app_monochrome(home, monkeypatch):

@@ -343,6 +343,7 @@ class ChatScreen(Screen):
         self.draft_settings = self.new_chat_settings
         self.history.set_state("last_chat", None)
         await self.query_one(Transcript).show([])
+        self.query_one(StatusLine).tokens_per_s = None  # no reply in this chat yet
         self._refresh_sidebar()
         self._measure_context()
         self._show_docs()
@@ -373,6 +374,10 @@ class ChatScreen(Screen):
             views.append(Notice(f"{len(skipped)} stored message(s) of this chat could not be read and are "
                                 f"left out (history rows {', '.join(map(str, skipped))}).", "error"))
         await self.query_one(Transcript).show(views)
+        # this chat's last reply's speed, as saved with it; none for a chat without one
+        timings = next((m.meta.get("timings") for m in reversed(messages) if m.role == "assistant"), None)
+        speed = timings.get("tokens_per_s") if isinstance(timings, dict) else None
+        self.query_one(StatusLine).tokens_per_s = float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
         self._refresh_sidebar()
         self._measure_context()
         self._show_docs()
@@ -669,6 +674,10 @@ class ChatScreen(Screen):
             status.ctx_used = end.context_used
             status.activity = "stopped" if end.stopped else ""
         self._refresh_sidebar()
+        # the count the chat reopens with (its saved turns as the next prompt starts them: the
+        # reply's end-of-turn tokens too), not the cache's, which stops before them: a reopened
+        # chat showed 7 tokens more than the same chat a moment before
+        self._measure_context()
 
     async def _refuse(self, reply: _Reply, why: str) -> None:
         """The prompt does not fit at all: take it back out of the chat and give it back to edit."""
