@@ -567,7 +567,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs an API key)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the plan's choice)")
+    p.add_argument("--model", "-m", type=_model_ref,
+                   help="installed model, NAME or NAME:VARIANT (default: the plan's choice)")
     p.add_argument("--parallel", type=_count, default=4, help="requests decoded at once (default 4)")
     p.add_argument("--queue", type=int, default=16, help="requests waiting beyond those; more get 429 (default 16)")
     p.add_argument("--ctx", type=_count, help="context length in tokens")
@@ -627,19 +628,22 @@ def _duration(text: str) -> float | None:
 
 # ---------------------------------------------------------------- argument parsing
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="installed model, NAME or NAME:VARIANT (default: the default model)")
+    p.add_argument("--model", "-m", type=_model_ref,
+                   help="installed model, NAME or NAME:VARIANT (default: the default model)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=_finite_float,
+    p.add_argument("--temperature", type=_number_in(lambda v: v >= 0, "0 or more"),
                    help="randomness; below 0.0001 = greedy (default: the model's own, else 0.7)")
-    p.add_argument("--top-p", type=_finite_float, help="sample from the smallest set of tokens holding this "
+    p.add_argument("--top-p", type=_number_in(lambda v: 0 < v <= 1, "more than 0 and at most 1"), help="sample from the smallest set of tokens holding this "
                    "much probability (default: the model's own, else 0.9)")
-    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens, 0 = all (default: the "
+    p.add_argument("--top-k", type=_number_in(lambda v: v >= 0, "0 (all) or more", whole=True), help="sample from the K most likely tokens, 0 = all (default: the "
                    "model's own, else 40)")
-    p.add_argument("--repeat-penalty", type=_finite_float, help="penalize tokens seen in the last --repeat-last-n "
+    p.add_argument("--repeat-penalty", type=_number_in(lambda v: v > 0, "more than 0"), help="penalize tokens seen in the last --repeat-last-n "
                    "(default: the model's own, else 1.1; 1.0 at a greedy temperature)")
-    p.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalty looks at, -1 = all, "
+    p.add_argument("--repeat-last-n", type=_number_in(lambda v: v >= -1, "-1 (all), 0 (none) or a count",
+                                                      whole=True), help="how many recent tokens the penalty looks at, -1 = all, "
                    "0 = none (default 64)")
-    p.add_argument("--seed", type=int, help="the same seed gives the same text")
+    p.add_argument("--seed", type=_number_in(lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1", whole=True),
+                   help="the same seed gives the same text")
     p.add_argument("--ctx", type=_count, help="context length in tokens (default: what the memory plan chooses)")
     _kv_dtype_flag(p)
     p.add_argument("--precise", action="store_true",
@@ -662,16 +666,28 @@ def _finite_float(text: str) -> float:
 _finite_float.__name__ = "number"  # argparse says "invalid number value: 'nan'"
 
 
-def _count(text: str) -> int:
-    """A count flag (--ctx, --threads, --max-tokens, ...): a whole number of at least 1 (usage,
-    exit 2), never a negative size that fails deep inside a load."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text}")
-    return value
+def _number_in(test, says: str, whole: bool = False):
+    """A number flag whose value must pass `test`, else a usage error (one line, exit 2) saying it
+    must be `says`: caught when parsed, not deep inside a load or a reply."""
+    def parse(text: str):
+        value = int(text) if whole else _finite_float(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {says}, not {text}")
+        return value
+
+    parse.__name__ = "whole number" if whole else "number"  # argparse: "invalid number value: 'x'"
+    return parse
 
 
-_count.__name__ = "count"  # argparse says "invalid count value: 'x'"
+# counts (--ctx, --threads, --max-tokens, ...): a negative size failed in the KV cache's allocation
+_count = _number_in(lambda v: v >= 1, "a whole number of at least 1", whole=True)
+_count.__name__ = "count"
+
+
+def _model_ref(text: str) -> str:
+    if not text.strip():  # `-m ""` read as no model given took the default one silently
+        raise argparse.ArgumentTypeError("give a model, NAME or NAME:VARIANT (`llamadesk list` shows them)")
+    return text
 
 
 def _size(text: str) -> str:

@@ -92,12 +92,14 @@ def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_g
 @pytest.mark.parametrize("argv", [["bench", "--activation-bits", "7"], ["ask", "--temperature", "nan", "hi"],
                                   ["no-such-command"], ["serve", "--port", "x"], ["ask", "--ctx", "-5", "hi"],
                                   ["ask", "--threads", "0", "hi"], ["plan", "--ctx", "0"], ["plan", "--ram=-1GiB"],
-                                  ["plan", "--ram", "lots"], ["bench", "--runs", "0"], ["ask", "--bogus", "hi"]],
+                                  ["plan", "--ram", "lots"], ["bench", "--runs", "0"], ["ask", "--bogus", "hi"],
+                                  ["ask", "--top-p", "5", "hi"], ["chat", "--seed", "-1"], ["ask", "-m", "", "hi"]],
                          ids=" ".join)
 def test_a_mistyped_flag_or_command_is_one_line(tmp_path, argv):
     """argparse's usage errors as every other error: one line naming the command, exit 2. Counts
-    (--ctx, --threads, --runs, ...) below 1 and sizes that are not sizes are usage errors too,
-    caught before anything loads (--ctx -5 failed deep in the KV cache's allocation)."""
+    (--ctx, --threads, --runs, ...) below 1, sampling values out of range, a blank model and sizes
+    that are not sizes are usage errors too, caught before anything loads (--ctx -5 failed deep in
+    the KV cache's allocation; -m "" took the default model)."""
     r = llamadesk(*argv, home=tmp_path, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
