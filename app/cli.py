@@ -570,7 +570,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model", "-m", type=_model_ref,
                    help="installed model, NAME or NAME:VARIANT (default: the plan's choice)")
     p.add_argument("--parallel", type=_count, default=4, help="requests decoded at once (default 4)")
-    p.add_argument("--queue", type=int, default=16, help="requests waiting beyond those; more get 429 (default 16)")
+    p.add_argument("--queue", type=_number_in(lambda v: v >= 0, "0 or more", whole=True), default=16, help="requests waiting beyond those; more get 429 (default 16)")
     p.add_argument("--ctx", type=_count, help="context length in tokens")
     _kv_dtype_flag(p)
     p.add_argument("--threads", type=_count, help="CPU threads (default: the cores other programs leave idle)")
@@ -696,7 +696,7 @@ def _size(text: str) -> str:
 
     try:
         if parse_bytes(text) <= 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+            raise argparse.ArgumentTypeError(f"must be at least a byte, not {text} (examples: 8GiB, 512MiB)")
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
@@ -916,8 +916,6 @@ def run(argv: list[str]) -> int:
 
         args.system = from_shell(args.system, say, "the system prompt")
     if command == "ask":
-        if args.max_tokens < 1:
-            raise UserError("--max-tokens must be at least 1")
         if url:
             return ask_remote(url, _read_prompt(args.prompt), args.model, args.system, args.max_tokens,
                               params, args.remote_key_file, args.verbose, args.docs, args.file,
@@ -953,8 +951,6 @@ def run(argv: list[str]) -> int:
             raise UserError("--tokens and --window must be at least 2")
         return evaluate(args.ref, args.text, args.tokens, args.window)
     if command == "bench":
-        if min(args.prompt_tokens, args.gen_tokens, args.runs) < 1:
-            raise UserError("--prompt-tokens, --gen-tokens and --runs must be at least 1")
         return bench(args.ref, args.prompt_tokens, args.gen_tokens, args.runs, args.threads, args.json,
                      args.vs_llamacpp, args.precise, args.activation_bits)
     if command == "plan":

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from model.args import ModelArgs
 from model.chat_format import BUILT_IN, choose_chat_format
-from model.tokenizer import load_tokenizer, sampling_defaults
+from model.tokenizer import load_tokenizer
 
 from . import pull, store
+from .sampling_defaults import publisher_suggestions
 
 _BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "I8": 8, "U8": 8}
 
@@ -49,9 +50,8 @@ def model_info(ref: str) -> dict:
         "chat_format": {"name": named[0] if named else "model template", "from": where,
                         "template": chat.template},
         "stop_tokens": [{"id": i, "piece": tokenizer.id_to_piece(i)} for i in stops],
-        # what chat and ask start from (app/sampling_defaults.py): the catalog's suggestion (its
-        # publisher's card), then what the model's own files say
-        "sampling_defaults": {**((listed.sampling or {}) if listed else {}), **sampling_defaults(entry.path)},
+        # what chat and ask take over Ollama-like defaults (app/sampling_defaults.py), in their names
+        "sampling_defaults": publisher_suggestions(store.find(entry.name).path, listed.sampling if listed else None),
         "variants": [_variant(e) for e in store.list_entries() if e.name == entry.name],
         "source": {"format": source.get("format"), "path": source.get("path"),
                    "fingerprint": source.get("fingerprint"),

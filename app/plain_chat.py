@@ -140,12 +140,19 @@ class PlainChat:
         if self.history is None or not text:
             return
         if self.conversation_id is None or not self.history.exists(self.conversation_id):
-            # what this chat runs at, as the app would reopen it (not ChatSettings' generic defaults)
-            settings = ChatSettings.from_sampling(self.params, self.system or "",
-                                                  **({"max_tokens": self.max_tokens} if self.max_tokens > 0 else {}))
-            self.conversation_id = self.history.create(title_for(text), settings).id
+            self.conversation_id = self.history.create(title_for(text), self._settings()).id
         model = self.engine.entry.ref if role == "assistant" else None
         self.history.add_message(self.conversation_id, role, text, stopped=stopped, model=model)
+
+    def _settings(self) -> ChatSettings:
+        """What this chat runs at, as the app would reopen it (not ChatSettings' generic defaults)."""
+        return ChatSettings.from_sampling(self.params, self.system or "",
+                                          **({"max_tokens": self.max_tokens} if self.max_tokens > 0 else {}))
+
+    def _keep_settings(self) -> None:
+        """A /set after the chat began: saved with it too, so that reopened it runs as it does now."""
+        if self.history is not None and self.conversation_id is not None and self.history.exists(self.conversation_id):
+            self.history.set_settings(self.conversation_id, self._settings())
 
     # ------------------------------------------------------------ commands
     def command(self, line: str) -> bool:
@@ -163,6 +170,7 @@ class PlainChat:
             self._show(words[1] if len(words) > 1 else "info")
         elif name == "/set" and len(words) >= 3 and words[1] == "system":
             self.system = line.split(None, 2)[2].strip()
+            self._keep_settings()
             self.say("Set system message.")
         elif name == "/set" and len(words) == 4 and words[1] == "parameter":
             self._set(words[2], words[3])
@@ -195,6 +203,7 @@ class PlainChat:
         except (ValueError, UserError) as e:
             self.say(f"Couldn't set parameter: {name} {raw!r}: {e}")
             return
+        self._keep_settings()
         self.say(f"Set parameter '{name}' to '{raw}'")
 
     def _resize(self, ctx: int) -> None:

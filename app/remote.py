@@ -186,7 +186,9 @@ class Remote:
         try:
             r = self.client.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise Unreachable(f"{self.where()}: cannot reach the server ({type(e).__name__}: {e})") from None
+            # nothing answering is not the same as a server that answered badly or too slowly
+            kind = Unreachable if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)) else RemoteError
+            raise kind(f"{self.where()}: cannot reach the server ({type(e).__name__}: {e})") from None
         if r.status_code >= 400:
             raise RemoteError(self._failure(r))
         return r

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from model.generate import GREEDY_BELOW, SamplingParams
+if TYPE_CHECKING:
+    from model.generate import SamplingParams
 
 # Ollama's defaults for the knobs it shares with llamadesk (temperature is llamadesk's own 0.7)
 OLLAMA_LIKE = {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
@@ -19,11 +21,16 @@ _HF_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "
 
 
 def model_defaults(folder: Path | None, suggested: dict | None = None) -> dict:
-    """OLLAMA_LIKE, then the catalog's `suggested` settings for the model (its publisher's), then
-    what the model's generation_config.json sets (a config that does not sample, `do_sample:
-    false`, keeps the others: it describes the model's greedy evaluation)."""
-    out = dict(OLLAMA_LIKE)
-    out.update({k: type(OLLAMA_LIKE[k])(v) for k, v in (suggested or {}).items() if k in OLLAMA_LIKE})
+    """OLLAMA_LIKE, then the model's own suggestions (publisher_suggestions)."""
+    return {**OLLAMA_LIKE, **publisher_suggestions(folder, suggested)}
+
+
+def publisher_suggestions(folder: Path | None, suggested: dict | None = None) -> dict:
+    """The knobs of OLLAMA_LIKE the model's publisher sets, in its names: the catalog's `suggested`
+    settings (from the model card), then what the model's generation_config.json sets (a config
+    that does not sample, `do_sample: false`, sets none: it describes the model's greedy
+    evaluation). `folder` is the source's: a packed variant's folder holds no generation_config."""
+    out = {k: type(OLLAMA_LIKE[k])(v) for k, v in (suggested or {}).items() if k in OLLAMA_LIKE}
     try:
         config = json.loads((Path(folder) / "generation_config.json").read_text(encoding="utf-8")) if folder else {}
     except (OSError, ValueError):
@@ -41,6 +48,8 @@ def resolve(asked: dict, defaults: dict, seed: int | None = None) -> SamplingPar
     """SamplingParams from the values the user `asked` for (None: not asked) over `defaults`.
     At a greedy temperature the repeat penalty stays off unless asked: greedy text is the model's
     own most likely text, which a penalty would change. Raises ValueError for a bad value."""
+    from model.generate import GREEDY_BELOW, SamplingParams  # torch: here, so `show` loads none
+
     v = {k: (asked.get(k) if asked.get(k) is not None else defaults[k]) for k in OLLAMA_LIKE}
     if v["temperature"] < GREEDY_BELOW and asked.get("repeat_penalty") is None:
         v["repeat_penalty"] = 1.0
@@ -48,4 +57,4 @@ def resolve(asked: dict, defaults: dict, seed: int | None = None) -> SamplingPar
                           repetition_penalty=v["repeat_penalty"], repeat_last_n=v["repeat_last_n"], seed=seed)
 
 
-__all__ = ["OLLAMA_LIKE", "model_defaults", "resolve"]
+__all__ = ["OLLAMA_LIKE", "model_defaults", "publisher_suggestions", "resolve"]

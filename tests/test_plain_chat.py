@@ -136,6 +136,10 @@ def test_a_saved_chat_keeps_the_sampling_it_ran_at(tmp_path):
     assert (settings.system, settings.temperature, settings.top_p, settings.top_k, settings.repeat_penalty,
             settings.repeat_last_n) == ("Be brief.", 0.2, 0.8, 7, 1.05, 32)
     assert settings.sampling_params() == engine.seen[-1][1]
+    # a /set after the chat began is kept with it too
+    chat.run(iter(["/set parameter temperature 0.9\n", "/set system Be long.\n"]))
+    settings = chat.history.conversations()[0].settings
+    assert (settings.system, settings.temperature, settings.top_k) == ("Be long.", 0.9, 7)
 
 
 @pytest.mark.e2e

@@ -718,6 +718,36 @@ def test_llamadesk_ps_shows_what_the_server_holds(url, engine, capsys, monkeypat
     assert capsys.readouterr().err.startswith("llamadesk: error: no `llamadesk serve` is running on this machine")
 
 
+def test_ps_does_not_call_a_server_that_answers_badly_missing(monkeypatch, capsys):
+    """Only a refused or timed-out connection means no server: one that answers with no HTTP (a
+    TLS server, another program on the port) is named with its error."""
+    import socket
+    import threading
+
+    from app import cli, serve
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_garbage() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"not http at all\r\n\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    monkeypatch.setattr(serve, "DEFAULT_PORT", listener.getsockname()[1])
+    try:
+        assert cli.main(["ps"]) == 1
+    finally:
+        listener.close()
+    err = capsys.readouterr().err
+    assert "cannot reach the server" in err and "no `llamadesk serve`" not in err, err
+
+
 def test_a_template_that_refuses_the_conversation_is_a_400(client, engine, monkeypatch):
     from model.chat_format import ChatFormat
 

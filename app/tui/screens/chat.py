@@ -315,7 +315,8 @@ class ChatScreen(Screen):
             self.app.call_from_thread(self._show_ctx_used, n)
 
     def _show_ctx_used(self, n: int) -> None:
-        self.query_one(StatusLine).ctx_used = n
+        if self.reply is None:  # a count that lands after the next reply began is that reply's to show
+            self.query_one(StatusLine).ctx_used = n
 
     # ------------------------------------------------------------ conversations
     @property
@@ -377,7 +378,8 @@ class ChatScreen(Screen):
         # this chat's last reply's speed, as saved with it; none for a chat without one
         timings = next((m.meta.get("timings") for m in reversed(messages) if m.role == "assistant"), None)
         speed = timings.get("tokens_per_s") if isinstance(timings, dict) else None
-        self.query_one(StatusLine).tokens_per_s = float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
+        number = isinstance(speed, (int, float)) and not isinstance(speed, bool)
+        self.query_one(StatusLine).tokens_per_s = float(speed) if number and speed > 0 else None
         self._refresh_sidebar()
         self._measure_context()
         self._show_docs()
@@ -644,12 +646,17 @@ class ChatScreen(Screen):
             reply.timer.stop()
 
     async def _settle(self, reply: _Reply, end: ReplyEnded) -> None:
-        self.reply = None
         status = self.query_one(StatusLine)
         status.activity = ""
         if end.refused:
-            await self._refuse(reply, end.refused)
+            # still busy while the prompt is taken back: a prompt sent meanwhile would be taken back
+            # instead, or go with a chat deleted for being empty
+            try:
+                await self._refuse(reply, end.refused)
+            finally:
+                self.reply = None
             return
+        self.reply = None
         if not reply.view.content:
             await reply.view.remove()
             await self._notice(end.error or "Stopped before the first word.", "error" if end.error else "info")
@@ -676,8 +683,10 @@ class ChatScreen(Screen):
         self._refresh_sidebar()
         # the count the chat reopens with (its saved turns as the next prompt starts them: the
         # reply's end-of-turn tokens too), not the cache's, which stops before them: a reopened
-        # chat showed 7 tokens more than the same chat a moment before
-        self._measure_context()
+        # chat showed 7 tokens more than the same chat a moment before. A server's count is exact
+        # where ours of its model would be an estimate: kept.
+        if self.remote is None:
+            self._measure_context()
 
     async def _refuse(self, reply: _Reply, why: str) -> None:
         """The prompt does not fit at all: take it back out of the chat and give it back to edit."""
