@@ -28,13 +28,14 @@ def too_long_hint(ctx: int, max_ctx: int | None, larger: str) -> str:
 
 
 def fit_to_context(messages: list[dict], count: Callable[[list[dict]], int], ctx: int,
-                   reply_room: int, max_ctx: int | None = None) -> Fitted:
+                   reply_room: int, max_ctx: int | None = None,
+                   larger: str = "start llamadesk with a larger --ctx") -> Fitted:
     """Drop the oldest whole turns until the prompt leaves `reply_room` tokens for the reply.
 
     `messages` is an optional system message, then turns that each start with a user message; the
     last turn is the new prompt. The system prompt and the new prompt are never dropped: if those
     two alone do not fit the context, `PromptTooLong` says so rather than cutting the prompt
-    (and suggests a larger context only below `max_ctx`, the model's longest).
+    (and suggests `larger`, how to get a larger context, only below `max_ctx`, the model's longest).
     """
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest = messages[len(system):]
@@ -54,7 +55,7 @@ def fit_to_context(messages: list[dict], count: Callable[[list[dict]], int], ctx
     if n_last >= ctx:
         what = "this prompt with the system prompt is" if system else "this prompt is"
         raise PromptTooLong(f"{what} {n_last} tokens, more than the model's {ctx}-token context: "
-                            + too_long_hint(ctx, max_ctx, "start llamadesk with a larger --ctx"))
+                            + too_long_hint(ctx, max_ctx, larger))
     # the fewest dropped turns that fit: the count only shrinks as turns go, so a binary search;
     # when even the newest turn alone leaves less than `reply_room`, it goes with a shorter reply
     lo, hi = 0, last

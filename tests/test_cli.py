@@ -61,6 +61,10 @@ def test_past_the_models_longest_context_the_advice_is_to_shorten():
     count = lambda messages: sum(len(m["content"].split()) for m in messages)  # noqa: E731
     with pytest.raises(PromptTooLong, match="longest context this model was trained for"):
         fit_to_context([{"role": "user", "content": "word " * 100}], count, 64, 8, max_ctx=64)
+    # a server's model: its context is the server's setting, not a --ctx of ours
+    with pytest.raises(PromptTooLong, match="shorten it, or pick a model the server runs with a longer context$"):
+        fit_to_context([{"role": "user", "content": "word " * 100}], count, 64, 8, None,
+                       "pick a model the server runs with a longer context")
 
 
 def test_list_shows_the_default_model(default_home):

@@ -8,7 +8,9 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Label, Markdown, Static
 
-WELCOME = "Ask anything.  Enter sends · Ctrl+J new line · Esc stops a reply · Ctrl+P commands · F1 help"
+# short enough not to wrap beside the sidebar (a wrapped line ended on a dangling "·" at 120
+# columns); the footer shows the palette's key
+WELCOME = "Ask anything.\nEnter sends · Ctrl+J new line · Esc stops · F1 help"
 
 
 class MessageView(Vertical):
