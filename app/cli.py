@@ -327,18 +327,17 @@ def bench(ref: str | None, prompt_tokens: int, gen_tokens: int, runs: int, threa
 
 
 # ---------------------------------------------------------------- plan
-def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: str | None, ram: str | None,
+def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: int | None, ram: int | None,
               as_json: bool, kv_dtype: str = "auto", parallel: int = 1) -> int:
+    """`llamadesk plan`; `vram`, `ram`: bytes to plan for instead of what is free (_size parsed them)."""
     import json
 
     from rich.table import Table
 
-    from .devices import format_bytes, parse_bytes, probe
+    from .devices import format_bytes, probe
     from .plan import plan_installed
 
-    device = probe(device_kind, vram and parse_bytes(vram), ram and parse_bytes(ram))
-    if parallel < 1:
-        raise UserError("--parallel must be at least 1")
+    device = probe(device_kind, vram, ram)
     result = plan_installed(ref, ctx, kv_dtype, device=device, slots=parallel)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -570,7 +569,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model", "-m", type=_model_ref,
                    help="installed model, NAME or NAME:VARIANT (default: the plan's choice)")
     p.add_argument("--parallel", type=_count, default=4, help="requests decoded at once (default 4)")
-    p.add_argument("--queue", type=_number_in(lambda v: v >= 0, "0 or more", whole=True), default=16, help="requests waiting beyond those; more get 429 (default 16)")
+    p.add_argument("--queue", type=_number_in(lambda v: v >= 0, "0 or more", whole=True), default=16,
+                   help="requests waiting beyond those; more get 429 (default 16)")
     p.add_argument("--ctx", type=_count, help="context length in tokens")
     _kv_dtype_flag(p)
     p.add_argument("--threads", type=_count, help="CPU threads (default: the cores other programs leave idle)")
@@ -633,15 +633,16 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--temperature", type=_number_in(lambda v: v >= 0, "0 or more"),
                    help="randomness; below 0.0001 = greedy (default: the model's own, else 0.7)")
-    p.add_argument("--top-p", type=_number_in(lambda v: 0 < v <= 1, "more than 0 and at most 1"), help="sample from the smallest set of tokens holding this "
-                   "much probability (default: the model's own, else 0.9)")
-    p.add_argument("--top-k", type=_number_in(lambda v: v >= 0, "0 (all) or more", whole=True), help="sample from the K most likely tokens, 0 = all (default: the "
-                   "model's own, else 40)")
-    p.add_argument("--repeat-penalty", type=_number_in(lambda v: v > 0, "more than 0"), help="penalize tokens seen in the last --repeat-last-n "
-                   "(default: the model's own, else 1.1; 1.0 at a greedy temperature)")
-    p.add_argument("--repeat-last-n", type=_number_in(lambda v: v >= -1, "-1 (all), 0 (none) or a count",
-                                                      whole=True), help="how many recent tokens the penalty looks at, -1 = all, "
-                   "0 = none (default 64)")
+    p.add_argument("--top-p", type=_number_in(lambda v: 0 < v <= 1, "more than 0 and at most 1"),
+                   help="sample from the smallest set of tokens holding this much probability (default: the "
+                   "model's own, else 0.9)")
+    p.add_argument("--top-k", type=_number_in(lambda v: v >= 0, "0 (all) or more", whole=True),
+                   help="sample from the K most likely tokens, 0 = all (default: the model's own, else 40)")
+    p.add_argument("--repeat-penalty", type=_number_in(lambda v: v > 0, "more than 0"),
+                   help="penalize tokens seen in the last --repeat-last-n (default: the model's own, else 1.1; "
+                   "1.0 at a greedy temperature)")
+    p.add_argument("--repeat-last-n", type=_number_in(lambda v: v >= -1, "-1 (all), 0 (none) or a count", whole=True),
+                   help="how many recent tokens the penalty looks at, -1 = all, 0 = none (default 64)")
     p.add_argument("--seed", type=_number_in(lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1", whole=True),
                    help="the same seed gives the same text")
     p.add_argument("--ctx", type=_count, help="context length in tokens (default: what the memory plan chooses)")
@@ -690,16 +691,17 @@ def _model_ref(text: str) -> str:
     return text
 
 
-def _size(text: str) -> str:
-    """A memory size flag (--ram, --vram), checked at parse time (usage, exit 2); kept as text."""
+def _size(text: str) -> int:
+    """A memory size flag (--ram, --vram) in bytes, parsed once here (a bad one: usage, exit 2)."""
     from .devices import parse_bytes
 
     try:
-        if parse_bytes(text) <= 0:
-            raise argparse.ArgumentTypeError(f"must be at least a byte, not {text} (examples: 8GiB, 512MiB)")
+        size = parse_bytes(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least a byte, not {text} (examples: 8GiB, 512MiB)")
+    return size
 
 
 def _activation_bits_flag(p, default: int | None, choices_help: str) -> None:

@@ -26,10 +26,11 @@ def model_defaults(folder: Path | None, suggested: dict | None = None) -> dict:
 
 
 def publisher_suggestions(folder: Path | None, suggested: dict | None = None) -> dict:
-    """The knobs of OLLAMA_LIKE the model's publisher sets, in its names: the catalog's `suggested`
-    settings (from the model card), then what the model's generation_config.json sets (a config
-    that does not sample, `do_sample: false`, sets none: it describes the model's greedy
-    evaluation). `folder` is the source's: a packed variant's folder holds no generation_config."""
+    """The knobs of OLLAMA_LIKE the model's publisher sets, under OLLAMA_LIKE's names: the
+    catalog's `suggested` settings (from the model card), then what the model's
+    generation_config.json sets (a config that does not sample, `do_sample: false`, sets none: it
+    describes the model's greedy evaluation). `folder` is the source's: a packed variant's folder
+    holds no generation_config."""
     out = {k: type(OLLAMA_LIKE[k])(v) for k, v in (suggested or {}).items() if k in OLLAMA_LIKE}
     try:
         config = json.loads((Path(folder) / "generation_config.json").read_text(encoding="utf-8")) if folder else {}

@@ -564,10 +564,9 @@ class ChatScreen(Screen):
                 if passages is not None:
                     pieces.put(_Sources([p.to_dict() for p in passages]))
             # a server's context is its own setting: no --ctx of ours changes it
-            larger = ("start llamadesk with a larger --ctx" if self.remote is None
-                      else "pick a model the server runs with a longer context")
+            larger = {} if self.remote is None else {"larger": "pick a model the server runs with a longer context"}
             fitted = fit_to_context(messages, model.count_tokens, model.ctx, room, getattr(model, "max_ctx", None),
-                                    larger)
+                                    **larger)
             pieces.put(PromptFitted(fitted.prompt_tokens, fitted.dropped, model.ctx))
             if cancel.is_set():  # Esc while documents were searched or the conversation was counted
                 pieces.put(ReplyEnded(stopped=True, context_used=model.context_used()))
