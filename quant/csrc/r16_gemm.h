@@ -36,12 +36,38 @@
 // M rows of K values in blocks of 32: v = 128 h + l, h (M, K) in [-127, 127], l (M, K) in
 // [-64, 63]; d (M, K / 32) the block's step (x = v d), s its sum of v (for the codes' offsets)
 // and xs its exact fp32 sum of x (for Q4_1's mins).
+// tile 0: row by row as written. tile 8 (what AVX-512 VNNI's kernel reads): the rows in
+// in_row_chunks<8>'s chunks, each chunk of R rows block-major, (K / 32, R, 32) and (K / 32, R),
+// so that a pass over 8 rows reads them through one pointer per array: 16 row pointers did not
+// fit x86's 16 general registers beside the kernel's own, and g++ kept them on the stack.
 struct XInt15 {
   std::vector<int8_t> h, l;
   std::vector<float> d, xs;
   std::vector<int32_t> s;
   int64_t K = 0;
+  int tile = 0;
+  // where row m0 + r's block g starts in h and l, and its index in d, s and xs (m0: the first row
+  // of a chunk of R), tiled or not (the kernels know which at compile time)
+  template <bool TILED>
+  int64_t at(int64_t m0, int R, int r, int64_t g) const {
+    return TILED ? m0 * K + (g * R + r) * 32 : (m0 + r) * K + 32 * g;
+  }
+  template <bool TILED>
+  int64_t block(int64_t m0, int R, int r, int64_t g) const {
+    return TILED ? m0 * (K / 32) + g * R + r : (m0 + r) * (K / 32) + g;
+  }
 };
+
+// Rows of x a group's pass takes at once (in_row_chunks<R16_MAX_ROWS>), and whether x is tiled
+// for them (XInt15::tile). AVX-512 VNNI: 8, whose 16 integer sums (two a row) are the chains that
+// keep both vpdpbusd ports busy (its latency is ~5 cycles: 8 chains ran 89% of their rate, 12 all
+// of it) in 32 registers; AVX2's 16 registers hold 4 rows' sums.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr int R16_MAX_ROWS = 8;
+#else
+constexpr int R16_MAX_ROWS = 4;
+#endif
+constexpr bool R16_TILED = R16_MAX_ROWS == 8;
 
 // The same x as AVX2's wide kernel reads it (quantize_x15_v): v itself, not its halves, and all
 // three block-major, v (K / 32, M, 32), d and xs (K / 32, M), so that a block's M rows are one
@@ -60,7 +86,9 @@ constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays w
 // so that one integer product a weight does, half the vector work a row of 15-bit x takes, at
 // llama.cpp's accuracy (on SmolLM2 against exact x: KL 0.012 and perplexity +0.24%, where 15 bits
 // give < 1e-5 and +0.002%: docs/BENCHMARKS.md). s is the block's sum of v, xs its exact sum of x.
-inline void quantize_x_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs) {
+// Block g of the row goes to h and l at 32 g stride, its d, s and xs at g stride (XInt15::tile).
+inline void quantize_x_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs,
+                           int64_t stride = 1) {
   const float top = l ? X15_MAX : 127.f;
   for (int64_t g = 0; g < K / 32; ++g) {
     const float* xb = x + 32 * g;
@@ -75,33 +103,45 @@ inline void quantize_x_row(const float* x, int64_t K, int8_t* h, int8_t* l, floa
       const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // |v| <= top
       if (l) {
         const int hi = (v + 64) >> 7;  // floor: l = v - 128 hi in [-64, 63]
-        h[32 * g + i] = static_cast<int8_t>(hi);
-        l[32 * g + i] = static_cast<int8_t>(v - 128 * hi);
+        h[32 * g * stride + i] = static_cast<int8_t>(hi);
+        l[32 * g * stride + i] = static_cast<int8_t>(v - 128 * hi);
       } else {
-        h[32 * g + i] = static_cast<int8_t>(v);
+        h[32 * g * stride + i] = static_cast<int8_t>(v);
       }
       vs += v;
     }
-    d[g] = amax / top;
-    s[g] = vs;
-    xs[g] = sum;
+    d[g * stride] = amax / top;
+    s[g * stride] = vs;
+    xs[g * stride] = sum;
   }
 }
 
 // x8: x as 8-bit integers (quantize_x_row) where the kernels take it so (`X8` below); l stays
-// empty
-inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool x8 = false) {
+// empty. tile: XInt15::tile.
+inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool x8 = false, int tile = 0) {
   const int64_t G = K / 32;
   out.K = K;
+  out.tile = tile;
   out.h.resize(M * K);
   out.l.resize(x8 ? 0 : M * K);
   out.d.resize(M * G);
   out.s.resize(M * G);
   out.xs.resize(M * G);
+  // each row's chunk (its first row and size) as in_row_chunks<8> makes them
+  std::vector<std::pair<int64_t, int>> chunk(M, {0, 1});
+  if (tile) {
+    in_row_chunks<8>(M, [&](auto rows, int64_t m) {
+      for (int r = 0; r < decltype(rows)::value; ++r) chunk[m + r] = {m, decltype(rows)::value};
+    });
+  }
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      quantize_x_row(x + m * K, K, out.h.data() + m * K, x8 ? nullptr : out.l.data() + m * K, out.d.data() + m * G,
-                     out.s.data() + m * G, out.xs.data() + m * G);
+    for (int64_t m = m0; m < m1; ++m) {
+      const auto [c0, R] = tile ? chunk[m] : std::pair<int64_t, int>{m, 1};
+      const int r = static_cast<int>(m - c0);
+      const int64_t a = tile ? out.at<true>(c0, R, r, 0) : m * K, i = tile ? out.block<true>(c0, R, r, 0) : m * G;
+      quantize_x_row(x + m * K, K, out.h.data() + a, x8 ? nullptr : out.l.data() + a, out.d.data() + i,
+                     out.s.data() + i, out.xs.data() + i, tile ? R : 1);
+    }
   });
 }
 
@@ -601,7 +641,12 @@ void r16_gemm_avx2_wide(const uint8_t* packed, int64_t N, int64_t G, const XInt1
 // u8 codes (16 rows x 4 k a lane) times 4 int8 values of x broadcast, summed into int32 lanes.
 // Without VNNI only for 4-bit codes (vpmaddubsw's int16 pairs hold 15 * 128 * 2).
 inline __m512i dot_u8_i8(__m512i acc, __m512i codes, const int8_t* x4) {
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__) && defined(__GNUC__)
+  // x's 4 bytes as the instruction's own broadcast operand (m32bcst): g++ 12 loads them into a
+  // register with a vbroadcastss of their own, one more uop per 64 multiply-adds
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*reinterpret_cast<const int32_t*>(x4)));
+  return acc;
+#elif defined(__AVX512VNNI__)
   return _mm512_dpbusd_epi32(acc, codes, bcast4_512(x4));
 #else
   const __m512i pairs = _mm512_maddubs_epi16(codes, bcast4_512(x4));
@@ -621,24 +666,31 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
     prefetch_block(b + PREFETCH_AHEAD * F::BYTES, F::BYTES + F::HEADER);
     __m512i sh[R], sl[R];  // the codes times h and times l: two chains a row
     for (int r = 0; r < R; ++r) sh[r] = sl[r] = _mm512_setzero_si512();
+    // the block's first row in h and l, the others a constant stride on (32 bytes tiled): unrolled,
+    // g++ reaches every row through these two pointers instead of an induction variable a row
+    const int64_t at0 = x.at<R16_TILED>(m0, R, 0, g), stride = R16_TILED ? 32 : K;
+    const int8_t *xh = x.h.data() + at0, *xl = X8 ? xh : x.l.data() + at0;
     if (F::FOUR) {
+#pragma GCC unroll 4
       for (int L = 0; L < 4; ++L) {
         const __m512i v = _mm512_loadu_si512(b + 64 * L);
         const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const int64_t at = (m0 + r) * K + 32 * g + 8 * L;
-          const int8_t* xh = x.h.data() + at;
-          sh[r] = dot_u8_i8(dot_u8_i8(sh[r], lo, xh), hi, xh + 4);
-          if (!X8) sl[r] = dot_u8_i8(dot_u8_i8(sl[r], lo, x.l.data() + at), hi, x.l.data() + at + 4);
+          const int64_t at = stride * r + 8 * L;
+          sh[r] = dot_u8_i8(dot_u8_i8(sh[r], lo, xh + at), hi, xh + at + 4);
+          if (!X8) sl[r] = dot_u8_i8(dot_u8_i8(sl[r], lo, xl + at), hi, xl + at + 4);
         }
       }
     } else {
+#pragma GCC unroll 8
       for (int L = 0; L < 8; ++L) {
         const __m512i v = _mm512_loadu_si512(b + 64 * L);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const int64_t at = (m0 + r) * K + 32 * g + 4 * L;
-          sh[r] = dot_u8_i8(sh[r], v, x.h.data() + at);
-          if (!X8) sl[r] = dot_u8_i8(sl[r], v, x.l.data() + at);
+          const int64_t at = stride * r + 4 * L;
+          sh[r] = dot_u8_i8(sh[r], v, xh + at);
+          if (!X8) sl[r] = dot_u8_i8(sl[r], v, xl + at);
         }
       }
     }
@@ -660,7 +712,7 @@ inline void r16_group_avx512(const uint8_t* grp, int64_t G, const XInt15& x, int
                        : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + F::MINS)));
     }
     for (int r = 0; r < R; ++r) {
-      const int64_t gi = (m0 + r) * G + g;
+      const int64_t gi = x.block<R16_TILED>(m0, R, r, g);
       const __m512i hl = X8 ? sh[r] : _mm512_add_epi32(_mm512_slli_epi32(sh[r], 7), sl[r]);
       const __m512i isum = _mm512_add_epi32(hl, _mm512_set1_epi32(-F::OFFSET * x.s[gi]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(x.d[gi])), acc[r]);
@@ -687,6 +739,7 @@ inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0
 }
 
 // ---------------------------------------------------------------- the GEMM
+
 // y (M, N) = x (M, K) W^T for W in the r16 layout (packed: its bytes; N its true rows). Threads
 // take groups of 16 rows; each group's blocks (K / 32 * 288 to 576 bytes) stay in cache while
 // every row of x, 4 at a time, goes through them: one pass over the weights for any M.
@@ -709,15 +762,15 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
     return r16_gemm_avx2_wide<T>(packed, N, G, xb, M, y);
   }
 #endif
-  quantize_x15(x, M, K, xi, x8);
+  quantize_x15(x, M, K, xi, x8, R16_TILED && !portable ? 8 : 0);
   // below ~16 KiB of weights a thread, waking the other costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (bb * std::max<int64_t>(1, M)));
   at::parallel_for(0, groups, grain, [&](int64_t t0, int64_t t1) {
-    float out[4][16];
+    float out[R16_MAX_ROWS][16];
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* grp = packed + t * bb;
       const int64_t n0 = 16 * t, nn = std::min<int64_t>(16, N - n0);
-      in_row_chunks(M, [&](auto rows, int64_t m) {
+      in_row_chunks<R16_MAX_ROWS>(M, [&](auto rows, int64_t m) {
         constexpr int R = decltype(rows)::value;
         if (x8) {
           r16_group<T, R, true>(grp, G, xi, m, out, portable);

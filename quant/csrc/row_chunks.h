@@ -5,11 +5,16 @@
 // include all three with only <algorithm>, <cmath>, <cstring>, <string>, <type_traits>, <vector>
 // and shims for at::parallel_for, TORCH_CHECK and c10's fp16 conversion.
 
-// f(R, m) over rows m .. m + R - 1 of M, 4 rows at a time, then 2, then 1; R is a compile-time
-// constant (std::integral_constant) so that the kernels keep R rows' sums in registers.
-template <typename F>
+// f(R, m) over rows m .. m + R - 1 of M, 4 rows at a time (or MAX = 8: 8, then 4), then 2, then
+// 1; R is a compile-time constant (std::integral_constant) so that the kernels keep R rows' sums
+// in registers.
+template <int MAX = 4, typename F>
 inline void in_row_chunks(int64_t M, F f) {
+  static_assert(MAX == 4 || MAX == 8, "chunks of 8, 4, 2 or 1 rows");
   int64_t m = 0;
+  if constexpr (MAX == 8) {
+    for (; m + 8 <= M; m += 8) f(std::integral_constant<int, 8>{}, m);
+  }
   for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
   for (; m + 2 <= M; m += 2) f(std::integral_constant<int, 2>{}, m);
   for (; m < M; ++m) f(std::integral_constant<int, 1>{}, m);
