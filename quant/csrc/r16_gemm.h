@@ -87,38 +87,50 @@ constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays w
 // llama.cpp's accuracy (on SmolLM2 against exact x: KL 0.012 and perplexity +0.24%, where 15 bits
 // give < 1e-5 and +0.002%: docs/BENCHMARKS.md). s is the block's sum of v, xs its exact sum of x.
 // Block g of the row goes to h and l at 32 g stride, its d, s and xs at g stride (XInt15::tile).
+// with_sum false: xs is left alone (only Q4_1's and Q4_K's mins read it). Its 32 additions in order
+// are a chain of dependent ones that no vector does, where everything else here is.
 inline void quantize_x_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs,
-                           int64_t stride = 1) {
+                           int64_t stride = 1, bool with_sum = true) {
   const float top = l ? X15_MAX : 127.f;
   for (int64_t g = 0; g < K / 32; ++g) {
     const float* xb = x + 32 * g;
-    float amax = 0.f, sum = 0.f;
-    for (int i = 0; i < 32; ++i) {
-      amax = std::max(amax, std::fabs(xb[i]));
-      sum += xb[i];
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    if (with_sum) {
+      float sum = 0.f;
+      for (int i = 0; i < 32; ++i) sum += xb[i];
+      xs[g * stride] = sum;
     }
     const float inv = amax > 0.f ? top / amax : 0.f;
+    int8_t *hb = h + 32 * g * stride, *lb = l ? l + 32 * g * stride : nullptr;
     int32_t vs = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // |v| <= top
-      if (l) {
+    if (l) {
+#pragma omp simd reduction(+ : vs)
+      for (int i = 0; i < 32; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // |v| <= top
         const int hi = (v + 64) >> 7;  // floor: l = v - 128 hi in [-64, 63]
-        h[32 * g * stride + i] = static_cast<int8_t>(hi);
-        l[32 * g * stride + i] = static_cast<int8_t>(v - 128 * hi);
-      } else {
-        h[32 * g * stride + i] = static_cast<int8_t>(v);
+        hb[i] = static_cast<int8_t>(hi);
+        lb[i] = static_cast<int8_t>(v - 128 * hi);
+        vs += v;
       }
-      vs += v;
+    } else {
+#pragma omp simd reduction(+ : vs)
+      for (int i = 0; i < 32; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+        hb[i] = static_cast<int8_t>(v);
+        vs += v;
+      }
     }
     d[g * stride] = amax / top;
     s[g * stride] = vs;
-    xs[g * stride] = sum;
   }
 }
 
 // x8: x as 8-bit integers (quantize_x_row) where the kernels take it so (`X8` below); l stays
-// empty. tile: XInt15::tile.
-inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool x8 = false, int tile = 0) {
+// empty. tile: XInt15::tile. with_sum: quantize_x_row's.
+inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool x8 = false, int tile = 0,
+                         bool with_sum = true) {
   const int64_t G = K / 32;
   out.K = K;
   out.tile = tile;
@@ -140,7 +152,7 @@ inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool
       const int r = static_cast<int>(m - c0);
       const int64_t a = tile ? out.at<true>(c0, R, r, 0) : m * K, i = tile ? out.block<true>(c0, R, r, 0) : m * G;
       quantize_x_row(x + m * K, K, out.h.data() + a, x8 ? nullptr : out.l.data() + a, out.d.data() + i,
-                     out.s.data() + i, out.xs.data() + i, tile ? R : 1);
+                     out.s.data() + i, out.xs.data() + i, tile ? R : 1, with_sum);
     }
   });
 }
@@ -762,7 +774,7 @@ void r16_gemm_as(const uint8_t* packed, int64_t N, int64_t K, const float* x, in
     return r16_gemm_avx2_wide<T>(packed, N, G, xb, M, y);
   }
 #endif
-  quantize_x15(x, M, K, xi, x8, R16_TILED && !portable ? 8 : 0);
+  quantize_x15(x, M, K, xi, x8, R16_TILED && !portable ? 8 : 0, R16Format<T>::MIN);
   // below ~16 KiB of weights a thread, waking the other costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / (bb * std::max<int64_t>(1, M)));
   at::parallel_for(0, groups, grain, [&](int64_t t0, int64_t t1) {
