@@ -139,16 +139,19 @@ inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool
   out.d.resize(M * G);
   out.s.resize(M * G);
   out.xs.resize(M * G);
-  // each row's chunk (its first row and size) as in_row_chunks<8> makes them
-  std::vector<std::pair<int64_t, int>> chunk(M, {0, 1});
-  if (tile) {
-    in_row_chunks<8>(M, [&](auto rows, int64_t m) {
-      for (int r = 0; r < decltype(rows)::value; ++r) chunk[m + r] = {m, decltype(rows)::value};
-    });
-  }
+  // row m's chunk (its first row and size) as in_row_chunks<8> makes them: 8s, then a 4, a 2, a 1
+  auto chunk_of = [M](int64_t m) {
+    int64_t c0 = 0;
+    for (int R : {8, 4, 2}) {
+      const int64_t n = (M - c0) / R * R;
+      if (m < c0 + n) return std::pair<int64_t, int>{c0 + (m - c0) / R * R, R};
+      c0 += n;
+    }
+    return std::pair<int64_t, int>{m, 1};
+  };
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const auto [c0, R] = tile ? chunk[m] : std::pair<int64_t, int>{m, 1};
+      const auto [c0, R] = tile ? chunk_of(m) : std::pair<int64_t, int>{m, 1};
       const int r = static_cast<int>(m - c0);
       const int64_t a = tile ? out.at<true>(c0, R, r, 0) : m * K, i = tile ? out.block<true>(c0, R, r, 0) : m * G;
       quantize_x_row(x + m * K, K, out.h.data() + a, x8 ? nullptr : out.l.data() + a, out.d.data() + i,
