@@ -340,10 +340,18 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- GGUF
 def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{file}: not a GGUF file (a GGUF file starts with the bytes 'GGUF')")
     try:
         reader = gguf.GGUFReader(file)
-    except Exception as e:  # the reader raises whatever numpy or struct raise on bad bytes
-        raise CheckpointError(f"{file}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+    except Exception as e:  # the reader raises whatever numpy or struct raise on bad bytes: no words for a user
+        unknown = re.fullmatch(r"(?:np\.uint32\()?(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+        why = (f"a tensor has type number {unknown[1]}, which no GGUF type has (from a newer llama.cpp?)"
+               if unknown else f"its header or tensors run past its {file.stat().st_size:,} bytes or hold values "
+               "no GGUF writer makes (truncated or corrupt?)")
+        raise CheckpointError(f"{file}: not a readable GGUF file: {why}") from None
     # GGUF.* are the reader's view of the header (version, counts), not key/values in the file.
     metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     arch = metadata.get("general.architecture")

@@ -291,9 +291,9 @@ def x15_activations(x: np.ndarray, top: int = 16319) -> tuple[np.ndarray, np.nda
 
 @pytest.mark.parametrize("bits", [15, 8])
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
-# 21 rows: a prefill chunk's path (AVX2's wide kernel from 16 rows; AVX-512 VNNI's chunks of 8, 8, 4
-# and 1 rows over x tiled for them), whose rows must equal decode's
-@pytest.mark.parametrize("rows", [1, 3, 7, 21])
+# 15 and 21 rows: a prefill chunk's path (AVX2's wide kernel from 16 rows; AVX-512 VNNI's chunks of
+# 8, 4, 2, 1 and 8, 8, 4, 1 rows over x tiled for them), whose rows must equal decode's
+@pytest.mark.parametrize("rows", [1, 3, 7, 15, 21])
 @pytest.mark.parametrize("n, k", [(16, 64), (40, 256), (576, 1536)])
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "int8_group", "Q4_K"])
 @torch.inference_mode()

@@ -120,7 +120,7 @@ using Vec = Avx2;
 #define LLAMADESK_VEC 1
 #endif
 
-#include "row_chunks.h"  // in_row_chunks: activation rows 4, 2, 1 at a time
+#include "row_chunks.h"  // in_row_chunks: activation rows 4 (or 8), 2, 1 at a time
 #include "gguf_gemv.h"  // GGUF block GEMV (Q4_0 ... Q6_K) on these vector types
 
 // ---------------------------------------------------------------- int4 GEMV

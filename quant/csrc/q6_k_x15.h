@@ -184,7 +184,7 @@ inline void q6_k_gemm(const uint8_t* W, const float* x, int64_t M, int64_t N, in
   if (x15 && !portable) {
     static thread_local XInt15 buffer;  // kept between calls (see r16_gemm_as)
     XInt15& xi = buffer;
-    quantize_x15(x, M, K, xi);
+    quantize_x15(x, M, K, xi, false, 0, false);  // no mins: no sum of x
     const int64_t row_bytes = K / 256 * 210;
     if (M >= Q6_K_WIDE_ROWS) {
       static thread_local std::vector<int16_t> pairs;

@@ -35,7 +35,8 @@
 // ---------------------------------------------------------------- x as 15-bit integers
 // M rows of K values in blocks of 32: v = 128 h + l, h (M, K) in [-127, 127], l (M, K) in
 // [-64, 63]; d (M, K / 32) the block's step (x = v d), s its sum of v (for the codes' offsets)
-// and xs its exact fp32 sum of x (for Q4_1's mins).
+// and xs its exact fp32 sum of x (for Q4_1's and Q4_K's mins; empty where quantize_x15 is told
+// no type reads it).
 // tile 0: row by row as written. tile 8 (what AVX-512 VNNI's kernel reads): the rows in
 // in_row_chunks<8>'s chunks, each chunk of R rows block-major, (K / 32, R, 32) and (K / 32, R),
 // so that a pass over 8 rows reads them through one pointer per array: 16 row pointers did not
@@ -138,7 +139,7 @@ inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool
   out.l.resize(x8 ? 0 : M * K);
   out.d.resize(M * G);
   out.s.resize(M * G);
-  out.xs.resize(M * G);
+  out.xs.resize(with_sum ? M * G : 0);
   // row m's chunk (its first row and size) as in_row_chunks<8> makes them: 8s, then a 4, a 2, a 1
   auto chunk_of = [M](int64_t m) {
     int64_t c0 = 0;
@@ -155,7 +156,7 @@ inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool
       const int r = static_cast<int>(m - c0);
       const int64_t a = tile ? out.at<true>(c0, R, r, 0) : m * K, i = tile ? out.block<true>(c0, R, r, 0) : m * G;
       quantize_x_row(x + m * K, K, out.h.data() + a, x8 ? nullptr : out.l.data() + a, out.d.data() + i,
-                     out.s.data() + i, out.xs.data() + i, tile ? R : 1, with_sum);
+                     out.s.data() + i, with_sum ? out.xs.data() + i : nullptr, tile ? R : 1, with_sum);
     }
   });
 }
@@ -757,7 +758,8 @@ inline void r16_group(const uint8_t* grp, int64_t G, const XInt15& x, int64_t m0
 
 // y (M, N) = x (M, K) W^T for W in the r16 layout (packed: its bytes; N its true rows). Threads
 // take groups of 16 rows; each group's blocks (K / 32 * 288 to 576 bytes) stay in cache while
-// every row of x, 4 at a time, goes through them: one pass over the weights for any M.
+// every row of x, R16_MAX_ROWS at a time (8 on AVX-512 VNNI, else 4), goes through them: one pass
+// over the weights for any M.
 // x8: x rounded to 8 bits (quantize_x_row) and one product a weight, for every M (the wide
 // kernel keeps 15 bits, so it is not taken).
 template <int T>

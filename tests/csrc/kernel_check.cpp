@@ -468,6 +468,30 @@ void check_x15(const std::vector<float>& x, int64_t M, int64_t K, const X15& wan
       detail = "block " + std::to_string(g) + ": step or sum of v";
   }
   tally.report(detail.empty(), x8 ? "x as 8-bit integers" : "x as 15-bit integers", detail);
+
+  // tiled for in_row_chunks<8>'s chunks (what AVX-512 VNNI's kernel reads), on 15 rows (8 + 4 +
+  // 2 + 1) made of these: the values row by row gives, each where XInt15::at and ::block say
+  const int64_t M15 = 15, G = K / 32;
+  std::vector<float> x15(M15 * K);
+  for (int64_t m = 0; m < M15; ++m)
+    for (int64_t k = 0; k < K; ++k) x15[m * K + k] = x[(m % M) * K + k] * static_cast<float>(1 + m);
+  XInt15 rows15, tiled;
+  quantize_x15(x15.data(), M15, K, rows15, x8);
+  quantize_x15(x15.data(), M15, K, tiled, x8, 8);
+  detail.clear();
+  in_row_chunks<8>(M15, [&](auto rows, int64_t m0) {
+    constexpr int R = decltype(rows)::value;
+    for (int r = 0; r < R; ++r) {
+      for (int64_t g = 0; g < G && detail.empty(); ++g) {
+        const int64_t a = tiled.at<true>(m0, R, r, g), b = tiled.block<true>(m0, R, r, g), row = (m0 + r) * K + 32 * g;
+        const bool same = std::memcmp(&tiled.h[a], &rows15.h[row], 32) == 0 &&
+                          (x8 || std::memcmp(&tiled.l[a], &rows15.l[row], 32) == 0) &&
+                          tiled.d[b] == rows15.d[(m0 + r) * G + g] && tiled.s[b] == rows15.s[(m0 + r) * G + g];
+        if (!same) detail = "row " + std::to_string(m0 + r) + ", block " + std::to_string(g) + " tiled";
+      }
+    }
+  });
+  tally.report(detail.empty(), x8 ? "8-bit x tiled in 8-row chunks" : "15-bit x tiled in 8-row chunks", detail);
 }
 
 // Per block the kernel's integer sum is exact; then fp32: the scale times x's step, that times the
