@@ -124,9 +124,17 @@ def import_model(path: Path, name: str | None, replace: bool = False, keep_float
     from .importer import import_checkpoint
 
     with _Steps() as steps:
-        steps.say(f"Converting {path.name}")
-        source = import_checkpoint(path, name=name, replace=replace,
-                                   progress=lambda d, t, w: steps.progress(d, t, f"Converting {w}"))
+        said = False
+
+        def converting(done: int, total: int, what: str) -> None:
+            # said once the file has opened as a checkpoint: a refused one gets its error line alone
+            nonlocal said
+            if not said:
+                said = True
+                steps.say(f"Converting {path.name}")
+            steps.progress(done, total, f"Converting {what}")
+
+        source = import_checkpoint(path, name=name, replace=replace, progress=converting)
         steps.say(f"Installed {source.ref} in {source.path} ({source.size_bytes / 1e6:.0f} MB)")
         return ready_to_chat(source, steps, replace, keep_float)
 

@@ -340,8 +340,11 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- GGUF
 def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
-    with open(file, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(file, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
     if magic != b"GGUF":
         raise CheckpointError(f"{file}: not a GGUF file (a GGUF file starts with the bytes 'GGUF')")
     try:

@@ -171,6 +171,16 @@ def _tensor_type_offset(data: bytes, name: bytes) -> int:
     return i + 4 + 8 * n_dims
 
 
+def test_a_file_that_is_not_gguf_gets_one_line(tmp_path, home, capsys):
+    from app.cli import main
+
+    path = tmp_path / "notes.gguf"
+    path.write_text("shopping list\n")
+    assert main(["import", str(path)]) == 1
+    assert capsys.readouterr().err == f"llamadesk: error: {path}: not a GGUF file (a GGUF file starts with the bytes 'GGUF')\n"
+    assert store.list_entries() == []
+
+
 def test_truncated_blocks_are_refused(tmp_path, home, capsys):
     path = write_random_blocks_gguf(tmp_path / "cut.gguf", "Q4_K")
     data = path.read_bytes()
