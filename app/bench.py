@@ -67,7 +67,7 @@ def bench_variant(entry: store.ModelEntry, prompt_tokens: int, gen_tokens: int, 
     progress(0, runs + 1)
     for run in range(runs + 1):  # the first run warms up caches and kernels, and is dropped
         t0 = time.perf_counter()
-        logits = prefill(model, ids)
+        logits = prefill(model, ids, decoder=decoder)
         token = int(logits.argmax())
         t1 = time.perf_counter()
         for pos in range(prompt_tokens, prompt_tokens + gen_tokens):

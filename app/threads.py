@@ -90,6 +90,12 @@ class ThreadGovernor:
         """The count decoding runs at (between probes)."""
         return self._home or min(self._get(), self.ceiling)
 
+    @property
+    def prefill_chunk(self):
+        """The inner decoder's prompt runner (model/generate.py's PromptRunner), or None: a
+        prompt's chunk runs on the threads torch has, as the model's forward would."""
+        return getattr(self.inner, "prefill_chunk", None)
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if self._home is None:
             self._home = min(self._get(), self.ceiling)

@@ -3,17 +3,18 @@
 `generate` is an iterator of token ids; the caller (CLI, chat app, tests) decides what to do with
 each one and stops it through a `threading.Event`. Nothing here knows about text.
 
-Prompts run through the model's own forward (chunked prefill). Each generated token runs through
-a Decoder: the one seam where a faster runtime over the same weights and KV cache replaces the
-eager blocks (the CPU's compiled step in quant/decode_cpu.py, the CUDA graph in
-model/static_decode.py). The app's engine picks it; the model never knows.
+Each generated token runs through a Decoder: the one seam where a faster runtime over the same
+weights and KV cache replaces the eager blocks (the CPU's compiled step in quant/decode_cpu.py,
+the CUDA graph in model/static_decode.py). The app's engine picks it; the model never knows.
+Prompts run in chunks through the decoder's `prefill_chunk` where it has one (the CPU step), else
+through the model's own forward.
 """
 from __future__ import annotations
 
 import math
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -71,6 +72,18 @@ class Decoder(Protocol):
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
 
 
+class PromptRunner(Protocol):
+    """What a Decoder may also have: a prompt's chunk through its own runtime.
+
+    prefill_chunk(tokens, start_pos, row, before_layer) -> logits (V,) of the last token: the T
+    tokens at positions start_pos.. into KV-cache row `row`, each seeing those before it, as the
+    model's forward over the chunk does. `before_layer()` is called before every layer (prefill's
+    stop check: it may raise)."""
+
+    def prefill_chunk(self, tokens: list[int], start_pos: int, row: int,
+                      before_layer: Callable[[], None]) -> torch.Tensor: ...
+
+
 class EagerDecoder:
     """The model's own blocks, one row at a time (the reference every other decoder matches)."""
 
@@ -111,40 +124,46 @@ class _Stopped(Exception):
 
 @torch.inference_mode()
 def prefill(model: Transformer, tokens: list[int], start_pos: int = 0, chunk: int | None = None,
-            cache_row: int = 0, cancel: threading.Event | None = None) -> torch.Tensor | None:
-    """Run the prompt through the model in chunks (default: prefill_chunk(model.args) tokens) into
-    KV-cache row `cache_row`; return the last position's logits (V,).
+            cache_row: int = 0, cancel: threading.Event | None = None,
+            decoder: Decoder | None = None) -> torch.Tensor | None:
+    """Run the prompt in chunks (default: prefill_chunk(model.args) tokens) into KV-cache row
+    `cache_row`; return the last position's logits (V,). A chunk runs through `decoder`'s
+    prefill_chunk where it has one (PromptRunner: the CPU step, ~10% faster on a 1.2B Llama's
+    prompt than the model's forward: docs/BENCHMARKS.md), else through the model's forward.
 
     With `cancel`, returns None once it is set: it is checked before every chunk and before every
-    layer (a forward pre-hook, so the model stays unaware), so a stop waits for one layer over one
-    chunk at most, not a whole prompt (a 1.1k-token prompt on an fp32 source took ~5 s). The
-    cache rows the stopped chunk was writing hold partial values: the caller treats every
-    position from `start_pos` on as not cached."""
+    layer (a forward pre-hook on the eager path, so the model stays unaware), so a stop waits for
+    one layer over one chunk at most, not a whole prompt (a 1.1k-token prompt on an fp32 source
+    took ~5 s). The cache rows the stopped chunk was writing hold partial values: the caller
+    treats every position from `start_pos` on as not cached."""
     chunk = chunk or prefill_chunk(model.args)
-    ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(0)  # (1, T)
+    runner = getattr(decoder, "prefill_chunk", None) if decoder is not None else None
+    thread = threading.get_ident()
+
+    def stop_check() -> None:
+        # the hook sits on shared modules: another thread's forward (a server row) is not ours to stop
+        if cancel is not None and cancel.is_set() and threading.get_ident() == thread:
+            raise _Stopped
+
     hooks = []
-    if cancel is not None:
-        thread = threading.get_ident()
-
-        def check(module, args) -> None:
-            # the hook sits on shared modules: another thread's forward (a server row) is not ours to stop
-            if cancel.is_set() and threading.get_ident() == thread:
-                raise _Stopped
-
-        hooks = [layer.register_forward_pre_hook(check) for layer in model.layers]
+    if cancel is not None and runner is None:
+        hooks = [layer.register_forward_pre_hook(lambda module, args: stop_check()) for layer in model.layers]
     logits = None
     try:
         for s in range(0, len(tokens), chunk):
             if cancel is not None and cancel.is_set():
                 return None
-            part = ids[:, s : s + chunk]
-            logits = model(part, start_pos + s, last_only=True, cache_row=cache_row)
+            if runner is not None:
+                logits = runner(tokens[s : s + chunk], start_pos + s, cache_row, stop_check)
+            else:
+                part = torch.tensor(tokens[s : s + chunk], dtype=torch.long).unsqueeze(0)  # (1, T)
+                logits = model(part, start_pos + s, last_only=True, cache_row=cache_row)[0, -1]
     except _Stopped:
         return None
     finally:
         for hook in hooks:
             hook.remove()
-    return logits[0, -1]
+    return logits
 
 
 def decode_one_token(decoder: Decoder, token: int, pos: int, cache_row: int = 0) -> torch.Tensor:
@@ -265,7 +284,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id
     # purpose ("The capital of France is..."), and penalizing them drove the default model to
     # answer an English question in French at the default settings (penalty 1.1)
     reply: list[int] = []
-    logits = prefill(model, prompt, start_pos, cache_row=cache_row, cancel=cancel)
+    logits = prefill(model, prompt, start_pos, cache_row=cache_row, cancel=cancel, decoder=decoder)
     if logits is None:  # stopped during the prompt
         return
     pos = end

@@ -472,6 +472,68 @@ def test_four_sequences_decode_together_each_as_alone(cache, kv_dtype):
     assert not torch.equal(together[0], together[1])  # the rows did hold different sequences
 
 
+# ---------------------------------------------------------------- a prompt through the step
+@pytest.mark.parametrize("head_dim", [64, 128])  # the models without int8 layers (HEAD_DIMS)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@torch.inference_mode()
+def test_a_prompt_through_the_step_follows_the_models_forward(cache, fp32_int4, split_keys, kv_dtype, head_dim):
+    """A 300-token prompt in chunks of 128 (the later chunks see the earlier ones' keys, past the
+    256 keys from which the step splits them over the threads) through the step's
+    run_prompt_chunk and through the model's forward: the same last logits and the same KV cache, by the one-step
+    test's tolerances; and every chunk's tokens at their own positions of one cache row."""
+    model = tiny_packed_model(ctx=512, kv_dtype=kv_dtype, head_dim=head_dim)
+    decoder = decode_cpu.build_decoder(model, cache)
+    decoder.prompts = True  # whatever this path's default (AVX-512 only: its attention is the faster)
+    prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(4)).tolist()
+    got = prefill(model, prompt, chunk=128, decoder=decoder)
+    stepped = [{k: t[:, :, :300].clone() for k, t in layer.attention.kv_cache.named_buffers()} for layer in model.layers]
+    expected = prefill(model, prompt, chunk=128)  # writes the same positions again
+    assert got.shape == expected.shape == (256,)
+    # the fp16 head rounds both to its grid: they may sit one of its steps apart (measured: at most
+    # 2^-9 on logits up to 5.2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2**-9 * float(expected.abs().max()))
+    for layer, bufs in zip(model.layers, stepped):
+        for name, t in bufs.items():
+            # fp32 summation order over up to 300 keys (measured: 1.7e-5); a bf16 value or an int8
+            # code one step apart where the two roundings straddle it, and in later layers what
+            # reading the other rounding back moved (up to a bf16 step of the largest value)
+            close = {torch.bfloat16: dict(rtol=0, atol=2**-7 * float(t.float().abs().max())),
+                     torch.int8: dict(rtol=0, atol=1)}.get(t.dtype)
+            torch.testing.assert_close(t.float(), getattr(layer.attention.kv_cache, name)[:, :, :300].float(),
+                                       **(close or dict(rtol=1e-4, atol=1e-4)))
+
+
+@torch.inference_mode()
+def test_a_stop_during_a_prompt_through_the_step_lands_between_layers(cache):
+    """prefill's stop check runs before every layer of a chunk the step runs, as the forward's
+    hooks do on the eager path: a cancel set during layer 1 returns None before layer 2."""
+    import threading
+
+    model = tiny_packed_model(ctx=512)
+    decoder = decode_cpu.build_decoder(model, cache)
+    decoder.prompts = True
+    cancel, layers = threading.Event(), []
+    step_rows = decoder.blocks.step_rows
+
+    class Blocks:  # the extension's Decoder, counting the layers it is asked for
+        def step_rows(self, h, positions, rows, first, last):
+            layers.append(first)
+            if first == 1:
+                cancel.set()
+            return step_rows(h, positions, rows, first, last)
+
+    decoder.blocks = Blocks()
+    assert prefill(model, list(range(40)), chunk=16, decoder=decoder, cancel=cancel) is None
+    assert layers == [0, 1]
+
+
+def test_one_position_of_a_cache_row_twice_is_refused(cache):
+    model = tiny_packed_model()
+    decoder = decode_cpu.build_decoder(model, cache)
+    with pytest.raises(RuntimeError, match="cache row 0 position 3 is given twice"):
+        decoder.decode(torch.tensor([1, 2]), torch.tensor([3, 3]), torch.tensor([0, 0]))
+
+
 def test_a_row_past_the_cache_is_refused(cache):
     model = tiny_packed_model()
     decoder = decode_cpu.build_decoder(model, cache)

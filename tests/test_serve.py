@@ -392,10 +392,12 @@ def test_disconnect_while_waiting_for_a_plain_reply_stops_it(url, scheduler, log
     assert any(x.startswith("POST /v1/completions") for x in logs[-2:])
 
 
-def test_a_client_leaving_during_its_prompt_stops_the_prefill(engine, rows):
-    """The client goes while the first layer runs over its 900-token prompt (a hook sets the job's
+def test_a_client_leaving_during_its_prompt_stops_the_prefill(engine, rows, monkeypatch):
+    """The client goes as the first layer over its 900-token prompt ends (a hook sets the job's
     cancel there, as job_events does when it sees the disconnect): no other layer runs, the job
     ends cancelled and its slot takes the next request."""
+    from prompt_layers import after_each_prompt_layer
+
     tight = Scheduler(rows, parallel=1, queue=1)
     job = Job(list(range(1000, 1900)), SamplingParams(temperature=0), 4)
     ran = []
@@ -404,7 +406,8 @@ def test_a_client_leaving_during_its_prompt_stops_the_prefill(engine, rows):
         ran.append(module)
         job.cancel.set()
 
-    hooks = [layer.register_forward_pre_hook(leave) for layer in engine.model.layers]
+    # after the first layer the prompt runs, the model's forward or the CPU step
+    hooks = after_each_prompt_layer(monkeypatch, engine.model, lambda: leave(None, None))
 
     async def events(j):
         tight.submit(j)

@@ -980,6 +980,7 @@ async def test_esc_in_the_middle_of_a_long_prompt_stops_before_the_next_layer(de
     stop before): the stop is seen between two layers. Not timed: a forward hook counts the
     layers that finish after the cancel event is set; only the one running then may."""
     from app.tui.backend import engine_loader
+    from prompt_layers import after_each_prompt_layer
 
     monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
     engine = engine_loader(ctx=2048)("smollm2-135m-instruct:float")
@@ -994,7 +995,7 @@ async def test_esc_in_the_middle_of_a_long_prompt_stops_before_the_next_layer(de
         seen["layers"] += 1
         prefilling.set()
 
-    hooks = [layer.register_forward_hook(count) for layer in engine.model.layers]
+    hooks = after_each_prompt_layer(monkeypatch, engine.model, lambda: count(None, None, None))
     try:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.chat.model is not None, timeout=60)

@@ -95,7 +95,7 @@ class EngineRows:
         # the engine's record of what its cache holds stays empty while the server uses it, so
         # the engine's own `stream` never reuses what these rows wrote
         self.engine._cached = []
-        return prefill(self.engine.model, ids, 0, cache_row=slot, cancel=cancel)
+        return prefill(self.engine.model, ids, 0, cache_row=slot, cancel=cancel, decoder=self.engine.decoder)
 
     def step(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """Feed token b at positions[b] into cache slot slots[b]; logits (B, V)."""

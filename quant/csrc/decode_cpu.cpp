@@ -968,18 +968,34 @@ class Decoder {
   }
 
   // x: (B, 1, dim) fp32 hidden states of B tokens, token b at position positions[b] of KV-cache
-  // row rows[b] (the caches are (rows, n_kv, S, hd)); returns them after every block. Each linear
-  // layer runs once for the B rows; norms, RoPE, the cache and attention run row by row. Distinct
-  // rows must be distinct cache rows.
-  at::Tensor step_rows(at::Tensor x, const std::vector<int64_t>& positions, const std::vector<int64_t>& rows) {
+  // row rows[b] (the caches are (rows, n_kv, S, hd)); returns them after blocks first .. last - 1
+  // (default: every block). Each linear layer runs once for the B rows; norms and RoPE run row by
+  // row, then every row's k and v go into the cache, then each row attends to its cache row's keys
+  // up to its position. So tokens may share a cache row at distinct positions: a prompt's chunk
+  // (prefill_rows) is its tokens as rows of one cache row, each seeing those before it.
+  at::Tensor step_rows(at::Tensor x, const std::vector<int64_t>& positions, const std::vector<int64_t>& rows,
+                       int64_t first = 0, int64_t last = -1) {
     const int64_t B = static_cast<int64_t>(positions.size());
+    last = last < 0 ? static_cast<int64_t>(blocks_.size()) : last;
+    TORCH_CHECK(0 <= first && first <= last && last <= static_cast<int64_t>(blocks_.size()), "blocks ", first, " to ",
+                last, " are not among the ", blocks_.size());
     TORCH_CHECK(B > 0 && static_cast<int64_t>(rows.size()) == B, "one position and one cache row a token");
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == B * dim_, "x must be (B, 1, dim) fp32");
     for (int64_t i = 0; i < B; ++i) {
       TORCH_CHECK(positions[i] >= 0 && positions[i] < rope_.size(0), "position ", positions[i], " is past the cache");
       TORCH_CHECK(blocks_.empty() || (rows[i] >= 0 && rows[i] < blocks_[0].k_cache.size(0)), "cache row ", rows[i],
                   " is out of range");
-      for (int64_t j = 0; j < i; ++j) TORCH_CHECK(rows[i] != rows[j], "cache row ", rows[i], " is given twice");
+    }
+    if (B <= 64) {  // a batch of decode steps: pairs checked directly
+      for (int64_t i = 0; i < B; ++i)
+        for (int64_t j = 0; j < i; ++j)
+          TORCH_CHECK(rows[i] != rows[j] || positions[i] != positions[j], "cache row ", rows[i], " position ",
+                      positions[i], " is given twice");
+    } else {
+      std::vector<std::pair<int64_t, int64_t>> seen(B);
+      for (int64_t i = 0; i < B; ++i) seen[i] = {rows[i], positions[i]};
+      std::sort(seen.begin(), seen.end());
+      TORCH_CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end(), "a cache row and position is given twice");
     }
     const int64_t qkv = (nh_ + 2 * nkv_) * hd_;
     xn_.resize(B * dim_);
@@ -988,25 +1004,34 @@ class Decoder {
     o_.resize(B * dim_);
     h13_.resize(B * 2 * hidden_);
     act_.resize(B * hidden_);
-    if (static_cast<int64_t>(scratch_.size()) < B) scratch_.resize(B);
+    // one attention scratch a thread (a row's scores take n_heads x its keys)
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    if (static_cast<int64_t>(scratch_.size()) < threads) scratch_.resize(threads);
     at::Tensor h = x.contiguous().clone().view({B, 1, dim_});
     float* hp = h.data_ptr<float>();
-    for (auto& b : blocks_) {
+    for (int64_t l = first; l < last; ++l) {
+      Block& b = blocks_[l];
       // attention: h += wo(attend(rope(q), rope(k), v))
       for (int64_t r = 0; r < B; ++r) rms_norm(hp + r * dim_, b.attention_norm.data_ptr<float>(), xn_.data() + r * dim_, dim_, eps_);
       b.wqkv.apply(xn_.data(), qkv_.data(), B, x8_);
+      for (int64_t r = 0; r < B; ++r) {
+        float* q = qkv_.data() + r * qkv;
+        rope(q, rope_.data_ptr<float>() + positions[r] * hd_, nh_ + nkv_, hd_);  // q and k sit next to each other
+        switch (b.k_cache.scalar_type()) {
+          case at::kFloat: store_kv<float>(b, q + nh_ * hd_, q + (nh_ + nkv_) * hd_, positions[r], rows[r]); break;
+          case at::kBFloat16: store_kv<at::BFloat16>(b, q + nh_ * hd_, q + (nh_ + nkv_) * hd_, positions[r], rows[r]); break;
+          default: store_kv<int8_t>(b, q + nh_ * hd_, q + (nh_ + nkv_) * hd_, positions[r], rows[r]); break;
+        }
+      }
       auto attend_rows = [&](int64_t r0, int64_t r1) {
+        AttnScratch& sc = scratch_[std::min<int64_t>(at::get_thread_num(), threads - 1)];
         for (int64_t r = r0; r < r1; ++r) {
-          float* q = qkv_.data() + r * qkv;
-          float* k = q + nh_ * hd_;
-          float* v = k + nkv_ * hd_;
-          rope(q, rope_.data_ptr<float>() + positions[r] * hd_, nh_ + nkv_, hd_);  // q and k sit next to each other
+          const float* q = qkv_.data() + r * qkv;
           float* out = att_.data() + r * nh_ * hd_;
-          AttnScratch& sc = scratch_[r];
           switch (b.k_cache.scalar_type()) {
-            case at::kFloat: attend_block<float>(b, q, k, v, positions[r], rows[r], out, sc); break;
-            case at::kBFloat16: attend_block<at::BFloat16>(b, q, k, v, positions[r], rows[r], out, sc); break;
-            default: attend_block<int8_t>(b, q, k, v, positions[r], rows[r], out, sc); break;
+            case at::kFloat: attend_block<float>(b, q, positions[r], rows[r], out, sc); break;
+            case at::kBFloat16: attend_block<at::BFloat16>(b, q, positions[r], rows[r], out, sc); break;
+            default: attend_block<int8_t>(b, q, positions[r], rows[r], out, sc); break;
           }
         }
       };
@@ -1133,11 +1158,10 @@ class Decoder {
   }
 
  private:
-  // Store this token's k, v (nkv * hd each) at `pos` as the cache holds them (as the Python
-  // KVCache.update does), then attend; writes out (nh * hd).
+  // Store a token's k, v (nkv * hd each) at `pos` of cache row `row` as the cache holds them (as
+  // the Python KVCache.update does).
   template <typename T>
-  void attend_block(Block& b, const float* q, const float* k, const float* v, int64_t pos, int64_t row, float* out,
-                    AttnScratch& sc) {
+  void store_kv(Block& b, const float* k, const float* v, int64_t pos, int64_t row) {
     const int64_t S = b.k_cache.size(2);
     const int64_t first = row * nkv_ * S;  // this row's first vector
     T* kc = b.k_cache.data_ptr<T>() + first * hd_;
@@ -1149,6 +1173,17 @@ class Decoder {
       store(k + g * hd_, kc + at_pos * hd_, ks ? ks + at_pos : nullptr);
       store(v + g * hd_, vc + at_pos * hd_, vs ? vs + at_pos : nullptr);
     }
+  }
+
+  // q (nh * hd) against cache row `row`'s keys 0 .. pos; writes out (nh * hd).
+  template <typename T>
+  void attend_block(Block& b, const float* q, int64_t pos, int64_t row, float* out, AttnScratch& sc) {
+    const int64_t S = b.k_cache.size(2);
+    const int64_t first = row * nkv_ * S;  // this row's first vector
+    const T* kc = b.k_cache.data_ptr<T>() + first * hd_;
+    const T* vc = b.v_cache.data_ptr<T>() + first * hd_;
+    const float* ks = b.k_scale.defined() ? b.k_scale.data_ptr<float>() + first : nullptr;
+    const float* vs = b.v_scale.defined() ? b.v_scale.data_ptr<float>() + first : nullptr;
 #ifdef LLAMADESK_VEC
     if (hd_ == 64) return attend_fast<T, 64 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out, sc);
     if (hd_ == 128) return attend_fast<T, 128 / Vec::W>(q, kc, vc, ks, vs, S, pos + 1, out, sc);
@@ -1295,7 +1330,7 @@ class Decoder {
   std::vector<Block> blocks_;
   bool x8_ = false;  // set_activation_bits(8)
   std::vector<float> xn_, qkv_, att_, o_, h13_, act_;
-  std::vector<AttnScratch> scratch_;  // one per row of a batch: rows attend on the threads at once
+  std::vector<AttnScratch> scratch_;  // one a thread: rows attend on the threads at once
   at::Tensor head_norm_;  // (dim,) fp32, with head_ once set_head ran
   Linear head_{};
   bool has_head_ = false;
@@ -1442,7 +1477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &Decoder::step, py::arg("x"), py::arg("pos"), py::arg("row") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def("step_rows", &Decoder::step_rows, py::arg("x"), py::arg("positions"), py::arg("rows"),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("first") = 0, py::arg("last") = -1, py::call_guard<py::gil_scoped_release>())
       .def("set_head", &Decoder::set_head)
       .def("set_activation_bits", &Decoder::set_activation_bits)
       .def("set_embedding", &Decoder::set_embedding)
