@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
 from model.chat_format import ChatFormat, choose_chat_format
-from model.generate import Decoder, EagerDecoder, SamplingParams, generate
+from model.generate import Decoder, EagerDecoder, SamplingParams, generate, prefill
 from model.model import Transformer
 from model.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, sampling_defaults
 from quant import decode_cpu, extension
@@ -356,10 +356,10 @@ class Engine:
         return engine
 
     def warm_up(self) -> None:
-        """One prefill chunk at the far end of the context: the most memory the plan allows for."""
+        """One prefill chunk at the far end of the context, through the decoder's prompt path where
+        it has one: the most memory the plan allows for."""
         chunk = min(PREFILL_CHUNK, self.ctx)
-        with torch.inference_mode():
-            self.model(torch.zeros((1, chunk), dtype=torch.long), self.ctx - chunk, last_only=True)
+        prefill(self.model, [0] * chunk, self.ctx - chunk, chunk=chunk, decoder=self.decoder)
         trim_heap()
         self._cached = []
 

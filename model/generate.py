@@ -73,15 +73,16 @@ class Decoder(Protocol):
 
 
 class PromptRunner(Protocol):
-    """What a Decoder may also have: a prompt's chunk through its own runtime.
+    """What a Decoder may also have, as its `prefill_chunk` attribute (None where it has none now):
+    a prompt's chunk through its own runtime.
 
     prefill_chunk(tokens, start_pos, row, before_layer) -> logits (V,) of the last token: the T
     tokens at positions start_pos.. into KV-cache row `row`, each seeing those before it, as the
     model's forward over the chunk does. `before_layer()` is called before every layer (prefill's
     stop check: it may raise)."""
 
-    def prefill_chunk(self, tokens: list[int], start_pos: int, row: int,
-                      before_layer: Callable[[], None]) -> torch.Tensor: ...
+    def __call__(self, tokens: list[int], start_pos: int, row: int,
+                 before_layer: Callable[[], None]) -> torch.Tensor: ...
 
 
 class EagerDecoder:
@@ -137,11 +138,14 @@ def prefill(model: Transformer, tokens: list[int], start_pos: int = 0, chunk: in
     took ~5 s). The cache rows the stopped chunk was writing hold partial values: the caller
     treats every position from `start_pos` on as not cached."""
     chunk = chunk or prefill_chunk(model.args)
-    runner = getattr(decoder, "prefill_chunk", None) if decoder is not None else None
+    if start_pos + len(tokens) > model.max_cache_len:  # as the forward says it
+        raise ValueError(f"{start_pos + len(tokens)} tokens exceed the cache of {model.max_cache_len}")
+    runner: PromptRunner | None = getattr(decoder, "prefill_chunk", None) if decoder is not None else None
     thread = threading.get_ident()
 
     def stop_check() -> None:
-        # the hook sits on shared modules: another thread's forward (a server row) is not ours to stop
+        # before each layer; on the forward's path a hook on shared modules: another thread's
+        # forward (a server row) is not ours to stop
         if cancel is not None and cancel.is_set() and threading.get_ident() == thread:
             raise _Stopped
 
@@ -268,7 +272,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_id
 
     `prompt` holds the tokens from `start_pos` on; positions before it must already be in
     KV-cache row `cache_row` (a chat reuses the conversation it has already seen). Tokens after
-    the first run through `decoder` (default: the eager blocks).
+    the first run through `decoder` (default: the eager blocks), and the prompt's chunks too
+    where it has a prefill_chunk (prefill).
     """
     decoder = decoder or EagerDecoder(model)
     params = params or SamplingParams()

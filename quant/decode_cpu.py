@@ -49,9 +49,10 @@ class CpuStepDecoder:
 
     @property
     def prefill_chunk(self):
-        """run_prompt_chunk where prompts go through the step (model/generate.py's PromptRunner),
-        else None: the model's forward runs them."""
-        return self.run_prompt_chunk if self.prompts else None
+        """run_prompt_chunk where prompts go through the step (model/generate.py's PromptRunner):
+        on AVX-512 (`prompts`) and while every layer's kernel reads its weights once for a chunk's
+        rows (r16, Q6_K, the step's int4); else None, and the model's forward runs them."""
+        return self.run_prompt_chunk if self.prompts and self.blocks.prompts_in_one_pass() else None
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

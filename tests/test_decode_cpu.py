@@ -7,6 +7,8 @@ Python blocks call torch's, which rounds the input to bf16: against the step, th
 int4 layers run their dequantized weight in fp32 (`fp32_int4`), what the step computes.
 The real default model's greedy tokens are checked in test_fast_path.py.
 """
+from types import SimpleNamespace
+
 import gguf
 import pytest
 import torch
@@ -483,9 +485,11 @@ def test_a_prompt_through_the_step_follows_the_models_forward(cache, fp32_int4, 
     test's tolerances; and every chunk's tokens at their own positions of one cache row."""
     model = tiny_packed_model(ctx=512, kv_dtype=kv_dtype, head_dim=head_dim)
     decoder = decode_cpu.build_decoder(model, cache)
-    decoder.prompts = True  # whatever this path's default (AVX-512 only: its attention is the faster)
+    # the step's prompt path whatever prefill_chunk would choose here (its fp32 layers run torch's
+    # kernels a row at a time: the forward would be the faster)
+    runner = SimpleNamespace(prefill_chunk=decoder.run_prompt_chunk)
     prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(4)).tolist()
-    got = prefill(model, prompt, chunk=128, decoder=decoder)
+    got = prefill(model, prompt, chunk=128, decoder=runner)
     stepped = [{k: t[:, :, :300].clone() for k, t in layer.attention.kv_cache.named_buffers()} for layer in model.layers]
     expected = prefill(model, prompt, chunk=128)  # writes the same positions again
     assert got.shape == expected.shape == (256,)
@@ -511,7 +515,6 @@ def test_a_stop_during_a_prompt_through_the_step_lands_between_layers(cache):
 
     model = tiny_packed_model(ctx=512)
     decoder = decode_cpu.build_decoder(model, cache)
-    decoder.prompts = True
     cancel, layers = threading.Event(), []
     step_rows = decoder.blocks.step_rows
 
@@ -523,8 +526,18 @@ def test_a_stop_during_a_prompt_through_the_step_lands_between_layers(cache):
             return step_rows(h, positions, rows, first, last)
 
     decoder.blocks = Blocks()
-    assert prefill(model, list(range(40)), chunk=16, decoder=decoder, cancel=cancel) is None
+    runner = SimpleNamespace(prefill_chunk=decoder.run_prompt_chunk)
+    assert prefill(model, list(range(40)), chunk=16, decoder=runner, cancel=cancel) is None
     assert layers == [0, 1]
+
+
+def test_prompts_go_through_the_step_only_where_every_layer_reads_its_weights_once(cache):
+    """torch's kernels (fp32, int8 here) run a chunk's rows one at a time in the step, where the
+    forward gives them all rows at once: such a model's prompts keep the forward, on any path."""
+    model = tiny_packed_model()
+    decoder = decode_cpu.build_decoder(model, cache)
+    decoder.prompts = True
+    assert not decoder.blocks.prompts_in_one_pass() and decoder.prefill_chunk is None
 
 
 def test_one_position_of_a_cache_row_twice_is_refused(cache):

@@ -625,7 +625,14 @@ struct Linear {
   GgufType gguf = GGUF_NONE;  // GGUF: the block type of `a`'s rows
   int r16 = -1;               // R16: the R16Type of `a`'s bytes
   std::vector<Linear> parts;  // ROWS: layers whose outputs follow one another (q, k, v in two types)
-  std::vector<float> part_out;  // ROWS: one part's outputs for M rows
+
+  // Whether apply reads the weight once for M rows (r16, Q6_K, our int4 kernel, ROWS of those):
+  // torch's kernels and the other GGUF block kernels run a prompt's rows a few at a time.
+  bool one_pass() const {
+    if (kind == ROWS) return std::all_of(parts.begin(), parts.end(), [](const Linear& p) { return p.one_pass(); });
+    return kind == R16 || (kind == GGUF && gguf == GGUF_Q6_K) ||
+           (kind == INT4 && own_int4 && !g_int4_torch.load(std::memory_order_relaxed));
+  }
 
   // y[m, 0:n_out] = W x[m] for M rows (x: M x k_in, y: M x n_out), fp32. Our kernels (int4, GGUF
   // blocks, r16) read the weight once for all rows; torch's kernels run a row at a time,
@@ -647,6 +654,8 @@ struct Linear {
       return;
     }
     if (kind == ROWS) {  // each part over all M rows, then its columns into each row's output
+      // one buffer a thread for every ROWS layer: a prompt's chunk of rows leaves one, not one a layer
+      static thread_local std::vector<float> part_out;
       int64_t off = 0;
       for (auto& p : parts) {
         part_out.resize(M * p.n_out);
@@ -972,7 +981,8 @@ class Decoder {
   // (default: every block). Each linear layer runs once for the B rows; norms and RoPE run row by
   // row, then every row's k and v go into the cache, then each row attends to its cache row's keys
   // up to its position. So tokens may share a cache row at distinct positions: a prompt's chunk
-  // (prefill_rows) is its tokens as rows of one cache row, each seeing those before it.
+  // (quant/decode_cpu.py's run_prompt_chunk) is its tokens as rows of one cache row, each seeing
+  // those before it.
   at::Tensor step_rows(at::Tensor x, const std::vector<int64_t>& positions, const std::vector<int64_t>& rows,
                        int64_t first = 0, int64_t last = -1) {
     const int64_t B = static_cast<int64_t>(positions.size());
@@ -1024,7 +1034,9 @@ class Decoder {
         }
       }
       auto attend_rows = [&](int64_t r0, int64_t r1) {
-        AttnScratch& sc = scratch_[std::min<int64_t>(at::get_thread_num(), threads - 1)];
+        const int64_t t = at::get_thread_num();
+        TORCH_CHECK(t < threads, "attention scratch for thread ", t, " of ", threads);
+        AttnScratch& sc = scratch_[t];
         for (int64_t r = r0; r < r1; ++r) {
           const float* q = qkv_.data() + r * qkv;
           float* out = att_.data() + r * nh_ * hd_;
@@ -1038,7 +1050,7 @@ class Decoder {
       // rows on the threads at once (each its own cache row and scratch); a row's arithmetic is
       // what it does alone, since its key ranges follow KEY_PARTS, not the region it runs in.
       // An fp32 cache's long rows run torch's matmul: one row at a time.
-      if (B > 1 && b.k_cache.scalar_type() != at::kFloat) {
+      if (B > 1 && (b.k_cache.scalar_type() != at::kFloat || vector_attention())) {
         at::parallel_for(0, B, 1, attend_rows);
       } else {
         attend_rows(0, B);
@@ -1151,6 +1163,14 @@ class Decoder {
     return logits;
   }
 
+  // Whether a prompt's chunk as B rows reads each layer's weights once (Linear::one_pass for every
+  // layer): else the model's forward, whose torch GEMMs take all rows, runs it faster.
+  bool prompts_in_one_pass() const {
+    return std::all_of(blocks_.begin(), blocks_.end(), [](const Block& b) {
+      return b.wqkv.one_pass() && b.wo.one_pass() && b.w13.one_pass() && b.w2.one_pass();
+    });
+  }
+
   // One token: step_rows for B = 1.
   at::Tensor step(at::Tensor x, int64_t pos, int64_t row) {
     TORCH_CHECK(x.numel() == dim_, "x must be (1, 1, dim) fp32");
@@ -1158,6 +1178,15 @@ class Decoder {
   }
 
  private:
+  // attend_fast for every row (no torch matmul, which runs one row at a time)
+  bool vector_attention() const {
+#ifdef LLAMADESK_VEC
+    return hd_ == 64 || hd_ == 128;
+#else
+    return false;
+#endif
+  }
+
   // Store a token's k, v (nkv * hd each) at `pos` of cache row `row` as the cache holds them (as
   // the Python KVCache.update does).
   template <typename T>
@@ -1483,6 +1512,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_embedding", &Decoder::set_embedding)
       .def("step_tokens", &Decoder::step_tokens, py::arg("tokens"), py::arg("positions"), py::arg("rows"),
            py::call_guard<py::gil_scoped_release>())
+      .def("prompts_in_one_pass", &Decoder::prompts_in_one_pass)
       .def("step_logits", &Decoder::step_logits, py::arg("x"), py::arg("positions"), py::arg("rows"),
            py::call_guard<py::gil_scoped_release>());
   m.def("int8_group_linear", &int8_group_linear, py::arg("x"), py::arg("q"), py::arg("scales"),
