@@ -79,8 +79,7 @@ class CpuStepDecoder:
         for layer in range(len(self.model.layers)):
             before_layer()
             h = self.blocks.step_rows(h, positions, rows, layer, layer + 1)
-        norm, output = self.model.norm, self.model.output
-        return output(norm(h[-1:]))[0, -1]  # (V,)
+        return self._head(h[-1:])[0]  # (V,)
 
     def set_activation_bits(self, bits: int) -> int:
         """8: from the next step on, the r16 layers (GGUF Q4_0, Q4_1, Q8_0, Q4_K and grouped int8)

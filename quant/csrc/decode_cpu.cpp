@@ -996,17 +996,11 @@ class Decoder {
       TORCH_CHECK(blocks_.empty() || (rows[i] >= 0 && rows[i] < blocks_[0].k_cache.size(0)), "cache row ", rows[i],
                   " is out of range");
     }
-    if (B <= 64) {  // a batch of decode steps: pairs checked directly
-      for (int64_t i = 0; i < B; ++i)
-        for (int64_t j = 0; j < i; ++j)
-          TORCH_CHECK(rows[i] != rows[j] || positions[i] != positions[j], "cache row ", rows[i], " position ",
-                      positions[i], " is given twice");
-    } else {
-      std::vector<std::pair<int64_t, int64_t>> seen(B);
-      for (int64_t i = 0; i < B; ++i) seen[i] = {rows[i], positions[i]};
-      std::sort(seen.begin(), seen.end());
-      TORCH_CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end(), "a cache row and position is given twice");
-    }
+    seen_.resize(B);  // kept between calls: a decode step allocates nothing
+    for (int64_t i = 0; i < B; ++i) seen_[i] = {rows[i], positions[i]};
+    std::sort(seen_.begin(), seen_.end());
+    const auto twice = std::adjacent_find(seen_.begin(), seen_.end());
+    TORCH_CHECK(twice == seen_.end(), "cache row ", twice->first, " position ", twice->second, " is given twice");
     const int64_t qkv = (nh_ + 2 * nkv_) * hd_;
     xn_.resize(B * dim_);
     qkv_.resize(B * qkv);
@@ -1360,6 +1354,7 @@ class Decoder {
   bool x8_ = false;  // set_activation_bits(8)
   std::vector<float> xn_, qkv_, att_, o_, h13_, act_;
   std::vector<AttnScratch> scratch_;  // one a thread: rows attend on the threads at once
+  std::vector<std::pair<int64_t, int64_t>> seen_;  // step_rows' (cache row, position) pairs, sorted
   at::Tensor head_norm_;  // (dim,) fp32, with head_ once set_head ran
   Linear head_{};
   bool has_head_ = false;

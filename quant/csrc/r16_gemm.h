@@ -37,7 +37,7 @@
 // [-64, 63]; d (M, K / 32) the block's step (x = v d), s its sum of v (for the codes' offsets)
 // and xs its exact fp32 sum of x (for Q4_1's and Q4_K's mins; empty where quantize_x15 is told
 // no type reads it).
-// tile 0: row by row as written. tile 8 (what AVX-512 VNNI's kernel reads): the rows in
+// quantize_x15's tile 0: row by row as written. tile 8 (what AVX-512 VNNI's kernel reads): the rows in
 // in_row_chunks<8>'s chunks, each chunk of R rows block-major, (K / 32, R, 32) and (K / 32, R),
 // so that a pass over 8 rows reads them through one pointer per array: 16 row pointers did not
 // fit x86's 16 general registers beside the kernel's own, and g++ kept them on the stack.
@@ -46,7 +46,6 @@ struct XInt15 {
   std::vector<float> d, xs;
   std::vector<int32_t> s;
   int64_t K = 0;
-  int tile = 0;
   // where row m0 + r's block g starts in h and l, and its index in d, s and xs (m0: the first row
   // of a chunk of R), tiled or not (the kernels know which at compile time)
   template <bool TILED>
@@ -60,7 +59,7 @@ struct XInt15 {
 };
 
 // Rows of x a group's pass takes at once (in_row_chunks<R16_MAX_ROWS>), and whether x is tiled
-// for them (XInt15::tile). AVX-512 VNNI: 8, whose 16 integer sums (two a row) are the chains that
+// for them (quantize_x15's tile). AVX-512 VNNI: 8, whose 16 integer sums (two a row) are the chains that
 // keep both vpdpbusd ports busy (its latency is ~5 cycles: 8 chains ran 89% of their rate, 12 all
 // of it) in 32 registers; AVX2's 16 registers hold 4 rows' sums.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -87,7 +86,7 @@ constexpr float X15_MAX = 16319.f;  // 127 * 128 + 63: h = (v + 64) >> 7 stays w
 // so that one integer product a weight does, half the vector work a row of 15-bit x takes, at
 // llama.cpp's accuracy (on SmolLM2 against exact x: KL 0.012 and perplexity +0.24%, where 15 bits
 // give < 1e-5 and +0.002%: docs/BENCHMARKS.md). s is the block's sum of v, xs its exact sum of x.
-// Block g of the row goes to h and l at 32 g stride, its d, s and xs at g stride (XInt15::tile).
+// Block g of the row goes to h and l at 32 g stride, its d, s and xs at g stride (quantize_x15's tile).
 // with_sum false: xs is left alone (only Q4_1's and Q4_K's mins read it). Its 32 additions in order
 // are a chain of dependent ones that no vector does, where everything else here is.
 inline void quantize_x_row(const float* x, int64_t K, int8_t* h, int8_t* l, float* d, int32_t* s, float* xs,
@@ -129,30 +128,19 @@ inline void quantize_x_row(const float* x, int64_t K, int8_t* h, int8_t* l, floa
 }
 
 // x8: x as 8-bit integers (quantize_x_row) where the kernels take it so (`X8` below); l stays
-// empty. tile: XInt15::tile. with_sum: quantize_x_row's.
+// empty. tile: 0 or 8, the layout XInt15 describes. with_sum: quantize_x_row's.
 inline void quantize_x15(const float* x, int64_t M, int64_t K, XInt15& out, bool x8 = false, int tile = 0,
                          bool with_sum = true) {
   const int64_t G = K / 32;
   out.K = K;
-  out.tile = tile;
   out.h.resize(M * K);
   out.l.resize(x8 ? 0 : M * K);
   out.d.resize(M * G);
   out.s.resize(M * G);
   out.xs.resize(with_sum ? M * G : 0);
-  // row m's chunk (its first row and size) as in_row_chunks<8> makes them: 8s, then a 4, a 2, a 1
-  auto chunk_of = [M](int64_t m) {
-    int64_t c0 = 0;
-    for (int R : {8, 4, 2}) {
-      const int64_t n = (M - c0) / R * R;
-      if (m < c0 + n) return std::pair<int64_t, int>{c0 + (m - c0) / R * R, R};
-      c0 += n;
-    }
-    return std::pair<int64_t, int>{m, 1};
-  };
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const auto [c0, R] = tile ? chunk_of(m) : std::pair<int64_t, int>{m, 1};
+      const auto [c0, R] = tile ? row_chunk_of<8>(M, m) : std::pair<int64_t, int>{m, 1};
       const int r = static_cast<int>(m - c0);
       const int64_t a = tile ? out.at<true>(c0, R, r, 0) : m * K, i = tile ? out.block<true>(c0, R, r, 0) : m * G;
       quantize_x_row(x + m * K, K, out.h.data() + a, x8 ? nullptr : out.l.data() + a, out.d.data() + i,

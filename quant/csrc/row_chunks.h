@@ -19,3 +19,15 @@ inline void in_row_chunks(int64_t M, F f) {
   for (; m + 2 <= M; m += 2) f(std::integral_constant<int, 2>{}, m);
   for (; m < M; ++m) f(std::integral_constant<int, 1>{}, m);
 }
+
+// The chunk in_row_chunks<MAX>(M, ...) puts row m in: its first row and its size R.
+template <int MAX = 4>
+inline std::pair<int64_t, int> row_chunk_of(int64_t M, int64_t m) {
+  int64_t c0 = 0;
+  for (int R = MAX; R > 1; R /= 2) {
+    const int64_t n = (M - c0) / R * R;  // past the MAX chunks fewer than 2 R rows are left: one chunk at most
+    if (m < c0 + n) return {c0 + (m - c0) / R * R, R};
+    c0 += n;
+  }
+  return {m, 1};
+}
