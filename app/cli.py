@@ -6,6 +6,7 @@ Diagnostics go to stderr, answers to stdout; every error a user can cause ends a
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import sys
 import threading
@@ -134,7 +135,7 @@ def import_model(path: Path, name: str | None, replace: bool = False, keep_float
                 steps.say(f"Converting {path.name}")
             steps.progress(done, total, f"Converting {what}")
 
-        source = import_checkpoint(path, name=name, replace=replace, progress=converting)
+        source = import_checkpoint(path, name=name, replace=replace, progress=converting, say=steps.say)
         steps.say(f"Installed {source.ref} in {source.path} ({source.size_bytes / 1e6:.0f} MB)")
         return ready_to_chat(source, steps, replace, keep_float)
 
@@ -181,8 +182,11 @@ def pull_model(name: str | None = None, replace: bool = False) -> store.ModelEnt
 def ensure_model(ref: str | None) -> str | None:
     """The model asked for; None lets the plan choose among what is installed. With nothing
     installed, the default model is pulled first."""
-    if ref or store.list_entries():
+    if ref:
+        store.find(ref)  # a name that is not installed says so now, not after a first compile (~30 s)
         return ref
+    if store.list_entries():
+        return None
     default, _ = pull.load_catalog()
     say(f"No model installed yet: fetching the default model {default} (one time, ~100 MB).")
     pull_model(default)
@@ -703,6 +707,9 @@ def _size(text: str) -> int:
     """A memory size flag (--ram, --vram) in bytes, parsed once here (a bad one: usage, exit 2)."""
     from .devices import parse_bytes
 
+    if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text):  # `--ram 16` meant 16 GiB, not 16 bytes
+        raise argparse.ArgumentTypeError(f"{text.strip()} needs a unit: {text.strip()}GiB, {text.strip()}GB "
+                                         f"or {text.strip()}MiB")
     try:
         size = parse_bytes(text)
     except UserError as e:

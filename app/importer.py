@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from model.checkpoints import Checkpoint, open_checkpoint
-from model.tokenizer import gguf_tokenizer_files, load_tokenizer, merged_generation_config
+from model.tokenizer import TokenizerError, gguf_tokenizer_files, load_tokenizer, merged_generation_config
 from quant.formats import FORMAT_VERSION
 from quant.ggml import GGUF_SCHEMES
 from quant.quantize import ShardWriter, shard_metadata
@@ -27,21 +27,26 @@ Progress = Callable[[int, int, str], None]
 
 def import_checkpoint(path: Path, name: str | None = None, replace: bool = False,
                       progress: Progress = lambda done, total, what: None,
-                      hub: dict | None = None) -> store.ModelEntry:
+                      hub: dict | None = None, say: Callable[[str], None] = lambda line: None) -> store.ModelEntry:
     """Install a checkpoint as `name:source`, every tensor as the file holds it.
 
     Floats keep their own dtype (bf16 stays bf16); a GGUF's block types (Q4_K, Q6_K, ...) keep
     their own bytes as packed schemes of quant.ggml, so the entry is about the file's size and
     its values are exactly the file's. `hub` ({"alias", "url", "repo", "commit", "files"}) says where
     `llamadesk pull` fetched it; `--model` then takes the alias. Raises UserError for a
-    checkpoint it cannot take.
+    checkpoint it cannot take. Replacing a source removes the variants packed from the old one
+    (each said through `say`).
     """
     path = Path(path).expanduser()
     ckpt = open_checkpoint(path)
     name = name or store.name_from_path(path)
     with store.staging(name, store.SOURCE, replace=replace) as tmp:
-        write_tokenizer(ckpt, tmp)
-        tokenizer = load_tokenizer(tmp)
+        try:
+            write_tokenizer(ckpt, tmp)
+            tokenizer = load_tokenizer(tmp)
+        except TokenizerError as e:  # said of the store's temporary folder: the user knows their own path
+            said = str(e).replace(str(tmp), str(path))
+            raise UserError(said if str(path) in said else f"{path}: {said}") from None
         if tokenizer.vocab_size > ckpt.args.vocab_size:
             raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the "
                             f"embedding only {ckpt.args.vocab_size} rows")
@@ -65,7 +70,10 @@ def import_checkpoint(path: Path, name: str | None = None, replace: bool = False
             manifest["quant"] = {"scheme": "gguf", "exact": True, "format_version": FORMAT_VERSION,
                                  "layout": layout}
         store.write_json(tmp / store.MANIFEST, manifest)
-    return store.find(f"{name}:{store.SOURCE}")
+    source = store.find(f"{name}:{store.SOURCE}")
+    for stale in store.remove_packed_from_other_sources(source):
+        say(f"Removed {stale.ref}: it was packed from the {name}:{store.SOURCE} this import replaced")
+    return source
 
 
 def write_weights(ckpt: Checkpoint, folder: Path, progress: Progress) -> tuple[list[str], dict]:

@@ -209,8 +209,13 @@ class PlainChat:
     def _resize(self, ctx: int) -> None:
         if ctx < 16:
             raise ValueError("num_ctx must be at least 16")
+        old = self.engine.ctx
         self.engine = None  # the old model goes first, so two never sit in memory together
-        self.engine = self.load(ctx)
+        try:
+            self.engine = self.load(ctx)
+        except (ValueError, UserError):
+            self.engine = self.load(old)  # refused (too long for the model or the memory): as it was
+            raise
 
     def _show(self, what: str) -> None:
         p = self.params

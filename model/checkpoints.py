@@ -72,7 +72,7 @@ _META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo
 
 # the GGUF types a checkpoint may hold: floats, and the block types quant.ggml keeps as they are
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-_SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+_SPLIT_NAME = re.compile(r"-\d{5}-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama-gguf-split's names
 
 _TORCH_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -410,9 +410,10 @@ def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
 
 
 def _refuse_split(file: Path, metadata: dict) -> None:
-    count = metadata.get("split.count", 1)
-    if count > 1 or _SPLIT_NAME.search(file.name):
-        raise CheckpointError(f"{file}: is one part of a split GGUF ({count if count > 1 else 'several'} parts); "
+    named = _SPLIT_NAME.search(file.name)
+    count = metadata.get("split.count", int(named.group(1)) if named else 1)
+    if count > 1:  # "-00001-of-00001.gguf" is a whole model
+        raise CheckpointError(f"{file}: is one part of a split GGUF ({count} parts); "
                               "join them first with llama.cpp's `llama-gguf-split --merge`")
 
 

@@ -618,6 +618,8 @@ def tokenizer_files_from_gguf(metadata: dict) -> tuple[dict, dict]:
     `load_tokenizer` and Hugging Face."""
     source = "GGUF tokenizer metadata"
     kind = _text(metadata.get("tokenizer.ggml.model"))
+    if kind is None:
+        raise TokenizerError("the file holds no tokenizer (no tokenizer.ggml.model in its metadata)")
     if kind != "gpt2":
         raise TokenizerError(f"{source}: tokenizer.ggml.model {kind!r} is not supported, only "
                              "byte-level BPE ('gpt2') and SentencePiece ('llama')")

@@ -310,11 +310,31 @@ def int8_from_gguf(raw, ggml_type, shape: tuple[int, int]) -> Packed:
 
 
 # ---------------------------------------------------------------- nf4 (bitsandbytes)
+def bitsandbytes_functional():
+    """bitsandbytes.functional, imported on first use (~1.5 s), quietly and offline. On a CPU with
+    AVX512-BF16 its CPU backend asks the `kernels` package for a kernel from the Hugging Face Hub
+    (a download, where that package is installed) and logs a warning on every run where it is not;
+    it falls back to its own kernel either way, which is what runs here."""
+    import logging
+    import sys
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    hidden = "kernels" not in sys.modules
+    if hidden:
+        sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError: nothing leaves the machine
+    try:
+        import bitsandbytes.functional as bnbf
+    finally:
+        if hidden:
+            del sys.modules["kernels"]
+    return bnbf
+
+
 def pack_nf4(
     w: torch.Tensor, blocksize: int = 64, compress_statistics: bool = True
 ) -> tuple[Packed, PackError]:
     """bitsandbytes NF4, its QuantState flattened into plain tensors that safetensors can hold."""
-    import bitsandbytes.functional as bnbf  # imported here: it takes ~1.5 s and logs on import
+    bnbf = bitsandbytes_functional()
 
     w = _check_weight(w)
     q, state = bnbf.quantize_4bit(
@@ -329,13 +349,13 @@ def pack_nf4(
 
 def nf4_quant_state(tensors: dict[str, torch.Tensor]):
     """Rebuild a bitsandbytes QuantState from the tensors beside `qweight` (no dequantizing)."""
-    from bitsandbytes.functional import QuantState
+    QuantState = bitsandbytes_functional().QuantState
 
     parts = {k: v for k, v in tensors.items() if k != "qweight"}  # from_dict pops from its argument
     return QuantState.from_dict(parts, device=tensors["qweight"].device)
 
 
 def unpack_nf4(p: Packed) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+    bnbf = bitsandbytes_functional()
 
     return bnbf.dequantize_4bit(p.tensors["qweight"], nf4_quant_state(p.tensors)).float()

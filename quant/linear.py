@@ -411,7 +411,10 @@ class NF4Linear(nn.Module):
         self.kernel = "bnb"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes as bnb  # imported on first use: it takes ~1.5 s and logs on import
+        from .formats import bitsandbytes_functional
+
+        bitsandbytes_functional()  # quietly and offline, the first time
+        import bitsandbytes as bnb
 
         if self.kernel != "bnb":
             raise RuntimeError(_NOT_PREPARED.format("NF4Linear"))

@@ -82,6 +82,22 @@ def test_unknown_model_and_missing_path_are_one_line_errors(tmp_path, default_ho
     assert not (empty / "models").exists() or _store_listing(empty) == ["models"]
 
 
+def test_a_variant_that_is_not_installed_is_refused_before_the_decode_step_compiles(default_home, monkeypatch,
+                                                                                      capsys):
+    from app import pull
+    from app.cli import main
+
+    def compile_first(say):
+        raise AssertionError("compiled before the model was checked")
+
+    monkeypatch.setenv("LLAMADESK_HOME", str(default_home))
+    monkeypatch.setattr(pull, "compile_decode_step", compile_first)
+    for command in (["ask", "hi"], ["chat", "--plain"], ["serve"]):
+        assert main([*command, "--model", "smollm2-135m-instruct:nope"]) == 1
+        err = capsys.readouterr().err
+        assert "smollm2-135m-instruct:nope is not installed (have: smollm2-135m-instruct:" in err, err
+
+
 def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_gguf):
     home = tmp_path / "home"
     bad = tmp_path / "broken.gguf"
@@ -96,7 +112,8 @@ def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_g
 @pytest.mark.parametrize("argv", [["bench", "--activation-bits", "7"], ["ask", "--temperature", "nan", "hi"],
                                   ["no-such-command"], ["serve", "--port", "x"], ["ask", "--ctx", "-5", "hi"],
                                   ["ask", "--threads", "0", "hi"], ["plan", "--ctx", "0"], ["plan", "--ram=-1GiB"],
-                                  ["plan", "--ram", "lots"], ["bench", "--runs", "0"], ["ask", "--bogus", "hi"],
+                                  ["plan", "--ram", "lots"], ["plan", "--vram", "16"], ["bench", "--runs", "0"],
+                                  ["ask", "--bogus", "hi"],
                                   ["ask", "--top-p", "5", "hi"], ["chat", "--seed", "-1"], ["ask", "-m", "", "hi"]],
                          ids=" ".join)
 def test_a_mistyped_flag_or_command_is_one_line(tmp_path, argv):

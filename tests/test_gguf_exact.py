@@ -215,7 +215,12 @@ def test_an_unknown_type_is_refused(tmp_path, home, capsys):
 def test_a_split_gguf_is_refused_by_name(tmp_path, home, capsys):
     path = write_random_blocks_gguf(tmp_path / "model-00001-of-00002.gguf", "Q4_0")
     err = _import_fails(path, capsys)
-    assert "is one part of a split GGUF" in err and "llama-gguf-split --merge" in err
+    assert "is one part of a split GGUF (2 parts)" in err and "llama-gguf-split --merge" in err
+
+
+def test_a_whole_gguf_named_as_part_one_of_one_imports(tmp_path, home):
+    path = write_random_blocks_gguf(tmp_path / "model-00001-of-00001.gguf", "Q4_0")
+    assert import_checkpoint(path, "whole").ref == "whole:source"
 
 
 def test_a_split_gguf_is_refused_by_its_metadata(tmp_path, home, capsys):

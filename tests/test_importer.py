@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from app import store
 from app.cli import main
+from app.errors import UserError
 from app.importer import import_checkpoint
 from app.variants import eval_model, source_tensors
 from tiny_checkpoints import tiny_checkpoint, tiny_hf_model, write_hf
@@ -34,6 +35,38 @@ def test_a_bf16_folder_is_stored_in_bf16_and_ends_ready_to_chat(tmp_path, home, 
     assert dtypes(store.find("tiny:source")) == {torch.bfloat16}  # never widened
     assert [e.ref for e in store.list_entries()] == ["tiny:int8", "tiny:source"]  # a 2-layer model: no int4
     assert "tiny:int8 against tiny:source on" in err and "top-1 agreement" in err
+
+
+def test_import_force_removes_the_variants_packed_from_the_replaced_source(tmp_path, home, capsys):
+    from app.variants import quantize_variant
+    from quant.quantize import QuantOptions
+
+    first = write_hf(tiny_hf_model(seed=0), tmp_path / "first")
+    assert main(["import", str(first), "--name", "m"]) == 0
+    quantize_variant("m", QuantOptions("int4", group_size=32), out="mine", report_tokens=0)
+    with pytest.raises(UserError, match="'float' is the name of a float copy; choose another --out"):
+        quantize_variant("m", QuantOptions("int4", group_size=32), out="float", report_tokens=0)
+    # the same files again: every variant still holds the source's values
+    assert main(["import", str(first), "--name", "m", "--force"]) == 0
+    assert [e.ref for e in store.list_entries()] == ["m:int8", "m:mine", "m:source"]
+    capsys.readouterr()
+    second = write_hf(tiny_hf_model(seed=1), tmp_path / "second")
+    assert main(["import", str(second), "--name", "m", "--force"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Removed m:mine: it was packed from the m:source this import replaced" in err
+    assert [e.ref for e in store.list_entries()] == ["m:int8", "m:source"]  # int8 packed again, from the new one
+    fingerprint = store.find("m:source").manifest["source"]["fingerprint"]
+    assert store.find("m:int8").manifest["quant"]["source_fingerprint"] == fingerprint
+
+
+def test_a_folder_without_a_tokenizer_is_named_as_the_user_gave_it(tmp_path, home):
+    path = write_hf(tiny_hf_model(), tmp_path / "no tokenizer")
+    for f in path.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(UserError) as e:
+        import_checkpoint(path, "m")
+    assert str(e.value) == f"{path}: no tokenizer.json or tokenizer.model in this folder"
+    assert store.list_entries() == [] and not list((home / "models").glob(".*"))
 
 
 def test_an_f16_gguf_is_stored_in_f16(tmp_path, home):
@@ -88,3 +121,13 @@ def test_eval_reports_its_progress_window_by_window(tmp_path, home):
     assert n == 100 and ppl > 1
     # before each 32-token window, then done; a window scores all its tokens but the first
     assert seen == [(0, 96), (31, 96), (62, 96), (93, 96), (96, 96)]
+
+
+def test_eval_refuses_a_window_past_the_trained_context(tmp_path, home):
+    path, _ = tiny_checkpoint(tmp_path, "gguf-q8_0")
+    import_checkpoint(path, "q80")
+    trained = store.find("q80").manifest["args"]["max_seq_len"]
+    with pytest.raises(UserError, match=f"q80 was trained for at most {trained} tokens, not a {trained + 8}-token "
+                                        f"window"):
+        eval_model("q80", None, trained + 8, trained + 8)
+    assert eval_model("q80", None, trained + 8, trained)[1] == trained + 8

@@ -86,6 +86,23 @@ def test_num_ctx_reloads_the_model_and_bye_quits(tmp_path):
     assert chat.engine.ctx == 128 and engine.seen == []
 
 
+def test_a_refused_num_ctx_keeps_the_loaded_context_and_the_chat_goes_on(tmp_path):
+    from app.errors import UserError
+
+    def load(n):
+        if n is not None and n > 100:
+            raise UserError(f"fake was trained for at most 100 tokens, not {n}")
+        return WordEngine(ctx=n or 64)
+
+    notices, out = [], io.StringIO()
+    chat = PlainChat(load, SamplingParams(temperature=0), history=History(tmp_path / "h.sqlite3"),
+                     say=notices.append, out=out)
+    chat.run(iter(["/set parameter num_ctx 999999\n", "/show parameters\n", "hello\n"]))
+    assert any("Couldn't set parameter: num_ctx '999999': fake was trained" in n for n in notices)
+    assert chat.engine.ctx == 64 and "num_ctx         64" in out.getvalue()
+    assert out.getvalue().endswith("one two three \n")
+
+
 def test_triple_quotes_make_one_multi_line_prompt(tmp_path):
     chat, engine, notices, out = session(tmp_path)
     chat.run(iter(['"""first line\n', "second line\n", 'third"""\n', '"""one line"""\n']))

@@ -409,3 +409,23 @@ def test_a_pull_packs_the_catalog_variants_this_device_runs_before_the_source(de
     for device, expected in ((cpu(64), ["int8", "int4"]), (gpu(40), [])):  # a bf16 source: slow only on a CPU
         bf16 = catalog_candidate("llama3-8b", LLAMA3_8B, "source", device)
         assert variants_worth_packing(bf16, ["int8", "int4"], device) == expected
+
+
+def test_a_variant_is_judged_by_what_it_holds_not_by_its_name():
+    """`quantize --scheme nf4 --out fast`: on a CPU it is bitsandbytes' slow NF4 whatever its name,
+    and an int8 variant named after a scheme the CPU cannot run is still int8."""
+    from dataclasses import replace
+
+    from app.plan import variant_kind
+
+    assert variant_kind("fast", {"quant": {"scheme": "nf4"}}) == "nf4"
+    assert variant_kind("source", {"quant": {"scheme": "gguf", "exact": True}}) == "source"
+    assert variant_kind("float", {}) == "float"
+    dev = cpu(24)
+    int8 = catalog_candidate("llama3-8b", LLAMA3_8B, "int8", dev)
+    fast = replace(catalog_candidate("llama3-8b", LLAMA3_8B, "nf4", dev), variant="fast")
+    r = plan_memory([int8, fast], dev)
+    assert r.chosen.ref == "llama3-8b:int8"
+    assert any("fast (nf4) does not run well on cpu" in row.verdict for row in r.candidates), r.candidates
+    named_nf4 = replace(int8, variant="nf4", kind="int8")
+    assert plan_memory([named_nf4], dev).chosen.ref == "llama3-8b:nf4"

@@ -87,6 +87,12 @@ def test_pull_packs_int4_only_where_the_plan_runs_it_and_int4_is_the_source_exac
     report = store.find("smollm2-135m-instruct:int4").manifest["quant"]["report"]
     blocks = [t for t in report["tensors"] if t["name"].startswith("layers.")]
     assert len(blocks) == 30 * 7 and all(t["sqnr_db"] == float("inf") for t in blocks)
+    # pulling it again is no error and does nothing, as Ollama's pull
+    said.clear()
+    assert pull_model("smollm2-135m-instruct", say=said.append).ref == "smollm2-135m-instruct:source"
+    assert said[0] == ("smollm2-135m-instruct:source is already installed "
+                       "(`llamadesk pull --force smollm2-135m-instruct` fetches it again)")
+    assert not any(line.startswith(("Unpacking", "Converting")) for line in said)
     # with both installed, the plan runs what the pull chose to make
     chosen = plan_installed().chosen
     assert chosen.ref == ("smollm2-135m-instruct:source" if chosen.device == "cpu" else "smollm2-135m-instruct:int4")

@@ -206,6 +206,18 @@ def test_nf4_round_trips_exactly_through_a_safetensors_file(tmp_path, compress_s
     assert torch.equal(unpack(back), unpack(p))
 
 
+def test_nf4_packs_without_a_word_on_stderr_and_asks_no_hub_for_kernels():
+    """bitsandbytes' CPU backend, on AVX512-BF16 CPUs, imports `kernels` to fetch a kernel from the
+    Hugging Face Hub, and logged a warning on every nf4 run where that package is missing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom quant.formats import pack_nf4\npack_nf4(torch.randn(64, 64))\n"
+            "assert 'kernels' not in sys.modules\nprint('packed')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "packed", "")
+
+
 @pytest.mark.parametrize("pack", [lambda w: pack_int8(w), lambda w: pack_int4(w, 64)])
 def test_int_formats_round_trip_through_a_safetensors_file(tmp_path, pack):
     w = weight(48, 192)
