@@ -73,6 +73,16 @@ def test_models_lists_every_installed_variant(client, engine):
     assert engine.entry.ref in ids and f"{MODEL}:source" in ids
 
 
+def test_models_retrieve_gives_the_listed_entry(client, engine):
+    listed = {m.id: m for m in client.models.list().data}
+    for ref in (engine.entry.ref, f"{MODEL}:source"):
+        assert client.models.retrieve(ref) == listed[ref]
+    assert client.models.retrieve(engine.entry.ref).max_model_len == engine.ctx
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+
+
 def test_chat_greedy_matches_the_engine_with_usage(client, engine):
     r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
     expected = engine_reply(engine, HELLO, 8, SamplingParams(temperature=0))
@@ -141,6 +151,31 @@ def test_unsupported_fields_are_a_400_naming_them(client, extra, named):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **extra)
     assert named in e.value.message and e.value.body["param"] == named
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None}, {"role": "assistant"}])
+def test_a_message_without_content_is_a_400(client, url, message):
+    messages = [message] if message["role"] == "user" else HELLO + [message]
+    with pytest.raises(openai.BadRequestError, match="must be a string or a list of text parts"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    r = httpx.post(f"{url}/api/chat", json={"model": MODEL, "messages": messages, "options": {"num_predict": 2}})
+    assert r.status_code == 400 and "string content" in r.json()["error"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+    ("/api/chat", {"messages": HELLO, "options": {"num_predict": 2}}),
+    ("/api/generate", {"prompt": "Hi", "options": {"num_predict": 2}})])
+@pytest.mark.parametrize("stream", ["no", "false", "yes", 1])
+def test_a_stream_that_is_not_true_or_false_is_a_400(url, path, body, stream):
+    r = httpx.post(f"{url}{path}", json={"model": MODEL, "stream": stream} | body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    if path.startswith("/v1"):
+        assert error["message"] == "stream must be true or false" and error["param"] == "stream"
+    else:
+        assert error == "stream must be true or false"
 
 
 def test_images_are_a_400(client):
@@ -290,6 +325,39 @@ def test_malformed_json_is_a_400_in_each_apis_shape(url):
     r = httpx.post(f"{url}/api/chat", content=b"[1, 2")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     assert httpx.post(f"{url}/api/chat", content=b"[1, 2]").status_code == 400
+    for path in ("/v1/chat/completions", "/api/chat"):  # nested deeper than Python's recursion: not a 500
+        r = httpx.post(f"{url}{path}", content=b"[" * 5000)
+        assert r.status_code == 400 and "not valid JSON" in json.dumps(r.json())
+
+
+def test_a_page_elsewhere_or_a_rebound_host_is_a_403(url, engine, scheduler):
+    chat = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+    # a page's form posts text/plain (no preflight); a rebound DNS name brings its own Host
+    r = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(chat),
+                   headers={"Host": "attacker.example:8462", "Origin": "http://attacker.example:8462",
+                            "Content-Type": "text/plain"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = httpx.post(f"{url}/api/chat", json=chat, headers={"Origin": "https://attacker.example"})
+    assert r.status_code == 403 and "--cors-origin" in r.json()["error"] and "\n" not in r.json()["error"]
+    r = httpx.get(f"{url}/v1/models", headers={"Origin": "null"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    port = url.rsplit(":", 1)[1]
+    for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.attacker.example:{port}"):
+        assert httpx.get(f"{url}/api/tags", headers={"Host": host}).status_code == 403
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert httpx.get(f"{url}/api/tags", headers={"Host": host}).status_code == 200
+    for origin in ("http://localhost:3000", "https://127.0.0.1", "http://[::1]:8080"):
+        assert httpx.get(f"{url}/api/tags", headers={"Origin": origin}).status_code == 200
+    with running(Served(engine, scheduler, cors_origins=["http://app.example"], log=lambda line: None)) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", json=chat, headers={"Origin": "http://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert httpx.get(f"{base}/v1/models", headers={"Origin": "http://evil.example"}).status_code == 403
+    # with a key the key guards: a reverse proxy in front may pass on the Host its clients asked for
+    with running(Served(engine, scheduler, api_key="k", log=lambda line: None)) as base:
+        proxied = {"Host": "llm.example.org", "Authorization": "Bearer k"}
+        assert httpx.get(f"{base}/v1/models", headers=proxied).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers={"Host": "llm.example.org"}).status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers=proxied | {"Origin": "http://evil.example"}).status_code == 403
 
 
 def test_cors_is_off_unless_origins_are_listed(url, engine, scheduler):

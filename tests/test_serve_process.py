@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 
 import httpx
@@ -38,6 +39,18 @@ def test_an_empty_key_file_is_refused(tmp_path):
     proc = start_serve(tmp_path, "--host", "0.0.0.0", "--api-key-file", str(empty))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "empty" in err
+
+
+@pytest.mark.e2e
+def test_a_port_in_use_is_one_line_before_the_model_loads(default_home):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_serve(default_home, "--port", str(port), "--model", MODEL)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Serving" not in out
+    assert err == f"llamadesk: error: could not listen on 127.0.0.1:{port} (Address already in use)\n"
 
 
 @pytest.mark.e2e

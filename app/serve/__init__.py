@@ -1,6 +1,6 @@
 """`llamadesk serve`: the OpenAI- and Ollama-compatible HTTP server over one loaded model.
 
-    serve(ServeOptions(...))   load the planned model, check the bind, run uvicorn until SIGTERM
+    serve(ServeOptions(...))   check the options, bind, load the planned model, run uvicorn until SIGTERM
 
 Rooms: scheduler.py (the only code that touches the model: slots, queue, the batched-decoder
 seam), params.py (each API's fields onto sampling), app.py (routes, guards, errors),
@@ -11,12 +11,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 
-__all__ = ["DEFAULT_PORT", "ServeOptions", "serve", "check_options", "is_loopback", "read_api_key", "load_served", "make_server"]
+__all__ = ["DEFAULT_PORT", "ServeOptions", "serve", "check_options", "is_loopback", "read_api_key", "listen_socket",
+           "load_served", "make_server"]
 
 DEFAULT_PORT = 8462
 GRACE_S = 10.0
@@ -142,13 +144,35 @@ def make_server(served, opts: ServeOptions):
     return uvicorn.Server(config)
 
 
+def listen_socket(opts: ServeOptions) -> socket.socket:
+    """The bound socket uvicorn will listen on. Bound before the model loads, and before "Serving"
+    is said: a port in use is one line at once, not uvicorn's log after a load."""
+    ipv6 = ":" in opts.host
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart binds over TIME_WAIT
+    if ipv6:  # as uvicorn binds "::": IPv6 only
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        sock.bind((opts.host.strip("[]"), opts.port))
+    except OSError as e:
+        sock.close()
+        host = f"[{opts.host}]" if ipv6 else opts.host
+        raise UserError(f"could not listen on {host}:{opts.port} ({e.strerror or e})") from None
+    return sock
+
+
 def serve(opts: ServeOptions, say=print) -> int:
     """Run until SIGTERM or Ctrl-C: then stop accepting, let in-flight requests finish for up to
     GRACE_S, cancel the rest and return 0."""
     from ..threads import settle_after_load
 
     key = check_options(opts)
-    served = load_served(opts, key, say)
+    sock = listen_socket(opts)
+    try:
+        served = load_served(opts, key, say)
+    except BaseException:
+        sock.close()
+        raise
     server = make_server(served, opts)
     settle_after_load()  # as the chat app does
     scheme = "https" if opts.tls_cert else "http"
@@ -163,12 +187,12 @@ def serve(opts: ServeOptions, say=print) -> int:
     # shutdown is a clean exit, not a death by signal
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.run()
-    except SystemExit:  # uvicorn's answer to a port it cannot bind
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's answer to a server it cannot start
         pass
     finally:
         served.scheduler.close(grace_s=0)
     if not server.started:
-        raise UserError(f"could not listen on {host}:{opts.port} (in use, or not an address of this machine)")
+        raise UserError(f"could not serve on {host}:{opts.port} (the log above says why)")
     say("Server stopped.")
     return 0

@@ -1,9 +1,11 @@
 """The ASGI app: routes of both APIs over one `Served` model, and the guards in front of them.
 
 Guards, outermost first: CORS (only when origins are listed), the request log (method, path,
-status, time and token counts: never prompt or reply text), the API key (Bearer, compared in
-constant time), the body limit (4 MiB, 413). Errors keep each API's own shape: OpenAI's
-`{"error": {"message", "type", "param", "code"}}` under /v1, Ollama's `{"error": "..."}` elsewhere.
+status, time and token counts: never prompt or reply text), the Host and Origin checks (403: no
+DNS rebinding, no web page's requests but those of listed or loopback origins), the API key
+(Bearer, compared in constant time), the body limit (4 MiB, 413). Errors keep each API's own
+shape: OpenAI's `{"error": {"message", "type", "param", "code"}}` under /v1, Ollama's
+`{"error": "..."}` elsewhere.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -26,6 +29,7 @@ from model.chat_format import ChatTemplateError
 from model.tokenizer import TokenizerError
 
 from .. import store
+from . import is_loopback
 from .params import BadRequest, Sampling
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
@@ -208,7 +212,7 @@ def usage(job: Job) -> dict:
 async def json_body(request: Request) -> dict:
     try:
         body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested thousands deep
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -218,8 +222,9 @@ async def json_body(request: Request) -> dict:
 def error_response(request_path: str, status: int, message: str, param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
     if request_path.startswith("/v1"):
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 429: "rate_limit_error", 501: "not_implemented"}.get(status, "server_error")
+        kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                501: "not_implemented"}.get(status, "server_error")
         content = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     else:
         content = {"error": message}
@@ -256,6 +261,9 @@ class Guards:
 
     async def _guarded(self, scope, receive, send, path):
         headers = dict(scope["headers"])
+        refused = self._refused(headers)
+        if refused:
+            return await error_response(path, 403, refused[0], code=refused[1])(scope, receive, send)
         if self.key is not None and path != "/health":
             auth = headers.get(b"authorization", b"")
             scheme, _, given = auth.partition(b" ")
@@ -286,6 +294,41 @@ class Guards:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _refused(self, headers: dict) -> tuple[str, str] | None:
+        """Why a request must not reach the model (message, code), or None.
+
+        A page in a browser may send requests anywhere: one from an origin not listed by
+        --cors-origin (nor on this machine) is refused before it costs a token. Without a key, a
+        Host that is not a loopback name is refused too: a rebound DNS name of the attacker's
+        would otherwise make our replies readable to their page. With a key the key guards,
+        and a reverse proxy may pass its own Host."""
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.key is None and host and not is_loopback(_host_name(host)):
+            return (f"Host {host!r} is refused: without an API key this server answers only localhost, "
+                    f"127.0.0.1 and [::1]"), "host_not_allowed"
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and not self._origin_allowed(origin):
+            return (f"requests from {origin} are refused (allow a web page's origin with serve --cors-origin)",
+                    "origin_not_allowed")
+        return None
+
+    def _origin_allowed(self, origin: str) -> bool:
+        listed = self.served.cors_origins
+        if "*" in listed or origin in listed:  # as CORSMiddleware matches them
+            return True
+        try:
+            parts = urlsplit(origin)
+            return parts.scheme in ("http", "https") and is_loopback(parts.hostname or "")
+        except ValueError:
+            return False
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: `[::1]:8462` -> `::1`, `localhost:8462` -> `localhost`."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def _too_large(path: str) -> JSONResponse:

@@ -17,7 +17,7 @@ from model.args import ModelArgs
 from .. import store
 from .app import Served, error_response, job_events, json_body
 from .params import (OLLAMA_DEFAULTS, OLLAMA_IGNORED_OPTIONS, OLLAMA_OPTIONS, BadRequest, parse_duration,
-                     refuse_unsupported, sampling_from, unsupported)
+                     refuse_unsupported, sampling_from, stream_flag, unsupported)
 
 # top-level fields each endpoint reads, and those that change nothing at their neutral value
 CHAT_FIELDS = {"model", "messages", "stream", "options", "keep_alive"}
@@ -35,17 +35,17 @@ def routes(served: Served) -> list[Route]:
         if not isinstance(messages, list):
             raise BadRequest("'messages' must be a list")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content", ""), str):
-                raise BadRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and string content")
-            if m.get("images") or m.get("tool_calls"):
+            if isinstance(m, dict) and (m.get("images") or m.get("tool_calls")):
                 raise BadRequest(f"unsupported field: messages[{i}].{'images' if m.get('images') else 'tool_calls'}")
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise BadRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and string content")
         keep_alive = _keep_alive(body)
         model = await served.acquire(body.get("model"))
         if not messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
             return JSONResponse(await _load_only(served, model, keep_alive)
                                 | {"message": {"role": "assistant", "content": ""}})
         _apply_keep_alive(served, keep_alive)
-        messages = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         messages, sources = served.ground(messages, _max_tokens(body)) if served.docs else (messages, None)
         prompt = served.engine.prompt_ids(messages)
         return await _answer(served, request, body, model, prompt, "chat", sources)
@@ -199,6 +199,7 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
         raise BadRequest("'options' must be an object")
     refuse_unsupported([f"options.{k}" for k in unsupported(options, set(OLLAMA_OPTIONS) | OLLAMA_IGNORED_OPTIONS, {})])
     sampling = sampling_from(options, OLLAMA_OPTIONS, OLLAMA_DEFAULTS, "options.")
+    stream = stream_flag(body, True)
     t0 = time.monotonic_ns()
     job = await served.submit(prompt, sampling)
 
@@ -215,7 +216,7 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
         request.scope["state"]["tokens"] = f" prompt={len(prompt)} completion={job.completion_tokens} finish={finish}"
         return out | ({} if sources is None else {"sources": sources})
 
-    if body.get("stream") is False:
+    if not stream:
         text, finish = [], "stop"
         async for event in job_events(job, request):
             if event[0] == "text":

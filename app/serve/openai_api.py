@@ -1,4 +1,4 @@
-"""OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models; /v1/embeddings is a 501.
+"""OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models(/ID); /v1/embeddings is a 501.
 
 Two fields beyond OpenAI's: /v1/models gives the loaded model's context as `max_model_len` (vLLM's
 name for it, which clients read), and a chat answered from documents (`serve --docs`) carries its
@@ -21,7 +21,7 @@ from starlette.routing import Route
 from .. import store
 from .app import Served, error_response, job_events, json_body, usage
 from .params import (OPENAI_DEFAULTS, OPENAI_FIELDS, OPENAI_IGNORED, OPENAI_NEUTRAL, BadRequest,
-                     refuse_unsupported, sampling_from, unsupported)
+                     refuse_unsupported, sampling_from, stream_flag, unsupported)
 
 ROLES = {"system", "user", "assistant", "developer"}
 
@@ -50,12 +50,21 @@ def routes(served: Served) -> list[Route]:
         prompt = served.engine.tokenizer.encode(text, bos=_wants_bos(served, text), allowed_special="all")
         return await _answer(served, request, body, model, prompt, chat=False)
 
+    def model_object(entry: store.ModelEntry) -> dict:
+        return ({"id": entry.ref, "object": "model", "created": int(served.started), "owned_by": "llamadesk"}
+                | ({"max_model_len": served.engine.ctx} if entry.ref == served.ref else {}))
+
     async def models(request: Request):
-        created = int(served.started)
-        data = [{"id": e.ref, "object": "model", "created": created, "owned_by": "llamadesk"}
-                | ({"max_model_len": served.engine.ctx} if e.ref == served.ref else {})
-                for e in store.list_entries()]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [model_object(e) for e in store.list_entries()]})
+
+    async def model(request: Request):
+        """One entry of /v1/models by its id (the client's models.retrieve)."""
+        name = request.path_params["model"]
+        for entry in store.list_entries():
+            if entry.ref == name:
+                return JSONResponse(model_object(entry))
+        return error_response(request.url.path, 404, f"model {name!r} is not installed here "
+                              f"(GET /v1/models lists what is)", "model", code="model_not_found")
 
     async def embeddings(request: Request):
         return error_response(request.url.path, 501, "embeddings are not implemented by llamadesk",
@@ -64,6 +73,7 @@ def routes(served: Served) -> list[Route]:
     return [Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/v1/embeddings", embeddings, methods=["POST"])]
 
 
@@ -91,8 +101,6 @@ def chat_messages(messages) -> list[dict]:
 def _text(content, param: str) -> str:
     if isinstance(content, str):
         return content
-    if content is None:
-        return ""
     if not isinstance(content, list):
         raise BadRequest(f"{param} must be a string or a list of text parts", param)
     parts = []
@@ -111,6 +119,7 @@ def _text(content, param: str) -> str:
 async def _answer(served: Served, request: Request, body: dict, model: str, prompt: list[int], chat: bool,
                   sources: list[dict] | None = None):
     sampling = sampling_from(body, OPENAI_FIELDS, OPENAI_DEFAULTS)
+    stream = stream_flag(body, False)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
@@ -118,7 +127,7 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
-    if not body.get("stream"):
+    if not stream:
         text, finish = [], "stop"
         async for event in job_events(job, request):
             if event[0] == "text":

@@ -115,6 +115,16 @@ def sampling_from(values: dict, table: dict, defaults: dict, where: str = "") ->
     return Sampling(params, max_tokens, stop)
 
 
+def stream_flag(body: dict, default: bool) -> bool:
+    """The request's `stream`: JSON true or false only, since any other value ("no") is truthy."""
+    value = body.get("stream")
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest("stream must be true or false", "stream")
+    return value
+
+
 def parse_duration(value) -> float | None:
     """Seconds from a number or a duration ("500ms", "30s", "5m", "1h"), as Ollama's keep_alive
     takes it; a negative one means forever (None). ValueError says what was wrong."""
