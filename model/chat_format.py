@@ -163,14 +163,18 @@ def choose_chat_format(tokenizer: Tokenizer, name: str = "", flag: str | None = 
 
     In order: `flag` (one run's --chat-format), `stored` (`llamadesk set NAME chat-format X`),
     the model's own template, a guess from the model's `name` or from its vocab's special tokens
-    (said so: "guessed ..."), and last plain continuation ("none"). Errors: ChatTemplateError
-    for a built-in name that does not exist.
+    (said so: "guessed ..."; also where the model's template does not compile), and last plain
+    continuation ("none"). Errors: ChatTemplateError for a built-in name that does not exist.
     """
     for chosen, where in ((flag, "--chat-format"), (stored, "set by llamadesk set")):
         if chosen:
             return ChatFormat.for_tokenizer(tokenizer, _built_in(chosen)), f"{chosen} ({where})"
     if tokenizer.chat_template:
-        return ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template), "the model's own template"
+        try:
+            return ChatFormat.for_tokenizer(tokenizer, tokenizer.chat_template), "the model's own template"
+        except ChatTemplateError as e:  # as llama.cpp: a model whose file holds a broken template still chats
+            chat, where = _guess_format(tokenizer, name)
+            return chat, f"{where}, since the model's own template cannot be used: {e}"
     return _guess_format(tokenizer, name)
 
 

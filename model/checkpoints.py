@@ -248,6 +248,7 @@ def _open_hf(folder: Path) -> Checkpoint:
 
 def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, dtype)} from a safetensors header, reading no weights."""
+    _check_readable(file)
     try:
         with safe_open(file, framework="pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -320,9 +321,26 @@ def _meta_split_dim(name: str, shard: torch.Tensor, dim: int | None) -> int | No
     return _META_SHARD_DIM.get(layer)
 
 
-def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+def _check_readable(file: Path) -> None:
+    """CheckpointError in the OS's words for a file that cannot be opened (safetensors says "No such
+    file or directory" of a file it may not read)."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        with open(file, "rb"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    _check_readable(file)
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "_use_new_zipfile_serialization" not in str(e):
+                raise
+            # torch's format before 1.6 cannot be mapped: read whole, as safely (weights only)
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False, the very thing that would run the code: name the culprit only.
         culprit = re.search(r"GLOBAL (\S+)", str(e))
@@ -340,11 +358,9 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- GGUF
 def _open_gguf(file: Path, given: Path | None = None) -> Checkpoint:
-    try:
-        with open(file, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
+    _check_readable(file)
+    with open(file, "rb") as f:
+        magic = f.read(4)
     if magic != b"GGUF":
         raise CheckpointError(f"{file}: not a GGUF file (a GGUF file starts with the bytes 'GGUF')")
     try:

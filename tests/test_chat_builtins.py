@@ -125,6 +125,17 @@ def test_the_models_template_beats_a_name_guess(llama2_tokenizer):
     assert chat.render(HI) == "<s>[INST] Hi [/INST]"
 
 
+def test_a_template_that_does_not_compile_falls_back_to_a_guess_and_says_why(llama2_tokenizer):
+    llama2_tokenizer.chat_template, saved = "{{ {{ broken", llama2_tokenizer.chat_template
+    try:
+        chat, where = choose_chat_format(llama2_tokenizer, "llama-2-7b-chat")
+    finally:
+        llama2_tokenizer.chat_template = saved
+    assert where.startswith("llama2 (guessed from the name), since the model's own template cannot be used: "
+                            "the chat template does not compile (line 1: ")
+    assert chat.template == BUILT_IN["llama2"]
+
+
 @pytest.mark.parametrize("name, guess", [("llama-2-13b-chat.q4_0", "llama2"), ("vicuna-7b-v1.5", "vicuna"),
                                          ("alpaca-native", "alpaca")])
 def test_a_name_guess_beats_plain_continuation(llama2_tokenizer, name, guess):

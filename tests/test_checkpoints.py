@@ -51,6 +51,15 @@ def test_meta_folder(tmp_path):
     assert ckpt.args.ffn_dim == 192  # from dim 64 and multiple_of 32 by Meta's rule
 
 
+def test_a_meta_checkpoint_in_torchs_format_before_1_6_reads_the_same(tmp_path):
+    path, _ = tiny_checkpoint(tmp_path, "meta")
+    new = {k: v.clone() for k, v in open_checkpoint(path).tensors()}
+    pth = path / "consolidated.00.pth"
+    torch.save(torch.load(pth, weights_only=True), pth, _use_new_zipfile_serialization=False)
+    old = {k: v.clone() for k, v in open_checkpoint(path).tensors()}
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in new)
+
+
 def test_meta_vocab_size_minus_one_comes_from_the_embedding(tmp_path):
     path, _ = tiny_checkpoint(tmp_path, "meta-2shards")
     assert json.loads((path / "params.json").read_text())["vocab_size"] == -1
