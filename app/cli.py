@@ -220,6 +220,8 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
     except ValueError as e:
         raise UserError(str(e)) from None
     report_tokens = REPORT_TOKENS if report else 0
+    name, variant = store.parse_ref(ref)
+    store.find(f"{name}:{variant or store.SOURCE}")  # a name that is not installed: its error line alone
     with _Steps() as steps:
         steps.say(f"Packing {ref} to {scheme}")
         measuring = {"said": False}
@@ -411,6 +413,8 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
         sys.stdout.write("\n")
         raise
     sys.stdout.write("\n")
+    if engine.last.prompt_tokens + engine.last.new_tokens >= engine.ctx and engine.last.new_tokens < max_tokens:
+        say(f"(the reply was cut: the {engine.ctx}-token context is full; --ctx raises it)")
     if passages is not None:
         from .docs.retrieve import sources_block
 

@@ -434,7 +434,8 @@ class Engine:
         """Yield the reply's text piece by piece; `self.last` holds its numbers afterwards."""
         ids = self.prompt_ids(messages)
         if len(ids) >= self.ctx:
-            raise UserError(f"the prompt is {len(ids)} tokens, more than fits the {self.ctx}-token context; "
+            raise UserError(f"the prompt is {len(ids)} tokens, which leaves no room for a reply in the "
+                            f"{self.ctx}-token context; "
                             + too_long_hint(self.ctx, self.max_ctx, "raise --ctx"))
         if self._next_decoder is not None:  # between replies: no step is running
             self.decoder, self._next_decoder = self._next_decoder, None

@@ -296,8 +296,9 @@ def _plan_with(candidates: list[Candidate], device: Device, model: str | None, v
     if not pool:
         what = " ".join(x for x in (model and f"model {model}", variant and f"variant {variant}") if x)
         return PlanResult(device, None, rows, f"no installed {what or 'model'} can run on {device.kind}"), pool
-    # the models named in the why: every installed one, unless the user asked for one
+    # the models named in the why and the table: every installed one, unless the user asked for one
     n_models = 0 if model else len({r.model for r in rows})
+    rows = [r for r in rows if model is None or r.model == model]
     chosen = _choose(pool, device, ctx, kv_dtype if asked else None, n_models)
     if isinstance(chosen, str):
         why = chosen + _alternative(rows, ctx, asked)

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +81,9 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     `llamadesk pull` took it) is the installed model pulled from there, with no variant."""
     if ref.strip().lower().startswith(HUB_PREFIXES):
         return _pulled_from(ref), None
-    name, _, variant = ref.strip().partition(":")
+    name, colon, variant = ref.strip().partition(":")
     name = name.lower()
-    if not _NAME.match(name) or (variant and not _NAME.match(variant)):
+    if not _NAME.match(name) or (variant and not _NAME.match(variant)) or (colon and not variant):
         raise UserError(f"{ref!r} is not a model name (letters, digits, '.', '-', '_', optionally ':variant')")
     return name, variant or None
 
@@ -112,6 +113,8 @@ def _pulled_from(ref: str) -> str:
 def name_from_path(path: Path) -> str:
     """A store name from a file or folder name: 'Llama-3.2-1B.Q4_0.gguf' -> 'llama-3.2-1b.q4_0'."""
     stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+    # accents off, not the letters: 'Ünïcode' -> 'unicode' (it was 'n-code')
+    stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
     name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
     return (name or "model")[:64]
 
@@ -165,6 +168,10 @@ def remove(ref: str) -> list[ModelEntry]:
     for e in doomed:
         _remove_tree(e.path)
     model_dir = models_root() / name
+    if variant is None and model_dir.is_dir():  # the whole model: a variant too damaged to list too
+        for p in model_dir.iterdir():
+            if p.is_dir():
+                _remove_tree(p)
     if model_dir.is_dir() and not any(p.is_dir() for p in model_dir.iterdir()):
         (model_dir / SETTINGS).unlink(missing_ok=True)
         if not any(model_dir.iterdir()):

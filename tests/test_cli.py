@@ -49,6 +49,13 @@ def test_a_prompt_longer_than_the_context_is_refused(default_home):
     assert "Traceback" not in r.stderr
 
 
+def test_a_reply_cut_by_the_context_says_so(default_home):
+    r = llamadesk("ask", "Write a long story about a dragon.", "--ctx", "48", "--temperature", "0",
+                  "--max-tokens", "200", home=default_home)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "(the reply was cut: the 48-token context is full; --ctx raises it)"
+
+
 def test_past_the_models_longest_context_the_advice_is_to_shorten():
     """A larger --ctx is offered only where the model was trained for one (the default model stops
     at 8192: `--ctx 30000` is refused)."""

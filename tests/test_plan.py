@@ -429,3 +429,13 @@ def test_a_variant_is_judged_by_what_it_holds_not_by_its_name():
     assert any("fast (nf4) does not run well on cpu" in row.verdict for row in r.candidates), r.candidates
     named_nf4 = replace(int8, variant="nf4", kind="int8")
     assert plan_memory([named_nf4], dev).chosen.ref == "llama3-8b:nf4"
+
+
+def test_a_named_model_is_planned_alone_and_no_other_model_is_offered():
+    dev = cpu(24)
+    candidates = installed(dev, {"llama2-7b": ["int8"], "llama3-8b": ["int8"]})
+    r = plan_memory(candidates, dev, model="llama2-7b")
+    assert r.chosen.model == "llama2-7b" and {row.model for row in r.candidates} == {"llama2-7b"}
+    r = plan_memory(candidates, dev, model="llama2-7b", ctx=8192)
+    assert r.chosen is None and r.why.startswith("llama2-7b was trained for at most 4096 tokens, not 8192")
+    assert "llama3-8b" not in r.why

@@ -33,6 +33,8 @@ def test_name_from_path():
 
     assert store.name_from_path(Path("/m/SmolLM2-135M-Instruct.Q4_1.gguf")) == "smollm2-135m-instruct.q4_1"
     assert store.name_from_path(Path("/m/Meta Llama 3 8B")) == "meta-llama-3-8b"
+    assert store.name_from_path(Path("/m/Ünïcode Mödel.gguf")) == "unicode-model"
+    assert store.name_from_path(Path("/m/模型.gguf")) == "model"
 
 
 def test_a_completed_write_appears_whole(home):
@@ -89,6 +91,16 @@ def test_find_and_remove_explain_what_is_installed(home):
     assert [e.ref for e in store.list_entries()] == ["tiny:source"]
     store.remove("tiny")
     assert store.list_entries() == [] and not (home / "models" / "tiny").exists()
+
+
+def test_removing_a_model_takes_its_damaged_variants_too_and_an_empty_variant_is_no_name(home):
+    _install("tiny", "source")
+    _install("tiny", "int8")
+    (home / "models" / "tiny" / "int8" / store.MANIFEST).write_text("{not json")
+    with pytest.raises(UserError, match="'tiny:' is not a model name"):
+        store.remove("tiny:")
+    assert [e.ref for e in store.remove("tiny")] == ["tiny:source"]
+    assert not (home / "models" / "tiny").exists()
 
 
 def test_a_folder_without_manifest_is_not_a_model(home):
