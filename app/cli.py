@@ -351,6 +351,8 @@ def show_plan(ref: str | None, ctx: int | None, device_kind: str | None, vram: i
     from .devices import format_bytes, probe
     from .plan import plan_installed
 
+    if device_kind == "cpu" and vram is not None:
+        raise UserError("--vram plans for a GPU; with --device cpu, --ram sets the memory to plan for")
     device = probe(device_kind, vram, ram)
     result = plan_installed(ref, ctx, kv_dtype, device=device, slots=parallel)
     if as_json:
@@ -587,7 +589,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--parallel", type=_count, default=4, help="requests decoded at once (default 4)")
     p.add_argument("--queue", type=_number_in(lambda v: v >= 0, "0 or more", whole=True), default=16,
                    help="requests waiting beyond those; more get 429 (default 16)")
-    p.add_argument("--ctx", type=_count, help="context length in tokens")
+    p.add_argument("--ctx", type=_context, help="context length in tokens")
     _kv_dtype_flag(p)
     p.add_argument("--threads", type=_count, help="CPU threads (default: the cores other programs leave idle)")
     _activation_bits_flag(p, None, "8 (default; llama.cpp's rounding, as Ollama and LM Studio serve: one "
@@ -661,7 +663,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="how many recent tokens the penalty looks at, -1 = all, 0 = none (default 64)")
     p.add_argument("--seed", type=_number_in(lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1", whole=True),
                    help="the same seed gives the same text")
-    p.add_argument("--ctx", type=_count, help="context length in tokens (default: what the memory plan chooses)")
+    p.add_argument("--ctx", type=_context, help="context length in tokens (default: what the memory plan chooses)")
     _kv_dtype_flag(p)
     p.add_argument("--precise", action="store_true",
                    help="run packed layers at fp32-level accuracy (~3x slower matmuls)")
@@ -699,6 +701,9 @@ def _number_in(test, says: str, whole: bool = False):
 # counts (--ctx, --threads, --max-tokens, ...): a negative size failed in the KV cache's allocation
 _count = _number_in(lambda v: v >= 1, "a whole number of at least 1", whole=True)
 _count.__name__ = "count"
+# as chat --plain's num_ctx: a context shorter than a chat template's own tokens holds no reply
+_context = _number_in(lambda v: v >= 16, "a whole number of at least 16 tokens", whole=True)
+_context.__name__ = "context"
 
 
 def _model_ref(text: str) -> str:
@@ -819,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="which model, variant and context fit this machine, and why")
     p.add_argument("ref", nargs="?", help="limit to NAME or NAME:VARIANT")
-    p.add_argument("--ctx", type=_count, help="plan for this context length")
+    p.add_argument("--ctx", type=_context, help="plan for this context length")
     _kv_dtype_flag(p)
     p.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device")
     p.add_argument("--vram", type=_size, help="plan for a GPU with this much free memory, e.g. 8GiB")

@@ -49,6 +49,12 @@ def test_a_prompt_longer_than_the_context_is_refused(default_home):
     assert "Traceback" not in r.stderr
 
 
+def test_plan_refuses_a_gpu_size_for_the_cpu(default_home):
+    r = llamadesk("plan", "--device", "cpu", "--vram", "8GiB", home=default_home)
+    assert (r.returncode, r.stderr.strip()) == (
+        1, "llamadesk: error: --vram plans for a GPU; with --device cpu, --ram sets the memory to plan for")
+
+
 def test_a_reply_cut_by_the_context_says_so(default_home):
     r = llamadesk("ask", "Write a long story about a dragon.", "--ctx", "48", "--temperature", "0",
                   "--max-tokens", "200", home=default_home)
@@ -120,7 +126,7 @@ def test_importing_a_corrupt_gguf_leaves_the_store_unchanged(tmp_path, default_g
                                   ["no-such-command"], ["serve", "--port", "x"], ["ask", "--ctx", "-5", "hi"],
                                   ["ask", "--threads", "0", "hi"], ["plan", "--ctx", "0"], ["plan", "--ram=-1GiB"],
                                   ["plan", "--ram", "lots"], ["plan", "--vram", "16"], ["bench", "--runs", "0"],
-                                  ["ask", "--bogus", "hi"],
+                                  ["ask", "--bogus", "hi"], ["plan", "--ctx", "8"],
                                   ["ask", "--top-p", "5", "hi"], ["chat", "--seed", "-1"], ["ask", "-m", "", "hi"]],
                          ids=" ".join)
 def test_a_mistyped_flag_or_command_is_one_line(tmp_path, argv):
