@@ -385,10 +385,10 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
         docs: list[str] = (), file: Path | None = None, activation_bits: int = 15) -> int:
     """Answer `prompt` on stdout; with `docs` (collections) or `file`, from their passages, and
     then a `Sources:` block. `activation_bits` 8: llama.cpp's rounding of x (Engine.set_activation_bits)."""
-    from .docs.attach import Grounds
+    from .docs.attach import Grounds, untagged_line
     from .engine import Engine
 
-    grounds, prompt = Grounds.pick(prompt, docs, file)
+    grounds, prompt = Grounds.pick(prompt, docs, file, notice=lambda tags: say(untagged_line(tags)))
     ref = ensure_model(model)
     pull.compile_decode_step(say)
     with _loading(ref):
@@ -437,11 +437,11 @@ def ask_remote(url: str, prompt: str, model: str | None, system: str | None, max
     """`ask` through an OpenAI-compatible server (--remote URL or LLAMADESK_REMOTE); `sampling`
     holds OpenAI fields (temperature, top_p, seed). Passages of
     the user's documents go to the server only with `send_docs` (--send-docs): they leave the machine."""
-    from .docs.attach import Grounds
+    from .docs.attach import Grounds, untagged_line
     from .remote import ASSUMED_CTX, Remote, estimate_tokens, read_key
 
     key = read_key(key_file)
-    grounds, prompt = Grounds.pick(prompt, docs, file)
+    grounds, prompt = Grounds.pick(prompt, docs, file, notice=lambda tags: say(untagged_line(tags)))
     remote = Remote.connect(url, key)  # after the checks above: nothing to close when they refuse
     if grounds and not send_docs:
         remote.close()

@@ -79,9 +79,9 @@ def test_binary_empty_and_unsupported_files_are_left_out_with_a_reason(tmp_path)
     found = {p.name: reason for p, _, reason in walk([tmp_path])}
     assert "not supported" in found["report.docx"] and "Word" in found["report.docx"]
     assert "EPUB" in found["book.epub"]
-    assert "photo.jpg" not in found  # other kinds inside a folder pass silently...
+    assert found["photo.jpg"].startswith("not a kind of file")  # in a folder...
     named = list(walk([tmp_path / "photo.jpg"]))
-    assert named[0][2].startswith("not a kind of file")  # ...but not when named
+    assert named[0][2].startswith("not a kind of file")  # ...as when named
 
 
 def test_walk_skips_dotfiles_git_ignored_and_huge_files_and_ends_symlink_loops(tmp_path):
@@ -94,11 +94,40 @@ def test_walk_skips_dotfiles_git_ignored_and_huge_files_and_ends_symlink_loops(t
     os.symlink(tmp_path, tmp_path / "sub" / "loop")
     with open(tmp_path / "big.txt", "wb") as f:
         f.truncate(101 * 2**20)  # sparse: 101 MB by size, nothing on disk
-    rows = list(walk([tmp_path], ignore=["build", "*.log"]))
+    hidden: list[Path] = []
+    rows = list(walk([tmp_path], ignore=["build", "*.log"], hidden=hidden))
     indexed = sorted(p.relative_to(tmp_path).as_posix() for p, st, reason in rows if reason is None)
     assert indexed == ["a.md", "sub/b.py"]
     left = {p.name: reason for p, _, reason in rows if reason}
     assert left == {"big.txt": "larger than 100 MB (101 MB)"}
+    assert sorted(p.name for p in hidden) == [".git", ".hidden.md"]  # counted for the summary, not listed
+
+
+def test_every_file_of_a_folder_not_read_gets_a_line_and_hidden_ones_one_summary(home, tmp_path):
+    write(tmp_path / "d" / "a.md", "Alpha\n")
+    write(tmp_path / "d" / "binary.bin", os.urandom(256))
+    write(tmp_path / "d" / "conf.xyz", "key = value\n")
+    write(tmp_path / "d" / ".env", "SECRET=1\n")
+    write(tmp_path / "d" / ".git" / "HEAD", "ref\n")
+    with DocsIndex() as index:
+        summary = index.add("mine", [tmp_path / "d"])
+    assert sorted(summary.notes) == [f"{tmp_path / 'd' / name}: not a kind of file llamadesk reads (text, "
+                                     f"Markdown, reST, HTML, PDF, source code)" for name in ("binary.bin", "conf.xyz")]
+    assert summary.line().endswith("; 2 left out; 2 hidden (dot) files and folders skipped")
+
+
+def test_a_new_collection_in_which_no_file_could_be_read_is_not_created(home, tmp_path):
+    empty = write(tmp_path / "empty.txt", "")
+    write(tmp_path / "d" / "a.md", "Alpha\n")
+    with DocsIndex() as index:
+        with pytest.raises(docs_index.NothingRead, match="no file could be read, so collection empty1 was not "
+                                                         "created") as caught:
+            index.add("empty1", [empty])
+        assert caught.value.summary.notes == [f"{empty}: no text"]
+        assert index.names() == []
+        index.add("notes", [tmp_path / "d"])
+        index.add("notes", [empty])  # an existing collection stays, with what it holds
+        assert [(c.name, c.files) for c in index.collections()] == [("notes", 1)]
 
 
 def test_headings_paragraphs_and_their_lines():
@@ -294,6 +323,35 @@ def test_hash_name_in_a_prompt_picks_an_existing_collection(home, tmp_path):
         Grounds.pick("hi", ["other"])
     with pytest.raises(UserError, match="no such file"):
         Grounds.pick("hi", file=tmp_path / "nope.md")
+    with pytest.raises(UserError, match=f"^{tmp_path} is a folder; `llamadesk docs add NAME {tmp_path}` makes a "
+                                        f"collection of it$"):
+        Grounds.pick("hi", file=tmp_path)
+
+
+def test_a_hash_name_that_names_no_collection_is_text_with_one_notice(home, tmp_path, capsys):
+    heard = []
+    Grounds.pick("What does #include do?", notice=heard.append)
+    assert heard == []  # someone with no collections wrote text, not a collection's name
+    write(tmp_path / "n.md", "Notes\n")
+    with DocsIndex() as index:
+        index.add("notes", [tmp_path / "n.md"])
+    grounds, prompt = Grounds.pick("#nope hi #notes, #Nope and #other", notice=heard.append)
+    assert (grounds.collections, prompt) == (["notes"], "#nope hi , #Nope and #other")
+    assert heard == [["#nope", "#Nope", "#other"]]
+    heard.clear()
+    Grounds.pick("C# is #1 in #notes, see page#3", notice=heard.append)  # not tags, or a collection
+    assert heard == []
+    Grounds.pick("#nope hi")  # nobody listening (a server): nothing said
+    assert capsys.readouterr().err == ""
+
+
+def test_a_file_attached_and_in_a_chosen_collection_is_quoted_once(home, tmp_path):
+    notes = write(tmp_path / "d" / "notes.md", "The boiler code is 4711.\n")
+    with DocsIndex() as index:
+        index.add("house", [tmp_path / "d"])
+    grounds, _ = Grounds.pick("", ["house"], notes)
+    prompt, passages = grounds.apply("What is the boiler code?", 500, len)
+    assert [p.cite() for p in passages] == [f"{notes}:1"] and prompt.count("4711") == 1
 
 
 def test_an_attached_file_is_whole_when_it_fits_else_its_best_chunks(home, tmp_path):
@@ -347,6 +405,11 @@ def test_docs_commands_summaries_and_one_line_errors(home, tmp_path):
         r = docs_cli(*args, home=home)
         assert (r.returncode, len(r.stderr.strip().splitlines())) == (1, 1) and message in r.stderr, r.stderr
     assert docs_cli("update", home=home).returncode == 2
+    write(tmp_path / "empty.txt", "")
+    r = docs_cli("add", "empty1", str(tmp_path / "empty.txt"), home=home)
+    assert (r.returncode, r.stdout, r.stderr) == (1, f"  left out: {tmp_path / 'empty.txt'}: no text\n",
+                                                  "llamadesk: error: no file could be read, so collection empty1 was "
+                                                  "not created (the lines above say why)\n")
     r = docs_cli("rm", "notes", home=home)
     assert r.returncode == 0 and docs_cli("list", home=home).stdout.startswith("No document collections")
 

@@ -51,6 +51,10 @@ def test_ask_with_docs_answers_from_the_collection_and_cites_it(home, tmp_path):
     assert "Quillhaven" not in without.stdout and "Sources:" not in without.stdout
     r = llamadesk(*ask, "#town When is the Zorbl festival?", home=home)
     assert r.returncode == 0 and f"[1] {notes / 'festival.md'}:1" in r.stdout
+    r = llamadesk(*ask, "#towns When is the Zorbl festival?", home=home)  # a typo: text, and said so
+    assert r.returncode == 0 and "Sources:" not in r.stdout
+    assert ("#towns names no document collection (`llamadesk docs list` shows them); sent as text"
+            in r.stderr.splitlines())
     r = llamadesk(*ask, "--docs", "town", "How do I bake sourdough bread?", home=home)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("Sources: no source found")
 

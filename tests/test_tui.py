@@ -212,6 +212,45 @@ async def test_esc_stops_the_reply_keeps_what_was_written_and_the_next_prompt_wo
 
 
 @pytest.mark.asyncio
+async def test_a_new_chat_or_another_chat_does_not_say_the_last_reply_stopped(home):
+    model = GatedModel(["Paris ", "is lovely."])
+    app = fake_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await first_piece_on_screen(pilot, app, "Tell me about Paris", "Paris ")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.chat.reply is None)
+        status = app.chat.query_one(StatusLine)
+        assert status.activity == "stopped"
+        stopped_chat = app.chat.conversation.id
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: app.chat.conversation is None)
+        assert status.activity == ""
+        model.gate.set()
+        await send(pilot, "Hello")
+        await until(pilot, lambda: app.chat.reply is None and replies(app))
+        status.activity = "stopped"  # as a reply stopped here would leave it
+        await app.chat.open_conversation(stopped_chat)
+        assert status.activity == ""
+
+
+@pytest.mark.asyncio
+async def test_a_prompt_to_a_server_that_cannot_be_reached_says_so_not_to_install_a_model(home):
+    from app.remote import Remote
+    from serve_helpers import free_port
+
+    port = free_port()  # nothing listens there
+    app = ChatApp(None, ChatSettings(), remote=Remote.connect(f"http://127.0.0.1:{port}"), memory=lambda: RSS)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: notices(app) and app.chat.loading_since is None)
+        await send(pilot, "Hello?")
+        await until(pilot, lambda: len(notices(app)) == 2)
+        said = notices(app)[-1]
+        assert said.startswith(f"The prompt was not sent: 127.0.0.1:{port}: cannot reach the server")
+        assert said.endswith(". Ctrl+O asks the server again, Ctrl+T picks another one.") and "\n" not in said
+        assert app.query_one(PromptInput).text == "Hello?" and app.history.conversations() == []
+
+
+@pytest.mark.asyncio
 async def test_quitting_mid_reply_stops_it_and_keeps_what_was_written(home):
     model = GatedModel(["Paris ", "is ", "lovely."])
     app = fake_app(model)
@@ -477,6 +516,11 @@ async def test_new_rename_export_copy_and_delete(home):
 
         await pilot.press("f2")
         await pilot.pause()
+        app.screen.query_one("Input").value = "  "  # no name: the dialog stays and says why
+        await pilot.press("enter")
+        await until(pilot, lambda: str(app.screen.query_one("#problem").render()))
+        assert str(app.screen.query_one("#problem").render()) == "A chat needs a name (Esc keeps this one's)."
+        assert app.history.get(first.id).title == first.title
         app.screen.query_one("Input").value = "France"
         await pilot.press("enter")
         await until(pilot, lambda: app.history.get(first.id).title == "France")

@@ -86,6 +86,22 @@ async def test_hash_name_in_a_chat_prompt_picks_the_collection_for_that_prompt(h
         assert notices(app)[-1] == f"Sources: [1] {home / 'notes' / 'festival.md'}:1"
         await ask_and_wait(pilot, app, "What does #include do in C?")  # no such collection: plain text
         assert model.prompts[-1][-1]["content"] == "What does #include do in C?"
+        assert notices(app)[-1] == "#include names no document collection (F9 shows them); sent as text"
+
+
+@pytest.mark.asyncio
+async def test_a_file_attached_and_in_the_chosen_collection_is_one_source(home):
+    from dataclasses import replace
+
+    model = GatedModel(["Quillhaven"], open_gate=True)
+    app = fake_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.chat.model is not None)
+        festival = home / "notes" / "festival.md"
+        app.chat.apply_settings(replace(app.chat.settings, docs=("town",), file=str(festival)))
+        await ask_and_wait(pilot, app, "Where is the Zorbl festival held?")
+        assert notices(app)[-1] == f"Sources: [1] {festival}:1"
+        assert model.prompts[-1][-1]["content"].count("The Zorbl festival is held every year") == 1
 
 
 @pytest.mark.asyncio
@@ -104,6 +120,11 @@ async def test_the_picker_attaches_one_file_and_refuses_a_missing_one(home):
         await pilot.press("enter")
         await until(pilot, lambda: str(app.screen.query_one("#problem", Label).render()))
         assert str(app.screen.query_one("#problem", Label).render()) == f"{home / 'nope.md'}: no such file"
+        field.value = str(home / "notes")
+        await pilot.press("enter")
+        await until(pilot, lambda: "folder" in str(app.screen.query_one("#problem", Label).render()))
+        assert str(app.screen.query_one("#problem", Label).render()) == (
+            f"{home / 'notes'} is a folder; `llamadesk docs add NAME {home / 'notes'}` makes a collection of it")
         field.value = str(home / "notes" / "festival.md")
         await pilot.press("enter")
         await until(pilot, lambda: app.chat.query_one(StatusLine).docs == "festival.md")

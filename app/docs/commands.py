@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .index import DocsIndex, SyncSummary
+from .index import DocsIndex, NothingRead, SyncSummary
 
 
 def add_parser(sub) -> None:
@@ -47,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
 def docs_add(name: str, paths: list[Path], ignore: list[str]) -> int:
     with DocsIndex() as index:
-        _report(index.add(name, paths, ignore, progress=_progress()))
+        try:
+            _report(index.add(name, paths, ignore, progress=_progress()))
+        except NothingRead as e:
+            _left_out(e.summary)  # why each file was not read, then the error line
+            raise
     return 0
 
 
@@ -81,6 +85,10 @@ def docs_list() -> int:
 
 def _report(summary: SyncSummary) -> None:
     print(summary.line())
+    _left_out(summary)
+
+
+def _left_out(summary: SyncSummary) -> None:
     for note in summary.notes:
         print(f"  left out: {printable(note)}")
 

@@ -61,14 +61,16 @@ def kind_of(path: Path) -> str | None:
 
 
 # ---------------------------------------------------------------- finding files
-def walk(roots: list[Path], ignore: list[str] = ()) -> Iterator[tuple[Path, os.stat_result | None, str | None]]:
-    """Every file under `roots` worth a look: (path, stat, None) to index, (path, None, reason)
-    for a file left out that the user should hear about. Files of unknown kinds inside folders are
-    passed over silently; named on their own they get a reason.
+def walk(roots: list[Path], ignore: list[str] = (),
+         hidden: list[Path] | None = None) -> Iterator[tuple[Path, os.stat_result | None, str | None]]:
+    """Every file under `roots`: (path, stat, None) to index, (path, None, reason) for a file left
+    out (an unknown kind too: the user should hear of every file that is not read).
 
-    Dotfiles and dot-folders (.git included) are skipped, as is any path matching an `ignore`
-    glob (against its name or its path below the root). Symlinks are followed, each folder once,
-    so a link loop ends. Files over MAX_FILE_BYTES are left out with a reason.
+    Dotfiles and dot-folders (.git included) are skipped, each appended to `hidden` when given
+    (one summary line, not a line per file of .git); so is any path matching an `ignore` glob
+    (against its name or its path below the root), which the user asked for. Symlinks are
+    followed, each folder once, so a link loop ends. Files over MAX_FILE_BYTES are left out with
+    a reason.
     """
     seen_dirs: set[tuple[int, int]] = set()
     for root in roots:
@@ -79,7 +81,7 @@ def walk(roots: list[Path], ignore: list[str] = ()) -> Iterator[tuple[Path, os.s
             yield root, None, f"cannot be read ({_reason(e)})"
             continue
         if not os.path.isdir(root):
-            yield from _check_file(root, st, named=True)
+            yield from _check_file(root, st)
             continue
         stack = [root]
         while stack:
@@ -97,7 +99,11 @@ def walk(roots: list[Path], ignore: list[str] = ()) -> Iterator[tuple[Path, os.s
             subdirs = []
             for entry in entries:
                 path = Path(entry.path)
-                if entry.name.startswith(".") or _ignored(path, root, ignore):
+                if entry.name.startswith("."):
+                    if hidden is not None:
+                        hidden.append(path)
+                    continue
+                if _ignored(path, root, ignore):
                     continue
                 try:
                     if entry.is_dir():
@@ -107,17 +113,16 @@ def walk(roots: list[Path], ignore: list[str] = ()) -> Iterator[tuple[Path, os.s
                 except OSError as e:
                     yield path, None, f"cannot be read ({_reason(e)})"
                     continue
-                yield from _check_file(path, st, named=False)
+                yield from _check_file(path, st)
             stack.extend(reversed(subdirs))
 
 
-def _check_file(path: Path, st: os.stat_result, named: bool):
+def _check_file(path: Path, st: os.stat_result):
     ext = path.suffix.lower()
     if ext in REFUSED:
         yield path, None, f"{REFUSED[ext]} files ({ext}) are not supported; save it as PDF or text"
     elif kind_of(path) is None:
-        if named:
-            yield path, None, "not a kind of file llamadesk reads (text, Markdown, reST, HTML, PDF, source code)"
+        yield path, None, "not a kind of file llamadesk reads (text, Markdown, reST, HTML, PDF, source code)"
     elif st.st_size > MAX_FILE_BYTES:
         yield path, None, f"larger than {MAX_FILE_BYTES // 2**20} MB ({st.st_size / 2**20:.0f} MB)"
     else:

@@ -73,11 +73,23 @@ class SyncSummary:
     chunks: int = 0
     chars: int = 0
     notes: list[str] = field(default_factory=list)
+    hidden: int = 0  # dotfiles and dot-folders (.git) not looked into: counted, not listed
 
     def line(self) -> str:
+        hidden = f"; {self.hidden} hidden (dot) files and folders skipped" if self.hidden else ""
         return (f"{self.name}: {self.added} added, {self.changed} changed, {self.unchanged} unchanged, "
                 f"{self.removed} removed ({self.chunks} chunks, {self.chars / 1e6:.1f} MB of text read); "
-                f"{len(self.notes)} left out")
+                f"{len(self.notes)} left out{hidden}")
+
+
+class NothingRead(UserError):
+    """A new collection in which no file could be read: it is not created. `summary` says why,
+    file by file."""
+
+    def __init__(self, summary: SyncSummary):
+        super().__init__(f"no file could be read, so collection {summary.name} was not created"
+                         + (" (the lines above say why)" if summary.notes else " (no files found)"))
+        self.summary = summary
 
 
 _SCHEMA = """
@@ -149,7 +161,8 @@ class DocsIndex:
 
     def add(self, name: str, paths: list[Path], ignore: list[str] = (), progress: Progress | None = None) -> SyncSummary:
         """Create collection `name` from `paths` (files or folders), or add them to it, and index
-        what is new or changed. Raises UserError for a path that does not exist."""
+        what is new or changed. Raises UserError for a path that does not exist, and NothingRead
+        (nothing written) when a new collection would hold no file: an empty one is no use to pick."""
         name = check_name(name)
         roots = [os.path.abspath(p) for p in paths]
         for p in roots:
@@ -168,7 +181,10 @@ class DocsIndex:
                 ignore = list(dict.fromkeys(json.loads(row[2]) + list(ignore)))
                 self.db.execute("UPDATE collections SET roots = ?, ignore = ? WHERE id = ?",
                                 (json.dumps(roots), json.dumps(ignore), cid))
-            return self._sync(cid, name, [Path(r) for r in roots], list(ignore), progress)
+            summary = self._sync(cid, name, [Path(r) for r in roots], list(ignore), progress)
+            if row is None and not summary.added:
+                raise NothingRead(summary)  # the transaction rolls back: no collection
+            return summary
 
     def update(self, name: str, progress: Progress | None = None) -> SyncSummary:
         """Re-read what changed in collection `name`'s folders and files (size, mtime, then sha256)."""
@@ -229,7 +245,9 @@ class DocsIndex:
         summary = SyncSummary(name)
         known = {path: (fid, size, mtime, sha) for fid, path, size, mtime, sha in self.db.execute(
             "SELECT id, path, size, mtime_ns, sha256 FROM files WHERE collection = ?", (cid,))}
-        found = list(walk(roots, ignore))
+        hidden: list[Path] = []
+        found = list(walk(roots, ignore, hidden))
+        summary.hidden = len(hidden)
         keep: set[str] = set()  # paths whose indexed copy stays (seen, or left out but unchanged)
         for done, (path, st, reason) in enumerate(found, start=1):
             key = str(path)

@@ -140,7 +140,8 @@ class ChatApp(App):
         if self.chat.conversation is None:
             self.notify("This chat is saved at its first prompt; rename it then.", severity="warning")
             return
-        self.push_screen(AskText("Rename this chat", self.chat.chat_title, "Rename"),
+        self.push_screen(AskText("Rename this chat", self.chat.chat_title, "Rename",
+                                 "A chat needs a name (Esc keeps this one's)."),
                          lambda title: title and self.chat.rename(title))
 
     def action_delete(self) -> None:
@@ -171,7 +172,7 @@ class ChatApp(App):
             self.notify(f"Exported to {written}")
 
         self.push_screen(AskText("Export this chat to a Markdown file", str(self.chat.default_export_path()),
-                                 "Export"), answered)
+                                 "Export", "Type the file to write (Esc cancels)."), answered)
 
     def action_settings(self) -> None:
         self.push_screen(SettingsModal(self.chat.settings, self.chat.chat_title),

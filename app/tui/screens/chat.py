@@ -76,6 +76,13 @@ class _Sources:
 
 
 @dataclass
+class _Said:
+    """A line for the transcript from the reply's thread, e.g. a `#NAME` that names no collection."""
+
+    text: str
+
+
+@dataclass
 class _Reply:
     """The reply being written: where its pieces arrive and where they go."""
 
@@ -114,6 +121,7 @@ class ChatScreen(Screen):
         self.draft_settings = settings
         self.reply: _Reply | None = None
         self.waiting_for_model = False  # a prompt was sent while the model loads
+        self.load_error: str | None = None  # why the last load failed, for a prompt sent after it
         self.memory = memory
 
     def compose(self) -> ComposeResult:
@@ -235,6 +243,7 @@ class ChatScreen(Screen):
             return
         # the old model goes first, so two never sit in memory together
         self.model = None
+        self.load_error = None
         status = self.query_one(StatusLine)
         status.model = ref or (f"a model on {self.remote.where()}" if self.remote is not None else "")
         status.variant, status.device, status.tokens_per_s = "", "", None
@@ -298,6 +307,7 @@ class ChatScreen(Screen):
     async def _load_failed(self, ref: str, message: str) -> None:
         self._done_loading()
         self.waiting_for_model = False
+        self.load_error = message
         self.query_one(StatusLine).activity = "no model loaded (Ctrl+O picks one)"
         await self._notice(f"Could not load {ref or 'a model'}: {message}", "error")
 
@@ -345,6 +355,7 @@ class ChatScreen(Screen):
         self.history.set_state("last_chat", None)
         await self.query_one(Transcript).show([])
         self.query_one(StatusLine).tokens_per_s = None  # no reply in this chat yet
+        self._clear_reply_outcome()
         self._refresh_sidebar()
         self._measure_context()
         self._show_docs()
@@ -380,10 +391,17 @@ class ChatScreen(Screen):
         speed = timings.get("tokens_per_s") if isinstance(timings, dict) else None
         number = isinstance(speed, (int, float)) and not isinstance(speed, bool)
         self.query_one(StatusLine).tokens_per_s = float(speed) if number and speed > 0 else None
+        self._clear_reply_outcome()
         self._refresh_sidebar()
         self._measure_context()
         self._show_docs()
         self.query_one(PromptInput).focus()
+
+    def _clear_reply_outcome(self) -> None:
+        """The last reply's "stopped" belongs to its chat, not to the one opened now. With no model
+        the activity says why (loading, a failed load) and stays."""
+        if self.model is not None:
+            self.query_one(StatusLine).activity = ""
 
     def _view_of(self, m: SavedMessage) -> MessageView:
         who = "You" if m.role == "user" else (m.model or "Assistant")
@@ -453,8 +471,7 @@ class ChatScreen(Screen):
         text = event.text.rstrip()  # trailing whitespace only: the rest is the prompt as typed
         if self.model is None and self.loading_since is None:
             # nothing would answer: keep the prompt in the box rather than saving a chat without a reply
-            await self._notice("No model is loaded, so the prompt was not sent: Ctrl+O picks an installed "
-                               "one, F5 downloads the default model.", "error")
+            await self._notice(self._not_sent_without_model(), "error")
             return
         if self.conversation is not None and not self.history.exists(self.conversation.id):
             # deleted in another window: this prompt starts a new chat with the same settings
@@ -469,6 +486,14 @@ class ChatScreen(Screen):
         await self.query_one(Transcript).add(self._view_of(message))
         self._refresh_sidebar()
         await self._start_reply()
+
+    def _not_sent_without_model(self) -> str:
+        if self.remote is None:
+            return ("No model is loaded, so the prompt was not sent: Ctrl+O picks an installed one, F5 downloads "
+                    "the default model.")
+        # installing or downloading would not help: the server is what failed
+        why = self.load_error or f"{self.remote.where()} gave no model"
+        return f"The prompt was not sent: {why}. Ctrl+O asks the server again, Ctrl+T picks another one."
 
     async def regenerate(self) -> None:
         if self.conversation is None or self._busy():
@@ -557,10 +582,11 @@ class ChatScreen(Screen):
             params = settings if isinstance(model, RemoteChat) else settings.sampling_params()
             room = reply_room(settings.max_tokens, model.ctx)
             if settings.docs or settings.file or "#" in messages[-1]["content"]:
-                from ...docs.attach import ground_chat
+                from ...docs.attach import ground_chat, untagged_line
 
                 messages, passages = ground_chat(messages, settings.docs, settings.file, model.ctx, room,
-                                                 lambda text: model.count_tokens([{"role": "user", "content": text}]))
+                                                 lambda text: model.count_tokens([{"role": "user", "content": text}]),
+                                                 notice=lambda tags: pieces.put(_Said(untagged_line(tags, "F9"))))
                 if passages is not None:
                     pieces.put(_Sources([p.to_dict() for p in passages]))
             # a server's context is its own setting: no --ctx of ours changes it
@@ -598,6 +624,8 @@ class ChatScreen(Screen):
                 text.append(item)
             elif isinstance(item, _Sources):
                 reply.sources = item.passages
+            elif isinstance(item, _Said):
+                await self._notice(item.text, "warning", before=reply.view)
             elif isinstance(item, PromptFitted):
                 self.query_one(StatusLine).ctx_used = reply.prompt_tokens = item.prompt_tokens
                 if item.dropped:

@@ -33,20 +33,24 @@ class ConfirmDialog(ModalScreen[bool]):
 
 
 class AskText(ModalScreen["str | None"]):
-    """One line of text (a title, a file path); Enter accepts, Esc cancels with None."""
+    """One line of text (a title, a file path); Enter accepts, Esc cancels with None. Empty text
+    is not an answer: `empty` says so under the field."""
 
     BINDINGS = [("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, question: str, value: str = "", ok: str = "OK") -> None:
+    def __init__(self, question: str, value: str = "", ok: str = "OK",
+                 empty: str = "Type something first (Esc cancels).") -> None:
         super().__init__()
         self.question = question
         self.value = value
         self.ok = ok
+        self.empty = empty
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label(self.question, classes="question", markup=False)
             yield Input(self.value, id="answer")
+            yield Label("", id="problem", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button(self.ok, variant="primary", id="ok")
                 yield Button("Cancel", id="cancel")
@@ -55,8 +59,10 @@ class AskText(ModalScreen["str | None"]):
     @on(Button.Pressed, "#ok")
     def _accept(self) -> None:
         text = self.query_one("#answer", Input).value.strip()
-        if text:
-            self.dismiss(text)
+        if not text:
+            self.query_one("#problem", Label).update(self.empty)
+            return
+        self.dismiss(text)
 
     @on(Button.Pressed, "#cancel")
     def _cancel(self) -> None:

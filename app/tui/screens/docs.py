@@ -9,6 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, SelectionList
 
+from ...docs.attach import file_problem
 from ...docs.index import CollectionInfo
 
 
@@ -42,8 +43,9 @@ class DocsPicker(ModalScreen["tuple[list[str], str] | None"]):
     @on(Button.Pressed, "#use")
     def _use(self) -> None:
         file = self.query_one("#file", Input).value.strip()
-        if file and not Path(file).expanduser().is_file():
-            self.query_one("#problem", Label).update(f"{file}: no such file")
+        problem = file and file_problem(Path(file).expanduser(), file)
+        if problem:
+            self.query_one("#problem", Label).update(problem)
             return
         names = list(self.query_one(SelectionList).selected) if self.collections else []
         self.dismiss((names, str(Path(file).expanduser()) if file else ""))
