@@ -191,6 +191,25 @@ def test_unknown_model_is_a_404_and_never_a_path(client):
         assert e.value.body["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize("field, value", [("temperature", -1), ("top_p", 2), ("seed", -1)])
+def test_a_value_out_of_range_is_a_400_naming_its_param(client, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **{field: value})
+    assert e.value.body["param"] == field and e.value.body["message"].startswith(f"{field} must be")
+
+
+def test_a_wrong_method_under_v1_is_an_invalid_request(url):
+    r = httpx.get(f"{url}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_root_says_it_is_running_as_ollama_does(url):
+    r = httpx.get(f"{url}/")
+    assert r.status_code == 200 and r.text == "llamadesk is running"
+    assert r.headers["content-type"].startswith("text/plain")
+    assert httpx.head(f"{url}/").status_code == 200
+
+
 def test_embeddings_are_a_501(client):
     with pytest.raises(openai.APIStatusError) as e:
         client.embeddings.create(model=MODEL, input="hello")
@@ -285,6 +304,18 @@ def test_ollama_unknown_model_and_unsupported_option(ollama_client):
     with pytest.raises(ollama.ResponseError) as e:
         ollama_client.chat(model=MODEL, messages=HELLO, format="json")
     assert e.value.status_code == 400 and "format" in str(e.value)
+
+
+@pytest.mark.parametrize("path, body", [("/api/chat", {"messages": HELLO}), ("/api/generate", {"prompt": "Hi"})])
+def test_ollama_unknown_model_points_to_its_own_list(url, path, body):
+    r = httpx.post(f"{url}{path}", json={"model": "no-such-model"} | body)
+    assert r.status_code == 404 and "GET /api/tags" in r.json()["error"] and "/v1" not in r.json()["error"]
+
+
+def test_ollama_option_out_of_range_is_named_as_sent(ollama_client):
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model=MODEL, messages=HELLO, options={"repeat_penalty": -3.0})
+    assert e.value.status_code == 400 and e.value.error == "options.repeat_penalty must be > 0, got -3.0"
 
 
 # ---------------------------------------------------------------- safety
@@ -451,13 +482,37 @@ def test_disconnect_mid_stream_stops_the_generation(url, engine, scheduler, logs
 
 def test_disconnect_while_waiting_for_a_plain_reply_stops_it(url, scheduler, logs):
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 800, "temperature": 0}
+    before = len(logs)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
     deadline = time.monotonic() + 10
     while scheduler.counts()["active"]:
         assert time.monotonic() < deadline, "the generation went on after the client left"
         time.sleep(0.05)
-    assert any(x.startswith("POST /v1/completions") for x in logs[-2:])
+    line = _logged(logs, before, "POST /v1/completions")
+    assert "finish=cancelled" in line and "prompt=" in line
+    assert int(line.split("completion=")[1].split()[0]) < 800
+
+
+def test_an_ollama_stream_left_early_logs_its_counts(url, scheduler, logs):
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "options": {"num_predict": 500, "temperature": 0}}
+    before = len(logs)
+    with httpx.stream("POST", f"{url}/api/generate", json=body) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 3:
+                break
+    line = _logged(logs, before, "POST /api/generate")
+    assert "finish=cancelled" in line and "prompt=" in line
+    assert 3 <= int(line.split("completion=")[1].split()[0]) < 500
+
+
+def _logged(logs: list, before: int, start: str) -> str:
+    """The request's log line, once the server has written it (after its response ends)."""
+    deadline = time.monotonic() + 10
+    while not any(x.startswith(start) for x in logs[before:]):
+        assert time.monotonic() < deadline, f"no {start} logged"
+        time.sleep(0.05)
+    return next(x for x in logs[before:] if x.startswith(start))
 
 
 def test_a_client_leaving_during_its_prompt_stops_the_prefill(engine, rows, monkeypatch):

@@ -22,6 +22,9 @@ __all__ = ["DEFAULT_PORT", "ServeOptions", "serve", "check_options", "is_loopbac
 
 DEFAULT_PORT = 8462
 GRACE_S = 10.0
+# uvicorn's own cancel of what still runs, this long after ours (Served.cancel_after): only a
+# backstop, for a handler that our cancel does not end
+BACKSTOP_S = 5.0
 
 
 # A server's default: llama.cpp's 8-bit rounding of activations (ServeOptions.activation_bits)
@@ -132,16 +135,27 @@ def load_served(opts: ServeOptions, key: str | None, say=None, engine=None):
 
 
 def make_server(served, opts: ServeOptions):
-    """A uvicorn server for `served`: graceful shutdown waits GRACE_S for in-flight requests."""
+    """A uvicorn server for `served`: graceful shutdown waits GRACE_S for in-flight requests, then
+    cancels their generations, whose replies end as a finished one does."""
+    import asyncio
+
     import uvicorn
 
     from .app import build_app
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            cancel = asyncio.get_running_loop().create_task(served.cancel_after(GRACE_S))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cancel.cancel()
+
     config = uvicorn.Config(build_app(served), host=opts.host, port=opts.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=GRACE_S, lifespan="off",
+                            access_log=False, timeout_graceful_shutdown=GRACE_S + BACKSTOP_S, lifespan="off",
                             ssl_certfile=str(opts.tls_cert) if opts.tls_cert else None,
                             ssl_keyfile=str(opts.tls_key) if opts.tls_key else None)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def listen_socket(opts: ServeOptions) -> socket.socket:

@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from model.chat_format import ChatTemplateError
@@ -53,19 +53,21 @@ class Served:
     last_used: float = field(default_factory=time.monotonic)
     _switching: asyncio.Event | None = None
     _watcher: asyncio.Task | None = None
+    _jobs: list[Job] = field(default_factory=list)  # submitted here and maybe not finished (cancel_after)
 
     @property
     def ref(self) -> str | None:
         return self.engine.entry.ref if self.engine is not None else None
 
-    async def acquire(self, name) -> str:
+    async def acquire(self, name, listing: str = "GET /v1/models") -> str:
         """Make the requested model (`name`, `name:variant`, `name:latest`) the loaded one; its ref.
 
-        Names are looked up among the installed models, never opened as paths (unknown: 404). A
+        Names are looked up among the installed models, never opened as paths (unknown: 404, its
+        message pointing to `listing`, the caller's API's list of models). A
         model that is not loaded replaces the loaded one once the requests in flight are done;
         requests arriving meanwhile wait for it. Returns with no await between the check and the
         caller's next synchronous steps, so the caller tokenizes and submits on this engine."""
-        want = _installed_name(name)
+        want = _installed_name(name, listing)
         self._watch_idle()
         while True:
             if self._switching is not None:
@@ -157,17 +159,29 @@ class Served:
             raise Busy(e.retry_after) from None
         except ShuttingDown:
             raise BadRequest("the server is shutting down", status=503, code="shutting_down") from None
+        self._jobs = [j for j in self._jobs if not j.finished] + [job]
         return job
 
+    async def cancel_after(self, grace_s: float) -> None:
+        """Let this server's jobs run for up to `grace_s`, then cancel the rest: the worker ends
+        each as it ends a disconnected client's, and its handler, still connected, closes the reply
+        (finish "cancelled"). The server's shutdown runs this (make_server): uvicorn's own cancel
+        would cut the replies mid-await instead, each logging a CancelledError traceback."""
+        deadline = time.monotonic() + grace_s
+        while any(not j.finished for j in self._jobs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for job in self._jobs:
+            job.cancel.set()
 
-def _installed_name(name) -> str:
+
+def _installed_name(name, listing: str) -> str:
     """`name` or `name:variant` of an installed model (`:latest` means the name alone)."""
     if not isinstance(name, str) or not name.strip():
-        raise BadRequest("'model' must name a model (GET /v1/models lists them)", "model")
+        raise BadRequest(f"'model' must name a model ({listing} lists them)", "model")
     base, _, variant = name.strip().lower().partition(":")
     variant = "" if variant == "latest" else variant
     if not any(e.name == base and variant in ("", e.variant) for e in store.list_entries()):
-        raise BadRequest(f"model {name!r} is not installed here (GET /v1/models lists what is)", "model",
+        raise BadRequest(f"model {name!r} is not installed here ({listing} lists what is)", "model",
                          status=404, code="model_not_found")
     return f"{base}:{variant}" if variant else base
 
@@ -204,6 +218,11 @@ async def job_events(job: Job, request: Request):
             job.cancel.set()
 
 
+def tokens_note(job: Job, finish: str) -> str:
+    """The request log's counts for a generation: its tokens and how it ended, never its text."""
+    return f" prompt={len(job.prompt)} completion={job.completion_tokens} finish={finish}"
+
+
 def usage(job: Job) -> dict:
     return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
             "total_tokens": len(job.prompt) + job.completion_tokens}
@@ -222,9 +241,8 @@ async def json_body(request: Request) -> dict:
 def error_response(request_path: str, status: int, message: str, param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
     if request_path.startswith("/v1"):
-        kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                501: "not_implemented"}.get(status, "server_error")
+        kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+                501: "not_implemented"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         content = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     else:
         content = {"error": message}
@@ -264,7 +282,7 @@ class Guards:
         refused = self._refused(headers)
         if refused:
             return await error_response(path, 403, refused[0], code=refused[1])(scope, receive, send)
-        if self.key is not None and path != "/health":
+        if self.key is not None and path not in ("/health", "/"):  # probes: they say no more than "up"
             auth = headers.get(b"authorization", b"")
             scheme, _, given = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
@@ -348,6 +366,9 @@ def build_app(served: Served) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": served.ref, **served.scheduler.counts()})
 
+    async def root(request: Request) -> PlainTextResponse:
+        # Ollama's "is it up" answer, which its clients probe before anything else
+        return PlainTextResponse("llamadesk is running")
 
     async def on_bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return error_response(request.url.path, exc.status, str(exc), exc.param, exc.code)
@@ -369,7 +390,8 @@ def build_app(served: Served) -> Starlette:
 
     from starlette.exceptions import HTTPException
 
-    routes = [Route("/health", health)] + openai_api.routes(served) + ollama_api.routes(served)
+    routes = ([Route("/health", health), Route("/", root, methods=["GET", "HEAD"])]
+              + openai_api.routes(served) + ollama_api.routes(served))
     middleware = []
     if served.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=served.cors_origins,

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from model.args import ModelArgs
 
 from .. import store
-from .app import Served, error_response, job_events, json_body
+from .app import Served, error_response, job_events, json_body, tokens_note
 from .params import (OLLAMA_DEFAULTS, OLLAMA_IGNORED_OPTIONS, OLLAMA_OPTIONS, BadRequest, parse_duration,
                      refuse_unsupported, sampling_from, stream_flag, unsupported)
 
@@ -25,6 +25,7 @@ GENERATE_FIELDS = {"model", "prompt", "system", "raw", "stream", "options", "kee
 NEUTRAL = {"format": ("",), "tools": ([],), "images": ([],), "template": ("",), "context": ([],), "suffix": ("",),
            "think": (False,)}
 ROLES = {"system", "user", "assistant"}
+TAGS = "GET /api/tags"  # where an Ollama client finds the installed models
 
 
 def routes(served: Served) -> list[Route]:
@@ -40,7 +41,7 @@ def routes(served: Served) -> list[Route]:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise BadRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and string content")
         keep_alive = _keep_alive(body)
-        model = await served.acquire(body.get("model"))
+        model = await served.acquire(body.get("model"), TAGS)
         if not messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
             return JSONResponse(await _load_only(served, model, keep_alive)
                                 | {"message": {"role": "assistant", "content": ""}})
@@ -57,7 +58,7 @@ def routes(served: Served) -> list[Route]:
         if not isinstance(text, str) or not isinstance(system, str):
             raise BadRequest("'prompt' and 'system' must be strings")
         keep_alive = _keep_alive(body)
-        model = await served.acquire(body.get("model"))
+        model = await served.acquire(body.get("model"), TAGS)
         if not text:
             return JSONResponse(await _load_only(served, model, keep_alive) | {"response": ""})
         _apply_keep_alive(served, keep_alive)
@@ -213,11 +214,11 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
             "total_duration": time.monotonic_ns() - t0, "load_duration": 0,
             "prompt_eval_count": len(prompt), "prompt_eval_duration": int((first - job.started) * 1e9),
             "eval_count": job.completion_tokens, "eval_duration": int((job.finished - first) * 1e9)}
-        request.scope["state"]["tokens"] = f" prompt={len(prompt)} completion={job.completion_tokens} finish={finish}"
+        request.scope["state"]["tokens"] = tokens_note(job, finish)
         return out | ({} if sources is None else {"sources": sources})
 
     if not stream:
-        text, finish = [], "stop"
+        text, finish = [], "cancelled"  # no "done" event: the client left, and its leaving cancelled the job
         async for event in job_events(job, request):
             if event[0] == "text":
                 text.append(event[1])
@@ -233,13 +234,16 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
         return JSONResponse(out)
 
     async def lines():
-        request.scope["state"]["tokens"] = " finish=cancelled"
-        async for event in job_events(job, request):
-            if event[0] == "text":
-                yield json.dumps(piece(event[1]), ensure_ascii=False) + "\n"
-            elif event[0] == "error":
-                yield json.dumps({"error": f"generation failed: {event[1]}"}) + "\n"
-            elif event[1] != "cancelled":
-                yield json.dumps(final(event[1]), ensure_ascii=False) + "\n"
+        try:
+            async for event in job_events(job, request):
+                if event[0] == "text":
+                    yield json.dumps(piece(event[1]), ensure_ascii=False) + "\n"
+                elif event[0] == "error":
+                    yield json.dumps({"error": f"generation failed: {event[1]}"}) + "\n"
+                else:  # "cancelled" here, with the client still connected, is the server's shutdown
+                    yield json.dumps(final(event[1]), ensure_ascii=False) + "\n"
+        finally:
+            if "tokens" not in request.scope["state"]:  # final() did not note them: the client left
+                request.scope["state"]["tokens"] = tokens_note(job, "cancelled")
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

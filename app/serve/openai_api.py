@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .. import store
-from .app import Served, error_response, job_events, json_body, usage
+from .app import Served, error_response, job_events, json_body, tokens_note, usage
 from .params import (OPENAI_DEFAULTS, OPENAI_FIELDS, OPENAI_IGNORED, OPENAI_NEUTRAL, BadRequest,
                      refuse_unsupported, sampling_from, stream_flag, unsupported)
 
@@ -128,7 +128,7 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     if not stream:
-        text, finish = [], "stop"
+        text, finish = [], "cancelled"  # no "done" event: the client left, and its leaving cancelled the job
         async for event in job_events(job, request):
             if event[0] == "text":
                 text.append(event[1])
@@ -136,7 +136,7 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
                 raise BadRequest(f"generation failed: {event[1]}", status=500, code="server_error")
             else:
                 finish = event[1]
-        request.scope["state"]["tokens"] = _tokens_note(job, finish)
+        request.scope["state"]["tokens"] = tokens_note(job, finish)
         reply = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None}
                   if chat else {"index": 0, "text": reply, "logprobs": None})
@@ -174,9 +174,11 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
                 else:
                     finish = event[1]
         finally:
-            request.scope["state"]["tokens"] = _tokens_note(job, finish or "cancelled")
-        if finish is None or finish == "cancelled":
+            request.scope["state"]["tokens"] = tokens_note(job, finish or "cancelled")
+        if finish is None:  # the client left: nobody to finish the stream for
             return
+        # a "cancelled" finish with the client still here is the server's shutdown: the client is
+        # told the reply ends there, as the non-streamed reply tells it
         yield chunk({} if chat else "", finish)
         if include_usage:
             yield _sse({"id": ident, "object": kind, "created": created, "model": model,
@@ -190,6 +192,3 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-
-def _tokens_note(job, finish) -> str:
-    return f" prompt={len(job.prompt)} completion={job.completion_tokens} finish={finish}"

@@ -82,11 +82,12 @@ def sampling_from(values: dict, table: dict, defaults: dict, where: str = "") ->
     got = dict(defaults)
     max_tokens = None
     stop: list[str] = []
+    sent_as: dict[str, str] = {}  # our name -> the field the client sent it in
     for key, value in values.items():
         name = table.get(key)
         if name is None or value is None:
             continue
-        param = f"{where}{key}"
+        param = sent_as[name] = f"{where}{key}"
         if name == "stop":
             stop = [value] if isinstance(value, str) else value
             if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
@@ -111,7 +112,11 @@ def sampling_from(values: dict, table: dict, defaults: dict, where: str = "") ->
     try:
         params = SamplingParams(**got)
     except ValueError as e:
-        raise BadRequest(str(e)) from None
+        # SamplingParams says its own name first ("repetition_penalty must be > 0"): say the
+        # client's (options.repeat_penalty), and name it as the type errors above do
+        ours, _, rest = str(e).partition(" ")
+        param = sent_as.get(ours)
+        raise BadRequest(f"{param} {rest}" if param else str(e), param) from None
     return Sampling(params, max_tokens, stop)
 
 
