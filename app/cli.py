@@ -416,7 +416,8 @@ def ask(prompt: str, model: str | None, system: str | None, max_tokens: int, par
         raise
     sys.stdout.write("\n")
     if engine.last.prompt_tokens + engine.last.new_tokens >= engine.ctx and engine.last.new_tokens < max_tokens:
-        say(f"(the reply was cut: the {engine.ctx}-token context is full; --ctx raises it)")
+        more = "--ctx raises it" if engine.ctx < engine.max_ctx else "the model was trained for no longer one"
+        say(f"(the reply was cut: the {engine.ctx}-token context is full; {more})")
     if passages is not None:
         from .docs.retrieve import sources_block
 
@@ -995,8 +996,11 @@ def run(argv: list[str]) -> int:
         list_models()
         return 0
     if command == "rm":
-        for e in store.remove(args.ref):
+        removed = store.remove(args.ref)
+        for e in removed:
             say(f"Removed {e.ref}")
+        if not removed:  # only variants too damaged to list were there
+            say(f"Removed {args.ref} (its files could not be read as a model)")
         return 0
     raise AssertionError(command)
 

@@ -171,7 +171,7 @@ def pull_from_hub(ref: HubRef, replace: bool = False, say: Say = lambda s: None,
             hub = {"alias": ref.alias, "url": f"{url}/{ref.repo}", "repo": ref.repo, "commit": commit, "files": wanted}
             source = Path(tmp) / wanted[0] if ref.quant else Path(tmp)
             entry = import_checkpoint(source, name, replace=replace, hub=hub,
-                                      progress=lambda d, t, w: progress(d, t, f"Converting {w}"))
+                                      progress=lambda d, t, w: progress(d, t, f"Converting {w}"), say=say)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"nothing was installed; `llamadesk pull {ref.alias}` again continues "
                                 f"from what was downloaded") from None

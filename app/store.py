@@ -163,11 +163,12 @@ def remove(ref: str) -> list[ModelEntry]:
     """Remove one variant, or with a bare name every variant of the model."""
     name, variant = parse_ref(ref)
     doomed = [e for e in list_entries() if e.name == name and (variant is None or e.variant == variant)]
-    if not doomed:
+    model_dir = models_root() / name
+    damaged_only = variant is None and model_dir.is_dir() and any(p.is_dir() for p in model_dir.iterdir())
+    if not doomed and not damaged_only:
         find(ref)  # raises the helpful "not installed" message
     for e in doomed:
         _remove_tree(e.path)
-    model_dir = models_root() / name
     if variant is None and model_dir.is_dir():  # the whole model: a variant too damaged to list too
         for p in model_dir.iterdir():
             if p.is_dir():
@@ -184,8 +185,12 @@ def remove_packed_from_other_sources(source: ModelEntry) -> list[ModelEntry]:
     manifest's quant.source_fingerprint is not `source`'s): after `import --force` replaced the
     source, they would still answer for the model with the old weights."""
     fingerprint = source.manifest.get("source", {}).get("fingerprint")
+
+    def made_from(e: ModelEntry) -> str | None:  # a packed variant's record, else a float copy's own source
+        return (e.manifest.get("quant") or {}).get("source_fingerprint") or (e.manifest.get("source") or {}).get("fingerprint")
+
     doomed = [e for e in list_entries() if e.name == source.name and e.variant != source.variant
-              and e.manifest.get("quant", {}).get("source_fingerprint") != fingerprint]
+              and made_from(e) not in (None, fingerprint)]
     for e in doomed:
         _remove_tree(e.path)
     return doomed

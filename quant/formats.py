@@ -36,6 +36,7 @@ Q4_0's and `pack_int8` with group 32 on Q8_0's (the quantizer picks these by the
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -310,6 +311,7 @@ def int8_from_gguf(raw, ggml_type, shape: tuple[int, int]) -> Packed:
 
 
 # ---------------------------------------------------------------- nf4 (bitsandbytes)
+@functools.cache  # once: NF4Linear.forward asks at every call
 def bitsandbytes_functional():
     """bitsandbytes.functional, imported on first use (~1.5 s), quietly and offline. On a CPU with
     AVX512-BF16 its CPU backend asks the `kernels` package for a kernel from the Hugging Face Hub

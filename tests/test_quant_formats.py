@@ -206,15 +206,19 @@ def test_nf4_round_trips_exactly_through_a_safetensors_file(tmp_path, compress_s
     assert torch.equal(unpack(back), unpack(p))
 
 
-def test_nf4_packs_without_a_word_on_stderr_and_asks_no_hub_for_kernels():
+def test_nf4_packs_without_a_word_on_stderr_and_asks_no_hub_for_kernels(tmp_path):
     """bitsandbytes' CPU backend, on AVX512-BF16 CPUs, imports `kernels` to fetch a kernel from the
     Hugging Face Hub, and logged a warning on every nf4 run where that package is missing."""
+    import os
     import subprocess
     import sys
 
+    fake = tmp_path / "kernels.py"  # were it imported, it would say so
+    fake.write_text("import sys\nprint('kernels imported', file=sys.stderr)\n")
     code = ("import sys, torch\nfrom quant.formats import pack_nf4\npack_nf4(torch.randn(64, 64))\n"
             "assert 'kernels' not in sys.modules\nprint('packed')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "packed", "")
 
 

@@ -101,6 +101,27 @@ def test_removing_a_model_takes_its_damaged_variants_too_and_an_empty_variant_is
         store.remove("tiny:")
     assert [e.ref for e in store.remove("tiny")] == ["tiny:source"]
     assert not (home / "models" / "tiny").exists()
+    _install("tiny", "source")  # nothing of it listable: still removable
+    (home / "models" / "tiny" / "source" / store.MANIFEST).write_text("{not json")
+    assert store.list_entries() == [] and store.remove("tiny") == []
+    assert not (home / "models" / "tiny").exists()
+    with pytest.raises(UserError, match="'tiny' is not installed"):
+        store.remove("tiny")
+
+
+def test_a_new_source_removes_only_what_another_source_made(home):
+    def install(variant, manifest):
+        with store.staging("m", variant) as tmp:
+            store.write_json(tmp / store.MANIFEST, {"name": "m", "variant": variant, "args": {}, **manifest})
+
+    install("source", {"source": {"fingerprint": "new"}})
+    install("int4", {"source": {"fingerprint": "old"}, "quant": {"scheme": "int4", "source_fingerprint": "old"}})
+    install("int8", {"source": {"fingerprint": "new"}, "quant": {"scheme": "int8", "source_fingerprint": "new"}})
+    install("float", {"source": {"fingerprint": "new"}})  # a float copy of the GGUF's blocks
+    install("mystery", {})  # nothing recorded: kept
+    gone = store.remove_packed_from_other_sources(store.find("m:source"))
+    assert [e.ref for e in gone] == ["m:int4"]
+    assert [e.variant for e in store.list_entries()] == ["float", "int8", "mystery", "source"]
 
 
 def test_a_folder_without_manifest_is_not_a_model(home):

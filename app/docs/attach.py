@@ -76,8 +76,9 @@ class Grounds:
         if self.collections:
             with DocsIndex() as index:
                 # the attached file's passages cover it: its copy in a collection would be quoted twice
-                attached = os.path.abspath(self.file) if self.file is not None else None
-                found += [p for p in search(index, self.collections, question, context) if p.path != attached]
+                attached = os.path.realpath(self.file) if self.file is not None else None
+                found += [p for p in search(index, self.collections, question, context)
+                          if os.path.realpath(p.path) != attached]
         chosen = fit_passages(found, budget_tokens, count_tokens)
         return grounded_prompt(question, chosen, self.describe()), chosen
 

@@ -168,9 +168,12 @@ def listen_socket(opts: ServeOptions) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     try:
         sock.bind((opts.host.strip("[]"), opts.port))
+        # listening now, not when uvicorn starts: two sockets with SO_REUSEADDR may both bind a
+        # port nobody listens on yet; early clients wait in the backlog while the model loads
+        sock.listen(2048)
     except OSError as e:
         sock.close()
-        host = f"[{opts.host}]" if ipv6 else opts.host
+        host = f"[{opts.host.strip('[]')}]" if ipv6 else opts.host
         raise UserError(f"could not listen on {host}:{opts.port} ({e.strerror or e})") from None
     return sock
 

@@ -54,6 +54,7 @@ class Served:
     _switching: asyncio.Event | None = None
     _watcher: asyncio.Task | None = None
     _jobs: list[Job] = field(default_factory=list)  # submitted here and maybe not finished (cancel_after)
+    _past_grace: bool = False  # shutdown's grace is over: what is submitted now is cancelled at once
 
     @property
     def ref(self) -> str | None:
@@ -160,6 +161,8 @@ class Served:
         except ShuttingDown:
             raise BadRequest("the server is shutting down", status=503, code="shutting_down") from None
         self._jobs = [j for j in self._jobs if not j.finished] + [job]
+        if self._past_grace:  # submitted after the grace ran out (it waited for a model, say): no time left
+            job.cancel.set()
         return job
 
     async def cancel_after(self, grace_s: float) -> None:
@@ -170,6 +173,7 @@ class Served:
         deadline = time.monotonic() + grace_s
         while any(not j.finished for j in self._jobs) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self._past_grace = True
         for job in self._jobs:
             job.cancel.set()
 
@@ -324,22 +328,25 @@ class Guards:
         host = headers.get(b"host", b"").decode("latin-1")
         if self.key is None and host and not is_loopback(_host_name(host)):
             return (f"Host {host!r} is refused: without an API key this server answers only localhost, "
-                    f"127.0.0.1 and [::1]"), "host_not_allowed"
+                    f"127.0.0.1 and [::1] (serve with a key to answer other names)"), "host_not_allowed"
         origin = headers.get(b"origin", b"").decode("latin-1")
-        if origin and not self._origin_allowed(origin):
+        if origin and not self._origin_allowed(origin, host):
             return (f"requests from {origin} are refused (allow a web page's origin with serve --cors-origin)",
                     "origin_not_allowed")
         return None
 
-    def _origin_allowed(self, origin: str) -> bool:
+    def _origin_allowed(self, origin: str, host: str) -> bool:
         listed = self.served.cors_origins
         if "*" in listed or origin in listed:  # as CORSMiddleware matches them
             return True
         try:
             parts = urlsplit(origin)
-            return parts.scheme in ("http", "https") and is_loopback(parts.hostname or "")
         except ValueError:
             return False
+        # a page on this machine, or one served from this very host (a proxy's same-origin page;
+        # without a key the Host check above has already kept that to this machine)
+        return parts.scheme in ("http", "https") and (is_loopback(parts.hostname or "")
+                                                      or (bool(host) and parts.netloc.lower() == host.lower()))
 
 
 def _host_name(host: str) -> str:

@@ -38,7 +38,8 @@ def routes(served: Served) -> list[Route]:
         for i, m in enumerate(messages):
             if isinstance(m, dict) and (m.get("images") or m.get("tool_calls")):
                 raise BadRequest(f"unsupported field: messages[{i}].{'images' if m.get('images') else 'tool_calls'}")
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            # content left out is "" (Ollama's own reading; its client leaves empty fields out)
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content", ""), str):
                 raise BadRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and string content")
         keep_alive = _keep_alive(body)
         model = await served.acquire(body.get("model"), TAGS)
@@ -46,7 +47,7 @@ def routes(served: Served) -> list[Route]:
             return JSONResponse(await _load_only(served, model, keep_alive)
                                 | {"message": {"role": "assistant", "content": ""}})
         _apply_keep_alive(served, keep_alive)
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
         messages, sources = served.ground(messages, _max_tokens(body)) if served.docs else (messages, None)
         prompt = served.engine.prompt_ids(messages)
         return await _answer(served, request, body, model, prompt, "chat", sources)

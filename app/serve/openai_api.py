@@ -60,9 +60,12 @@ def routes(served: Served) -> list[Route]:
     async def model(request: Request):
         """One entry of /v1/models by its id (the client's models.retrieve)."""
         name = request.path_params["model"]
-        for entry in store.list_entries():
-            if entry.ref == name:
-                return JSONResponse(model_object(entry))
+        base, _, variant = name.strip().lower().partition(":")
+        variant = "" if variant == "latest" else variant  # as chat requests name them
+        found = [e for e in store.list_entries() if e.name == base and variant in ("", e.variant)]
+        if found:  # a bare name: the loaded variant, else the source, as a chat request would get
+            found.sort(key=lambda e: (e.ref != served.ref, e.variant != store.SOURCE))
+            return JSONResponse(model_object(found[0]))
         return error_response(request.url.path, 404, f"model {name!r} is not installed here "
                               f"(GET /v1/models lists what is)", "model", code="model_not_found")
 
@@ -140,7 +143,7 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
         reply = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None}
                   if chat else {"index": 0, "text": reply, "logprobs": None})
-        choice["finish_reason"] = finish
+        choice["finish_reason"] = _reason(finish)
         return JSONResponse({"id": ident, "object": kind, "created": created, "model": model,
                              "choices": [choice], "usage": usage(job), "system_fingerprint": None}
                             | ({} if sources is None else {"sources": sources}))
@@ -178,8 +181,8 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
         if finish is None:  # the client left: nobody to finish the stream for
             return
         # a "cancelled" finish with the client still here is the server's shutdown: the client is
-        # told the reply ends there, as the non-streamed reply tells it
-        yield chunk({} if chat else "", finish)
+        # told the reply ends there (as cut short), as the non-streamed reply tells it
+        yield chunk({} if chat else "", _reason(finish))
         if include_usage:
             yield _sse({"id": ident, "object": kind, "created": created, "model": model,
                         "system_fingerprint": None, "choices": [], "usage": usage(job)})
@@ -187,6 +190,12 @@ async def _answer(served: Served, request: Request, body: dict, model: str, prom
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _reason(finish: str) -> str:
+    """OpenAI's finish_reason for ours: a reply the server's shutdown cancelled is cut short,
+    "length" (OpenAI has no "cancelled", and strictly typed clients refuse values it lacks)."""
+    return "length" if finish == "cancelled" else finish
 
 
 def _sse(obj: dict) -> str:
