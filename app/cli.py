@@ -238,9 +238,13 @@ def quantize(ref: str, scheme: str, group_size: int, out: str | None, head: str,
     report = entry.manifest["quant"]["report"]
     rows = report["tensors"]
     worst = min(rows, key=lambda r: r["sqnr_db"])
-    say(f"Packed {len(rows)} weights: SQNR {min(r['sqnr_db'] for r in rows):.1f} to "
-        f"{max(r['sqnr_db'] for r in rows if r['sqnr_db'] != float('inf')) if any(r['sqnr_db'] != float('inf') for r in rows) else float('inf'):.1f} dB "
-        f"(worst: {worst['name']}, relative error {worst['rel_err']:.4f})")
+    lossy = [r["sqnr_db"] for r in rows if r["sqnr_db"] != float("inf")]
+    exact = f"{len(rows) - len(lossy)} exact" if len(lossy) < len(rows) else ""
+    if not lossy:  # a GGUF's own blocks repacked: every value kept
+        say(f"Packed {len(rows)} weights, every one exact (the source's own values)")
+    else:
+        say(f"Packed {len(rows)} weights: SQNR {min(lossy):.1f} to {max(lossy):.1f} dB" + (f", {exact}" if exact else "")
+            + f" (worst: {worst['name']}, relative error {worst['rel_err']:.4f})")
     for r in rows:
         if r["note"]:
             say(f"  {r['name']}: {r['note']}")
@@ -796,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="pack an installed model to int8, int4 or nf4 (a new variant)")
     p.add_argument("ref", help="the model to pack (its source variant)")
-    p.add_argument("--scheme", required=True, help="int8, int4 or nf4")
+    p.add_argument("--scheme", required=True, type=str.lower, help="int8, int4 or nf4")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
     p.add_argument("--out", help="variant name (default: the scheme)")
     p.add_argument("--head", default="auto", help="output head precision: auto (default: int8, one fp16 scale per 32 "

@@ -292,6 +292,8 @@ def test_ollama_tags_show_ps_version(ollama_client, engine):
     assert engine.entry.ref in names and f"{MODEL}:source" in names
     tag = next(m for m in ollama_client.list().models if m.model == engine.entry.ref)
     assert tag.details.family == "llama" and tag.details.parameter_size == "135M" and tag.size > 0
+    source = next(m for m in ollama_client.list().models if m.model == f"{MODEL}:source")
+    assert (source.details.format, source.details.quantization_level) == ("gguf", "Q4_1")  # the file's blocks
     shown = ollama_client.show(engine.entry.ref)
     assert shown.modelinfo["llama.block_count"] == 30 and "im_start" in shown.template
     running_now = ollama_client.ps().models

@@ -178,12 +178,22 @@ def _modified(entry: store.ModelEntry) -> str:
 def _describe(entry: store.ModelEntry) -> dict:
     args = ModelArgs.from_dict(entry.manifest["args"])
     n = args.n_params
-    quant = entry.manifest.get("quant")
     return {"name": entry.ref, "model": entry.ref, "modified_at": _modified(entry), "size": entry.size_bytes,
             "digest": "", "details": {
-                "parent_model": "", "format": "safetensors", "family": "llama", "families": ["llama"],
+                "parent_model": "", "format": entry.manifest.get("source", {}).get("format", "safetensors"),
+                "family": "llama", "families": ["llama"],
                 "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M",
-                "quantization_level": (quant or {}).get("scheme", entry.variant).upper()}}
+                "quantization_level": _quantization_level(entry.manifest)}}
+
+
+def _quantization_level(manifest: dict) -> str:
+    """As Ollama names it: a packed variant's scheme (INT4, INT8, NF4), else the type most of the
+    source's tensors are stored in (Q4_1 for the default model's GGUF, BF16 for a bf16 folder)."""
+    quant = manifest.get("quant") or {}
+    if quant.get("scheme") and not quant.get("exact"):
+        return quant["scheme"].upper()
+    types = [t for t in (manifest.get("source", {}).get("types") or {}).values() if t != "F32"] or ["F32"]
+    return max(set(types), key=types.count).upper()
 
 
 def _now() -> str:
