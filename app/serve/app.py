@@ -68,13 +68,13 @@ class Served:
         model that is not loaded replaces the loaded one once the requests in flight are done;
         requests arriving meanwhile wait for it. Returns with no await between the check and the
         caller's next synchronous steps, so the caller tokenizes and submits on this engine."""
-        want = _installed_name(name, listing)
+        want = installed_name(name, listing)
         self._watch_idle()
         while True:
             if self._switching is not None:
                 await self._switching.wait()
                 continue
-            if self.engine is not None and _same_model(want, self.engine.entry):
+            if self.engine is not None and same_model(want, self.engine.entry):
                 self.last_used = time.monotonic()
                 return self.ref
             if self.loader is None:
@@ -178,7 +178,7 @@ class Served:
             job.cancel.set()
 
 
-def _installed_name(name, listing: str) -> str:
+def installed_name(name, listing: str) -> str:
     """`name` or `name:variant` of an installed model (`:latest` means the name alone)."""
     if not isinstance(name, str) or not name.strip():
         raise BadRequest(f"'model' must name a model ({listing} lists them)", "model")
@@ -190,7 +190,7 @@ def _installed_name(name, listing: str) -> str:
     return f"{base}:{variant}" if variant else base
 
 
-def _same_model(want: str, entry) -> bool:
+def same_model(want: str, entry) -> bool:
     base, _, variant = want.partition(":")
     return base == entry.name and variant in ("", entry.variant)
 

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .. import store
-from .app import Served, error_response, job_events, json_body, tokens_note, usage
+from .app import Served, error_response, installed_name, job_events, json_body, same_model, tokens_note, usage
 from .params import (OPENAI_DEFAULTS, OPENAI_FIELDS, OPENAI_IGNORED, OPENAI_NEUTRAL, BadRequest,
                      refuse_unsupported, sampling_from, stream_flag, unsupported)
 
@@ -59,15 +59,11 @@ def routes(served: Served) -> list[Route]:
 
     async def model(request: Request):
         """One entry of /v1/models by its id (the client's models.retrieve)."""
-        name = request.path_params["model"]
-        base, _, variant = name.strip().lower().partition(":")
-        variant = "" if variant == "latest" else variant  # as chat requests name them
-        found = [e for e in store.list_entries() if e.name == base and variant in ("", e.variant)]
-        if found:  # a bare name: the loaded variant, else the source, as a chat request would get
-            found.sort(key=lambda e: (e.ref != served.ref, e.variant != store.SOURCE))
-            return JSONResponse(model_object(found[0]))
-        return error_response(request.url.path, 404, f"model {name!r} is not installed here "
-                              f"(GET /v1/models lists what is)", "model", code="model_not_found")
+        want = installed_name(request.path_params["model"], "GET /v1/models")  # as a chat request names it
+        found = [e for e in store.list_entries() if same_model(want, e)]
+        # a bare name: the loaded variant, else the source, as a chat request would get
+        found.sort(key=lambda e: (e.ref != served.ref, e.variant != store.SOURCE))
+        return JSONResponse(model_object(found[0]))
 
     async def embeddings(request: Request):
         return error_response(request.url.path, 501, "embeddings are not implemented by llamadesk",
